@@ -1,0 +1,186 @@
+"""Block-sparse attention over a BlockMask, block-level attention mass, and the dense references.
+
+Each query block attends to its C kept key blocks only: the C x block_k keys are gathered and one exact
+softmax runs over them in fp32 (the one-step case of the online softmax: C is small and static), so memory
+is O(T x C x block_k), chunked over query blocks. The attention probability each kept block receives,
+summed over the block's queries, is the sparse "attention pattern" the analysis modules consume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from stream_jax import checks
+from stream_jax.estimate import DEFAULT_Q_CHUNK, NEG_INF
+from stream_jax.mask import DENSE_LIMIT, BlockMask, num_blocks, query_positions, to_blocks
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionStats:
+  """What sparse attention reports besides its output.
+
+  mass: float32[..., N, nQ, C] attention probability per kept key block summed over the block's queries
+    (a row sums to the number of valid queries of the block; 0 at padding slots).
+  lse: float32[..., N, T] log-sum-exp of each query's kept logits (the softmax normaliser).
+  """
+
+  mass: jax.Array
+  lse: jax.Array
+
+
+def _logits(q, k, scale, softcap):
+  x = jnp.einsum("...qh,...kh->...qk", q, k, preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    x = softcap * jnp.tanh(x / softcap)
+  return x
+
+
+def _softmax(logits, visible, axes):
+  """Softmax over `axes` restricted to `visible`; rows that see nothing get zeros, lse -inf."""
+  logits = jnp.where(visible, logits, NEG_INF)
+  m = logits.max(axes, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(visible, jnp.exp(logits - m), 0.0)
+  denom = p.sum(axes, keepdims=True)
+  probs = p / jnp.where(denom > 0, denom, 1.0)
+  lse = jnp.where(denom > 0, jnp.log(jnp.where(denom > 0, denom, 1.0)) + m, NEG_INF)
+  return probs, lse
+
+
+def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, *,
+                     scale: Optional[float] = None, softcap: Optional[float] = None,
+                     window: Optional[int] = None,
+                     q_chunk: Optional[int] = DEFAULT_Q_CHUNK) -> tuple[jax.Array, AttentionStats]:
+  """Exact softmax attention over the token set a BlockMask keeps.
+
+  Args:
+    q: [T, N, H] or [B, T, N, H]; k: [S, K, H] / [B, S, K, H]; v: [S, K, Hv] / [B, S, K, Hv].
+    mask: BlockMask over (T, S) with indices [..., N, nQ, C].
+    scale: logit scale (default H ** -0.5); softcap: optional `c * tanh(x / c)` on logits.
+    window: sliding window W (query sees keys with pos(q) - pos(k) < W), None = global causal.
+    q_chunk: query blocks per sequential step (memory bound); None = all at once.
+
+  Returns:
+    out [..., T, N, Hv] in q's dtype, and AttentionStats (mass [..., N, nQ, C], lse [..., N, T]).
+  """
+  t, s, n, _, h = checks.check_qkv(q, k, v)
+  _check_mask(mask, t, s, n, q.shape[:-3])
+  checks.check_positive("scale", scale)
+  checks.check_positive("softcap", softcap)
+  checks.check_window(window)
+  checks.check_chunk(q_chunk)
+  scale = h ** -0.5 if scale is None else float(scale)
+  fn = functools.partial(_sparse, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
+                         softcap=softcap, window=window, q_chunk=q_chunk)
+  if q.ndim == 4:
+    out, mass, lse = jax.vmap(fn)(q, k, v, mask.indices)
+  else:
+    out, mass, lse = fn(q, k, v, mask.indices)
+  return out, AttentionStats(mass=mass, lse=lse)
+
+
+def _check_mask(mask, t, s, n, batch):
+  if not isinstance(mask, BlockMask):
+    raise TypeError(f"mask must be a BlockMask, got {type(mask).__name__}")
+  if (mask.q_len, mask.k_len) != (t, s):
+    raise ValueError(f"mask was made for q_len={mask.q_len}, k_len={mask.k_len} but q, k have "
+                     f"T={t}, S={s}")
+  want = tuple(batch) + (n, num_blocks(t, mask.block_q))
+  if tuple(mask.indices.shape[:-1]) != want:
+    raise ValueError(f"mask.indices must have shape {want} + (C,) for these q, k "
+                     f"([batch,] heads, query blocks), got {mask.indices.shape}")
+
+
+def _sparse(q, k, v, indices, *, block_q, block_k, scale, softcap, window, q_chunk):
+  """q [T, N, H], k/v [S, K, *], indices [N, nQ, C] -> out [T, N, Hv], mass [N, nQ, C], lse [N, T]."""
+  t, n, h = q.shape
+  s, kv, hv = v.shape
+  g = n // kv
+  n_q = num_blocks(t, block_q)
+  q_blocks = to_blocks(q, block_q).reshape(n_q, block_q, kv, g, h)
+  k_blocks = to_blocks(k, block_k)  # [nK, bk, K, H]
+  v_blocks = to_blocks(v, block_k)
+  idx = indices.reshape(kv, g, n_q, -1).transpose(2, 0, 1, 3)  # [nQ, K, G, C]
+  q_pos = query_positions(t, s, block_q)  # [nQ, bq]
+
+  def one(qb, ids, pos, kb, vb):
+    """qb [bq, H], ids [C], pos [bq], kb/vb [nK, bk, *] -> out [bq, Hv], mass [C], lse [bq]."""
+    safe = jnp.maximum(ids, 0)
+    keys, vals = kb[safe], vb[safe]  # [C, bk, *]
+    logits = _logits(qb, keys, scale, softcap)  # [C, bq, bk]
+    k_pos = safe[:, None] * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [C, bk]
+    visible = (ids[:, None, None] >= 0) & (k_pos[:, None, :] <= pos[None, :, None])
+    if window is not None:
+      visible &= pos[None, :, None] - k_pos[:, None, :] < window
+    probs, lse = _softmax(logits, visible, axes=(0, 2))
+    out = jnp.einsum("cqk,ckh->qh", probs, vals.astype(jnp.float32))
+    return out.astype(q.dtype), probs.sum((1, 2)), lse[0, :, 0]
+
+  per_head = jax.vmap(one, in_axes=(1, 0, None, None, None), out_axes=(1, 0, 0))  # G
+  per_head = jax.vmap(per_head, in_axes=(1, 0, None, 2, 2), out_axes=(1, 0, 0))  # K
+
+  def block_fn(args):
+    qb, ids, pos = args
+    return per_head(qb, ids, pos, k_blocks, v_blocks)
+
+  if q_chunk is None or q_chunk >= n_q:
+    out, mass, lse = jax.vmap(block_fn)((q_blocks, idx, q_pos))
+  else:
+    out, mass, lse = lax.map(block_fn, (q_blocks, idx, q_pos), batch_size=q_chunk)
+  # out [nQ, bq, K, G, Hv]; mass [nQ, K, G, C]; lse [nQ, K, G, bq]
+  out = out.reshape(n_q * block_q, n, hv)[:t]
+  mass = mass.reshape(n_q, n, -1).transpose(1, 0, 2)
+  lse = lse.reshape(n_q, n, block_q).transpose(1, 0, 2).reshape(n, -1)[:, :t]
+  return out, mass, lse
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: Optional[float] = None,
+                    softcap: Optional[float] = None, window: Optional[int] = None,
+                    token_mask: Optional[jax.Array] = None, return_probs: bool = False):
+  """Reference causal attention with the full [N, T, S] logits (small inputs only).
+
+  `token_mask` bool[..., N, T, S] further restricts the keys (e.g. `to_dense(mask)`), which makes this the
+  dense reference of `sparse_attention`. Returns out [..., T, N, Hv] (and probs [..., N, T, S]).
+  """
+  t, s, n, kv, h = checks.check_qkv(q, k, v)
+  checks.check_positive("scale", scale)
+  checks.check_positive("softcap", softcap)
+  checks.check_window(window)
+  if n * t * s > 4 * DENSE_LIMIT:
+    raise ValueError(f"dense_attention builds N x T x S = {n} x {t} x {s} logits, above the reference "
+                     f"limit {4 * DENSE_LIMIT}; use sparse_attention for long inputs")
+  scale = h ** -0.5 if scale is None else float(scale)
+  g = n // kv
+  k_rep = jnp.repeat(k, g, axis=-2)  # [..., S, N, H]
+  v_rep = jnp.repeat(v, g, axis=-2)
+  logits = _logits(jnp.swapaxes(q, -3, -2), jnp.swapaxes(k_rep, -3, -2), scale, softcap)  # [.., N, T, S]
+  pos = jnp.arange(t) + (s - t)
+  visible = jnp.arange(s)[None, :] <= pos[:, None]
+  if window is not None:
+    visible &= pos[:, None] - jnp.arange(s)[None, :] < window
+  if token_mask is not None:
+    visible = visible & token_mask
+  probs, _ = _softmax(logits, visible, axes=-1)
+  out = jnp.einsum("...nts,...snh->...tnh", probs, v_rep.astype(jnp.float32)).astype(q.dtype)
+  return (out, probs) if return_probs else out
+
+
+def dense_block_mass(q: jax.Array, k: jax.Array, *, block_q: int, block_k: int,
+                     scale: Optional[float] = None, softcap: Optional[float] = None,
+                     window: Optional[int] = None) -> jax.Array:
+  """Exact dense attention mass per (query block, key block): float32[..., N, nQ, nK] (small inputs)."""
+  t, s, _, _, _ = checks.check_qkv(q, k)
+  v = jnp.zeros(k.shape[:-1] + (1,), k.dtype)
+  _, probs = dense_attention(q, k, v, scale=scale, softcap=softcap, window=window, return_probs=True)
+  n_q, n_k = num_blocks(t, block_q), num_blocks(s, block_k)
+  pad = [(0, 0)] * (probs.ndim - 2) + [(0, n_q * block_q - t), (0, n_k * block_k - s)]
+  probs = jnp.pad(probs, pad)
+  probs = probs.reshape(probs.shape[:-2] + (n_q, block_q, n_k, block_k))
+  return probs.sum((-3, -1))

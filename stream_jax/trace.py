@@ -1,0 +1,66 @@
+"""Trace: what a Stream forward pass keeps of each layer's attention.
+
+A Trace is a pytree (jit/vmap/orbax friendly): per layer, the BlockMask the layer attended through and the
+block-level attention mass, both O(T). Layer metadata (index, local/global, how it ran) is static.
+Arrays carry a leading batch axis B when the model ran on a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stream_jax.mask import BlockMask, kept_interactions, causal_interactions
+
+LayerKind = Literal["global", "local"]
+# "stream": estimated top-k mask; "window": exact sliding window as a block band; "dense": the layer ran
+# dense attention and its trace holds the estimated mask with the mass that mask's attention gives.
+LayerMode = Literal["stream", "window", "dense"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerTrace:
+  """One layer: mask.indices [..., N, nQ, C], mass float32[..., N, nQ, C]."""
+
+  mask: BlockMask
+  mass: jax.Array
+  layer: int = dataclasses.field(metadata=dict(static=True))
+  kind: LayerKind = dataclasses.field(metadata=dict(static=True))
+  mode: LayerMode = dataclasses.field(metadata=dict(static=True))
+  window: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
+
+  def kept_fraction(self) -> jax.Array:
+    """float32[..., N] kept token interactions over those the layer's own rule allows."""
+    total = causal_interactions(self.mask.q_len, self.mask.k_len, self.window)
+    return kept_interactions(self.mask, self.window) / total
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Trace:
+  """All layers of one forward pass, in layer order."""
+
+  layers: tuple[LayerTrace, ...]
+
+  def __len__(self):
+    return len(self.layers)
+
+  def __getitem__(self, i) -> LayerTrace:
+    return self.layers[i]
+
+  def select(self, kind: Optional[LayerKind] = None, mode: Optional[LayerMode] = None):
+    return tuple(l for l in self.layers
+                 if (kind is None or l.kind == kind) and (mode is None or l.mode == mode))
+
+  def nbytes(self) -> int:
+    return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(self)))
+
+  def kept_fraction(self, kind: Optional[LayerKind] = "global") -> jax.Array:
+    """Mean kept fraction over the selected layers and heads (1.0 = dense)."""
+    fr = [jnp.mean(l.kept_fraction()) for l in self.select(kind=kind)]
+    return jnp.mean(jnp.stack(fr)) if fr else jnp.float32(1.0)
