@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from stream_jax import checks
+from stream_jax.backend import resolve_backend
 from stream_jax.estimate import DEFAULT_Q_CHUNK, NEG_INF
 from stream_jax.mask import DENSE_LIMIT, BlockMask, num_blocks, query_positions, to_blocks
 
@@ -57,7 +58,8 @@ def _softmax(logits, visible, axes):
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, *,
                      scale: Optional[float] = None, softcap: Optional[float] = None,
                      window: Optional[int] = None,
-                     q_chunk: Optional[int] = DEFAULT_Q_CHUNK) -> tuple[jax.Array, AttentionStats]:
+                     q_chunk: Optional[int] = DEFAULT_Q_CHUNK,
+                     backend: str = "xla") -> tuple[jax.Array, AttentionStats]:
   """Exact softmax attention over the token set a BlockMask keeps.
 
   Args:
@@ -66,6 +68,7 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
     scale: logit scale (default H ** -0.5); softcap: optional `c * tanh(x / c)` on logits.
     window: sliding window W (query sees keys with pos(q) - pos(k) < W), None = global causal.
     q_chunk: query blocks per sequential step (memory bound); None = all at once.
+    backend: "xla" (this reference), "pallas" (GPU kernel, stream_jax.kernels) or "auto".
 
   Returns:
     out [..., T, N, Hv] in q's dtype, and AttentionStats (mass [..., N, nQ, C], lse [..., N, T]).
@@ -77,6 +80,9 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
   checks.check_window(window)
   checks.check_chunk(q_chunk)
   scale = h ** -0.5 if scale is None else float(scale)
+  if resolve_backend(backend) == "pallas":
+    from stream_jax.kernels import attention as pallas_attention  # pylint: disable=import-outside-toplevel
+    return pallas_attention.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window)
   fn = functools.partial(_sparse, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
                          softcap=softcap, window=window, q_chunk=q_chunk)
   if q.ndim == 4:

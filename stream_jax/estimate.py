@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from stream_jax import checks
+from stream_jax.backend import resolve_backend
 from stream_jax.config import StreamConfig
 from stream_jax.mask import BlockMask, from_candidates, num_blocks, to_blocks
 
@@ -38,7 +39,7 @@ def num_rounds(num_k_blocks: int, branches: int) -> int:
 
 def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfig(), *,
                   scale: Optional[float] = None, softcap: Optional[float] = None,
-                  q_chunk: Optional[int] = DEFAULT_Q_CHUNK) -> BlockMask:
+                  q_chunk: Optional[int] = DEFAULT_Q_CHUNK, backend: str = "xla") -> BlockMask:
   """Per-head top-k key-block mask by hierarchical refinement.
 
   Args:
@@ -48,6 +49,7 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfi
     scale: logit scale (the model's; default H ** -0.5).
     softcap: optional logit soft-cap `c * tanh(x / c)`, as the model applies it.
     q_chunk: query blocks scored per sequential step (memory bound); None = all at once.
+    backend: "xla" (this reference), "pallas" (GPU kernel, stream_jax.kernels) or "auto".
 
   Returns:
     BlockMask with indices int32[..., N, nQ, C] and counts int32[..., N, nQ], C = config.capacity.
@@ -59,6 +61,9 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfi
   checks.check_positive("softcap", softcap)
   checks.check_chunk(q_chunk)
   scale = h ** -0.5 if scale is None else float(scale)
+  if resolve_backend(backend) == "pallas":
+    from stream_jax.kernels import estimate as pallas_estimate  # pylint: disable=import-outside-toplevel
+    return pallas_estimate.estimate_mask(q, k, config, scale=scale, softcap=softcap)
   fn = functools.partial(_estimate, config=config, scale=scale, softcap=softcap, q_chunk=q_chunk)
   if q.ndim == 4:
     candidates, valid = jax.vmap(fn)(q, k)
