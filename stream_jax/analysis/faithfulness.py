@@ -1,0 +1,282 @@
+"""Faithfulness: how close a Stream forward pass is to the dense one, and what its masks keep.
+
+Output matching is the method's stated weak spot (a heuristic, no guarantee), so it is measured, never
+assumed: next-token KL(dense || stream), top-1 agreement and top-5 overlap per position; relative error of
+the residual stream per layer; the kept fraction of causal token interactions ("prunes 97%"); recall of the
+exact (oracle) top-k blocks; and, at lengths where the dense block mass fits, the share of dense attention
+mass that the kept blocks hold.
+
+Every metric is a pure function of arrays (jit/vmap-able); `faithfulness_report` gathers them into one
+pytree and `format_report` prints it. `run_faithfulness` drives a model through a forward callable, so it does
+not depend on one model port's API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stream_jax.config import StreamConfig
+from stream_jax.mask import (BlockMask, causal_interactions, diagonal_blocks, kept_interactions,
+                             take_blocks)
+from stream_jax.trace import Trace
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output metrics: logits [..., T, V]
+# ---------------------------------------------------------------------------------------------------------
+
+def next_token_kl(dense_logits: jax.Array, stream_logits: jax.Array) -> jax.Array:
+  """float32[..., T] KL(p_dense || p_stream) of the next-token distributions, in nats."""
+  lp = jax.nn.log_softmax(dense_logits.astype(jnp.float32), axis=-1)
+  lq = jax.nn.log_softmax(stream_logits.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+
+
+def top1_agreement(dense_logits: jax.Array, stream_logits: jax.Array) -> jax.Array:
+  """bool[..., T] whether both argmax tokens are the same."""
+  return jnp.argmax(dense_logits, -1) == jnp.argmax(stream_logits, -1)
+
+
+def topk_overlap(dense_logits: jax.Array, stream_logits: jax.Array, k: int = 5) -> jax.Array:
+  """float32[..., T] |top-k(dense) ∩ top-k(stream)| / k (order ignored)."""
+  _, a = jax.lax.top_k(dense_logits.astype(jnp.float32), k)
+  _, b = jax.lax.top_k(stream_logits.astype(jnp.float32), k)
+  hit = (a[..., :, None] == b[..., None, :]).any(-1)
+  return hit.sum(-1).astype(jnp.float32) / k
+
+
+def residual_error(dense_hidden: Sequence[jax.Array], stream_hidden: Sequence[jax.Array]) -> jax.Array:
+  """float32[L] ||h_stream - h_dense|| / ||h_dense|| per layer (Frobenius over batch, positions, features).
+
+  Relative, so it compares across layers whose residual norms grow by orders of magnitude.
+  """
+  if len(dense_hidden) != len(stream_hidden):
+    raise ValueError(f"dense and stream hidden states have {len(dense_hidden)} vs {len(stream_hidden)} "
+                     "layers")
+  out = []
+  for d, s in zip(dense_hidden, stream_hidden):
+    d, s = jnp.asarray(d, jnp.float32), jnp.asarray(s, jnp.float32)
+    out.append(jnp.linalg.norm((s - d).ravel()) / jnp.maximum(jnp.linalg.norm(d.ravel()), 1e-30))
+  return jnp.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mask metrics
+# ---------------------------------------------------------------------------------------------------------
+
+def searched_slots(mask: BlockMask) -> jax.Array:
+  """bool[..., N, nQ, C] slots holding a block found by search, i.e. neither a sink nor a window block.
+
+  Sink and window blocks are kept by rule, so counting them would inflate recall. Needs mask.config; a mask
+  without one counts every valid slot.
+  """
+  valid = mask.indices >= 0
+  cfg = mask.config
+  if cfg is None:
+    return valid
+  diag = diagonal_blocks(mask.q_len, mask.k_len, mask.block_q, mask.block_k)  # [nQ]
+  ruled = (mask.indices < cfg.sink_blocks) | (mask.indices > (diag - cfg.window_blocks)[:, None])
+  return valid & ~ruled
+
+
+def oracle_recall(mask: BlockMask, oracle: BlockMask, searched_only: bool = True) -> jax.Array:
+  """float32[..., N] share of the oracle's kept blocks that `mask` keeps too (pooled over query blocks).
+
+  With searched_only, only the oracle's searched blocks count (sink and window blocks are kept by rule by
+  both). O(nQ x C^2): per query block, the C kept ids of each mask are compared pairwise. NaN where the
+  oracle searched nothing.
+  """
+  if (mask.block_q, mask.block_k, mask.q_len, mask.k_len) != (
+      oracle.block_q, oracle.block_k, oracle.q_len, oracle.k_len):
+    raise ValueError("oracle_recall: the two masks have different layouts")
+  a, b = mask.indices, oracle.indices
+  want = searched_slots(oracle) if searched_only else b >= 0
+  hit = ((b[..., :, None] == a[..., None, :]) & want[..., None]).any(-1)  # [..., N, nQ, Co]
+  found = hit.sum((-2, -1)).astype(jnp.float32)
+  total = want.sum((-2, -1))
+  return jnp.where(total > 0, found / jnp.maximum(total, 1), jnp.nan)
+
+
+def dense_mass_share(mask: BlockMask, dense_block_mass: jax.Array) -> jax.Array:
+  """float32[..., N] share of the dense attention mass [..., N, nQ, nK] that falls in the kept blocks."""
+  kept = take_blocks(dense_block_mass, mask).sum((-2, -1))
+  return kept / jnp.maximum(dense_block_mass.sum((-2, -1)), 1e-30)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptFractions:
+  """Kept fraction of causal token interactions (1.0 = dense).
+
+  per_head: float32[L, ..., N] kept / allowed under each layer's own rule (window for local layers).
+  per_layer: float32[L] mean over heads (and batch).
+  overall: kept / causally allowed (full causal, no window) summed over every layer and head: the share of
+    the dense model's attention that the traced forward computes.
+  stream: mean of per_layer over the layers that ran with an estimated mask ("stream" mode): the pruning rate
+    of the method itself.
+  """
+
+  per_head: jax.Array
+  per_layer: jax.Array
+  overall: jax.Array
+  stream: jax.Array
+
+
+def kept_fractions(trace: Trace) -> KeptFractions:
+  """Kept fractions of a Trace, per head, per layer and overall."""
+  per_head = jnp.stack([l.kept_fraction() for l in trace.layers])
+  per_layer = per_head.reshape(per_head.shape[0], -1).mean(-1)
+  kept = sum(kept_interactions(l.mask, l.window).sum() for l in trace.layers)
+  allowed = sum(causal_interactions(l.mask.q_len, l.mask.k_len) * np.prod(l.mask.counts.shape[:-1])
+                for l in trace.layers)
+  stream_ids = [i for i, l in enumerate(trace.layers) if l.mode == "stream"]
+  stream = per_layer[jnp.asarray(stream_ids)].mean() if stream_ids else jnp.float32(1.0)
+  return KeptFractions(per_head, per_layer, kept / allowed, stream)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FaithfulnessReport:
+  """Dense vs Stream on the same tokens. Arrays; None where the input was not given.
+
+  kl, top1, top5: float32[..., T] per position; *_last: the same at the last position ([...]).
+  residual_error: float32[L] relative error of each layer's residual output.
+  kept_per_layer: float32[L]; kept_per_head: float32[L, ..., N]; kept_overall, kept_stream: scalars
+    (see KeptFractions).
+  oracle_recall: float32[L] per layer (mean over heads and batch) recall of the oracle top-k blocks.
+  dense_mass_share: float32[L] share of the dense attention mass inside the kept blocks.
+  """
+
+  kl: jax.Array
+  top1: jax.Array
+  top5: jax.Array
+  kl_last: jax.Array
+  top1_last: jax.Array
+  top5_last: jax.Array
+  residual_error: Optional[jax.Array] = None
+  kept_per_layer: Optional[jax.Array] = None
+  kept_per_head: Optional[jax.Array] = None
+  kept_overall: Optional[jax.Array] = None
+  kept_stream: Optional[jax.Array] = None
+  oracle_recall: Optional[jax.Array] = None
+  dense_mass_share: Optional[jax.Array] = None
+
+  def summary(self) -> dict:
+    """Scalar numbers (floats) for tables and logs."""
+    out = {
+        "kl_mean": float(jnp.mean(self.kl)), "kl_last": float(jnp.mean(self.kl_last)),
+        "top1_mean": float(jnp.mean(self.top1)), "top1_last": float(jnp.mean(self.top1_last)),
+        "top5_mean": float(jnp.mean(self.top5)), "top5_last": float(jnp.mean(self.top5_last)),
+    }
+    if self.residual_error is not None:
+      out["resid_err_last_layer"] = float(self.residual_error[-1])
+      out["resid_err_max"] = float(jnp.max(self.residual_error))
+    if self.kept_overall is not None:
+      out["kept_overall"] = float(self.kept_overall)
+      out["kept_stream"] = float(self.kept_stream)
+    if self.oracle_recall is not None:
+      out["oracle_recall"] = float(jnp.nanmean(self.oracle_recall))
+    if self.dense_mass_share is not None:
+      out["dense_mass_share"] = float(jnp.nanmean(self.dense_mass_share))
+    return out
+
+
+def faithfulness_report(dense_logits: jax.Array, stream_logits: jax.Array, *,
+                        trace: Optional[Trace] = None,
+                        dense_hidden: Optional[Sequence[jax.Array]] = None,
+                        stream_hidden: Optional[Sequence[jax.Array]] = None,
+                        oracle_masks: Optional[Sequence[Optional[BlockMask]]] = None,
+                        dense_block_masses: Optional[Sequence[Optional[jax.Array]]] = None,
+                        top_k: int = 5) -> FaithfulnessReport:
+  """All faithfulness metrics in one pytree.
+
+  Args:
+    dense_logits, stream_logits: [..., T, V] logits of the dense and the Stream forward.
+    trace: the Stream forward's Trace (for kept fractions, and the masks that recall/mass compare).
+    dense_hidden, stream_hidden: per-layer residual outputs, each [..., T, D].
+    oracle_masks: per layer, the mask that representative="oracle" gives on the same q, k (None for layers
+      to skip, e.g. exact local layers).
+    dense_block_masses: per layer, the exact dense block mass [..., N, nQ, nK] (short T only; None to skip).
+    top_k: k of the top-k overlap.
+  """
+  kl = next_token_kl(dense_logits, stream_logits)
+  top1 = top1_agreement(dense_logits, stream_logits).astype(jnp.float32)
+  top5 = topk_overlap(dense_logits, stream_logits, top_k)
+  fields = dict(kl=kl, top1=top1, top5=top5, kl_last=kl[..., -1], top1_last=top1[..., -1],
+                top5_last=top5[..., -1])
+  if dense_hidden is not None and stream_hidden is not None:
+    fields["residual_error"] = residual_error(dense_hidden, stream_hidden)
+  if trace is not None:
+    kf = kept_fractions(trace)
+    fields.update(kept_per_layer=kf.per_layer, kept_per_head=kf.per_head, kept_overall=kf.overall,
+                  kept_stream=kf.stream)
+
+    def per_layer(values, fn):
+      if len(values) != len(trace.layers):
+        raise ValueError(f"got {len(values)} per-layer entries for a trace of {len(trace.layers)} layers")
+      return jnp.stack([jnp.nan if v is None else jnp.nanmean(fn(l.mask, v))
+                        for l, v in zip(trace.layers, values)]).astype(jnp.float32)
+
+    if oracle_masks is not None:
+      fields["oracle_recall"] = per_layer(oracle_masks, oracle_recall)
+    if dense_block_masses is not None:
+      fields["dense_mass_share"] = per_layer(dense_block_masses, dense_mass_share)
+  return FaithfulnessReport(**fields)
+
+
+def format_report(report: FaithfulnessReport, title: str = "faithfulness") -> str:
+  """A printable table: summary numbers, then one row per layer where per-layer numbers exist."""
+  s = report.summary()
+  lines = [f"== {title} =="]
+  lines += [f"  {k:<22s} {v:10.4f}" for k, v in s.items()]
+  cols = [(name, getattr(report, attr)) for name, attr in (
+      ("kept", "kept_per_layer"), ("resid_err", "residual_error"), ("oracle_rec", "oracle_recall"),
+      ("dense_mass", "dense_mass_share")) if getattr(report, attr) is not None]
+  if cols:
+    lines.append("  layer " + " ".join(f"{n:>10s}" for n, _ in cols))
+    for i in range(len(cols[0][1])):
+      lines.append(f"  {i:5d} " + " ".join(f"{float(v[i]):10.4f}" for _, v in cols))
+  return "\n".join(lines)
+
+
+def format_rows(rows: Sequence[dict], keys: Sequence[str]) -> str:
+  """A table of several reports' summaries (e.g. one row per length): rows of {key: value}."""
+  head = " ".join(f"{k:>14s}" for k in keys)
+  body = [" ".join(f"{r[k]:>14.4f}" if isinstance(r.get(k), float) else f"{str(r.get(k, '')):>14s}"
+                   for k in keys) for r in rows]
+  return "\n".join([head] + body)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driving a model
+# ---------------------------------------------------------------------------------------------------------
+
+# forward(tokens, attention) -> (logits [..., T, V], trace or None, hidden states (sequence of [..., T, D]) or
+# None); attention is "dense" or a StreamConfig. Any model port fits through a small adapter.
+Forward = Callable[[jax.Array, object], tuple]
+
+
+def run_faithfulness(forward: Forward, tokens: jax.Array, config: StreamConfig = StreamConfig(), *,
+                     oracle: bool = False, top_k: int = 5) -> FaithfulnessReport:
+  """Runs `forward` dense and with Stream(config) on the same tokens and reports faithfulness.
+
+  With oracle=True a third forward runs with representative="oracle" (exact top-k, O(T^2) scoring) and its
+  masks serve as the recall reference. Its later layers see slightly different inputs than the Stream run
+  (their predecessors attended through other masks); layer 0's comparison is exact.
+  """
+  d_logits, _, d_hidden = forward(tokens, "dense")
+  s_logits, s_trace, s_hidden = forward(tokens, config)
+  oracle_masks = None
+  if oracle and s_trace is not None:
+    _, o_trace, _ = forward(tokens, config.replace(representative="oracle"))
+    oracle_masks = [o.mask if l.mode == "stream" else None for l, o in zip(s_trace.layers, o_trace.layers)]
+  return faithfulness_report(d_logits, s_logits, trace=s_trace, dense_hidden=d_hidden,
+                             stream_hidden=s_hidden, oracle_masks=oracle_masks, top_k=top_k)
