@@ -1,0 +1,185 @@
+"""Pallas (Triton) kernel of block-sparse attention with block-level attention mass; same contract as
+`stream_jax.attention.sparse_attention` (the XLA reference and oracle).
+
+Grid (query block, head, batch), last query block first. A program loads its query block once, then
+loops over its kept key blocks only (the count bounds the loop, so -1 padding is never touched):
+each block is loaded from HBM by id, logits are scaled, soft-capped, masked causally (and by the sliding
+window), and folded into an fp32 online softmax (running max m, normaliser l, output accumulator).
+
+Block mass without atomics or a second pass: besides the output accumulator the program keeps
+u[r, c] = sum over the keys of block c of exp(logit - m_r) for each query row r, rescaled with the
+same correction as the accumulator whenever m_r grows. At the end mass[c] = sum_r u[r, c] / l_r, the
+probability that block c receives summed over the block's queries. u is block_q x C floats in
+registers; every output element is written by exactly one program (deterministic).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from stream_jax import checks
+from stream_jax.attention import AttentionStats
+from stream_jax.kernels import common
+from stream_jax.kernels.common import NEG_INF, iota
+from stream_jax.mask import BlockMask, num_blocks
+
+DEFAULT_NUM_WARPS = 4
+DEFAULT_NUM_STAGES = 2
+
+
+def supported(mask: BlockMask) -> bool:
+  """Whether the kernel handles this layout (Triton dots need both block sizes >= 16)."""
+  return mask.block_q >= common.MIN_DOT and mask.block_k >= common.MIN_DOT
+
+
+def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, *,
+                     scale: Optional[float] = None, softcap: Optional[float] = None,
+                     window: Optional[int] = None, interpret: bool = False,
+                     num_warps: int = DEFAULT_NUM_WARPS,
+                     num_stages: int = DEFAULT_NUM_STAGES) -> tuple[jax.Array, AttentionStats]:
+  """Exact softmax attention over the token set a BlockMask keeps (Pallas kernel).
+
+  Args:
+    q: [T, N, H] or [B, T, N, H]; k: [S, K, H] / [B, S, K, H]; v: [S, K, Hv] / [B, S, K, Hv].
+    mask: BlockMask over (T, S) with indices [..., N, nQ, C] (block sizes >= 16).
+    scale: logit scale (default H ** -0.5); softcap: optional `c * tanh(x / c)` on logits.
+    window: sliding window W (query sees keys with pos(q) - pos(k) < W), None = global causal.
+    interpret: run the kernel in Pallas interpret mode (CPU tests).
+    num_warps, num_stages: Triton launch parameters.
+
+  Returns:
+    out [..., T, N, Hv] in q's dtype, and AttentionStats (mass [..., N, nQ, C], lse [..., N, T]).
+  """
+  t, s, n, _, h = checks.check_qkv(q, k, v)
+  checks.check_positive("scale", scale)
+  checks.check_positive("softcap", softcap)
+  checks.check_window(window)
+  if not isinstance(mask, BlockMask):
+    raise TypeError(f"mask must be a BlockMask, got {type(mask).__name__}")
+  want = tuple(q.shape[:-3]) + (n, num_blocks(t, mask.block_q))
+  if (mask.q_len, mask.k_len) != (t, s) or tuple(mask.indices.shape[:-1]) != want:
+    raise ValueError(f"mask (q_len={mask.q_len}, k_len={mask.k_len}, indices {mask.indices.shape}) "
+                     f"does not fit q, k with T={t}, S={s}: indices must be {want} + (C,)")
+  if not supported(mask):
+    raise ValueError(f"the Pallas attention kernel needs block_q, block_k >= {common.MIN_DOT}, got "
+                     f"{mask.block_q}, {mask.block_k}; use backend='xla'")
+  scale = h ** -0.5 if scale is None else float(scale)
+  out, mass, lse = _attention(
+      q, k, v, mask.indices, mask.counts, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
+      softcap=None if softcap is None else float(softcap),
+      window=None if window is None else int(window), interpret=bool(interpret),
+      num_warps=num_warps, num_stages=num_stages)
+  return out, AttentionStats(mass=mass, lse=lse)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "scale", "softcap", "window",
+                                             "interpret", "num_warps", "num_stages"))
+def _attention(q, k, v, indices, counts, *, block_q, block_k, scale, softcap, window, interpret,
+               num_warps, num_stages):
+  (q, k, v, indices, counts), batched = common.as_batched(q, k, v, indices, counts)
+  b, t, n, h = q.shape
+  s, kv, hv = v.shape[1], v.shape[2], v.shape[3]
+  g = n // kv
+  cap = indices.shape[-1]
+  n_q, n_k = num_blocks(t, block_q), num_blocks(s, block_k)
+  hp = max(common.next_pow2(h), common.MIN_DOT)
+  hvp = max(common.next_pow2(hv), common.MIN_DOT)
+  q = common.pad_axis(common.pad_axis(q, 3, hp), 1, n_q * block_q)
+  k = common.pad_axis(common.pad_axis(k, 3, hp), 1, n_k * block_k)
+  v = common.pad_axis(common.pad_axis(v, 3, hvp), 1, n_k * block_k)
+
+  # One int32 row per (head, query block): the kept ids, then the count in the last slot.
+  table_len = common.next_pow2(cap + 1)
+  table = jnp.concatenate([
+      indices.astype(jnp.int32),
+      jnp.full(indices.shape[:-1] + (table_len - cap - 1,), -1, jnp.int32),
+      counts.astype(jnp.int32)[..., None]], axis=-1)
+  mass_len = common.next_pow2(cap)
+
+  kernel = functools.partial(
+      _kernel, block_q=block_q, block_k=block_k, q_len=t, k_len=s, n_q=n_q, scale=scale,
+      softcap=softcap, window=window, mass_len=mass_len, table_len=table_len,
+      precision=common.dot_precision(q.dtype))
+  last = n_q - 1
+  out, mass, lse = pl.pallas_call(
+      kernel,
+      grid=(n_q, n, b),
+      in_specs=[
+          pl.BlockSpec((None, None, None, table_len), lambda i, hq, bb: (bb, hq, last - i, 0)),
+          pl.BlockSpec((None, block_q, None, hp), lambda i, hq, bb: (bb, last - i, hq, 0)),
+          pl.BlockSpec((None, n_k * block_k, None, hp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
+          pl.BlockSpec((None, n_k * block_k, None, hvp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, block_q, None, hvp), lambda i, hq, bb: (bb, last - i, hq, 0)),
+          pl.BlockSpec((None, None, None, mass_len), lambda i, hq, bb: (bb, hq, last - i, 0)),
+          pl.BlockSpec((None, None, block_q), lambda i, hq, bb: (bb, hq, last - i)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((b, n_q * block_q, n, hvp), q.dtype),
+          jax.ShapeDtypeStruct((b, n, n_q, mass_len), jnp.float32),
+          jax.ShapeDtypeStruct((b, n, n_q * block_q), jnp.float32),
+      ],
+      compiler_params=common.triton_params(num_warps, num_stages),
+      interpret=interpret,
+      name="stream_sparse_attention",
+  )(table, q, k, v)
+  out = out[:, :t, :, :hv]
+  mass = mass[..., :cap]
+  lse = lse[..., :t]
+  if not batched:
+    out, mass, lse = out[0], mass[0], lse[0]
+  return out, mass, lse
+
+
+def _kernel(table_ref, q_ref, k_ref, v_ref, o_ref, mass_ref, lse_ref, *, block_q, block_k, q_len,
+            k_len, n_q, scale, softcap, window, mass_len, table_len, precision):
+  j = n_q - 1 - pl.program_id(0)
+  q = q_ref[...]  # [bq, Hp]
+  rows = j * block_q + iota(block_q)
+  q_pos = jnp.where(rows < q_len, rows + (k_len - q_len), -1)  # padding rows see nothing
+  count = table_ref[table_len - 1]
+  slots = iota(mass_len)
+
+  def body(c, carry):
+    acc, m, l, u = carry
+    blk = table_ref[c]
+    kb = k_ref[pl.ds(blk * block_k, block_k), :]
+    vb = v_ref[pl.ds(blk * block_k, block_k), :]
+    x = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32) * scale  # [bq, bk]
+    if softcap is not None:
+      x = softcap * jnp.tanh(x / softcap)
+    k_pos = blk * block_k + iota(block_k)
+    visible = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+      visible &= q_pos[:, None] - k_pos[None, :] < window
+    x = jnp.where(visible, x, NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(x, axis=1))
+    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)  # rows that saw nothing yet
+    corr = jnp.exp(m - m_safe)
+    p = jnp.exp(x - m_safe[:, None])  # 0 where invisible
+    row_sum = jnp.sum(p, axis=1)
+    l = l * corr + row_sum
+    pv = lax.dot_general(p.astype(vb.dtype), vb, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+    acc = acc * corr[:, None] + pv
+    u = u * corr[:, None] + jnp.where(slots[None, :] == c, row_sum[:, None], 0.0)
+    return acc, m_new, l, u
+
+  init = (jnp.zeros((block_q, o_ref.shape[-1]), jnp.float32),
+          jnp.full((block_q,), NEG_INF, jnp.float32),
+          jnp.zeros((block_q,), jnp.float32),
+          jnp.zeros((block_q, mass_len), jnp.float32))
+  acc, m, l, u = lax.fori_loop(0, count, body, init)
+  seen = l > 0
+  inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
+  o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
+  mass_ref[...] = jnp.sum(u * inv[:, None], axis=0)
+  lse_ref[...] = jnp.where(seen, jnp.log(jnp.where(seen, l, 1.0)) + m, NEG_INF)

@@ -1,0 +1,277 @@
+"""Pallas (Triton) kernel of hierarchical top-k mask estimation; same contract as
+`stream_jax.estimate.estimate_mask` (the XLA reference and oracle).
+
+One program per (query head, query block), launched last query block first (the causal search is
+longest there, so the long programs start early). A program loads its (strided) query block once and
+runs every refinement round on chip: for each of the 2 x top_k children it loads the representative key
+block straight from HBM by block id, does one [R, H] x [H, bk] dot, masks causally and keeps the max
+(scaled, soft-capped). Top-k of the children needs no sort: a child's rank is the number of children
+that beat it (higher score, or equal score and earlier position: `lax.top_k`'s tie rule), computed as a
+2k x 2k comparison in registers; kept children are compacted in position order by prefix counts. Rounds
+stop early once every node is a single block (further rounds provably keep the same nodes). The
+program writes the sorted, de-duplicated union {sink} + {searched} + {window}, -1 padded, plus the count.
+
+Output equals the reference bit for bit when both compute the same scores; on a GPU the dot's
+accumulation order can differ from XLA's in the last bit, which can swap two blocks whose scores tie
+to within rounding (the documented tie case).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from stream_jax import checks
+from stream_jax.config import StreamConfig
+from stream_jax.estimate import num_rounds
+from stream_jax.kernels import common
+from stream_jax.kernels.common import NEG_INF, count_true, gather, iota, take
+from stream_jax.mask import BlockMask, num_blocks
+
+DEFAULT_NUM_WARPS = 4
+DEFAULT_NUM_STAGES = 2
+
+
+def supported(config: StreamConfig) -> bool:
+  """Whether the kernel handles this config (Triton dots need block_k >= 16)."""
+  return config.block_k >= common.MIN_DOT
+
+
+def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfig(), *,
+                  scale: Optional[float] = None, softcap: Optional[float] = None,
+                  interpret: bool = False, num_warps: int = DEFAULT_NUM_WARPS,
+                  num_stages: int = DEFAULT_NUM_STAGES) -> BlockMask:
+  """Per-head top-k key-block mask by hierarchical refinement (Pallas kernel).
+
+  Args:
+    q: [T, N, H] or [B, T, N, H] queries, the last T of S positions.
+    k: [S, K, H] or [B, S, K, H] keys; query head n reads kv head n // (N / K).
+    config: StreamConfig (block_k >= 16).
+    scale: logit scale (default H ** -0.5); softcap: optional `c * tanh(x / c)`.
+    interpret: run the kernel in Pallas interpret mode (CPU tests).
+    num_warps, num_stages: Triton launch parameters.
+
+  Returns:
+    BlockMask with indices int32[..., N, nQ, C] (ascending, -1 padded) and counts int32[..., N, nQ].
+  """
+  if not isinstance(config, StreamConfig):
+    raise TypeError(f"config must be a StreamConfig, got {type(config).__name__}")
+  t, s, _, _, h = checks.check_qkv(q, k)
+  checks.check_positive("scale", scale)
+  checks.check_positive("softcap", softcap)
+  if not supported(config):
+    raise ValueError(f"the Pallas estimate kernel needs block_k >= {common.MIN_DOT}, got "
+                     f"{config.block_k}; use backend='xla'")
+  scale = h ** -0.5 if scale is None else float(scale)
+  indices, counts = _estimate(q, k, config=config, scale=scale,
+                              softcap=None if softcap is None else float(softcap),
+                              interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages)
+  return BlockMask(indices, counts, config.block_q, config.block_k, t, s, config)
+
+
+def query_rows(t: int, s: int, config: StreamConfig):
+  """The scoring query rows of each query block, as the reference picks them.
+
+  Returns (rows int32[nQ, RB] row ids into the padded query axis, pos int32[nQ, RB] absolute positions,
+  -1 for rows that do not score), RB = max(block_q / query_stride, 16) (Triton's minimum dot size).
+  """
+  bq, stride = config.block_q, config.query_stride
+  n_q = num_blocks(t, bq)
+  r = bq // stride
+  rb = max(r, common.MIN_DOT)
+  j = jnp.arange(n_q, dtype=jnp.int32)[:, None]
+  last_row = jnp.minimum((j + 1) * bq, t) - 1 - j * bq  # [nQ, 1]
+  local = last_row - jnp.arange(rb, dtype=jnp.int32)[None, :] * stride  # [nQ, RB]
+  ok = (local >= 0) & (jnp.arange(rb)[None, :] < r)
+  rows = j * bq + jnp.maximum(local, 0)
+  pos = jnp.where(ok, rows + (s - t), -1)
+  return rows.astype(jnp.int32), pos.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale", "softcap", "interpret", "num_warps",
+                                             "num_stages"))
+def _estimate(q, k, *, config: StreamConfig, scale, softcap, interpret, num_warps, num_stages):
+  (q, k), batched = common.as_batched(q, k)
+  b, t, n, h = q.shape
+  s, kv = k.shape[1], k.shape[2]
+  g = n // kv
+  bq, bk = config.block_q, config.block_k
+  n_q, n_k = num_blocks(t, bq), num_blocks(s, bk)
+  hp = max(common.next_pow2(h), common.MIN_DOT)
+
+  q = common.pad_axis(common.pad_axis(q, 3, hp), 1, n_q * bq)
+  k = common.pad_axis(common.pad_axis(k, 3, hp), 1, n_k * bk)
+  rows, pos = query_rows(t, s, config)
+  rb = rows.shape[1]
+  if config.query_stride == 1 and rb == bq:
+    q_rows = q  # the rows are the block itself (in another order; the score is a max)
+    pos = jnp.where(jnp.arange(n_q * bq) < t, jnp.arange(n_q * bq) + (s - t), -1).astype(jnp.int32)
+  else:
+    q_rows = jnp.take(q, rows.reshape(-1), axis=1)  # [B, nQ * RB, N, Hp]
+    pos = pos.reshape(-1)
+
+  out_len = common.next_pow2(config.capacity + 1)
+  kernel = functools.partial(
+      _kernel, config=config, n_k=n_k, scale=scale, softcap=softcap, out_len=out_len,
+      rounds=num_rounds(n_k, config.branches), precision=common.dot_precision(q.dtype))
+  last = n_q - 1
+  out = pl.pallas_call(
+      kernel,
+      grid=(n_q, n, b),
+      in_specs=[
+          pl.BlockSpec((None, rb, None, hp), lambda i, hq, bb: (bb, last - i, hq, 0)),
+          pl.BlockSpec((rb,), lambda i, hq, bb: (last - i,)),
+          pl.BlockSpec((None, n_k * bk, None, hp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
+      ],
+      out_specs=pl.BlockSpec((None, None, None, out_len), lambda i, hq, bb: (bb, hq, last - i, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, n, n_q, out_len), jnp.int32),
+      compiler_params=common.triton_params(num_warps, num_stages),
+      interpret=interpret,
+      name="stream_estimate",
+  )(q_rows, pos, k)
+  indices = out[..., :config.capacity]
+  counts = out[..., out_len - 1]
+  if not batched:
+    indices, counts = indices[0], counts[0]
+  return indices, counts
+
+
+def _kernel(q_ref, pos_ref, k_ref, o_ref, *, config: StreamConfig, n_k, scale, softcap, out_len,
+            rounds, precision):
+  bk, top_k, branches = config.block_k, config.top_k, config.branches
+  kp = common.next_pow2(top_k)  # node slots (top_k real ones)
+  rep = config.representative
+
+  q = q_ref[...]  # [RB, Hp]
+  q_pos = pos_ref[...]  # [RB]
+  last_pos = jnp.max(q_pos)  # the block's last valid query always scores
+  diag = lax.div(last_pos, bk)
+  lo = config.sink_blocks
+  hi = diag - config.window_blocks + 1
+  n = jnp.maximum(hi - lo, 0)
+
+  def score(blk):
+    """Max visible scaled (soft-capped) logit of the query rows against key block `blk`."""
+    blk = jnp.clip(blk, 0, n_k - 1)
+    kb = k_ref[pl.ds(blk * bk, bk), :]  # [bk, Hp]
+    logits = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)  # [RB, bk]
+    k_pos = blk * bk + iota(bk)
+    visible = k_pos[None, :] <= q_pos[:, None]
+    best = jnp.max(jnp.where(visible, logits, NEG_INF)) * scale
+    if softcap is not None:
+      best = softcap * jnp.tanh(best / softcap)
+    return best
+
+  if rep == "oracle":
+    nkp = common.next_pow2(n_k)
+    upto = jnp.minimum(diag + 1, n_k)  # later blocks are invisible: never inside a node
+    all_scores = lax.fori_loop(
+        0, upto, lambda b_, acc: jnp.where(iota(nkp) == b_, score(b_), acc),
+        jnp.full((nkp,), NEG_INF, jnp.float32))
+
+  def node_score(start, size):
+    if rep == "oracle":
+      ids = iota(all_scores.shape[0])
+      inside = (ids >= start) & (ids < start + size)
+      return jnp.max(jnp.where(inside, all_scores, NEG_INF))
+    if rep == "center":
+      return score(start + lax.div(jnp.maximum(size - 1, 0), 2))
+    return score(start)  # first
+
+  def node_scores(start, size, real, parent=None):
+    """Scores of nodes (start, size) [L]; `real` leading slots are nodes, the rest padding."""
+    length = start.shape[0]
+    ids = iota(length)
+    init = jnp.full((length,), NEG_INF, jnp.float32)
+
+    def one(c, acc):
+      sz = take(size, c)
+      # Empty children skip their dot (both branches must yield traced values for Triton).
+      val = lax.cond(sz > 0, lambda: node_score(take(start, c), sz),
+                     lambda: sz.astype(jnp.float32) * 0.0 + NEG_INF)
+      return jnp.where(ids == c, val, acc)
+
+    if parent is None:
+      return lax.fori_loop(0, real, one, init)
+    # "first": a left child (even slot) starts where its parent does and inherits its score.
+    inherited = gather(parent, lax.div(ids, 2))
+    init = jnp.where((ids % 2 == 0) & (ids < real) & (size > 0), inherited, init)
+    return lax.fori_loop(0, real // 2, lambda i, acc: one(2 * i + 1, acc), init)
+
+  def keep_top(start, size, scores):
+    """The top_k nodes by score (ties -> earlier slot), kept in slot order, as [kp] vectors."""
+    length = scores.shape[0]
+    me, other = iota(length)[:, None], iota(length)[None, :]
+    beats = (scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (other < me))
+    keep = count_true(beats, 1) < top_k
+    slot = count_true(keep[None, :] & (other < me), 1)  # position among the kept
+    hit = keep[None, :] & (slot[None, :] == iota(kp)[:, None])  # [kp, L]
+
+    def pick(x):
+      return jnp.sum(jnp.where(hit, x[None, :], jnp.zeros_like(x)[None, :]), axis=1)
+
+    return pick(start), pick(size), pick(scores)
+
+  # First level: `branches` near-equal contiguous nodes over the search range.
+  bp = common.next_pow2(branches)
+  b_ids = iota(bp)
+  start = lo + lax.div(b_ids * n, branches)
+  size = jnp.where(b_ids < branches, lo + lax.div((b_ids + 1) * n, branches) - start, 0)
+  if branches > top_k or rep == "first":
+    scores = node_scores(start, size, branches)
+    if branches > top_k:
+      start, size, scores = keep_top(start, size, scores)
+  else:
+    scores = jnp.zeros((kp,), jnp.float32)
+
+  c_ids = iota(2 * kp)
+  parent_of = lax.div(c_ids, 2)
+  is_right = c_ids % 2 == 1
+
+  def round_cond(state):
+    r, _, size, _ = state
+    return (r < rounds) & (jnp.max(size) > 1)  # single-block nodes: later rounds change nothing
+
+  def round_body(state):
+    r, start, size, scores = state
+    p_start, p_size = gather(start, parent_of), gather(size, parent_of)
+    left = lax.div(p_size + 1, 2)
+    c_start = jnp.where(is_right, p_start + left, p_start)
+    c_size = jnp.where(is_right, lax.div(p_size, 2), left)
+    c_scores = node_scores(c_start, c_size, 2 * top_k, scores if rep == "first" else None)
+    start, size, scores = keep_top(c_start, c_size, c_scores)
+    return r + 1, start, size, scores
+
+  _, start, size, _ = lax.while_loop(round_cond, round_body, (jnp.int32(0), start, size, scores))
+
+  # Few candidates: the whole search range (early query blocks are dense).
+  slots = iota(kp)
+  search = n > top_k
+  searched = jnp.where(search, start, lo + slots)
+  searched_ok = jnp.where(search, size > 0, lo + slots < hi) & (slots < top_k)
+
+  # Union {sink} + {searched} + {window}: three ascending disjoint runs (window blocks below
+  # sink_blocks repeat a sink block and are dropped); compact the valid ones in order.
+  sink, cap = config.sink_blocks, config.capacity
+  e = iota(out_len)
+  in_sink = e < sink
+  in_search = (e >= sink) & (e < sink + top_k)
+  in_window = (e >= sink + top_k) & (e < cap)
+  s_val = gather(searched, e - sink, in_search)
+  s_ok = gather(searched_ok.astype(jnp.int32), e - sink, in_search) > 0
+  w_val = diag - config.window_blocks + 1 + (e - sink - top_k)
+  val = jnp.where(in_sink, e, jnp.where(in_search, s_val, w_val))
+  ok = ((in_sink & (e <= diag)) | (in_search & s_ok)
+        | (in_window & (w_val >= 0) & (w_val >= sink)))
+  dest = count_true(ok[None, :] & (e[None, :] < e[:, None]), 1)
+  count = count_true(ok, 0)
+  hit = ok[None, :] & (dest[None, :] == e[:, None])
+  out = jnp.sum(jnp.where(hit, val[None, :], 0), axis=1)
+  out = jnp.where(e < count, out, -1)
+  o_ref[...] = jnp.where(e == out_len - 1, count, out).astype(jnp.int32)
