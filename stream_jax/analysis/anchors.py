@@ -1,0 +1,420 @@
+"""Thought anchors: which sentences of a chain of thought receive unusually strong downstream attention.
+
+Pipeline (the definitions of Bogdan et al., "Thought Anchors", on the compact trace instead of T x T):
+  text -> sentences (char spans) -> token spans (tokenizer offsets)
+  block mass [N, nQ, C] -> sentence x sentence matrix M [N, S, S] (mean attention of a token of sentence i to a
+    token of sentence j, token-overlap weighted, assuming uniform attention inside a block pair)
+  -> vertical score v[j] = mean over later sentences i >= j + 4 of M[i, j]
+  -> receiver heads: top-20 heads by kurtosis of v over sentences (layer 0 excluded)
+  -> sentence importance = mean of v over the receiver heads
+  -> aggregation by category (pluggable labeller) and by relative position.
+
+The array steps are pure jnp functions (jit/vmap-able); text handling is plain Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stream_jax.mask import num_blocks
+from stream_jax.trace import Trace
+
+# ---------------------------------------------------------------------------------------------------------
+# Text -> sentences -> token spans
+# ---------------------------------------------------------------------------------------------------------
+
+_THINK = re.compile(r"<think>(.*?)(?:</think>|\Z)", re.S)
+# A cut after . ? ! followed by whitespace, or at a blank line.
+_CUT = re.compile(r"(?<=[.?!])\s+|\n[ \t]*\n\s*")
+
+
+def reasoning_region(text: str) -> tuple[int, int]:
+  """Char range of the chain of thought: inside <think>...</think> when present, else the whole text."""
+  m = _THINK.search(text)
+  return (m.start(1), m.end(1)) if m else (0, len(text))
+
+
+def split_sentences(text: str, *, min_chars: int = 10,
+                    region: Optional[tuple[int, int]] = None) -> list[tuple[int, int]]:
+  """Char spans [start, end) of the sentences of `text[region]`, stripped of surrounding whitespace.
+
+  Cuts after . ? ! followed by whitespace and at blank lines; a piece shorter than `min_chars` is merged into
+  the next one (the last into the previous), so list markers and "Wait." do not become sentences on their own.
+  """
+  lo, hi = reasoning_region(text) if region is None else region
+  pieces, start = [], lo
+  for m in _CUT.finditer(text, lo, hi):
+    pieces.append((start, m.start()))
+    start = m.end()
+  pieces.append((start, hi))
+  spans = []
+  for a, b in pieces:  # strip whitespace
+    while a < b and text[a].isspace():
+      a += 1
+    while b > a and text[b - 1].isspace():
+      b -= 1
+    if b > a:
+      spans.append((a, b))
+  merged: list[tuple[int, int]] = []
+  pending = None
+  for a, b in spans:
+    if pending is not None:
+      a, pending = pending, None
+    if b - a < min_chars:
+      pending = a
+      continue
+    merged.append((a, b))
+  if pending is not None:
+    if merged:
+      merged[-1] = (merged[-1][0], spans[-1][1])
+    else:
+      merged.append((pending, spans[-1][1]))
+  return merged
+
+
+def token_spans(char_spans: Sequence[tuple[int, int]], offsets) -> np.ndarray:
+  """int32[S, 2] token range [start, end) of each sentence, from token char offsets [T, 2].
+
+  A token belongs to the sentence holding its last character (SentencePiece tokens carry their leading
+  space, so the first character may fall in the gap before a sentence). Tokens with empty offsets (BOS and
+  other special tokens) belong to none. A sentence without tokens gets the empty span (0, 0).
+  """
+  offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
+  last = offsets[:, 1] - 1
+  real = offsets[:, 1] > offsets[:, 0]
+  out = np.zeros((len(char_spans), 2), np.int32)
+  for s, (a, b) in enumerate(char_spans):
+    ids = np.nonzero(real & (last >= a) & (last < b))[0]
+    if len(ids):
+      out[s] = (ids[0], ids[-1] + 1)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Sentences:
+  """Sentences of a text: char spans, token spans int32[S, 2] and their strings."""
+
+  text: str
+  char_spans: tuple[tuple[int, int], ...]
+  tokens: np.ndarray
+  texts: tuple[str, ...]
+
+  def __len__(self):
+    return len(self.char_spans)
+
+
+def sentences(text: str, offsets, *, min_chars: int = 10,
+              region: Optional[tuple[int, int]] = None) -> Sentences:
+  """Splits the chain of thought of `text` and maps it to tokens (offsets [T, 2] of the tokenized text)."""
+  spans = split_sentences(text, min_chars=min_chars, region=region)
+  toks = token_spans(spans, offsets)
+  keep = toks[:, 1] > toks[:, 0]
+  spans = [s for s, k in zip(spans, keep) if k]
+  return Sentences(text, tuple(spans), toks[keep], tuple(text[a:b] for a, b in spans))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block mass -> sentence matrix -> vertical scores
+# ---------------------------------------------------------------------------------------------------------
+
+def block_overlap(spans: jax.Array, block: int, length: int, offset: int = 0) -> jax.Array:
+  """float32[S, nB]: tokens of span s (absolute [start, end)) inside block b of `length` positions whose
+  position 0 is absolute position `offset`."""
+  n = num_blocks(length, block)
+  lo = offset + jnp.arange(n) * block
+  hi = offset + jnp.minimum((jnp.arange(n) + 1) * block, length)
+  spans = jnp.asarray(spans)
+  a, b = spans[:, :1], spans[:, 1:]
+  return jnp.maximum(jnp.minimum(b, hi[None]) - jnp.maximum(a, lo[None]), 0).astype(jnp.float32)
+
+
+def sentence_matrix(mass: jax.Array, indices: jax.Array, spans: jax.Array, *, block_q: int, block_k: int,
+                    q_len: int, k_len: int) -> jax.Array:
+  """Mean token-to-token attention between sentences: float32[..., N, S, S] (rows: queries i, cols: keys j).
+
+  mass [..., N, nQ, C] is the attention probability of the kept key block `indices[..., c]` summed over the
+  queries of query block j; spread uniformly over that block pair, it gives every (query, key) token pair
+  mass / (queries x keys); M[i, j] averages that over the token pairs of sentences i x j (exact when
+  sentence boundaries fall on block boundaries). O(S x nQ x C + S^2 x nQ): never T x T.
+  """
+  spans = jnp.asarray(spans, jnp.int32)
+  ov_q = block_overlap(spans, block_q, q_len, k_len - q_len)  # [S, nQ]
+  ov_k = block_overlap(spans, block_k, k_len)  # [S, nK]
+  n_q_rows = block_sizes(block_q, q_len)  # [nQ]
+  n_k_cols = block_sizes(block_k, k_len)  # [nK]
+  safe = jnp.maximum(indices, 0)
+  per_pair = jnp.where(indices >= 0, mass / n_q_rows[:, None] / n_k_cols[safe], 0.0)  # [..., N, nQ, C]
+  key_share = jnp.where(indices >= 0, jnp.take(ov_k, safe, axis=1), 0.0)  # [S, ..., N, nQ, C]
+  x = jnp.einsum("...jc,s...jc->...js", per_pair, key_share)  # [..., N, nQ, S]: mass per query row
+  m = jnp.einsum("ij,...js->...is", ov_q, x)  # summed over the token pairs
+  size = (spans[:, 1] - spans[:, 0]).astype(jnp.float32)
+  size = jnp.maximum(size, 1.0)
+  return m / size[:, None] / size[None, :]
+
+
+def block_sizes(block: int, length: int) -> jax.Array:
+  """float32[nB] positions in each block (the last may be partial)."""
+  n = num_blocks(length, block)
+  return (jnp.minimum((jnp.arange(n) + 1) * block, length) - jnp.arange(n) * block).astype(jnp.float32)
+
+
+def full_indices(shape: tuple[int, ...], num_k_blocks: int) -> jax.Array:
+  """int32[*shape, nK]: every key block, for running the pipeline on a dense block-mass matrix."""
+  return jnp.broadcast_to(jnp.arange(num_k_blocks, dtype=jnp.int32), tuple(shape) + (num_k_blocks,))
+
+
+def vertical_scores(matrix: jax.Array, proximity_ignore: int = 4) -> jax.Array:
+  """float32[..., S]: v[j] = mean over i >= j + proximity_ignore of matrix[..., i, j]; NaN where no such i.
+
+  The Thought Anchors convention: sentence j itself and its nearest later sentences (i < j + 4) are ignored,
+  since every sentence attends to its neighbours.
+  """
+  s = matrix.shape[-1]
+  i = jnp.arange(s)[:, None]
+  j = jnp.arange(s)[None, :]
+  far = i >= j + proximity_ignore
+  total = jnp.where(far, matrix, 0.0).sum(-2)
+  n = far.sum(0)
+  return jnp.where(n > 0, total / jnp.maximum(n, 1), jnp.nan)
+
+
+def kurtosis(x: jax.Array, axis: int = -1) -> jax.Array:
+  """Fisher kurtosis (normal = 0, biased estimator), NaN entries omitted; NaN if fewer than 2 values or
+  zero variance (as scipy.stats.kurtosis(..., nan_policy='omit'))."""
+  ok = ~jnp.isnan(x)
+  n = ok.sum(axis, keepdims=True)
+  mean = jnp.where(ok, x, 0.0).sum(axis, keepdims=True) / jnp.maximum(n, 1)
+  d = jnp.where(ok, x - mean, 0.0)
+  m2 = (d ** 2).sum(axis, keepdims=True) / jnp.maximum(n, 1)
+  m4 = (d ** 4).sum(axis, keepdims=True) / jnp.maximum(n, 1)
+  k = m4 / jnp.where(m2 > 0, m2 ** 2, 1.0) - 3.0
+  k = jnp.where((n > 1) & (m2 > 0), k, jnp.nan)
+  return jnp.squeeze(k, axis)
+
+
+def receiver_heads(vertical: jax.Array, top: int = 20,
+                   exclude_layers: Sequence[int] = (0,)) -> tuple[jax.Array, jax.Array]:
+  """Heads whose vertical scores are most concentrated on few sentences.
+
+  Args:
+    vertical: float32[L, N, S] vertical scores per layer and head.
+  Returns:
+    heads int32[min(top, eligible), 2] (layer, head) by decreasing kurtosis, and kurtosis float32[L, N]
+    (NaN for excluded layers).
+  """
+  n_layers, n_heads = vertical.shape[:2]
+  kurt = kurtosis(vertical)
+  excluded = jnp.isin(jnp.arange(n_layers), jnp.asarray(list(exclude_layers) or [-1], jnp.int32))
+  kurt = jnp.where(excluded[:, None], jnp.nan, kurt)
+  eligible = (n_layers - int(np.isin(np.arange(n_layers), list(exclude_layers)).sum())) * n_heads
+  k = max(0, min(top, eligible))
+  _, flat = jax.lax.top_k(jnp.where(jnp.isnan(kurt), -jnp.inf, kurt).ravel(), k)
+  heads = jnp.stack([flat // n_heads, flat % n_heads], -1).astype(jnp.int32)
+  return heads, kurt
+
+
+def sentence_importance(vertical: jax.Array, heads: jax.Array) -> jax.Array:
+  """float32[S] mean vertical score over the given (layer, head) pairs int32[k, 2]."""
+  return vertical[heads[:, 0], heads[:, 1]].mean(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Categories and aggregation
+# ---------------------------------------------------------------------------------------------------------
+
+CATEGORIES = ("problem_setup", "plan_generation", "fact_retrieval", "active_computation",
+              "uncertainty_management", "result_consolidation", "self_checking", "final_answer_emission")
+
+# Checked in this order; the first category with a match wins (answer and checking phrases are the most
+# specific, setup phrases the least).
+_KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("final_answer_emission", (r"final answer", r"the answer is", r"\\boxed", r"^answer\s*:",
+                               r"answer should be")),
+    ("self_checking", (r"\bcheck", r"\bverif", r"double[- ]check", r"make sure", r"\bconfirm",
+                       r"let me re-?(?:read|examine|calculate)", r"sanity")),
+    ("uncertainty_management", (r"^wait\b", r"\bhmm+\b", r"\bactually\b", r"not sure", r"\bmaybe\b",
+                                r"\bmistake", r"\bconfus", r"\balternatively\b", r"\bor perhaps\b",
+                                r"^but\b", r"\bi think i\b", r"\bwrong\b")),
+    ("fact_retrieval", (r"\brecall", r"\bremember", r"\bknow that\b", r"\bformula\b", r"\bby definition\b",
+                        r"\bis defined\b", r"\btheorem\b", r"\bproperty\b", r"\bwell[- ]known\b",
+                        r"\bfact\b")),
+    ("active_computation", (r"\d\s*[-+*/×÷^=]\s*\d", r"=", r"\bcompute", r"\bcalculat", r"\bmultipl",
+                            r"\badd(?:ing)?\b", r"\bsubtract", r"\bdivid", r"\btimes\b", r"\bsquare",
+                            r"\bsum of\b", r"\bsimplif", r"\bplug")),
+    ("result_consolidation", (r"^so\b", r"\btherefore\b", r"\bthus\b", r"\bhence\b", r"\bin total\b",
+                              r"\bthis means\b", r"\bthat gives\b", r"\bwhich gives\b", r"\bin summary\b",
+                              r"\bputting (?:it|this) together\b", r"\boverall\b")),
+    ("plan_generation", (r"^let'?s\b", r"^let me\b", r"^first\b", r"^next\b", r"^then\b", r"\bapproach\b",
+                         r"\bplan\b", r"\bstrategy\b", r"\bi (?:will|should|need to)\b", r"\bwe can\b",
+                         r"\bstep\b", r"\bi'll\b")),
+    ("problem_setup", (r"\bthe problem\b", r"\bthe question\b", r"\bwe (?:are|were) (?:asked|given)\b",
+                       r"\bgiven\b", r"\bwe need to\b", r"\bfind\b", r"\basks?\b")),
+)
+_COMPILED = tuple((c, tuple(re.compile(p, re.I) for p in ps)) for c, ps in _KEYWORDS)
+
+
+def keyword_label(sentence: str) -> str:
+  """Default labeller: the first category (in a fixed priority order) whose keyword pattern matches;
+  "unknown" when none does. A heuristic: pass your own labels or labeller for real studies."""
+  s = sentence.strip()
+  for cat, pats in _COMPILED:
+    if any(p.search(s) for p in pats):
+      return cat
+  return "unknown"
+
+
+def label_sentences(texts: Sequence[str], labeller: Optional[Callable[[str], str]] = None,
+                    labels: Optional[Sequence[str]] = None) -> tuple[str, ...]:
+  """Category per sentence: the given labels (checked for length), else labeller(sentence) per sentence."""
+  if labels is not None:
+    if len(labels) != len(texts):
+      raise ValueError(f"got {len(labels)} labels for {len(texts)} sentences")
+    return tuple(labels)
+  fn = keyword_label if labeller is None else labeller
+  return tuple(fn(t) for t in texts)
+
+
+def by_category(scores, labels: Sequence[str]) -> dict[str, tuple[float, int]]:
+  """{category: (mean score, number of sentences with a finite score)}, in CATEGORIES order first."""
+  scores = np.asarray(scores, np.float64)
+  out = {}
+  order = list(CATEGORIES) + sorted(set(labels) - set(CATEGORIES))
+  for cat in order:
+    vals = scores[[i for i, l in enumerate(labels) if l == cat]]
+    vals = vals[np.isfinite(vals)]
+    if len(vals):
+      out[cat] = (float(vals.mean()), int(len(vals)))
+  return out
+
+
+def by_position(scores, bins: int = 10) -> np.ndarray:
+  """float64[bins] mean score by relative position in the chain (sentence s of S falls in bin
+  floor(bins * s / S)); NaN for empty bins."""
+  scores = np.asarray(scores, np.float64)
+  s = len(scores)
+  which = (np.arange(s) * bins) // max(s, 1)
+  out = np.full(bins, np.nan)
+  for b in range(bins):
+    vals = scores[(which == b) & np.isfinite(scores)]
+    if len(vals):
+      out[b] = vals.mean()
+  return out
+
+
+def spearman(a, b) -> float:
+  """Spearman rank correlation of two vectors (average ranks for ties; pairs with a NaN dropped)."""
+  a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+  ok = np.isfinite(a) & np.isfinite(b)
+  a, b = _rank(a[ok]), _rank(b[ok])
+  if len(a) < 2 or a.std() == 0 or b.std() == 0:
+    return float("nan")
+  return float(np.corrcoef(a, b)[0, 1])
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(len(x))
+  ranks[order] = np.arange(len(x), dtype=np.float64)
+  for v in np.unique(x):  # average ranks of ties
+    tie = x == v
+    if tie.sum() > 1:
+      ranks[tie] = ranks[tie].mean()
+  return ranks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One call
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AnchorReport:
+  """Thought-anchor analysis of one chain of thought.
+
+  vertical: float32[L, N, S]; kurtosis: float32[L, N]; heads: int32[k, 2] receiver (layer, head);
+  importance: float32[S]; labels: category per sentence; categories: {category: (mean importance, count)};
+  positions: mean importance per relative-position bin.
+  """
+
+  sentences: Sentences
+  vertical: jax.Array
+  kurtosis: jax.Array
+  heads: jax.Array
+  importance: jax.Array
+  labels: tuple[str, ...]
+  categories: Mapping[str, tuple[float, int]]
+  positions: np.ndarray
+
+  def top(self, n: int = 5) -> list[tuple[int, float, str, str]]:
+    """The n most important sentences: (index, score, label, text)."""
+    imp = np.nan_to_num(np.asarray(self.importance), nan=-np.inf)
+    return [(int(i), float(imp[i]), self.labels[i], self.sentences.texts[i]) for i in np.argsort(-imp)[:n]]
+
+
+def layer_vertical_scores(mass: jax.Array, indices: jax.Array, spans, *, block_q: int, block_k: int,
+                          q_len: int, k_len: int, proximity_ignore: int = 4) -> jax.Array:
+  """float32[..., N, S] vertical scores of one layer from its (mass, indices) [..., N, nQ, C]."""
+  m = sentence_matrix(mass, indices, spans, block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len)
+  return vertical_scores(m, proximity_ignore)
+
+
+def trace_vertical_scores(trace: Trace, spans, *, proximity_ignore: int = 4) -> jax.Array:
+  """float32[L, ..., N, S] vertical scores of every layer of a Trace."""
+  out = []
+  for l in trace.layers:
+    m = l.mask
+    out.append(layer_vertical_scores(l.mass, m.indices, spans, block_q=m.block_q, block_k=m.block_k,
+                                     q_len=m.q_len, k_len=m.k_len, proximity_ignore=proximity_ignore))
+  return jnp.stack(out)
+
+
+def dense_vertical_scores(block_masses: Sequence[jax.Array], spans, *, block_q: int, block_k: int,
+                          q_len: int, k_len: int, proximity_ignore: int = 4) -> jax.Array:
+  """float32[L, ..., N, S]: the same pipeline on dense block masses [..., N, nQ, nK] (the validation
+  reference at short T)."""
+  out = []
+  for bm in block_masses:
+    idx = full_indices(bm.shape[:-1], bm.shape[-1])
+    out.append(layer_vertical_scores(bm, idx, spans, block_q=block_q, block_k=block_k, q_len=q_len,
+                                     k_len=k_len, proximity_ignore=proximity_ignore))
+  return jnp.stack(out)
+
+
+def anchors_from_vertical(vertical: jax.Array, sents: Sentences, *, top_heads: int = 20,
+                          exclude_layers: Sequence[int] = (0,),
+                          labeller: Optional[Callable[[str], str]] = None,
+                          labels: Optional[Sequence[str]] = None, bins: int = 10) -> AnchorReport:
+  """Receiver heads, importance, labels and aggregates from vertical scores [L, N, S]."""
+  heads, kurt = receiver_heads(vertical, top_heads, exclude_layers)
+  imp = sentence_importance(vertical, heads)
+  labs = label_sentences(sents.texts, labeller, labels)
+  return AnchorReport(sents, vertical, kurt, heads, imp, labs, by_category(imp, labs),
+                      by_position(imp, bins))
+
+
+def thought_anchors(trace: Trace, sents: Sentences, *, batch_index: Optional[int] = None,
+                    top_heads: int = 20, exclude_layers: Sequence[int] = (0,), proximity_ignore: int = 4,
+                    labeller: Optional[Callable[[str], str]] = None, labels: Optional[Sequence[str]] = None,
+                    bins: int = 10) -> AnchorReport:
+  """Thought-anchor analysis of one traced chain of thought.
+
+  Args:
+    trace: the Stream trace of the forward pass over the text (token positions = the tokenizer's).
+    sents: `sentences(text, offsets)` of the same text.
+    batch_index: which sample when the trace has a batch axis.
+    top_heads, exclude_layers: receiver-head selection (top-20 by kurtosis, layer 0 excluded).
+    proximity_ignore: vertical scores average rows i >= j + proximity_ignore.
+    labeller / labels: category labelling (keyword heuristic by default).
+  """
+  v = trace_vertical_scores(trace, sents.tokens, proximity_ignore=proximity_ignore)
+  if batch_index is not None:
+    v = v[:, batch_index]
+  if v.ndim != 3:
+    raise ValueError(f"vertical scores have shape {v.shape}; pass batch_index for a batched trace")
+  return anchors_from_vertical(v, sents, top_heads=top_heads, exclude_layers=exclude_layers,
+                               labeller=labeller, labels=labels, bins=bins)
