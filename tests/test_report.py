@@ -1,0 +1,58 @@
+"""Report folders: trace round-trip through orbax, atomic replacement."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import stream_jax as sj
+from stream_jax.report import load_trace, write_report
+from stream_jax.trace import LayerTrace, Trace
+
+
+def _trace():
+  q = jax.random.normal(jax.random.PRNGKey(0), (2, 100, 4, 8))
+  k = jax.random.normal(jax.random.PRNGKey(1), (2, 100, 2, 8))
+  cfg = sj.StreamConfig(block_q=16, block_k=16, top_k=2)
+  mask = sj.estimate_mask(q, k, cfg)
+  _, stats = sj.sparse_attention(q, k, k, mask)
+  local = sj.window_mask(4, 100, 100, block_q=16, block_k=16, window=32)
+  local = jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (2,) + x.shape), local)
+  _, lstats = sj.sparse_attention(q, k, k, local, window=32)
+  return Trace((LayerTrace(local, lstats.mass, 0, "local", "window", 32),
+                LayerTrace(mask, stats.mass, 1, "global", "stream")))
+
+
+def test_trace_round_trip_is_bit_identical(tmp_path):
+  trace = _trace()
+  out = write_report(tmp_path / "r", report={"x": np.float32(1.5), "cfg": sj.StreamConfig()},
+                     summary={"kept": 0.5}, trace=trace)
+  again = load_trace(out)
+  assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(trace)
+  for a, b in zip(jax.tree_util.tree_leaves(trace), jax.tree_util.tree_leaves(again)):
+    assert np.asarray(a).dtype == np.asarray(b).dtype
+    np.testing.assert_array_equal(a, b)
+  assert again[1].mask.config == trace[1].mask.config
+  assert json.loads((out / "report.json").read_text())["cfg"]["top_k"] == 16
+  assert "kept" in (out / "index.html").read_text()
+
+
+def test_failed_write_keeps_the_previous_report(tmp_path):
+  out = write_report(tmp_path / "r", report={"run": 1}, summary={})
+
+  class Broken:
+    def savefig(self, *a, **k):
+      raise RuntimeError("disk full")
+
+  with pytest.raises(RuntimeError, match="disk full"):
+    write_report(tmp_path / "r", report={"run": 2}, summary={}, figures={"f": Broken()})
+  assert json.loads((out / "report.json").read_text()) == {"run": 1}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["r"], "no temporary folder may be left"
+  write_report(tmp_path / "r", report={"run": 3}, summary={})
+  assert json.loads((out / "report.json").read_text()) == {"run": 3}
+
+
+def test_load_trace_names_a_missing_trace(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no saved trace"):
+    load_trace(tmp_path)
