@@ -40,7 +40,7 @@ def supported(mask: BlockMask) -> bool:
 
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, *,
                      scale: Optional[float] = None, softcap: Optional[float] = None,
-                     window: Optional[int] = None, interpret: bool = False,
+                     window: Optional[int] = None, interpret: Optional[bool] = None,
                      num_warps: int = DEFAULT_NUM_WARPS,
                      num_stages: int = DEFAULT_NUM_STAGES) -> tuple[jax.Array, AttentionStats]:
   """Exact softmax attention over the token set a BlockMask keeps (Pallas kernel).
@@ -50,7 +50,8 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
     mask: BlockMask over (T, S) with indices [..., N, nQ, C] (block sizes >= 16).
     scale: logit scale (default H ** -0.5); softcap: optional `c * tanh(x / c)` on logits.
     window: sliding window W (query sees keys with pos(q) - pos(k) < W), None = global causal.
-    interpret: run the kernel in Pallas interpret mode (CPU tests).
+    interpret: run the kernel in Pallas interpret mode; None = interpret unless the default
+      backend is a GPU (so the CPU tests and backend='pallas' off the GPU run it interpreted).
     num_warps, num_stages: Triton launch parameters.
 
   Returns:
@@ -73,7 +74,7 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
   out, mass, lse = _attention(
       q, k, v, mask.indices, mask.counts, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
       softcap=None if softcap is None else float(softcap),
-      window=None if window is None else int(window), interpret=bool(interpret),
+      window=None if window is None else int(window), interpret=common.resolve_interpret(interpret),
       num_warps=num_warps, num_stages=num_stages)
   return out, AttentionStats(mass=mass, lse=lse)
 

@@ -31,6 +31,13 @@ def triton_params(num_warps: int, num_stages: int):
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
+def resolve_interpret(interpret: Optional[bool]) -> bool:
+  """None -> interpret mode unless the default backend is a GPU."""
+  if interpret is None:
+    return jax.default_backend() != "gpu"
+  return bool(interpret)
+
+
 def dot_precision(dtype) -> Optional[lax.Precision]:
   """f32 inputs: full f32 products (Triton's default would be TF32); 16-bit inputs: native."""
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None

@@ -44,7 +44,7 @@ def supported(config: StreamConfig) -> bool:
 
 def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfig(), *,
                   scale: Optional[float] = None, softcap: Optional[float] = None,
-                  interpret: bool = False, num_warps: int = DEFAULT_NUM_WARPS,
+                  interpret: Optional[bool] = None, num_warps: int = DEFAULT_NUM_WARPS,
                   num_stages: int = DEFAULT_NUM_STAGES) -> BlockMask:
   """Per-head top-k key-block mask by hierarchical refinement (Pallas kernel).
 
@@ -53,7 +53,8 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfi
     k: [S, K, H] or [B, S, K, H] keys; query head n reads kv head n // (N / K).
     config: StreamConfig (block_k >= 16).
     scale: logit scale (default H ** -0.5); softcap: optional `c * tanh(x / c)`.
-    interpret: run the kernel in Pallas interpret mode (CPU tests).
+    interpret: run the kernel in Pallas interpret mode; None = interpret unless the default
+      backend is a GPU (so the CPU tests and backend='pallas' off the GPU run it interpreted).
     num_warps, num_stages: Triton launch parameters.
 
   Returns:
@@ -70,7 +71,7 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfi
   scale = h ** -0.5 if scale is None else float(scale)
   indices, counts = _estimate(q, k, config=config, scale=scale,
                               softcap=None if softcap is None else float(softcap),
-                              interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages)
+                              interpret=common.resolve_interpret(interpret), num_warps=num_warps, num_stages=num_stages)
   return BlockMask(indices, counts, config.block_q, config.block_k, t, s, config)
 
 

@@ -1,0 +1,219 @@
+"""Pallas kernels against the XLA reference (interpret mode on CPU), and their GPU lowering.
+
+Estimation is compared bit for bit. The inputs are small integers, so every logit is exact in f32 whatever
+the dot's accumulation order and both implementations see identical scores, including many exact ties:
+that also checks the tie rule (equal scores -> earlier position). Attention is compared within fp32
+tolerance. The lowering check runs the real Triton lowering for CUDA on the CPU, which catches
+primitives Triton cannot lower (top_k, sort, value slicing) without a GPU.
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import stream_jax as sj
+from stream_jax.kernels import attention as kattention
+from stream_jax.kernels import estimate as kestimate
+from stream_jax.mask import BlockMask
+
+
+def _int_qkv(seed, t, s, n, kv, h, hv=None, batch=None, dtype=jnp.float32, lim=3):
+  rng = np.random.default_rng(seed)
+  pre = (batch,) if batch else ()
+  q = jnp.asarray(rng.integers(-lim, lim + 1, pre + (t, n, h)), dtype)
+  k = jnp.asarray(rng.integers(-lim, lim + 1, pre + (s, kv, h)), dtype)
+  v = jnp.asarray(rng.standard_normal(pre + (s, kv, hv or h)), dtype)
+  return q, k, v
+
+
+def _normal_qkv(seed, t, s, n, kv, h, hv=None, batch=None, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  pre = (batch,) if batch else ()
+  return tuple(jnp.asarray(rng.standard_normal(pre + shape), dtype)
+               for shape in ((t, n, h), (s, kv, h), (s, kv, hv or h)))
+
+
+def _assert_same_mask(ref, got):
+  assert got.indices.shape == ref.indices.shape and got.indices.dtype == jnp.int32
+  assert got.counts.shape == ref.counts.shape and got.counts.dtype == jnp.int32
+  ri, gi = np.asarray(ref.indices), np.asarray(got.indices)
+  bad = np.argwhere((ri != gi).any(-1))
+  assert bad.size == 0, (f"{len(bad)} rows differ, first at {tuple(bad[0])}: "
+                         f"ref {ri[tuple(bad[0])]} got {gi[tuple(bad[0])]}")
+  np.testing.assert_array_equal(np.asarray(ref.counts), np.asarray(got.counts))
+  assert (got.block_q, got.block_k, got.q_len, got.k_len) == (ref.block_q, ref.block_k, ref.q_len,
+                                                              ref.k_len)
+
+
+C = sj.StreamConfig
+# (T, S, N, K, H, batch, config, softcap, scale): ragged T and S, GQA, several block sizes and knobs.
+ESTIMATE_CASES = [
+    (1000, 1100, 4, 2, 32, None, C(block_q=32, block_k=16, top_k=4), None, None),
+    (777, 777, 2, 1, 16, None, C(block_q=16, block_k=32, top_k=3, sink_blocks=0, window_blocks=1),
+     None, None),
+    (640, 900, 4, 4, 24, 2, C(block_q=64, block_k=16, top_k=5, init_branches=7, window_blocks=3),
+     30.0, 0.25),
+    (1200, 1200, 4, 1, 32, None, C(block_q=32, block_k=32, top_k=2, representative="first"), None,
+     None),
+    (900, 1000, 2, 2, 32, None, C(block_q=32, block_k=16, top_k=4, representative="first",
+                                  init_branches=6, sink_blocks=2), 5.0, None),
+    (700, 700, 2, 1, 32, None, C(block_q=32, block_k=16, top_k=4, representative="oracle"), None,
+     None),
+    (1000, 1000, 4, 2, 32, None, C(block_q=64, block_k=16, top_k=4, query_stride=2), None, None),
+    (800, 850, 2, 1, 32, None, C(block_q=32, block_k=16, top_k=3, query_stride=8), 2.0, None),
+]
+
+
+@pytest.mark.parametrize("t,s,n,kv,h,batch,cfg,softcap,scale", ESTIMATE_CASES)
+def test_estimate_matches_reference(t, s, n, kv, h, batch, cfg, softcap, scale):
+  q, k, _ = _int_qkv(hash((t, s, n)) % 1000, t, s, n, kv, h, batch=batch)
+  ref = sj.estimate_mask(q, k, cfg, scale=scale, softcap=softcap)
+  got = kestimate.estimate_mask(q, k, cfg, scale=scale, softcap=softcap, interpret=True)
+  _assert_same_mask(ref, got)
+  assert got.config == cfg
+
+
+def test_estimate_matches_reference_bf16_and_normal_inputs():
+  cfg = C(block_q=32, block_k=16, top_k=4)
+  q, k, _ = _int_qkv(5, 600, 640, 2, 1, 64, dtype=jnp.bfloat16, lim=8)
+  _assert_same_mask(sj.estimate_mask(q, k, cfg), kestimate.estimate_mask(q, k, cfg, interpret=True))
+  # Real-valued f32: on the CPU both sides compute the same dots, so the masks agree too.
+  q, k, _ = _normal_qkv(6, 600, 640, 2, 1, 64)
+  _assert_same_mask(sj.estimate_mask(q, k, cfg), kestimate.estimate_mask(q, k, cfg, interpret=True))
+
+
+def test_estimate_backend_switch_uses_kernel():
+  cfg = C(block_q=32, block_k=16, top_k=4)
+  q, k, _ = _int_qkv(7, 300, 300, 2, 1, 16)
+  got = sj.estimate_mask(q, k, cfg, backend="pallas")  # interpret mode off the GPU
+  _assert_same_mask(sj.estimate_mask(q, k, cfg, backend="xla"), got)
+
+
+def _close(a, b, tol):
+  np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol)
+
+
+# (T, S, N, K, H, Hv, batch, block_q, block_k, top_k, softcap, window)
+ATTENTION_CASES = [
+    (1000, 1100, 4, 2, 32, 48, None, 32, 16, 4, None, None),
+    (777, 900, 2, 1, 16, 16, 2, 16, 32, 3, 20.0, None),
+    (640, 640, 4, 4, 32, 32, None, 64, 16, 5, None, 100),
+    (500, 700, 2, 1, 24, 40, None, 32, 32, 2, 10.0, 33),
+]
+
+
+@pytest.mark.parametrize("t,s,n,kv,h,hv,batch,bq,bk,top_k,softcap,window", ATTENTION_CASES)
+def test_attention_matches_reference(t, s, n, kv, h, hv, batch, bq, bk, top_k, softcap, window):
+  q, k, v = _normal_qkv(t + s, t, s, n, kv, h, hv, batch)
+  mask = sj.estimate_mask(q, k, C(block_q=bq, block_k=bk, top_k=top_k))
+  ro, rs = sj.sparse_attention(q, k, v, mask, softcap=softcap, window=window)
+  go, gs = kattention.sparse_attention(q, k, v, mask, softcap=softcap, window=window, interpret=True)
+  assert go.shape == ro.shape and go.dtype == ro.dtype
+  assert gs.mass.shape == rs.mass.shape and gs.lse.shape == rs.lse.shape
+  _close(go, ro, 1e-5)
+  _close(gs.mass, rs.mass, 1e-5)
+  np.testing.assert_array_equal(np.isneginf(np.asarray(gs.lse)), np.isneginf(np.asarray(rs.lse)))
+  finite = np.isfinite(np.asarray(rs.lse))
+  _close(np.asarray(gs.lse)[finite], np.asarray(rs.lse)[finite], 1e-5)
+  # Without a window every query sees the sink block, so a mass row sums to the block's valid queries
+  # (with a window, queries whose window misses every kept block see nothing and add 0).
+  n_valid = np.broadcast_to(np.minimum(bq, t - bq * np.arange(mask.num_q_blocks)), gs.mass.shape[:-1])
+  row_sums = np.asarray(gs.mass).sum(-1)
+  if window is None:
+    np.testing.assert_allclose(row_sums, n_valid, rtol=1e-5)
+  else:
+    assert (row_sums <= n_valid + 1e-3).all()
+
+
+def test_attention_full_mask_equals_dense_and_bf16():
+  q, k, v = _normal_qkv(3, 300, 300, 2, 1, 32)
+  mask = sj.window_mask(2, 300, 300, block_q=32, block_k=16)  # every causal block
+  out, _ = kattention.sparse_attention(q, k, v, mask, interpret=True)
+  _close(out, sj.dense_attention(q, k, v), 1e-5)
+  # Local layer: exact sliding window through the window's block cover.
+  local = sj.window_mask(2, 300, 300, block_q=32, block_k=16, window=40)
+  out, _ = kattention.sparse_attention(q, k, v, local, window=40, interpret=True)
+  _close(out, sj.dense_attention(q, k, v, window=40), 1e-5)
+  # bf16 inputs: p is rounded to bf16 before the PV product (flash-style), the reference keeps f32.
+  qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  mask = sj.estimate_mask(qb, kb, C(block_q=32, block_k=16, top_k=4))
+  ro, rs = sj.sparse_attention(qb, kb, vb, mask)
+  go, gs = kattention.sparse_attention(qb, kb, vb, mask, interpret=True)
+  _close(go, ro, 2e-2)
+  _close(gs.mass, rs.mass, 1e-3)
+
+
+def test_attention_backend_switch_uses_kernel():
+  q, k, v = _normal_qkv(4, 200, 260, 2, 1, 16)
+  mask = sj.estimate_mask(q, k, C(block_q=16, block_k=16, top_k=2))
+  ro, rs = sj.sparse_attention(q, k, v, mask, backend="xla")
+  go, gs = sj.sparse_attention(q, k, v, mask, backend="pallas")
+  _close(go, ro, 1e-5)
+  _close(gs.mass, rs.mass, 1e-5)
+
+
+def test_unsupported_block_sizes_are_refused():
+  q, k, v = _normal_qkv(0, 64, 64, 1, 1, 16)
+  with pytest.raises(ValueError, match="block_k >= 16"):
+    kestimate.estimate_mask(q, k, C(block_q=16, block_k=8, top_k=2), interpret=True)
+  mask = sj.window_mask(1, 64, 64, block_q=8, block_k=16)
+  with pytest.raises(ValueError, match="block_q, block_k >= 16"):
+    kattention.sparse_attention(q, k, v, mask, interpret=True)
+
+
+# ---- the real GPU (Triton) lowering, on the CPU ----
+
+def _abstract_gpu():
+  """jax >= 0.11 reads the target GPU from an abstract mesh when no GPU is present."""
+  sharding = jax.sharding
+  if not hasattr(sharding, "use_abstract_mesh") or not hasattr(sharding, "AbstractDevice"):
+    return contextlib.nullcontext()
+  device = sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                   platform="cuda")
+  mesh = sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  return sharding.use_abstract_mesh(mesh)
+
+
+def lower_for_cuda(fn, *args):
+  """StableHLO text of `fn` lowered for CUDA (raises if a kernel cannot lower to Triton)."""
+  try:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  except Exception:  # pylint: disable=broad-except
+    with _abstract_gpu():
+      return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _sds(shape, dtype=jnp.bfloat16):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("cfg,softcap", [
+    (C(), None),  # Gemma-like defaults: 64 x 64 blocks, top_k 16
+    (C(block_q=128, block_k=32, top_k=12, init_branches=24, representative="first"), 50.0),
+    (C(block_q=64, block_k=64, top_k=8, representative="oracle", query_stride=8), None),
+    (C(block_q=64, block_k=64, top_k=16, query_stride=4), None),
+])
+def test_estimate_lowers_for_cuda(cfg, softcap):
+  def fn(q, k):
+    m = kestimate.estimate_mask(q, k, cfg, softcap=softcap, interpret=False)
+    return m.indices, m.counts
+  text = lower_for_cuda(fn, _sds((2, 1000, 8, 256)), _sds((2, 1100, 4, 256)))
+  assert "triton" in text
+
+
+@pytest.mark.parametrize("dtype,softcap,window", [(jnp.bfloat16, None, None),
+                                                  (jnp.bfloat16, 50.0, 1024),
+                                                  (jnp.float32, None, None)])
+def test_attention_lowers_for_cuda(dtype, softcap, window):
+  def fn(q, k, v, idx, cnt):
+    mask = BlockMask(idx, cnt, 64, 64, 1000, 1100)
+    out, stats = kattention.sparse_attention(q, k, v, mask, softcap=softcap, window=window,
+                                             interpret=False)
+    return out, stats.mass, stats.lse
+  text = lower_for_cuda(fn, _sds((1000, 8, 256), dtype), _sds((1100, 4, 256), dtype),
+                        _sds((1100, 4, 256), dtype), _sds((8, 16, 19), jnp.int32),
+                        _sds((8, 16), jnp.int32))
+  assert "triton" in text
