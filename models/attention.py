@@ -1,0 +1,148 @@
+"""How one layer attends: dense, Stream (estimated block mask) or exact sliding window as a block band.
+
+The choice is per call (`attention="dense"` or a StreamConfig) and per layer (dense_layers, prune_local),
+so the same parameters run both ways and a faithfulness study compares them on the same tokens. On the
+Stream path nothing T x T is allocated: global layers attend through `estimate_mask` + `sparse_attention`,
+local layers through the exact block band of their window (`window_mask`), which is O(T x W).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from stream_jax.attention import sparse_attention
+from stream_jax.config import StreamConfig
+from stream_jax.estimate import estimate_mask
+from stream_jax.mask import BlockMask, window_mask
+from stream_jax.trace import LayerTrace
+
+Attention = Union[str, StreamConfig]
+NEG_INF = -1e30  # finite: a fully masked (padding) row stays NaN-free
+# Queries per step of the dense path: bounds its logits buffer to N x DENSE_Q_CHUNK x S floats.
+DENSE_Q_CHUNK = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """Static description of how layer `layer` attends in this call."""
+
+  layer: int
+  kind: str  # "global" | "local"
+  window: Optional[int]  # W for local layers
+  stream: Optional[StreamConfig]  # None: the whole call is dense
+  dense: bool  # this layer's output comes from dense attention
+  prune: bool  # Stream-estimated mask (global layers, or local with prune_local)
+  backend: str = "xla"
+
+
+def check_attention(attention: Attention) -> Optional[StreamConfig]:
+  if isinstance(attention, StreamConfig):
+    return attention
+  if attention == "dense":
+    return None
+  raise ValueError(f"attention must be 'dense' or a stream_jax.StreamConfig, got {attention!r}")
+
+
+def softcap(x: jax.Array, cap: Optional[float]) -> jax.Array:
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array, k_pos: jax.Array,
+                    scale: float, cap: Optional[float] = None, window: Optional[int] = None,
+                    k_valid: Optional[jax.Array] = None,
+                    q_chunk: int = DENSE_Q_CHUNK) -> jax.Array:
+  """Causal (sliding-window) softmax attention, exact, chunked over queries.
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, S, K, H]; q_pos: int[T], k_pos: int[S] absolute positions.
+    scale, cap: logit scale and optional softcap (applied before the mask, as the reference does).
+    window: W, a key is visible iff q_pos - k_pos < W (None: global).
+    k_valid: optional bool[B, S] (e.g. the filled part of a KV cache).
+  Returns:
+    [B, T, N, H] in q's dtype. Memory: B x N x min(T, q_chunk) x S logits.
+  """
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  g = n // kv
+
+  def chunk(qc, qp):
+    qc = qc.reshape(b, -1, kv, g, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qc, k, preferred_element_type=jnp.float32) * scale
+    logits = softcap(logits, cap)
+    visible = k_pos[None, :] <= qp[:, None]  # [t, S]
+    if window is not None:
+      visible &= qp[:, None] - k_pos[None, :] < window
+    visible = visible[None, None, None]
+    if k_valid is not None:
+      visible = visible & k_valid[:, None, None, None, :]
+    logits = jnp.where(visible, logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, -1, n, h).astype(q.dtype)
+
+  if t <= q_chunk:
+    return chunk(q, q_pos)
+  n_chunks = -(-t // q_chunk)
+  pad = n_chunks * q_chunk - t
+  qp = jnp.pad(q, [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(b, n_chunks, q_chunk, n, h)
+  pp = jnp.pad(q_pos, (0, pad), constant_values=-1).reshape(n_chunks, q_chunk)
+  out = lax.map(lambda a: chunk(*a), (jnp.moveaxis(qp, 1, 0), pp))  # [nC, B, c, N, H]
+  return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * q_chunk, n, h)[:, :t]
+
+
+def _band(plan: LayerPlan, cfg: StreamConfig, b: int, n: int, t: int) -> BlockMask:
+  """The exact block band of the layer's window (all causal blocks if global), batched [B, N, nQ, C]."""
+  m = window_mask(n, t, t, block_q=cfg.block_q, block_k=cfg.block_k, window=plan.window)
+  return dataclasses.replace(m, indices=jnp.broadcast_to(m.indices, (b,) + m.indices.shape),
+                             counts=jnp.broadcast_to(m.counts, (b,) + m.counts.shape))
+
+
+def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+           cap: Optional[float]) -> tuple[jax.Array, Optional[LayerTrace]]:
+  """One layer's attention over a whole sequence (positions 0..T-1).
+
+  q: [B, T, N, H] (post QK-norm and RoPE), k, v: [B, T, K, H] -> out [B, T, N, H] and, on the Stream
+  path, a LayerTrace (mask indices [B, N, nQ, C], mass float32[B, N, nQ, C]).
+  """
+  b, t, n, _ = q.shape
+  pos = jnp.arange(t, dtype=jnp.int32)
+  cfg = plan.stream
+  if cfg is None:
+    return dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, cap=cap, window=plan.window), None
+  if plan.prune:
+    mask = estimate_mask(q, k, cfg, scale=scale, softcap=cap, backend=plan.backend)
+    mode = "stream"
+  else:  # local layer kept exact: its window as a block band
+    mask = _band(plan, cfg, b, n, t)
+    mode = "window"
+  out, stats = sparse_attention(q, k, v, mask, scale=scale, softcap=cap, window=plan.window,
+                                backend=plan.backend)
+  if plan.dense:
+    out = dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, cap=cap, window=plan.window)
+    mode = "dense"
+  trace = LayerTrace(mask=mask, mass=stats.mass, layer=plan.layer, kind=plan.kind, mode=mode,
+                     window=plan.window)
+  return out, trace
+
+
+def make_plans(config, attention: Attention, dense_layers=(), prune_local: bool = False,
+               backend: str = "xla") -> tuple[LayerPlan, ...]:
+  """Static per-layer plans of one call (validated: layer ids in range)."""
+  stream = check_attention(attention)
+  dense_layers = tuple(sorted({int(i) for i in dense_layers}))
+  bad = [i for i in dense_layers if not 0 <= i < config.num_layers]
+  if bad:
+    raise ValueError(f"dense_layers {bad} out of range for a {config.num_layers}-layer model")
+  plans = []
+  for i, kind in enumerate(config.layer_kinds):
+    window = config.sliding_window if kind == "local" else None
+    plans.append(LayerPlan(layer=i, kind=kind, window=window, stream=stream,
+                           dense=stream is None or i in dense_layers,
+                           prune=stream is not None and (kind == "global" or prune_local),
+                           backend=backend))
+  return tuple(plans)

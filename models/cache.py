@@ -1,0 +1,107 @@
+"""On-disk cache of converted parameters and tokenizers, keyed by the source file's identity.
+
+Dequantizing a GGUF and building its tokenizer take tens of seconds; the converted arrays are saved once
+as an uncompressed .npz (bf16 stored as its uint16 bits) under `$STREAM_JAX_CACHE` (default
+`~/.cache/stream_jax`), so a second load reads arrays straight from disk. The key is (real path, size,
+mtime) of the source plus the dtype and a format version: editing or replacing the file invalidates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from stream_jax.models.config import GemmaConfig
+
+FORMAT_VERSION = 1
+
+
+def cache_root() -> str:
+  root = os.environ.get("STREAM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stream_jax")
+  os.makedirs(root, exist_ok=True)
+  return root
+
+
+def file_key(path: str, *extra) -> str:
+  """Stem + hash of the file's identity (and extra parts, e.g. the dtype)."""
+  real = os.path.realpath(path)
+  st = os.stat(real)
+  ident = json.dumps([real, st.st_size, st.st_mtime_ns, FORMAT_VERSION, *map(str, extra)])
+  digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+  stem = os.path.splitext(os.path.basename(real))[0] or "model"
+  return f"{stem}-{digest}"
+
+
+def _flatten(tree, prefix=""):
+  for k, v in tree.items():
+    name = f"{prefix}/{k}" if prefix else k
+    if isinstance(v, dict):
+      yield from _flatten(v, name)
+    else:
+      yield name, v
+
+
+def _unflatten(items):
+  out: dict = {}
+  for name, v in items:
+    node = out
+    *parents, leaf = name.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+def save_params(path: str, config: GemmaConfig, params: dict) -> None:
+  """Atomically write params (any dtypes) and the config to `path` (.npz)."""
+  arrays, bf16 = {}, []
+  for name, x in _flatten(params):
+    x = np.asarray(jax.device_get(x))
+    if x.dtype == ml_dtypes.bfloat16:
+      bf16.append(name)
+      x = x.view(np.uint16)
+    arrays[name] = x
+  meta = dict(config=dataclasses.asdict(config), bf16=bf16, version=FORMAT_VERSION)
+  arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp.npz")
+  os.close(fd)
+  try:
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def load_params(path: str) -> Optional[tuple[GemmaConfig, dict]]:
+  """(config, params) from a cache file, or None when it is missing or unreadable."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      meta = json.loads(bytes(z["__meta__"]).decode())
+      if meta.get("version") != FORMAT_VERSION:
+        return None
+      bf16 = set(meta["bf16"])
+      items = []
+      for name in z.files:
+        if name == "__meta__":
+          continue
+        x = z[name]
+        if name in bf16:
+          x = x.view(ml_dtypes.bfloat16)
+        items.append((name, jnp.asarray(x)))
+  except Exception:  # a partial or stale cache entry is rebuilt, not fatal
+    return None
+  cfg = dict(meta["config"])
+  cfg["layer_kinds"] = tuple(cfg["layer_kinds"])
+  return GemmaConfig(**cfg), _unflatten(items)

@@ -1,0 +1,229 @@
+"""GemmaConfig: the architecture of a Gemma 2 / Gemma 3 text decoder, and the official presets.
+
+Frozen and hashable so that it is a static argument of `jax.jit`. Values of the presets are those of the
+official Hugging Face configs (google/gemma-3-*, google/gemma-2-*); what the checkpoint formats leave out
+(GGUF has no local RoPE base, layer pattern or attention scale) is derived here the way llama.cpp and
+transformers derive it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+Family = Literal["gemma2", "gemma3"]
+LayerKind = Literal["global", "local"]
+
+GEMMA3_VOCAB = 262_144
+GEMMA2_VOCAB = 256_000
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+  """Architecture hyper-parameters (einsum letters: D model, F ffw hidden, N/K query/kv heads, H head).
+
+  Attributes:
+    family: "gemma3" (QK-norm, no softcaps, local/global RoPE bases) or "gemma2" (softcaps, no QK-norm).
+    vocab_size, num_layers, embed_dim (D), hidden_dim (F), num_heads (N), num_kv_heads (K), head_dim (H):
+      head_dim is a config value, never D // N (270M: D=640, N=4, H=256).
+    query_pre_attn_scalar: logits are scaled by its inverse square root (HF meaning; 256 -> 1/16).
+    layer_kinds: per layer "local" (sliding window) or "global" (full causal attention).
+    sliding_window: W keys including the query itself (the Gemma/HF convention: q - k < W).
+    rope_local_base / rope_global_base: RoPE base frequency per layer kind.
+    rope_global_scale: linear position scaling factor of global layers (8 on Gemma 3 4B/12B/27B).
+    attn_softcap / final_softcap: `c * tanh(x / c)` on attention logits / output logits (Gemma 2).
+    use_qk_norm: RMSNorm over head_dim of queries and keys (Gemma 3).
+    rms_eps: epsilon of every RMSNorm.
+    bos_id / eos_id / pad_id: special token ids of the Gemma tokenizer.
+    name: preset name, informative only.
+  """
+
+  family: Family
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  hidden_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  query_pre_attn_scalar: float
+  layer_kinds: tuple[LayerKind, ...]
+  sliding_window: int
+  rope_local_base: float = 10_000.0
+  rope_global_base: float = 1_000_000.0
+  rope_global_scale: float = 1.0
+  attn_softcap: Optional[float] = None
+  final_softcap: Optional[float] = None
+  use_qk_norm: bool = True
+  rms_eps: float = 1e-6
+  bos_id: int = 2
+  eos_id: int = 1
+  pad_id: int = 0
+  name: str = "custom"
+
+  def __post_init__(self):
+    if self.family not in ("gemma2", "gemma3"):
+      raise ValueError(f"GemmaConfig.family must be 'gemma2' or 'gemma3', got {self.family!r}")
+    for f in ("vocab_size", "num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads",
+              "head_dim", "sliding_window"):
+      v = getattr(self, f)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"GemmaConfig.{f} must be a positive integer, got {v!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"GemmaConfig.num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"GemmaConfig.head_dim must be even (RoPE rotates halves), got {self.head_dim}")
+    if len(self.layer_kinds) != self.num_layers or any(
+        k not in ("global", "local") for k in self.layer_kinds):
+      raise ValueError(f"GemmaConfig.layer_kinds must list 'global'/'local' for each of the "
+                       f"{self.num_layers} layers, got {self.layer_kinds!r}")
+    object.__setattr__(self, "layer_kinds", tuple(self.layer_kinds))
+
+  @property
+  def num_groups(self) -> int:
+    """G = N / K query heads per kv head."""
+    return self.num_heads // self.num_kv_heads
+
+  @property
+  def attn_scale(self) -> float:
+    return float(self.query_pre_attn_scalar) ** -0.5
+
+  def window(self, layer: int) -> Optional[int]:
+    """W of a local layer, None for a global one."""
+    return self.sliding_window if self.layer_kinds[layer] == "local" else None
+
+  def rope(self, layer: int) -> tuple[float, float]:
+    """(base, linear position scale) of a layer."""
+    if self.layer_kinds[layer] == "local":
+      return self.rope_local_base, 1.0
+    return self.rope_global_base, self.rope_global_scale
+
+  @property
+  def global_layers(self) -> tuple[int, ...]:
+    return tuple(i for i, k in enumerate(self.layer_kinds) if k == "global")
+
+  def replace(self, **changes) -> "GemmaConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    d, f, n, k, h = self.embed_dim, self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim
+    per_layer = d * h * (2 * n + 2 * k) + 3 * d * f + 4 * d + (2 * h if self.use_qk_norm else 0)
+    return self.vocab_size * d + self.num_layers * per_layer + d
+
+
+def gemma3_layer_kinds(num_layers: int, pattern: int = 6) -> tuple[LayerKind, ...]:
+  """Gemma 3: 5 local layers then 1 global, i.e. layer i is global iff (i + 1) % 6 == 0."""
+  return tuple("global" if (i + 1) % pattern == 0 else "local" for i in range(num_layers))
+
+
+def gemma2_layer_kinds(num_layers: int) -> tuple[LayerKind, ...]:
+  """Gemma 2: alternating, starting with a local layer."""
+  return tuple("local" if i % 2 == 0 else "global" for i in range(num_layers))
+
+
+def gemma3(name, *, layers, d, f, n, k, h=256, qscale=256, window=1024, rope_scale=8.0, **kw):
+  return GemmaConfig(family="gemma3", vocab_size=GEMMA3_VOCAB, num_layers=layers, embed_dim=d,
+                     hidden_dim=f, num_heads=n, num_kv_heads=k, head_dim=h, query_pre_attn_scalar=qscale,
+                     layer_kinds=gemma3_layer_kinds(layers), sliding_window=window,
+                     rope_global_scale=rope_scale, name=name, **kw)
+
+
+def gemma2(name, *, layers, d, f, n, k, h=256, qscale=256, **kw):
+  return GemmaConfig(family="gemma2", vocab_size=GEMMA2_VOCAB, num_layers=layers, embed_dim=d,
+                     hidden_dim=f, num_heads=n, num_kv_heads=k, head_dim=h, query_pre_attn_scalar=qscale,
+                     layer_kinds=gemma2_layer_kinds(layers), sliding_window=4096,
+                     rope_local_base=10_000.0, rope_global_base=10_000.0, attn_softcap=50.0,
+                     final_softcap=30.0, use_qk_norm=False, name=name, **kw)
+
+
+# Official HF configs. Gemma 3 4B+ list vocab_size 262208 (64 unused rows): the port uses 262144.
+PRESETS: dict[str, GemmaConfig] = {
+    "gemma3-270m": gemma3("gemma3-270m", layers=18, d=640, f=2048, n=4, k=1, window=512, rope_scale=1.0),
+    "gemma3-1b": gemma3("gemma3-1b", layers=26, d=1152, f=6912, n=4, k=1, window=512, rope_scale=1.0),
+    "gemma3-4b": gemma3("gemma3-4b", layers=34, d=2560, f=10240, n=8, k=4),
+    "gemma3-12b": gemma3("gemma3-12b", layers=48, d=3840, f=15360, n=16, k=8),
+    "gemma3-27b": gemma3("gemma3-27b", layers=62, d=5376, f=21504, n=32, k=16, h=128, qscale=168),
+    "gemma2-2b": gemma2("gemma2-2b", layers=26, d=2304, f=9216, n=8, k=4),
+    "gemma2-9b": gemma2("gemma2-9b", layers=42, d=3584, f=14336, n=16, k=8),
+    "gemma2-27b": gemma2("gemma2-27b", layers=46, d=4608, f=36864, n=32, k=16, h=128, qscale=144),
+}
+
+
+def get_config(name: str) -> GemmaConfig:
+  key = name.lower().replace("_", "-").replace("gemma-", "gemma")
+  if key not in PRESETS:
+    raise KeyError(f"unknown Gemma preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[key]
+
+
+def match_preset(family: str, num_layers: int, embed_dim: int) -> Optional[GemmaConfig]:
+  """The preset with this family, depth and width (used to fill in what a GGUF file lacks)."""
+  for cfg in PRESETS.values():
+    if (cfg.family, cfg.num_layers, cfg.embed_dim) == (family, num_layers, embed_dim):
+      return cfg
+  return None
+
+
+def from_hf_config(hf: dict) -> GemmaConfig:
+  """GemmaConfig from a Hugging Face `config.json` dict (Gemma 2, Gemma 3 text or multimodal)."""
+  if "text_config" in hf and hf.get("model_type") in ("gemma3", "gemma3n"):
+    if hf.get("model_type") != "gemma3":
+      raise ValueError(f"unsupported architecture: model_type {hf.get('model_type')!r}")
+    hf = dict(hf["text_config"], _outer=hf)
+  mt = hf.get("model_type")
+  if mt not in ("gemma3_text", "gemma3", "gemma2"):
+    raise ValueError(f"unsupported architecture: model_type {mt!r} (supported: gemma2, gemma3, gemma3_text)")
+  family: Family = "gemma2" if mt == "gemma2" else "gemma3"
+  layers = int(hf["num_hidden_layers"])
+  d = int(hf["hidden_size"])
+  n = int(hf["num_attention_heads"])
+  h = int(hf.get("head_dim") or d // n)
+  act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+  if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+    raise ValueError(f"unsupported hidden_activation {act!r} (Gemma uses gelu_pytorch_tanh)")
+  types = hf.get("layer_types")
+  if types:
+    kinds = tuple("local" if t == "sliding_attention" else "global" for t in types)
+  elif family == "gemma3":
+    kinds = gemma3_layer_kinds(layers, int(hf.get("sliding_window_pattern", 6)))
+  else:
+    kinds = gemma2_layer_kinds(layers)
+  vocab = int(hf.get("vocab_size", GEMMA3_VOCAB if family == "gemma3" else GEMMA2_VOCAB))
+  if family == "gemma3" and vocab == GEMMA3_VOCAB + 64:
+    vocab = GEMMA3_VOCAB  # 4B+ checkpoints pad the embedding with 64 unused rows
+  # Global / local RoPE: transformers 5 `rope_parameters` per layer type, older `rope_theta`,
+  # `rope_local_base_freq` and `rope_scaling`.
+  rp = hf.get("rope_parameters") or {}
+  glob = dict(rp.get("full_attention") or {})
+  loc = dict(rp.get("sliding_attention") or {})
+  if rp and "full_attention" not in rp and "rope_theta" in rp:  # one shared dict (gemma2 in v5)
+    glob = loc = dict(rp)
+  scaling = hf.get("rope_scaling") or {}
+  g_base = float(glob.get("rope_theta", hf.get("rope_theta", 1e6 if family == "gemma3" else 1e4)))
+  if family == "gemma3":
+    l_base = float(loc.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0)))
+  else:
+    l_base = g_base
+  rope_type = glob.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+  factor = float(glob.get("factor", scaling.get("factor", 1.0)))
+  if rope_type not in ("default", "linear"):
+    raise ValueError(f"unsupported RoPE scaling {rope_type!r} (Gemma uses none or linear)")
+  if rope_type == "default":
+    factor = 1.0
+  if family == "gemma2" and factor != 1.0:
+    raise ValueError("Gemma 2 has no RoPE scaling")
+  eos = hf.get("eos_token_id", 1)
+  if isinstance(eos, (list, tuple)):
+    eos = eos[0]
+  return GemmaConfig(
+      family=family, vocab_size=vocab, num_layers=layers, embed_dim=d,
+      hidden_dim=int(hf["intermediate_size"]), num_heads=n,
+      num_kv_heads=int(hf.get("num_key_value_heads", n)), head_dim=h,
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", h)), layer_kinds=kinds,
+      sliding_window=int(hf.get("sliding_window") or 4096), rope_local_base=l_base,
+      rope_global_base=g_base, rope_global_scale=factor,
+      attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
+      use_qk_norm=family == "gemma3", rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      bos_id=int(hf.get("bos_token_id", 2) or 2), eos_id=int(eos if eos is not None else 1),
+      pad_id=int(hf.get("pad_token_id", 0) or 0), name=str(hf.get("_name_or_path") or "hf"))

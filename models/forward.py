@@ -1,0 +1,92 @@
+"""The one forward entry point: token ids -> logits (+ Stream trace, + residual stream).
+
+jit-compiled with the architecture and the attention plan as static arguments, so a dense call and a
+Stream call of the same model are two cached executables over the same parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from stream_jax.models.attention import Attention, make_plans
+from stream_jax.models.config import GemmaConfig
+from stream_jax.models.transformer import Gemma, check_dtype
+from stream_jax.trace import Trace
+
+
+def model_config(model) -> GemmaConfig:
+  """A GemmaConfig from a GemmaConfig, a LoadedModel or a Gemma module."""
+  cfg = getattr(model, "config", model)
+  if not isinstance(cfg, GemmaConfig):
+    raise TypeError(f"model must be a GemmaConfig, a LoadedModel or a Gemma module, got {type(model).__name__}")
+  return cfg
+
+
+def wrap_params(params) -> dict:
+  """Accept both {"params": tree} and the bare tree."""
+  return params if "params" in params else {"params": params}
+
+
+def params_dtype(params) -> jnp.dtype:
+  return check_dtype(wrap_params(params)["params"]["embedder"]["input_embedding"].dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "plans", "last_only", "return_hidden"))
+def _forward(params, tokens, *, config, dtype, plans, last_only, return_hidden):
+  return Gemma(config, dtype).apply(params, tokens, plans, last_only=last_only, return_hidden=return_hidden)
+
+
+def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
+            dense_layers: Sequence[int] = (), prune_local: bool = False, backend: str = "xla",
+            return_hidden: bool = False, last_only: bool = False):
+  """Run the decoder on token ids.
+
+  Args:
+    model: GemmaConfig or LoadedModel (from `load_model`).
+    params: the parameter tree ({"params": ...} or bare).
+    tokens: int[B, T] (or int[T]: outputs then lose their batch axis). Position 0 should be BOS.
+    attention: "dense" (exact causal / sliding-window softmax) or a StreamConfig: global layers attend
+      through a mask estimated by hierarchical top-k search; local layers stay exact (their window as a
+      block band) unless prune_local=True.
+    dense_layers: Stream mode only: layer ids whose output comes from dense attention (their trace still
+      holds the estimated mask and the mass attention through it would give, mode "dense").
+    prune_local: Stream mode only: estimate masks on local layers too (inside their window).
+    backend: "xla" | "pallas" | "auto" for mask estimation and sparse attention.
+    return_hidden: also return the residual stream float[L + 1, B, T, D]: the scaled embeddings, then the
+      output of every layer (before the final norm) — for per-layer dense vs Stream error.
+    last_only: logits at the last position only ([B, V]), saving the [B, T, V] buffer.
+
+  Returns:
+    (logits, trace) or (logits, trace, hidden). logits: float32[B, T, V] ([B, V] if last_only).
+    trace: None for dense attention; else a stream_jax.trace.Trace with one LayerTrace per layer, in
+    layer order: mask (BlockMask, indices int32[B, N, nQ, C]) and mass float32[B, N, nQ, C], static
+    layer/kind ("global"|"local")/mode ("stream"|"window"|"dense")/window.
+  """
+  config = model_config(model)
+  params = wrap_params(params)
+  dtype = params_dtype(params)
+  tokens = jnp.asarray(tokens)
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+  squeeze = tokens.ndim == 1
+  if squeeze:
+    tokens = tokens[None]
+  if tokens.ndim != 2 or tokens.shape[1] < 1:
+    raise ValueError(f"tokens must have shape [B, T] or [T] with T >= 1, got {tokens.shape}")
+  plans = make_plans(config, attention, dense_layers, prune_local, backend)
+  out = _forward(params, tokens.astype(jnp.int32), config=config, dtype=dtype, plans=plans,
+                 last_only=bool(last_only), return_hidden=bool(return_hidden))
+  logits = out["logits"]
+  trace: Optional[Trace] = None
+  if plans[0].stream is not None:
+    trace = Trace(layers=tuple(out["traces"]))
+  hidden = out.get("hidden")
+  if squeeze:
+    logits = logits[0]
+    trace = None if trace is None else jax.tree_util.tree_map(lambda x: x[0], trace)
+    hidden = None if hidden is None else hidden[:, 0]
+  return (logits, trace, hidden) if return_hidden else (logits, trace)

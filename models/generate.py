@@ -1,0 +1,117 @@
+"""Greedy generation with a KV cache.
+
+Prefill runs the whole prompt once through `Gemma.__call__` (dense or Stream attention, so a needle
+retrieval can be scored under the same sparse attention that is traced) and writes its keys/values into a
+fixed-size cache; each new token is one jit-compiled `Gemma.extend` step attending densely to the cache.
+The cache length is rounded up to a multiple of 128 so that prompts of similar length share executables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stream_jax.models.attention import Attention, make_plans
+from stream_jax.models.forward import model_config, params_dtype, wrap_params
+from stream_jax.models.transformer import Gemma
+from stream_jax.trace import Trace
+
+CACHE_BUCKET = 128
+
+
+@dataclasses.dataclass
+class Generation:
+  """text: decoded new tokens (EOS excluded; per row for a batch); ids: int32[B, n] new tokens (EOS
+  included if hit, then padded with EOS); prompt_ids: int32[B, T]; trace: the prefill's Trace (Stream)."""
+
+  text: list[str] | str
+  ids: np.ndarray
+  prompt_ids: np.ndarray
+  trace: Optional[Trace] = None
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "plans", "cache_len"))
+def _prefill(params, tokens, *, config, dtype, plans, cache_len):
+  out = Gemma(config, dtype).apply(params, tokens, plans, last_only=True, return_kv=True)
+  pad = cache_len - tokens.shape[1]
+  cache = tuple((jnp.pad(k, [(0, 0), (0, pad), (0, 0), (0, 0)]),
+                 jnp.pad(v, [(0, 0), (0, pad), (0, 0), (0, 0)])) for k, v in out["kv"])
+  return out["logits"], out["traces"], cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
+def _step(params, token, start, cache, *, config, dtype):
+  logits, cache = Gemma(config, dtype).apply(params, token, start, cache, method=Gemma.extend)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+
+
+def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Attention = "dense",
+             dense_layers: Sequence[int] = (), prune_local: bool = False, backend: str = "xla",
+             tokenizer=None, stop_ids: Optional[Sequence[int]] = None) -> Generation:
+  """Greedy continuation of a prompt.
+
+  Args:
+    model: GemmaConfig or LoadedModel (then its tokenizer is used by default).
+    params: parameters.
+    prompt: a string (needs a tokenizer; BOS is added by it), or token ids int[T] / int[B, T] (rows of a
+      batch have the same length; include BOS yourself).
+    max_new_tokens: upper bound of generated tokens.
+    attention, dense_layers, prune_local, backend: attention of the prefill (see `forward`).
+    stop_ids: token ids that end a row (default: the config's EOS and the tokenizer's <end_of_turn>).
+  Returns:
+    Generation (text, ids, prompt_ids, trace).
+  """
+  config = model_config(model)
+  params = wrap_params(params)
+  dtype = params_dtype(params)
+  tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+  single = isinstance(prompt, str) or np.ndim(prompt) == 1
+  if isinstance(prompt, str):
+    if tokenizer is None:
+      raise ValueError("a string prompt needs a tokenizer (pass tokenizer= or token ids)")
+    prompt = tokenizer(prompt)["input_ids"]
+  ids = np.asarray(prompt, dtype=np.int32)
+  if ids.ndim == 1:
+    ids = ids[None]
+  if ids.ndim != 2 or ids.shape[1] < 1:
+    raise ValueError(f"prompt ids must have shape [T] or [B, T], got {ids.shape}")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  stops = set(stop_ids) if stop_ids is not None else {config.eos_id}
+  if stop_ids is None and tokenizer is not None:
+    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    if isinstance(eot, int) and eot != getattr(tokenizer, "unk_token_id", None):
+      stops.add(eot)
+  b, t = ids.shape
+  cache_len = -(-(t + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+  plans = make_plans(config, attention, dense_layers, prune_local, backend)
+  logits, traces, cache = _prefill(params, jnp.asarray(ids), config=config, dtype=dtype, plans=plans,
+                                   cache_len=cache_len)
+  token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  out, done = [], np.zeros(b, bool)
+  stop_arr = np.asarray(sorted(stops), dtype=np.int32)
+  pad = config.eos_id
+  for i in range(max_new_tokens):
+    tok = np.where(done, pad, np.asarray(token))
+    out.append(tok)
+    done |= np.isin(tok, stop_arr)
+    if done.all() or i == max_new_tokens - 1:
+      break
+    token, cache = _step(params, jnp.asarray(tok)[:, None], jnp.int32(t + i), cache, config=config,
+                         dtype=dtype)
+  new = np.stack(out, axis=1)
+  texts = []
+  for row in new:
+    hit = np.nonzero(np.isin(row, stop_arr))[0]
+    kept = row[: hit[0]] if hit.size else row
+    texts.append(tokenizer.decode(kept.tolist()) if tokenizer is not None else "")
+  trace = Trace(layers=tuple(traces)) if plans[0].stream is not None else None
+  if single and trace is not None:
+    trace = jax.tree_util.tree_map(lambda x: x[0], trace)
+  return Generation(text=texts[0] if single else texts, ids=new[0] if single else new,
+                    prompt_ids=ids[0] if single else ids, trace=trace)

@@ -1,0 +1,200 @@
+"""GGUF (llama.cpp) checkpoints -> GemmaConfig + Flax params.
+
+What llama.cpp's converter changes and this loader undoes, or fills in:
+- every `*norm.weight` is stored as 1 + w (llama.cpp folds Gemma's `(1 + w)` into the weight): subtract 1
+  in f32;
+- GGUF lists dims in reverse (ggml `ne` order); the dequantized numpy arrays already come out in HF
+  layout ([out, in]), so names are mapped and shapes checked against the config;
+- the file has no local RoPE base (10k), no layer pattern (Gemma 3: global iff (i + 1) % 6 == 0, Gemma 2:
+  alternating from local) and no attention scale (query_pre_attn_scalar: head_dim, except the 27B models
+  where it is D / N, as llama.cpp hard-codes): these come from the matching preset or those rules.
+Quantized tensors (Q4_K, Q5_0, Q6_K, Q8_0, ...) are dequantized with `gguf.quants` to f32, then cast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import numpy as np
+
+from stream_jax.models.config import GemmaConfig, gemma2_layer_kinds, gemma3_layer_kinds, match_preset
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_ARCHS = ("gemma3", "gemma2")
+
+_LAYER = {
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
+
+
+class GGUFError(ValueError):
+  """The file is not a usable GGUF checkpoint of a supported model."""
+
+
+def hf_name(gguf_name: str) -> Optional[str]:
+  """GGUF tensor name -> HF name (no prefix); None for tensors the decoder does not use."""
+  if gguf_name in _GLOBAL:
+    return _GLOBAL[gguf_name]
+  m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+  if m and m.group(2) in _LAYER:
+    return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
+  return None
+
+
+def check_file(path: str) -> None:
+  """Missing file / wrong magic: fail before the (slow) reader parses anything."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"GGUF file not found: {path}")
+  if os.path.isdir(path):
+    raise GGUFError(f"{path} is a directory, not a GGUF file")
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != GGUF_MAGIC:
+    raise GGUFError(f"{path} is not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+
+
+def open_reader(path: str):
+  """gguf.GGUFReader with file checks; a truncated file is reported as such."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  check_file(path)
+  size = os.path.getsize(path)
+  try:
+    reader = gguf.GGUFReader(path, "r")
+  except Exception as e:  # the reader raises struct/numpy errors on cut files
+    raise GGUFError(f"{path} could not be parsed as GGUF ({size} bytes; truncated or corrupt): "
+                    f"{type(e).__name__}: {e}") from e
+  end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+  if end > size:
+    raise GGUFError(f"{path} is truncated: tensor data ends at byte {end} but the file has {size} bytes")
+  return reader
+
+
+def _field(reader, key, default=None):
+  f = reader.fields.get(key)
+  if f is None:
+    return default
+  v = f.contents()
+  return v
+
+
+def config_from_reader(reader, path: str = "") -> GemmaConfig:
+  """Architecture from GGUF metadata; what the file lacks from the matching preset / llama.cpp rules."""
+  arch = _field(reader, "general.architecture")
+  if arch not in SUPPORTED_ARCHS:
+    raise GGUFError(f"unsupported architecture {arch!r} in {path or 'GGUF file'} "
+                    f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+
+  def get(key, default=None, required=True):
+    v = _field(reader, f"{arch}.{key}", default)
+    if v is None and required and default is None:
+      raise GGUFError(f"{path}: metadata key {arch}.{key} is missing")
+    return v
+
+  layers = int(get("block_count"))
+  d = int(get("embedding_length"))
+  n = int(get("attention.head_count"))
+  kv = get("attention.head_count_kv", n)
+  kv = int(kv[0] if isinstance(kv, list) else kv)
+  h = int(get("attention.key_length", d // n))
+  emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+  if emb is None:
+    raise GGUFError(f"{path}: tensor token_embd.weight is missing")
+  vocab = int(emb.shape[-1])  # ggml order: [D, V]
+  preset = match_preset(arch, layers, d)
+  if preset is not None:
+    qscale = preset.query_pre_attn_scalar
+  else:  # llama.cpp: 27B models scale by D / N, the others by head_dim
+    qscale = d // n if ((arch == "gemma3" and layers == 62) or (arch == "gemma2" and layers == 46)) else h
+  eos = _field(reader, "tokenizer.ggml.eos_token_id", 1)
+  common = dict(vocab_size=vocab, num_layers=layers, embed_dim=d, hidden_dim=int(get("feed_forward_length")),
+                num_heads=n, num_kv_heads=kv, head_dim=h, query_pre_attn_scalar=float(qscale),
+                rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+                bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 2)), eos_id=int(eos),
+                pad_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
+                name=str(_field(reader, "general.name", preset.name if preset else arch)))
+  if arch == "gemma3":
+    scale_type = get("rope.scaling.type", None, required=False)
+    factor = get("rope.scaling.factor", None, required=False)
+    if factor is None:
+      factor = preset.rope_global_scale if preset is not None else 1.0
+    elif scale_type not in (None, "linear", "none"):
+      raise GGUFError(f"{path}: unsupported RoPE scaling type {scale_type!r}")
+    window = get("attention.sliding_window", None, required=False)
+    if window is None:
+      window = preset.sliding_window if preset is not None else 1024
+    # Newer converters may write the pattern (an int period, or one bool per layer: True = sliding)
+    # and the local RoPE base; older files (like the embedded one) have neither.
+    pattern = get("attention.sliding_window_pattern", None, required=False)
+    if isinstance(pattern, list):
+      if len(pattern) != layers:
+        raise GGUFError(f"{path}: sliding_window_pattern lists {len(pattern)} layers, expected {layers}")
+      kinds = tuple("local" if p else "global" for p in pattern)
+    else:
+      kinds = gemma3_layer_kinds(layers, int(pattern) if pattern else 6)
+    local_base = float(get("rope.freq_base_swa", 10_000.0))
+    return GemmaConfig(family="gemma3", layer_kinds=kinds, sliding_window=int(window),
+                       rope_local_base=local_base, rope_global_base=float(get("rope.freq_base", 1e6)),
+                       rope_global_scale=float(factor), use_qk_norm=True, **common)
+  return GemmaConfig(family="gemma2", layer_kinds=gemma2_layer_kinds(layers),
+                     sliding_window=int(get("attention.sliding_window", 4096)),
+                     rope_local_base=float(get("rope.freq_base", 1e4)),
+                     rope_global_base=float(get("rope.freq_base", 1e4)),
+                     attn_softcap=float(get("attn_logit_softcapping", 50.0)),
+                     final_softcap=float(get("final_logit_softcapping", 30.0)), use_qk_norm=False, **common)
+
+
+def dequantize(tensor, path: str = "") -> np.ndarray:
+  """float32 array in HF layout of one GGUF tensor (any type gguf.quants knows)."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  qtype = tensor.tensor_type
+  try:
+    x = gguf.quants.dequantize(np.asarray(tensor.data), qtype)
+  except NotImplementedError as e:
+    raise GGUFError(f"{path}: tensor {tensor.name!r} has type {qtype.name}, which gguf.quants cannot "
+                    f"dequantize") from e
+  x = np.asarray(x, dtype=np.float32)
+  want = tuple(int(s) for s in reversed(tensor.shape.tolist()))
+  if x.size == int(np.prod(want)) and x.shape != want:
+    x = x.reshape(want)
+  return x
+
+
+def read_gguf(path: str, dtype, progress: bool = True):
+  """(GemmaConfig, {"params": ...}) from a GGUF file, dequantizing tensor by tensor."""
+  from stream_jax.models.params import params_from_hf  # pylint: disable=import-outside-toplevel
+  reader = open_reader(path)
+  config = config_from_reader(reader, path)
+  by_hf = {}
+  for t in reader.tensors:
+    name = hf_name(t.name)
+    if name is not None:
+      by_hf[name] = t
+
+  def get(name):
+    t = by_hf[name]
+    x = dequantize(t, path)
+    if name.endswith("norm.weight"):
+      x = x - np.float32(1.0)  # llama.cpp stores 1 + w
+    return x
+
+  wrap = None
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    wrap = lambda it: tqdm(it, desc=f"dequantizing {os.path.basename(path)}", unit="tensor")
+  params = params_from_hf(config, get, by_hf.keys(), dtype=dtype, source=path, progress=wrap)
+  return config, params

@@ -1,0 +1,187 @@
+"""Gemma 2 / Gemma 3 text decoder in Flax linen, with the attention implementation chosen per call.
+
+Parameter tree (shapes; names follow google-deepmind/gemma):
+  embedder/input_embedding [V, D]            final_norm/scale [D]
+  layer_{i}/pre_attention_norm/scale [D]     layer_{i}/post_attention_norm/scale [D]
+  layer_{i}/pre_ffw_norm/scale [D]           layer_{i}/post_ffw_norm/scale [D]
+  layer_{i}/attn/q_einsum/w [N, D, H]        layer_{i}/attn/kv_einsum/w [2, K, D, H]
+  layer_{i}/attn/attn_vec_einsum/w [N, H, D] layer_{i}/attn/{query,key}_norm/scale [H]  (Gemma 3)
+  layer_{i}/mlp/gating_einsum [2, F, D]      layer_{i}/mlp/linear [F, D]
+Norm scales are f32 (the `(1 + w)` is applied in f32); everything else has the model dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from stream_jax.models.attention import LayerPlan, attend, dense_attention
+from stream_jax.models.config import GemmaConfig
+from stream_jax.models.layers import Embedder, FeedForward, RMSNorm, apply_rope
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def check_dtype(dtype) -> jnp.dtype:
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float16:
+    raise ValueError("float16 is not supported: Gemma 3 activations overflow fp16 (the residual stream "
+                     "exceeds 65504); use bfloat16 or float32")
+  if dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+    raise ValueError(f"dtype must be bfloat16 or float32, got {dtype}")
+  return dtype
+
+
+class Einsum(nn.Module):
+  """A weight `w` of a given shape used through one einsum."""
+
+  shape: tuple[int, ...]
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+    w = self.param("w", nn.initializers.normal(0.02), self.shape, self.dtype)
+    return jnp.einsum(eqn, x, w)
+
+
+class SelfAttention(nn.Module):
+  """Projections, QK-norm, RoPE, then `attend` (whole sequence) or attention over a KV cache."""
+
+  config: GemmaConfig
+  layer: int
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    d, n, k, h = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
+    self.q_einsum = Einsum((n, d, h), self.dtype)
+    self.kv_einsum = Einsum((2, k, d, h), self.dtype)
+    self.attn_vec_einsum = Einsum((n, h, d), self.dtype)
+    if c.use_qk_norm:
+      self.query_norm = RMSNorm(c.rms_eps)
+      self.key_norm = RMSNorm(c.rms_eps)
+
+  def qkv(self, x: jax.Array, positions: jax.Array):
+    """x [B, T, D], positions int[T] -> q [B, T, N, H], k, v [B, T, K, H] (normed, RoPE'd)."""
+    c = self.config
+    q = self.q_einsum("btd,ndh->btnh", x)
+    kv = self.kv_einsum("btd,ckdh->cbtkh", x)
+    k, v = kv[0], kv[1]
+    if c.use_qk_norm:
+      q, k = self.query_norm(q), self.key_norm(k)
+    base, scale = c.rope(self.layer)
+    q = apply_rope(q, positions, base=base, scale=scale)
+    k = apply_rope(k, positions, base=base, scale=scale)
+    return q, k, v
+
+  def __call__(self, x: jax.Array, plan: LayerPlan):
+    """Whole sequence: x [B, T, D] -> (out [B, T, D], LayerTrace | None, (k, v))."""
+    c = self.config
+    t = x.shape[1]
+    q, k, v = self.qkv(x, jnp.arange(t, dtype=jnp.int32))
+    out, trace = attend(plan, q, k, v, scale=c.attn_scale, cap=c.attn_softcap)
+    return self.attn_vec_einsum("btnh,nhd->btd", out), trace, (k, v)
+
+  def extend(self, x: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]):
+    """Cached step: x [B, T, D] at positions start..start+T-1; cache k, v [B, S, K, H] (S static).
+
+    Writes the new keys/values into the cache and attends densely to the filled part.
+    Returns (out [B, T, D], new cache).
+    """
+    c = self.config
+    t = x.shape[1]
+    q_pos = start + jnp.arange(t, dtype=jnp.int32)
+    q, k, v = self.qkv(x, q_pos)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
+    k_pos = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
+    out = dense_attention(q, k_cache, v_cache, q_pos=q_pos, k_pos=k_pos, scale=c.attn_scale,
+                          cap=c.attn_softcap, window=c.window(self.layer))
+    return self.attn_vec_einsum("btnh,nhd->btd", out), (k_cache, v_cache)
+
+
+class Block(nn.Module):
+  """Pre/post-normed attention and feed-forward with residuals (Gemma 2 and 3 share it)."""
+
+  config: GemmaConfig
+  layer: int
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.pre_attention_norm = RMSNorm(c.rms_eps)
+    self.post_attention_norm = RMSNorm(c.rms_eps)
+    self.pre_ffw_norm = RMSNorm(c.rms_eps)
+    self.post_ffw_norm = RMSNorm(c.rms_eps)
+    self.attn = SelfAttention(c, self.layer, self.dtype)
+    self.mlp = FeedForward(c.embed_dim, c.hidden_dim, self.dtype)
+
+  def _ffw(self, x):
+    return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+
+  def __call__(self, x: jax.Array, plan: LayerPlan):
+    a, trace, kv = self.attn(self.pre_attention_norm(x), plan)
+    x = x + self.post_attention_norm(a)
+    return self._ffw(x), trace, kv
+
+  def extend(self, x, start, cache):
+    a, cache = self.attn.extend(self.pre_attention_norm(x), start, cache)
+    x = x + self.post_attention_norm(a)
+    return self._ffw(x), cache
+
+
+class Gemma(nn.Module):
+  """The decoder. `__call__` runs a whole sequence; `extend` runs new tokens against a KV cache.
+
+  Use through `stream_jax.models.forward` (jit-compiled, validated); `Gemma(config).apply(...)` works too.
+  """
+
+  config: GemmaConfig
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.embedder = Embedder(c.vocab_size, c.embed_dim, self.dtype)
+    self.blocks = [Block(c, i, self.dtype, name=f"layer_{i}") for i in range(c.num_layers)]
+    self.final_norm = RMSNorm(c.rms_eps)
+
+  def _logits(self, x):
+    logits = self.embedder.decode(self.final_norm(x))
+    cap = self.config.final_softcap
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+  def __call__(self, tokens: jax.Array, plans: tuple[LayerPlan, ...], *, last_only: bool = False,
+               return_hidden: bool = False, return_kv: bool = False):
+    """tokens int[B, T] -> dict(logits float32[B, T, V] (or [B, V] if last_only), traces (per layer,
+    None on dense layers of a dense call), hidden [L + 1, B, T, D] (embeddings, then the residual stream
+    after each layer, before the final norm), kv (per layer (k, v) [B, T, K, H]))."""
+    x = self.embedder.encode(tokens)
+    hidden, traces, kvs = [x], [], []
+    for block, plan in zip(self.blocks, plans):
+      x, trace, kv = block(x, plan)
+      traces.append(trace)
+      if return_hidden:
+        hidden.append(x)
+      if return_kv:
+        kvs.append(kv)
+    out = dict(logits=self._logits(x[:, -1:])[:, 0] if last_only else self._logits(x),
+               traces=tuple(traces))
+    if return_hidden:
+      out["hidden"] = jnp.stack(hidden)
+    if return_kv:
+      out["kv"] = tuple(kvs)
+    return out
+
+  def extend(self, tokens: jax.Array, start: jax.Array, cache, *, last_only: bool = True):
+    """tokens int[B, T] at positions start.. with cache (per layer (k, v) [B, S, K, H]) ->
+    (logits float32[B, V] or [B, T, V], new cache)."""
+    x = self.embedder.encode(tokens)
+    new = []
+    for block, kv in zip(self.blocks, cache):
+      x, kv = block.extend(x, start, kv)
+      new.append(kv)
+    logits = self._logits(x[:, -1:])[:, 0] if last_only else self._logits(x)
+    return logits, tuple(new)
