@@ -1,0 +1,222 @@
+"""Retrieval routes: how needle blocks reach the final position through the kept blocks of every layer.
+
+Two views, both on the compact trace (per layer: indices and mass [N, nQ, C]; never T x T):
+
+* needle mass: per layer and head, the share of the final query block's attention that lands on key blocks
+  holding needle tokens (block resolution: a block counts whole if any needle token is in it);
+* route: a walk from the final query block down the layers along kept blocks weighted by their mass, an
+  attention rollout (Abnar & Zuidema, 2020) restricted to what the mask kept and pruned per step (threshold
+  or top-m edges): flow[l][b] is the share of the final position's information at layer l's input that sits
+  in block b. Edges that also lie on a path going up from a needle block form the route graph: the layered
+  paths that carry the needle to the output.
+
+Comparing successful and failed retrievals then shows which layers/heads carry needle mass only in successes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stream_jax.mask import num_blocks
+from stream_jax.trace import LayerTrace, Trace
+
+
+def select_batch(trace: Trace, b: int) -> Trace:
+  """The trace of sample b of a batched trace (arrays lose their leading axis)."""
+  return jax.tree_util.tree_map(lambda x: x[b], trace)
+
+
+def span_blocks(spans, block: int, length: int) -> jax.Array:
+  """bool[nB]: blocks holding at least one token of the given [start, end) token spans."""
+  n = num_blocks(length, block)
+  lo = jnp.arange(n) * block
+  hi = jnp.minimum(lo + block, length)
+  spans = jnp.asarray(spans, jnp.int32).reshape(-1, 2)
+  hit = (spans[:, :1] < hi[None]) & (spans[:, 1:] > lo[None]) & (spans[:, 1:] > spans[:, :1])
+  return hit.any(0)
+
+
+def _rows(layer: LayerTrace) -> jax.Array:
+  """float32[nQ] valid queries per query block."""
+  m = layer.mask
+  n = m.num_q_blocks
+  return (jnp.minimum((jnp.arange(n) + 1) * m.block_q, m.q_len) - jnp.arange(n) * m.block_q).astype(
+      jnp.float32)
+
+
+def block_share(layer: LayerTrace) -> jax.Array:
+  """float32[..., N, nQ, C] mass / queries of the block: each row of a head sums to 1 (its attention)."""
+  return layer.mass / _rows(layer)[:, None]
+
+
+def needle_mass(layer: LayerTrace, needle: jax.Array, query_block: int = -1) -> jax.Array:
+  """float32[..., N] share of query block `query_block`'s attention on key blocks where needle[b] (bool[nK])."""
+  share = block_share(layer)[..., query_block, :]  # [..., N, C]
+  idx = layer.mask.indices[..., query_block, :]
+  hit = jnp.where(idx >= 0, needle[jnp.maximum(idx, 0)], False)
+  return jnp.where(hit, share, 0.0).sum(-1)
+
+
+def trace_needle_mass(trace: Trace, spans, query_block: int = -1) -> jax.Array:
+  """float32[L, ..., N]: needle mass at the final query block, per layer and head.
+
+  spans: int[k, 2] token spans of the needle(s) (e.g. the value spans of a NiahSample).
+  """
+  out = []
+  for l in trace.layers:
+    needle = span_blocks(spans, l.mask.block_k, l.mask.k_len)
+    out.append(needle_mass(l, needle, query_block))
+  return jnp.stack(out)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Route:
+  """A route from the final query block down to layer 0's input (one sample, no batch axis).
+
+  flow: float32[L + 1, nB] share of the final position's information at the input of layer l in block b
+    (flow[L] is the final block, one-hot); pruned edges lose their share, so rows sum to <= 1.
+  edges: float32[L, N, nQ, C] weight of the kept edge key block indices[n, j, c] -> query block j at layer l
+    (0 where pruned); mean over heads, so a layer's edges and residual sum to that layer's flow.
+  on_route: bool[L, N, nQ, C] kept edges on a path that starts at a needle block.
+  carried: bool[L + 1, nB] blocks that needle information reaches along kept edges (and the residual).
+  needle_flow: float32[L + 1] flow on needle blocks per layer.
+  indices: int32[L, N, nQ, C] the masks' block ids (to read edges without the trace).
+  """
+
+  flow: jax.Array
+  edges: jax.Array
+  on_route: jax.Array
+  carried: jax.Array
+  needle_flow: jax.Array
+  indices: jax.Array
+
+  def edge_list(self, min_weight: float = 0.0, only_route: bool = True) -> list[tuple[int, int, int, int, float]]:
+    """(layer, head, key block, query block, weight) of the kept (route) edges, heaviest first."""
+    e = np.asarray(self.edges)
+    sel = (e > min_weight) & (np.asarray(self.on_route) if only_route else True)
+    l, n, j, c = np.nonzero(sel)
+    idx = np.asarray(self.indices)
+    out = [(int(a), int(b), int(idx[a, b, q, s]), int(q), float(e[a, b, q, s])) for a, b, q, s in
+           zip(l, n, j, c)]
+    return sorted(out, key=lambda x: -x[-1])
+
+
+def _layer_step(flow, share, indices, *, residual, threshold, top_m):
+  """flow [nB] at a layer's output -> (flow at its input [nB], kept edge weights [N, nQ, C])."""
+  n_heads, n_q, _ = share.shape
+  e = (1.0 - residual) * flow[:n_q][None, :, None] * share / n_heads
+  e = jnp.where(indices >= 0, e, 0.0)
+  keep = e > threshold
+  if top_m is not None:
+    m = min(top_m, e.size)
+    cut = jax.lax.top_k(e.ravel(), m)[0][-1]
+    keep &= e >= cut
+  e = jnp.where(keep, e, 0.0)
+  down = residual * flow + jnp.zeros_like(flow).at[jnp.maximum(indices, 0).ravel()].add(e.ravel())
+  return down, e
+
+
+def route(trace: Trace, needle_spans, *, residual: float = 0.5, threshold: float = 1e-3,
+          top_m: Optional[int] = None, final_block: int = -1) -> Route:
+  """Walks from the final query block down every layer along kept blocks weighted by mass.
+
+  Args:
+    trace: one sample's Trace (use select_batch for a batch); every layer needs block_q == block_k and
+      q_len == k_len (query and key blocks are the same positions).
+    needle_spans: int[k, 2] token spans of the needle(s).
+    residual: share of the flow that stays in place through the residual stream at each layer (0.5:
+      attention rollout; 0: attention-only paths).
+    threshold: prune edges lighter than this share of the final position's information.
+    top_m: also keep at most the m heaviest edges per layer.
+    final_block: the query block to start from (default the last).
+  """
+  layers = trace.layers
+  for l in layers:
+    m = l.mask
+    if m.block_q != m.block_k or m.q_len != m.k_len:
+      raise ValueError(f"route needs block_q == block_k and q_len == k_len (layer {l.layer}: block_q="
+                       f"{m.block_q}, block_k={m.block_k}, q_len={m.q_len}, k_len={m.k_len})")
+    if l.mass.ndim != 3:
+      raise ValueError(f"route works on one sample; layer {l.layer} has mass of shape {l.mass.shape} "
+                       "(use select_batch)")
+  n_b = layers[0].mask.num_k_blocks
+  needle = span_blocks(needle_spans, layers[0].mask.block_k, layers[0].mask.k_len)
+  flow = jnp.zeros((n_b,), jnp.float32).at[final_block].set(1.0)
+  flows, edges = [flow], []
+  for l in reversed(layers):
+    flow, e = _layer_step(flow, block_share(l), l.mask.indices, residual=residual, threshold=threshold,
+                          top_m=top_m)
+    flows.append(flow)
+    edges.append(e)
+  flows = jnp.stack(flows[::-1])  # [L + 1, nB], index l = input of layer l
+  edges = jnp.stack(edges[::-1])  # [L, N, nQ, C]
+  carried = [needle]
+  on_route = []
+  for i, l in enumerate(layers):  # upward: needle information spreads along kept edges
+    idx = l.mask.indices
+    src = jnp.where(idx >= 0, carried[-1][jnp.maximum(idx, 0)], False) & (edges[i] > 0)
+    on_route.append(src)
+    reached = src.any((0, 2))  # [nQ]
+    carried.append(carried[-1] | jnp.pad(reached, (0, n_b - reached.shape[0])))
+  carried = jnp.stack(carried)
+  needle_flow = (flows * needle[None]).sum(-1)
+  indices = jnp.stack([l.mask.indices for l in layers])
+  return Route(flows, edges, jnp.stack(on_route), carried, needle_flow, indices)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Success vs failure
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RouteComparison:
+  """Needle mass at the final block, successes vs failures.
+
+  success, failure: float32[L, N] mean needle mass (NaN when the group is empty); diff = success - failure;
+  layer_success, layer_failure: float32[L] means over heads; heads: (layer, head, success, failure) with the
+  largest positive differences first (carried in successes but not in failures); lost_layer: the layer
+  where the gap of the per-layer needle mass is largest.
+  """
+
+  success: np.ndarray
+  failure: np.ndarray
+  diff: np.ndarray
+  layer_success: np.ndarray
+  layer_failure: np.ndarray
+  heads: tuple[tuple[int, int, float, float], ...]
+  lost_layer: int
+  n_success: int
+  n_failure: int
+
+  def format(self, n: int = 8) -> str:
+    lines = [f"successes={self.n_success} failures={self.n_failure}",
+             "layer  needle mass (success)  (failure)"]
+    for l, (s, f) in enumerate(zip(self.layer_success, self.layer_failure)):
+      lines.append(f"{l:5d}  {s:21.4f}  {f:9.4f}")
+    lines.append(f"largest gap at layer {self.lost_layer}; heads carrying the needle in successes only:")
+    lines += [f"  L{l}H{h}: success {s:.3f}, failure {f:.3f}" for l, h, s, f in self.heads[:n]]
+    return "\n".join(lines)
+
+
+def compare(needle_mass: Sequence, success: Sequence[bool], top: int = 10) -> RouteComparison:
+  """needle_mass: per sample float[L, N] (e.g. trace_needle_mass of each sample); success: bool per sample."""
+  nm = np.stack([np.asarray(x, np.float64) for x in needle_mass])
+  ok = np.asarray(success, bool)
+  if nm.ndim != 3 or len(ok) != len(nm):
+    raise ValueError(f"needle_mass must be [samples, L, N] with one success flag per sample, got {nm.shape}, "
+                     f"{ok.shape}")
+  mean = lambda x: x.mean(0) if len(x) else np.full(nm.shape[1:], np.nan)
+  s, f = mean(nm[ok]), mean(nm[~ok])
+  diff = s - f
+  order = np.argsort(-np.nan_to_num(diff, nan=-np.inf), axis=None)[:top]
+  heads = tuple((int(i // nm.shape[2]), int(i % nm.shape[2]), float(s.flat[i]), float(f.flat[i]))
+                for i in order if np.isfinite(diff.flat[i]))
+  ls, lf = s.mean(-1), f.mean(-1)
+  gap = np.nan_to_num(ls - lf, nan=-np.inf)
+  return RouteComparison(s, f, diff, ls, lf, heads, int(np.argmax(gap)), int(ok.sum()), int((~ok).sum()))
