@@ -1,0 +1,179 @@
+"""Matplotlib figures (PNG, Agg backend) of masks, thought-anchor scores, needle routes and faithfulness.
+
+Each function takes arrays (or an analysis result), writes one PNG and returns its path. Block-level pictures
+only (nQ x nK at most): nothing here draws T x T.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from stream_jax.mask import BlockMask  # pylint: disable=wrong-import-position
+
+CATEGORY_COLORS = {
+    "problem_setup": "#4c72b0", "plan_generation": "#dd8452", "fact_retrieval": "#55a868",
+    "active_computation": "#c44e52", "uncertainty_management": "#8172b3", "result_consolidation": "#937860",
+    "self_checking": "#da8bc3", "final_answer_emission": "#8c8c8c", "unknown": "#cccccc",
+}
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def block_matrix(mask: BlockMask, mass=None, head: Optional[int] = None) -> np.ndarray:
+  """float[nQ, nK] from a single-sample mask [N, nQ, C]: kept-block mass (or 1 per kept block), for one head
+  or averaged over heads. Scatter of the compact indices: nQ x nK, never T x T."""
+  idx = np.asarray(mask.indices)
+  val = np.ones(idx.shape, np.float64) if mass is None else np.asarray(mass, np.float64)
+  if idx.ndim != 3:
+    raise ValueError(f"block_matrix needs one sample's mask [N, nQ, C], got indices {idx.shape}")
+  if head is not None:
+    idx, val = idx[head:head + 1], val[head:head + 1]
+  out = np.zeros((idx.shape[1], mask.num_k_blocks))
+  n, j, c = np.nonzero(idx >= 0)
+  np.add.at(out, (j, idx[n, j, c]), val[n, j, c])
+  return out / idx.shape[0]
+
+
+def plot_block_mask(mask: BlockMask, path: str, mass=None, head: Optional[int] = None,
+                    title: str = "") -> str:
+  """Heatmap query blocks x key blocks of the kept blocks (coloured by mass when given), one head or the
+  mean over heads."""
+  mat = block_matrix(mask, mass, head)
+  fig, ax = plt.subplots(figsize=(5.5, 5))
+  shown = np.where(mat > 0, mat, np.nan)
+  im = ax.imshow(shown, cmap="viridis", interpolation="nearest", aspect="auto",
+                 norm=matplotlib.colors.LogNorm() if mass is not None and np.nanmin(shown) > 0 else None)
+  fig.colorbar(im, ax=ax, label="block mass" if mass is not None else "kept (share of heads)")
+  ax.set_xlabel(f"key block ({mask.block_k} tokens)")
+  ax.set_ylabel(f"query block ({mask.block_q} tokens)")
+  ax.set_title(title or ("head %d" % head if head is not None else "mean over heads"))
+  return _save(fig, path)
+
+
+def plot_vertical_scores(scores, labels: Sequence[str], path: str, title: str = "sentence importance",
+                         texts: Optional[Sequence[str]] = None, annotate: int = 3) -> str:
+  """Bar chart of one score per sentence (e.g. AnchorReport.importance), coloured by category; the top
+  `annotate` sentences are labelled with their first words."""
+  scores = np.asarray(scores, np.float64)
+  fig, ax = plt.subplots(figsize=(max(6, len(scores) * 0.12), 3.8))
+  colors = [CATEGORY_COLORS.get(l, "#333333") for l in labels]
+  ax.bar(np.arange(len(scores)), np.nan_to_num(scores), color=colors)
+  if texts is not None:
+    for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf))[:annotate]:
+      ax.annotate(texts[i][:28], (i, scores[i]), fontsize=7, rotation=20, ha="left", va="bottom")
+  handles = [matplotlib.patches.Patch(color=CATEGORY_COLORS.get(c, "#333333"), label=c)
+             for c in dict.fromkeys(labels)]
+  ax.legend(handles=handles, fontsize=7, loc="upper right")
+  ax.set_xlabel("sentence")
+  ax.set_ylabel("vertical score")
+  ax.set_title(title)
+  return _save(fig, path)
+
+
+def plot_kurtosis_grid(kurtosis, path: str, heads=None, title: str = "kurtosis of vertical scores") -> str:
+  """Layers x heads grid of kurtosis; receiver heads (int[k, 2]) are outlined."""
+  k = np.asarray(kurtosis, np.float64)
+  fig, ax = plt.subplots(figsize=(max(3.5, k.shape[1] * 0.5 + 2), max(3, k.shape[0] * 0.3 + 1)))
+  im = ax.imshow(k, cmap="magma", aspect="auto", interpolation="nearest")
+  fig.colorbar(im, ax=ax, label="kurtosis")
+  if heads is not None:
+    for l, h in np.asarray(heads).reshape(-1, 2):
+      ax.add_patch(matplotlib.patches.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="cyan", lw=1.5))
+  ax.set_xlabel("head")
+  ax.set_ylabel("layer")
+  ax.set_title(title)
+  return _save(fig, path)
+
+
+def plot_route(route, path: str, needle_blocks: Optional[Sequence[int]] = None, min_weight: float = 1e-3,
+               max_edges: int = 300, title: str = "needle route") -> str:
+  """Layered diagram: x = block, y = layer (input of layer l at y = l); node size ~ flow; route edges (on a
+  path from a needle block) in red, other kept edges in grey; needle blocks marked at the bottom."""
+  flow = np.asarray(route.flow)
+  n_levels, n_b = flow.shape
+  fig, ax = plt.subplots(figsize=(max(6, n_b * 0.12), max(4, n_levels * 0.35)))
+  edges = route.edge_list(min_weight=min_weight, only_route=False)[:max_edges]
+  on = {(l, k, q) for l, _, k, q, _ in route.edge_list(min_weight=min_weight, only_route=True)}
+  wmax = max([e[-1] for e in edges], default=1.0)
+  for l, _, k, q, w in sorted(edges, key=lambda e: ((e[0], e[2], e[3]) in on, e[-1])):
+    red = (l, k, q) in on
+    ax.plot([k, q], [l, l + 1], color="red" if red else "0.6", alpha=0.25 + 0.75 * w / wmax,
+            lw=0.5 + 3 * w / wmax, zorder=2 if red else 1)
+  yy, xx = np.nonzero(flow > 0)
+  ax.scatter(xx, yy, s=5 + 200 * flow[yy, xx], c="black", zorder=3)
+  if needle_blocks is not None:
+    nb = list(needle_blocks)
+    ax.scatter(nb, [-0.4] * len(nb), marker="^", c="red", s=40, label="needle block", zorder=3)
+    ax.legend(fontsize=7, loc="upper left")
+  ax.set_xlim(-1, n_b)
+  ax.set_xlabel("block")
+  ax.set_ylabel("layer (input)")
+  ax.set_title(title)
+  return _save(fig, path)
+
+
+def plot_success_failure(success, failure, path: str, title: str = "needle mass at the final block",
+                         ylabel: str = "needle mass") -> str:
+  """Per-layer curves (float[L] each; or [L, N] arrays, shown as per-layer means plus a heads heatmap of
+  the difference)."""
+  s, f = np.asarray(success, np.float64), np.asarray(failure, np.float64)
+  two_d = s.ndim == 2
+  fig, axes = plt.subplots(1, 2 if two_d else 1, figsize=(11 if two_d else 6, 3.8))
+  ax = axes[0] if two_d else axes
+  ls, lf = (s.mean(-1), f.mean(-1)) if two_d else (s, f)
+  ax.plot(ls, "o-", color="tab:green", label="success")
+  ax.plot(lf, "s-", color="tab:red", label="failure")
+  ax.set_xlabel("layer")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend()
+  if two_d:
+    d = s - f
+    lim = np.nanmax(np.abs(d)) if np.isfinite(d).any() else 1.0
+    im = axes[1].imshow(d, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=axes[1], label="success - failure")
+    axes[1].set_xlabel("head")
+    axes[1].set_ylabel("layer")
+    axes[1].set_title("per head")
+  return _save(fig, path)
+
+
+def plot_faithfulness(rows: Sequence[Mapping[str, float]], path: str, x: str = "kept_stream",
+                      title: str = "faithfulness vs kept fraction") -> str:
+  """KL (log scale, left) and top-1 agreement (right) against the kept fraction, one point per report
+  summary (e.g. per length); points are labelled with their 'length' when present."""
+  xs = np.array([r[x] for r in rows])
+  fig, ax = plt.subplots(figsize=(6, 4))
+  kl = np.maximum(np.array([r["kl_mean"] for r in rows]), 1e-8)
+  ax.plot(xs, kl, "o-", color="tab:blue", label="KL mean")
+  if "kl_last" in rows[0]:
+    ax.plot(xs, np.maximum(np.array([r["kl_last"] for r in rows]), 1e-8), "x--", color="tab:blue",
+            label="KL last")
+  ax.set_yscale("log")
+  ax.set_xlabel(x.replace("_", " "))
+  ax.set_ylabel("KL(dense || stream) [nats]", color="tab:blue")
+  ax2 = ax.twinx()
+  ax2.plot(xs, [r["top1_mean"] for r in rows], "s-", color="tab:orange", label="top-1 agreement")
+  ax2.set_ylim(0, 1.05)
+  ax2.set_ylabel("top-1 agreement", color="tab:orange")
+  for r, xv, kv in zip(rows, xs, kl):
+    if "length" in r:
+      ax.annotate(str(int(r["length"])), (xv, kv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  h1, l1 = ax.get_legend_handles_labels()
+  h2, l2 = ax2.get_legend_handles_labels()
+  ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
+  ax.set_title(title)
+  return _save(fig, path)
