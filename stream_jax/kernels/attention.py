@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from stream_jax import checks
 from stream_jax.attention import AttentionStats
 from stream_jax.kernels import common
-from stream_jax.kernels.common import NEG_INF, iota
+from stream_jax.kernels.common import NEG_INF, SQ, iota
 from stream_jax.mask import BlockMask, num_blocks
 
 DEFAULT_NUM_WARPS = 4
@@ -112,15 +112,15 @@ def _attention(q, k, v, indices, counts, *, block_q, block_k, scale, softcap, wi
       kernel,
       grid=(n_q, n, b),
       in_specs=[
-          pl.BlockSpec((None, None, None, table_len), lambda i, hq, bb: (bb, hq, last - i, 0)),
-          pl.BlockSpec((None, block_q, None, hp), lambda i, hq, bb: (bb, last - i, hq, 0)),
-          pl.BlockSpec((None, n_k * block_k, None, hp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
-          pl.BlockSpec((None, n_k * block_k, None, hvp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
+          pl.BlockSpec((SQ, SQ, SQ, table_len), lambda i, hq, bb: (bb, hq, last - i, 0)),
+          pl.BlockSpec((SQ, block_q, SQ, hp), lambda i, hq, bb: (bb, last - i, hq, 0)),
+          pl.BlockSpec((SQ, n_k * block_k, SQ, hp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
+          pl.BlockSpec((SQ, n_k * block_k, SQ, hvp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
       ],
       out_specs=[
-          pl.BlockSpec((None, block_q, None, hvp), lambda i, hq, bb: (bb, last - i, hq, 0)),
-          pl.BlockSpec((None, None, None, mass_len), lambda i, hq, bb: (bb, hq, last - i, 0)),
-          pl.BlockSpec((None, None, block_q), lambda i, hq, bb: (bb, hq, last - i)),
+          pl.BlockSpec((SQ, block_q, SQ, hvp), lambda i, hq, bb: (bb, last - i, hq, 0)),
+          pl.BlockSpec((SQ, SQ, SQ, mass_len), lambda i, hq, bb: (bb, hq, last - i, 0)),
+          pl.BlockSpec((SQ, SQ, block_q), lambda i, hq, bb: (bb, hq, last - i)),
       ],
       out_shape=[
           jax.ShapeDtypeStruct((b, n_q * block_q, n, hvp), q.dtype),

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from jax import lax
 
 NEG_INF = float("-inf")
+# A block dimension squeezed out of the kernel's view (`None` before pl.squeezed existed).
+SQ = getattr(__import__("jax.experimental.pallas", fromlist=["squeezed"]), "squeezed", None)
 # Triton's tl.dot needs every dimension >= 16.
 MIN_DOT = 16
 

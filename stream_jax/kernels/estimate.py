@@ -30,7 +30,7 @@ from stream_jax import checks
 from stream_jax.config import StreamConfig
 from stream_jax.estimate import num_rounds
 from stream_jax.kernels import common
-from stream_jax.kernels.common import NEG_INF, count_true, gather, iota, take
+from stream_jax.kernels.common import NEG_INF, SQ, count_true, gather, iota, take
 from stream_jax.mask import BlockMask, num_blocks
 
 DEFAULT_NUM_WARPS = 4
@@ -125,11 +125,11 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, interpret, num_warp
       kernel,
       grid=(n_q, n, b),
       in_specs=[
-          pl.BlockSpec((None, rb, None, hp), lambda i, hq, bb: (bb, last - i, hq, 0)),
+          pl.BlockSpec((SQ, rb, SQ, hp), lambda i, hq, bb: (bb, last - i, hq, 0)),
           pl.BlockSpec((rb,), lambda i, hq, bb: (last - i,)),
-          pl.BlockSpec((None, n_k * bk, None, hp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
+          pl.BlockSpec((SQ, n_k * bk, SQ, hp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
       ],
-      out_specs=pl.BlockSpec((None, None, None, out_len), lambda i, hq, bb: (bb, hq, last - i, 0)),
+      out_specs=pl.BlockSpec((SQ, SQ, SQ, out_len), lambda i, hq, bb: (bb, hq, last - i, 0)),
       out_shape=jax.ShapeDtypeStruct((b, n, n_q, out_len), jnp.int32),
       compiler_params=common.triton_params(num_warps, num_stages),
       interpret=interpret,
