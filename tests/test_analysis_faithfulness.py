@@ -164,3 +164,15 @@ def test_run_faithfulness_with_a_forward_callable():
   rep = F.run_faithfulness(forward, jnp.zeros((t,), jnp.int32), cfg, oracle=True)
   assert rep.oracle_recall.shape == (1,)
   assert rep.residual_error.shape == (1,) and float(rep.residual_error[0]) > 0
+
+
+def test_chunked_output_metrics_from_hidden_equal_full_logits():
+  rng = np.random.default_rng(5)
+  w = jnp.asarray(rng.normal(size=(6, 40)), jnp.float32)
+  hd = [jnp.asarray(rng.normal(size=(1, 23, 6)), jnp.float32) for _ in range(2)]
+  hs = [h + 0.1 * jnp.asarray(rng.normal(size=h.shape), jnp.float32) for h in hd]
+  full = F.faithfulness_report(hd[-1] @ w, hs[-1] @ w, dense_hidden=hd, stream_hidden=hs)
+  chunked = F.faithfulness_report_from_hidden(hd, hs, lambda h: h @ w, chunk=5)
+  for name in ("kl", "top1", "top5", "residual_error"):
+    np.testing.assert_allclose(getattr(chunked, name), getattr(full, name), rtol=1e-5, atol=1e-7)
+  assert chunked.kl.shape == (1, 23)

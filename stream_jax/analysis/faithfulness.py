@@ -207,9 +207,46 @@ def faithfulness_report(dense_logits: jax.Array, stream_logits: jax.Array, *,
     dense_block_masses: per layer, the exact dense block mass [..., N, nQ, nK] (short T only; None to skip).
     top_k: k of the top-k overlap.
   """
-  kl = next_token_kl(dense_logits, stream_logits)
-  top1 = top1_agreement(dense_logits, stream_logits).astype(jnp.float32)
-  top5 = topk_overlap(dense_logits, stream_logits, top_k)
+  outputs = output_metrics(dense_logits, stream_logits, top_k)
+  return _report(outputs, trace=trace, dense_hidden=dense_hidden, stream_hidden=stream_hidden,
+                 oracle_masks=oracle_masks, dense_block_masses=dense_block_masses)
+
+
+def output_metrics(dense_logits: jax.Array, stream_logits: jax.Array, top_k: int = 5):
+  """(kl, top1, top5) float32[..., T] each."""
+  return (next_token_kl(dense_logits, stream_logits),
+          top1_agreement(dense_logits, stream_logits).astype(jnp.float32),
+          topk_overlap(dense_logits, stream_logits, top_k))
+
+
+def output_metrics_from_hidden(dense_final: jax.Array, stream_final: jax.Array,
+                               logits_fn: Callable[[jax.Array], jax.Array], *, chunk: int = 256,
+                               top_k: int = 5):
+  """(kl, top1, top5) float32[..., T] from final residual streams [..., T, D], `chunk` positions at a time.
+
+  A 262k-token vocabulary makes full logits 1 MiB per position (4 GiB at 4k tokens); logits_fn (the model's
+  final norm + unembedding) runs on chunks so only chunk x V logits exist at once.
+  """
+  fn = jax.jit(lambda d, s: output_metrics(logits_fn(d), logits_fn(s), top_k))
+  t = dense_final.shape[-2]
+  parts = [fn(dense_final[..., i:i + chunk, :], stream_final[..., i:i + chunk, :]) for i in range(0, t, chunk)]
+  return tuple(jnp.concatenate([p[k] for p in parts], axis=-1) for k in range(3))
+
+
+def faithfulness_report_from_hidden(dense_hidden: Sequence[jax.Array], stream_hidden: Sequence[jax.Array],
+                                    logits_fn: Callable[[jax.Array], jax.Array], *, chunk: int = 256,
+                                    top_k: int = 5, **kw) -> FaithfulnessReport:
+  """`faithfulness_report` for long inputs: output metrics from the last hidden states through logits_fn
+  in chunks; every hidden state also gives the per-layer residual error. kw: trace, oracle_masks,
+  dense_block_masses."""
+  outputs = output_metrics_from_hidden(dense_hidden[-1], stream_hidden[-1], logits_fn, chunk=chunk,
+                                       top_k=top_k)
+  return _report(outputs, dense_hidden=dense_hidden, stream_hidden=stream_hidden, **kw)
+
+
+def _report(outputs, *, trace=None, dense_hidden=None, stream_hidden=None, oracle_masks=None,
+            dense_block_masses=None) -> FaithfulnessReport:
+  kl, top1, top5 = outputs
   fields = dict(kl=kl, top1=top1, top5=top5, kl_last=kl[..., -1], top1_last=top1[..., -1],
                 top5_last=top5[..., -1])
   if dense_hidden is not None and stream_hidden is not None:
