@@ -15,10 +15,10 @@ from stream_jax.trace import LayerTrace, Trace
 from stream_jax.analysis import routes as R
 
 
-def _layer(rows, l, n_blocks=8, block=4):
+def _layer(rows, l, n_blocks=8, block=4, cap=3):
   """One-head LayerTrace from {query block: {key block: share}}; unlisted query blocks attend the diagonal."""
-  idx = np.full((1, n_blocks, 3), -1, np.int32)
-  mass = np.zeros((1, n_blocks, 3), np.float32)
+  idx = np.full((1, n_blocks, cap), -1, np.int32)
+  mass = np.zeros((1, n_blocks, cap), np.float32)
   for j in range(n_blocks):
     r = rows.get(j, {j: 1.0})
     for c, (b, w) in enumerate(sorted(r.items())):
@@ -30,8 +30,8 @@ def _layer(rows, l, n_blocks=8, block=4):
 
 
 def _path_trace():
-  # needle in block 2 -> (layer 0) block 5 -> (layer 1) final block 7 -> (layer 2) itself
-  return Trace((_layer({5: {2: 0.9, 5: 0.1}}, 0), _layer({7: {5: 0.8, 7: 0.2}}, 1), _layer({}, 2)))
+  # needle in block 2 -> (layer 0) block 5 -> (layer 1) final block 7 -> (layer 2, a one-block band) itself
+  return Trace((_layer({5: {2: 0.9, 5: 0.1}}, 0), _layer({7: {5: 0.8, 7: 0.2}}, 1), _layer({}, 2, cap=1)))
 
 
 NEEDLE = np.array([[9, 11]])  # tokens 9, 10: block 2

@@ -81,29 +81,29 @@ class Route:
 
   flow: float32[L + 1, nB] share of the final position's information at the input of layer l in block b
     (flow[L] is the final block, one-hot); pruned edges lose their share, so rows sum to <= 1.
-  edges: float32[L, N, nQ, C] weight of the kept edge key block indices[n, j, c] -> query block j at layer l
-    (0 where pruned); mean over heads, so a layer's edges and residual sum to that layer's flow.
-  on_route: bool[L, N, nQ, C] kept edges on a path that starts at a needle block.
+  edges: per layer float32[N, nQ, C_l], the weight of the kept edge key block indices[l][n, j, c] -> query
+    block j (0 where pruned); mean over heads, so a layer's edges and residual sum to that layer's flow.
+    Per-layer tuples: local (window) and global layers have different capacities C_l.
+  on_route: per layer bool[N, nQ, C_l], kept edges on a path that starts at a needle block.
   carried: bool[L + 1, nB] blocks that needle information reaches along kept edges (and the residual).
   needle_flow: float32[L + 1] flow on needle blocks per layer.
-  indices: int32[L, N, nQ, C] the masks' block ids (to read edges without the trace).
+  indices: per layer int32[N, nQ, C_l], the masks' block ids (to read edges without the trace).
   """
 
   flow: jax.Array
-  edges: jax.Array
-  on_route: jax.Array
+  edges: tuple[jax.Array, ...]
+  on_route: tuple[jax.Array, ...]
   carried: jax.Array
   needle_flow: jax.Array
-  indices: jax.Array
+  indices: tuple[jax.Array, ...]
 
   def edge_list(self, min_weight: float = 0.0, only_route: bool = True) -> list[tuple[int, int, int, int, float]]:
     """(layer, head, key block, query block, weight) of the kept (route) edges, heaviest first."""
-    e = np.asarray(self.edges)
-    sel = (e > min_weight) & (np.asarray(self.on_route) if only_route else True)
-    l, n, j, c = np.nonzero(sel)
-    idx = np.asarray(self.indices)
-    out = [(int(a), int(b), int(idx[a, b, q, s]), int(q), float(e[a, b, q, s])) for a, b, q, s in
-           zip(l, n, j, c)]
+    out = []
+    for layer, (e, on, idx) in enumerate(zip(self.edges, self.on_route, self.indices)):
+      e, idx = np.asarray(e), np.asarray(idx)
+      sel = (e > min_weight) & (np.asarray(on) if only_route else True)
+      out += [(layer, int(n), int(idx[n, j, c]), int(j), float(e[n, j, c])) for n, j, c in zip(*np.nonzero(sel))]
     return sorted(out, key=lambda x: -x[-1])
 
 
@@ -155,7 +155,7 @@ def route(trace: Trace, needle_spans, *, residual: float = 0.5, threshold: float
     flows.append(flow)
     edges.append(e)
   flows = jnp.stack(flows[::-1])  # [L + 1, nB], index l = input of layer l
-  edges = jnp.stack(edges[::-1])  # [L, N, nQ, C]
+  edges = tuple(edges[::-1])  # per layer [N, nQ, C_l]
   carried = [needle]
   on_route = []
   for i, l in enumerate(layers):  # upward: needle information spreads along kept edges
@@ -166,8 +166,8 @@ def route(trace: Trace, needle_spans, *, residual: float = 0.5, threshold: float
     carried.append(carried[-1] | jnp.pad(reached, (0, n_b - reached.shape[0])))
   carried = jnp.stack(carried)
   needle_flow = (flows * needle[None]).sum(-1)
-  indices = jnp.stack([l.mask.indices for l in layers])
-  return Route(flows, edges, jnp.stack(on_route), carried, needle_flow, indices)
+  indices = tuple(l.mask.indices for l in layers)
+  return Route(flows, edges, tuple(on_route), carried, needle_flow, indices)
 
 
 # ---------------------------------------------------------------------------------------------------------
