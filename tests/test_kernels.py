@@ -8,6 +8,7 @@ primitives Triton cannot lower (top_k, sort, value slicing) without a GPU.
 """
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -166,24 +167,34 @@ def test_unsupported_block_sizes_are_refused():
 
 # ---- the real GPU (Triton) lowering, on the CPU ----
 
-def _abstract_gpu():
+def _abstract_gpu(axis_type):
   """jax >= 0.11 reads the target GPU from an abstract mesh when no GPU is present."""
   sharding = jax.sharding
-  if not hasattr(sharding, "use_abstract_mesh") or not hasattr(sharding, "AbstractDevice"):
-    return contextlib.nullcontext()
   device = sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
                                    platform="cuda")
-  mesh = sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  types = None if axis_type is None else (getattr(sharding.AxisType, axis_type),)
+  mesh = sharding.AbstractMesh((1,), ("x",), types, abstract_device=device)
   return sharding.use_abstract_mesh(mesh)
 
 
 def lower_for_cuda(fn, *args):
-  """StableHLO text of `fn` lowered for CUDA (raises if a kernel cannot lower to Triton)."""
-  try:
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  except Exception:  # pylint: disable=broad-except
-    with _abstract_gpu():
-      return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  """StableHLO text of `fn` lowered for CUDA (raises if a kernel cannot lower to Triton).
+
+  Tries a plain lowering (jax 0.10), then under an abstract H100 mesh (jax >= 0.11), Auto axes first.
+  """
+  contexts = [contextlib.nullcontext]
+  if hasattr(jax.sharding, "use_abstract_mesh") and hasattr(jax.sharding, "AbstractDevice"):
+    contexts += [functools.partial(_abstract_gpu, "Auto"), functools.partial(_abstract_gpu, None)]
+  errors = []
+  for context in contexts:
+    try:
+      with context():
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    except Exception as e:  # pylint: disable=broad-except
+      if "Unimplemented primitive" in str(e) or isinstance(e, NotImplementedError):
+        raise  # a kernel Triton cannot lower: no other context helps
+      errors.append(e)
+  raise errors[-1]
 
 
 def _sds(shape, dtype=jnp.bfloat16):

@@ -33,6 +33,7 @@ from stream_jax.kernels import common
 from stream_jax.kernels.common import NEG_INF, SQ, count_true, gather, iota, take
 from stream_jax.mask import BlockMask, num_blocks
 
+# Best of {4, 8} warps on an H100 at T=32k, H=256, 64 x 64 blocks (benchmarks/kernels.py).
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 2
 
@@ -111,10 +112,10 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, interpret, num_warp
   rb = rows.shape[1]
   if config.query_stride == 1 and rb == bq:
     q_rows = q  # the rows are the block itself (in another order; the score is a max)
-    pos = jnp.where(jnp.arange(n_q * bq) < t, jnp.arange(n_q * bq) + (s - t), -1).astype(jnp.int32)
+    row_ids = jnp.arange(n_q * bq, dtype=jnp.int32).reshape(n_q, bq)
+    pos = jnp.where(row_ids < t, row_ids + (s - t), -1).astype(jnp.int32)
   else:
     q_rows = jnp.take(q, rows.reshape(-1), axis=1)  # [B, nQ * RB, N, Hp]
-    pos = pos.reshape(-1)
 
   out_len = common.next_pow2(config.capacity + 1)
   kernel = functools.partial(
@@ -126,7 +127,7 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, interpret, num_warp
       grid=(n_q, n, b),
       in_specs=[
           pl.BlockSpec((SQ, rb, SQ, hp), lambda i, hq, bb: (bb, last - i, hq, 0)),
-          pl.BlockSpec((rb,), lambda i, hq, bb: (last - i,)),
+          pl.BlockSpec((SQ, rb), lambda i, hq, bb: (last - i, 0)),  # positions [nQ, RB]
           pl.BlockSpec((SQ, n_k * bk, SQ, hp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
       ],
       out_specs=pl.BlockSpec((SQ, SQ, SQ, out_len), lambda i, hq, bb: (bb, hq, last - i, 0)),
