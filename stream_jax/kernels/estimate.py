@@ -72,7 +72,8 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfi
   scale = h ** -0.5 if scale is None else float(scale)
   indices, counts = _estimate(q, k, config=config, scale=scale,
                               softcap=None if softcap is None else float(softcap),
-                              interpret=common.resolve_interpret(interpret), num_warps=num_warps, num_stages=num_stages)
+                              interpret=common.resolve_interpret(interpret), num_warps=num_warps,
+                              num_stages=num_stages)
   return BlockMask(indices, counts, config.block_q, config.block_k, t, s, config)
 
 
