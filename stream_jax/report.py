@@ -129,7 +129,8 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
   Args:
     report: everything worth keeping (JSON-able after `to_jsonable`).
     summary: the key numbers shown at the top of index.html.
-    figures: name -> matplotlib Figure (saved as name.png and closed).
+    figures: name -> a matplotlib Figure (saved as name.png and closed) or a callable that writes the PNG
+      to the path it is given (the stream_jax.plots functions).
     trace: saved with orbax (restore with `load_trace(out_dir)`).
     sections: title -> preformatted text (tables) shown in index.html.
   """
@@ -143,9 +144,13 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
   try:
     names = []
     for name, fig in (figures or {}).items():
-      fig.savefig(tmp / f"{name}.png", dpi=110, bbox_inches="tight")
-      plt.close(fig)
-      names.append(f"{name}.png")
+      png = tmp / f"{name}.png"
+      if hasattr(fig, "savefig"):
+        fig.savefig(png, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+      else:
+        fig(str(png))
+      names.append(png.name)
     if trace is not None:
       save_trace(tmp, trace)
     (tmp / "report.json").write_text(json.dumps(to_jsonable(report), indent=1))

@@ -1,0 +1,438 @@
+"""The `stream-jax` command: demo, trace, niah, anchors.
+
+Every subcommand loads a model (the embedded Gemma 3 270M by default, offline), runs it with Stream
+attention, and writes a report folder (report.json, the trace restorable with `stream_jax.report.load_trace`,
+PNG figures, index.html) atomically. Bad options and inputs exit with status 2 and a message that names
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+  """A problem with the user's input: printed without a traceback, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------- options
+
+
+def _positive_int(name):
+  def parse(text):
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+    if value < 1:
+      raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+    return value
+  return parse
+
+
+def _int_list(name):
+  def parse(text):
+    try:
+      return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {text!r}") from None
+  return parse
+
+
+def _add_model_args(p):
+  p.add_argument("--model", default="gemma3-270m",
+                 help="'gemma3-270m' (the embedded default, offline), a .gguf file, or a Hugging Face "
+                      "checkpoint directory (config.json + *.safetensors)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="parameter/activation dtype (float16 is not supported: Gemma 3 overflows it)")
+
+
+def _add_stream_args(p):
+  from stream_jax.config import StreamConfig  # pylint: disable=import-outside-toplevel
+  d = StreamConfig()
+  g = p.add_argument_group("Stream attention")
+  g.add_argument("--block-q", type=int, default=d.block_q, help="queries per block (power of two)")
+  g.add_argument("--block-k", type=int, default=d.block_k, help="keys per block (power of two)")
+  g.add_argument("--top-k", type=int, default=d.top_k, help="key blocks kept by the search per query block")
+  g.add_argument("--sink-blocks", type=int, default=d.sink_blocks, help="leading key blocks always kept")
+  g.add_argument("--window-blocks", type=int, default=d.window_blocks,
+                 help="key blocks ending at the diagonal always kept (>= 1)")
+  g.add_argument("--init-branches", type=int, default=None, help="first-level nodes (>= top-k)")
+  g.add_argument("--representative", choices=("center", "first", "oracle"), default=d.representative,
+                 help="block that scores a search node (oracle: exact top-k, O(T^2), for checks)")
+  g.add_argument("--query-stride", type=int, default=d.query_stride,
+                 help="score with every n-th query of a block (power of two)")
+  g.add_argument("--dense-layers", type=_int_list("--dense-layers"), default=(),
+                 help="comma-separated layer ids that run dense attention (their trace is still kept)")
+  g.add_argument("--prune-local", action="store_true",
+                 help="also prune sliding-window layers (default: they run exact, as a block band)")
+  g.add_argument("--backend", choices=("xla", "pallas", "auto"), default="auto",
+                 help="auto = Pallas kernels on a GPU, XLA elsewhere")
+
+
+def stream_config(args):
+  from stream_jax.config import StreamConfig  # pylint: disable=import-outside-toplevel
+  try:
+    return StreamConfig(block_q=args.block_q, block_k=args.block_k, top_k=args.top_k,
+                        sink_blocks=args.sink_blocks, window_blocks=args.window_blocks,
+                        init_branches=args.init_branches, representative=args.representative,
+                        query_stride=args.query_stride)
+  except ValueError as e:  # name the command-line option, not the dataclass field
+    msg = str(e).replace("StreamConfig.", "--").replace("_", "-")
+    raise CliError(msg) from None
+
+
+def _add_out(p, default):
+  p.add_argument("--out", default=default, help=f"report folder (replaced atomically; default {default})")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def load(args):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from stream_jax.models import load_model  # pylint: disable=import-outside-toplevel
+  if args.model not in ("gemma3-270m", "gemma-3-270m", "default", "embedded"):
+    path = pathlib.Path(args.model)
+    if not path.exists():
+      raise CliError(f"--model: {args.model!r} is neither a known name ('gemma3-270m') nor an existing "
+                     "file or directory")
+  t0 = time.perf_counter()
+  model = load_model(args.model, dtype=jnp.dtype(args.dtype))
+  print(f"loaded {model.source} ({model.config.name}, {model.config.num_layers} layers, {args.dtype}) "
+        f"in {time.perf_counter() - t0:.1f} s", flush=True)
+  return model
+
+
+def check_length(model, n_tokens: int, what: str):
+  limit = getattr(model.config, "max_seq_len", None) or 32_768
+  if n_tokens > limit:
+    raise CliError(f"{what} has {n_tokens} tokens, longer than the model's context of {limit}")
+  if n_tokens < 2:
+    raise CliError(f"{what} has {n_tokens} token(s); need at least 2")
+
+
+def logits_fn(model):
+  from stream_jax.models import logits_from_hidden  # pylint: disable=import-outside-toplevel
+  return lambda h: logits_from_hidden(model, model.params, h)
+
+
+def run_pair(model, ids, cfg, args, *, oracle: bool = False):
+  """Dense and Stream forwards on the same tokens -> (trace, FaithfulnessReport, timings)."""
+  from stream_jax.analysis import faithfulness  # pylint: disable=import-outside-toplevel
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  common = dict(return_hidden=True, last_only=True, backend=args.backend)
+  timings = {}
+  bar = tqdm(total=3 if oracle else 2, desc="forward passes", unit="pass")
+  t0 = time.perf_counter()
+  _, _, d_hidden = model.forward(ids, attention="dense", **common)
+  d_hidden.block_until_ready()
+  timings["dense_forward_s"] = time.perf_counter() - t0
+  bar.update()
+  t0 = time.perf_counter()
+  _, trace, s_hidden = model.forward(ids, attention=cfg, dense_layers=args.dense_layers,
+                                     prune_local=args.prune_local, **common)
+  s_hidden.block_until_ready()
+  timings["stream_forward_s"] = time.perf_counter() - t0
+  bar.update()
+  oracle_masks = None
+  if oracle:
+    _, o_trace, _ = model.forward(ids, attention=cfg.replace(representative="oracle"),
+                                  dense_layers=args.dense_layers, prune_local=args.prune_local, **common)
+    oracle_masks = [o.mask if l.mode == "stream" else None for l, o in zip(trace.layers, o_trace.layers)]
+    bar.update()
+  bar.close()
+  report = faithfulness.faithfulness_report_from_hidden(list(d_hidden[1:]), list(s_hidden[1:]),
+                                                        logits_fn(model), trace=trace,
+                                                        oracle_masks=oracle_masks)
+  return trace, report, timings
+
+
+def _stream_dict(cfg, args):
+  return dict(dataclasses.asdict(cfg), dense_layers=list(args.dense_layers), prune_local=args.prune_local,
+              backend=args.backend)
+
+
+def _first_global(trace):
+  glob = [i for i, l in enumerate(trace.layers) if l.kind == "global"]
+  return glob[0] if glob else 0
+
+
+# -------------------------------------------------------------------------------------------- subcommands
+
+
+def cmd_trace(args):
+  from stream_jax import plots  # pylint: disable=import-outside-toplevel
+  from stream_jax.analysis import faithfulness  # pylint: disable=import-outside-toplevel
+  from stream_jax.report import write_report  # pylint: disable=import-outside-toplevel
+  cfg = stream_config(args)
+  if args.file is not None:
+    path = pathlib.Path(args.file)
+    if not path.is_file():
+      raise CliError(f"--file: {args.file!r} does not exist or is not a file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+  else:
+    text = args.text
+  if not text.strip():
+    raise CliError("the input text is empty")
+  model = load(args)
+  ids = model.encode(text)
+  check_length(model, len(ids), "the input")
+  trace, report, timings = run_pair(model, ids, cfg, args, oracle=args.oracle)
+  layer = args.plot_layer if args.plot_layer is not None else _first_global(trace)
+  if not 0 <= layer < len(trace.layers):
+    raise CliError(f"--plot-layer must be in [0, {len(trace.layers) - 1}], got {layer}")
+  lt = trace.layers[layer]
+  table = faithfulness.format_report(report, f"dense vs Stream, {len(ids)} tokens")
+  print(table)
+  summary = dict(model=model.config.name, tokens=len(ids), **report.summary(), **timings)
+  out = write_report(
+      args.out, title="stream-jax trace", summary=summary, trace=trace, sections={"faithfulness": table},
+      report=dict(command="trace", model=model.source, tokens=len(ids), stream=_stream_dict(cfg, args),
+                  faithfulness=report, timings=timings),
+      figures={f"mask_layer{layer}": lambda p: plots.plot_block_mask(
+          lt.mask, p, mass=lt.mass, title=f"layer {layer} ({lt.mode})")})
+  print(f"report: {out}")
+  return 0
+
+
+def cmd_demo(args):
+  """Needle in a haystack at ~2k tokens: trace, faithfulness, answer with Stream prefill, route."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from stream_jax import plots  # pylint: disable=import-outside-toplevel
+  from stream_jax.analysis import faithfulness, niah, routes  # pylint: disable=import-outside-toplevel
+  from stream_jax.report import write_report  # pylint: disable=import-outside-toplevel
+  started = time.perf_counter()
+  cfg = stream_config(args)
+  model = load(args)
+  sample = niah.generate_sample(model.tokenizer, args.length, niah.VARIANTS["single_1"], seed=args.seed)
+  print(f"needle prompt: {sample.length} tokens; asks for {sample.keys[0]!r} (answer {sample.answers[0]})",
+        flush=True)
+  trace, report, timings = run_pair(model, sample.ids, cfg, args)
+  t0 = time.perf_counter()
+  gen = model.generate(sample.ids, max_new_tokens=args.max_new_tokens, attention=cfg,
+                       dense_layers=args.dense_layers, prune_local=args.prune_local, backend=args.backend)
+  timings["stream_generate_s"] = time.perf_counter() - t0
+  answer = gen.text if isinstance(gen.text, str) else gen.text[0]
+  score = niah.match_all(answer, sample.answers)
+  spans = np.asarray([n.value_token_span for n in sample.queried_needles])
+  needle_mass = np.asarray(routes.trace_needle_mass(trace, spans))  # [L, N]
+  rt = routes.route(trace, spans)
+  needle_blocks = sorted({int(b) for s, e in spans for b in range(s // cfg.block_k, (e - 1) // cfg.block_k + 1)})
+  table = faithfulness.format_report(report, f"dense vs Stream, {sample.length} tokens")
+  print(table)
+  print(f"Stream answer: {answer!r} -> {'found' if score == 1 else 'missed'} {sample.answers[0]}")
+  per_layer = needle_mass.mean(-1)
+  print("needle mass at the final query block, per layer (mean over heads): "
+        + " ".join(f"{x:.3f}" for x in per_layer))
+  timings["total_s"] = time.perf_counter() - started
+  layer = _first_global(trace)
+  lt = trace.layers[layer]
+  summary = dict(model=model.config.name, tokens=sample.length, answer=answer.strip(),
+                 expected=sample.answers[0], retrieved=bool(score == 1), **report.summary(),
+                 needle_flow_at_input=float(rt.needle_flow[0]), total_seconds=timings["total_s"])
+  out = write_report(
+      args.out, title="stream-jax demo: needle in a haystack", summary=summary, trace=trace,
+      sections={"faithfulness": table},
+      report=dict(command="demo", model=model.source, stream=_stream_dict(cfg, args),
+                  sample=dict(length=sample.length, keys=sample.keys, answers=sample.answers,
+                              needle_token_spans=spans.tolist(), question=sample.question),
+                  answer=answer, retrieved=bool(score == 1), faithfulness=report, timings=timings,
+                  needle_mass_per_layer_head=needle_mass, needle_flow=np.asarray(rt.needle_flow),
+                  route_edges=rt.edge_list(min_weight=1e-3)[:200], jax=jax.__version__,
+                  device=jax.devices()[0].device_kind),
+      figures={
+          f"mask_layer{layer}": lambda p: plots.plot_block_mask(
+              lt.mask, p, mass=lt.mass, title=f"layer {layer}: kept blocks, mass (mean over heads)"),
+          "needle_mass": lambda p: plots.plot_kurtosis_grid(
+              needle_mass, p, title="needle mass at the final query block (layer x head)"),
+          "route": lambda p: plots.plot_route(rt, p, needle_blocks=needle_blocks,
+                                              title="route from the needle to the answer"),
+      })
+  print(f"report: {out}  ({timings['total_s']:.0f} s)")
+  return 0
+
+
+def cmd_niah(args):
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  from stream_jax import plots  # pylint: disable=import-outside-toplevel
+  from stream_jax.analysis import niah, routes  # pylint: disable=import-outside-toplevel
+  from stream_jax.report import write_report  # pylint: disable=import-outside-toplevel
+  cfg = stream_config(args)
+  if args.variant not in niah.VARIANTS:
+    raise CliError(f"--variant must be one of {sorted(niah.VARIANTS)}, got {args.variant!r}")
+  task = niah.VARIANTS[args.variant]
+  if args.depths:
+    if any(not 0 <= d <= 100 for d in args.depths):
+      raise CliError(f"--depths are percentages in [0, 100], got {list(args.depths)}")
+  model = load(args)
+  for n in args.lengths:
+    check_length(model, n, f"--lengths entry {n}")
+  rows, masses, flags = [], [], []
+  jobs = [(n, d, s) for n in args.lengths for d in (args.depths or (None,)) for s in range(args.samples)]
+  for length, depth, seed in tqdm(jobs, desc="niah samples", unit="sample"):
+    t = task if depth is None else dataclasses.replace(
+        task, depths=(float(depth),) * (task.num_keys * task.num_values))
+    sample = niah.generate_sample(model.tokenizer, length, t, seed=args.seed + seed)
+    gen = model.generate(sample.ids, max_new_tokens=args.max_new_tokens, attention=cfg,
+                         dense_layers=args.dense_layers, prune_local=args.prune_local, backend=args.backend)
+    answer = gen.text if isinstance(gen.text, str) else gen.text[0]
+    score = niah.match_all(answer, sample.answers)
+    _, trace = model.forward(sample.ids, attention=cfg, dense_layers=args.dense_layers,
+                             prune_local=args.prune_local, backend=args.backend, last_only=True)
+    spans = np.asarray([nd.value_token_span for nd in sample.queried_needles])
+    nm = np.asarray(routes.trace_needle_mass(trace, spans))
+    masses.append(nm)
+    flags.append(score == 1)
+    rows.append(dict(length=length, depth=depth, seed=args.seed + seed, answers=sample.answers,
+                     prediction=answer, score=score, kept_fraction=float(trace.kept_fraction()),
+                     needle_mass_per_layer=nm.mean(-1)))
+  by_len = {}
+  for r in rows:
+    by_len.setdefault(r["length"], []).append(r["score"])
+  lines = ["length  samples  string_match_all (%)"]
+  lines += [f"{n:6d}  {len(v):7d}  {100 * np.mean(v):8.1f}" for n, v in sorted(by_len.items())]
+  cmp = routes.compare(masses, flags)
+  text = "\n".join(lines) + "\n\n" + cmp.format()
+  print(text)
+  figures = {}
+  if cmp.n_success and cmp.n_failure:
+    figures["success_vs_failure"] = lambda p: plots.plot_success_failure(cmp.success, cmp.failure, p)
+  out = write_report(
+      args.out, title=f"stream-jax niah ({args.variant})", sections={"results": text}, figures=figures,
+      summary={f"success@{n}": float(100 * np.mean(v)) for n, v in sorted(by_len.items())},
+      report=dict(command="niah", model=model.source, variant=args.variant, stream=_stream_dict(cfg, args),
+                  samples=rows, comparison=cmp))
+  print(f"report: {out}")
+  return 0
+
+
+def cmd_anchors(args):
+  from stream_jax import plots  # pylint: disable=import-outside-toplevel
+  from stream_jax.analysis import anchors  # pylint: disable=import-outside-toplevel
+  from stream_jax.report import write_report  # pylint: disable=import-outside-toplevel
+  cfg = stream_config(args)
+  path = pathlib.Path(args.file)
+  if not path.is_file():
+    raise CliError(f"--file: {args.file!r} does not exist or is not a file")
+  text = path.read_text(encoding="utf-8", errors="replace")
+  if not text.strip():
+    raise CliError(f"--file: {args.file!r} is empty")
+  model = load(args)
+  enc = model.tokenizer(text, return_offsets_mapping=True)
+  ids = np.asarray(enc["input_ids"], np.int32)
+  check_length(model, len(ids), "the chain of thought")
+  sents = anchors.sentences(text, np.asarray(enc["offset_mapping"]))
+  if len(sents.texts) < 6:
+    raise CliError(f"the chain of thought has {len(sents.texts)} sentences; thought anchors need >= 6 "
+                   "(vertical scores skip the 4 nearest later sentences)")
+  _, trace = model.forward(ids, attention=cfg, dense_layers=args.dense_layers,
+                           prune_local=args.prune_local, backend=args.backend, last_only=True)
+  rep = anchors.thought_anchors(trace, sents, top_heads=args.top_heads)
+  lines = [f"{len(sents.texts)} sentences, {len(ids)} tokens; receiver heads (layer, head): "
+           + ", ".join(f"L{l}H{h}" for l, h in np.asarray(rep.heads)[:10])]
+  lines += [f"  #{i:3d} {s:8.4f} {lab:24s} {t[:90]!r}" for i, s, lab, t in rep.top(args.show)]
+  lines.append("by category (mean importance, count):")
+  lines += [f"  {k:24s} {v[0]:8.4f} {v[1]:4d}" for k, v in rep.categories.items()]
+  text_out = "\n".join(lines)
+  print(text_out)
+  out = write_report(
+      args.out, title="stream-jax thought anchors", sections={"anchors": text_out}, trace=trace,
+      summary=dict(model=model.config.name, tokens=len(ids), sentences=len(sents.texts),
+                   kept_fraction=float(trace.kept_fraction())),
+      report=dict(command="anchors", model=model.source, stream=_stream_dict(cfg, args),
+                  sentences=list(sents.texts), labels=list(rep.labels), importance=rep.importance,
+                  receiver_heads=rep.heads, kurtosis=rep.kurtosis, categories=dict(rep.categories),
+                  positions=rep.positions),
+      figures={"vertical_scores": lambda p: plots.plot_vertical_scores(rep.importance, rep.labels, p),
+               "receiver_heads": lambda p: plots.plot_kurtosis_grid(rep.kurtosis, p, heads=rep.heads)})
+  print(f"report: {out}")
+  return 0
+
+
+# ------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="stream-jax",
+      description="Sparse tracing of attention with hierarchical block-sparse masks (Stream), in JAX.")
+  sub = p.add_subparsers(dest="command", metavar="COMMAND")
+  sub.required = True
+
+  d = sub.add_parser("demo", help="needle-in-a-haystack trace of the embedded Gemma 3 270M, with report",
+                     description=cmd_demo.__doc__)
+  _add_model_args(d)
+  _add_stream_args(d)
+  d.add_argument("--length", type=_positive_int("--length"), default=2048, help="prompt tokens")
+  d.add_argument("--seed", type=int, default=0, help="needle/key/depth seed")
+  d.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=12)
+  _add_out(d, "reports/demo")
+  d.set_defaults(func=cmd_demo)
+
+  t = sub.add_parser("trace", help="trace any text with Stream attention and compare with dense")
+  src = t.add_mutually_exclusive_group(required=True)
+  src.add_argument("--text", help="the text to trace")
+  src.add_argument("--file", help="a UTF-8 text file to trace")
+  _add_model_args(t)
+  _add_stream_args(t)
+  t.add_argument("--oracle", action="store_true",
+                 help="also run the exact top-k (O(T^2) scoring) and report recall per layer")
+  t.add_argument("--plot-layer", type=int, default=None, help="layer of the mask figure (default: first "
+                 "global layer)")
+  _add_out(t, "reports/trace")
+  t.set_defaults(func=cmd_trace)
+
+  n = sub.add_parser("niah", help="needle-in-a-haystack sweep: success rates and route comparison")
+  _add_model_args(n)
+  _add_stream_args(n)
+  n.add_argument("--lengths", type=_int_list("--lengths"), default=(600, 3000),
+                 help="comma-separated prompt lengths in tokens")
+  n.add_argument("--depths", type=_int_list("--depths"), default=(),
+                 help="comma-separated needle depths in percent (default: random per sample)")
+  n.add_argument("--samples", type=_positive_int("--samples"), default=4, help="samples per length/depth")
+  n.add_argument("--variant", default="single_1", help="RULER variant, e.g. single_1, multikey_1, multivalue")
+  n.add_argument("--seed", type=int, default=0)
+  n.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=12)
+  _add_out(n, "reports/niah")
+  n.set_defaults(func=cmd_niah)
+
+  a = sub.add_parser("anchors", help="thought anchors of a chain-of-thought text file")
+  a.add_argument("--file", required=True, help="UTF-8 chain of thought (text inside <think>...</think> "
+                 "is used when present)")
+  _add_model_args(a)
+  _add_stream_args(a)
+  a.add_argument("--top-heads", type=_positive_int("--top-heads"), default=20, help="receiver heads")
+  a.add_argument("--show", type=_positive_int("--show"), default=8, help="sentences to print")
+  _add_out(a, "reports/anchors")
+  a.set_defaults(func=cmd_anchors)
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    return args.func(args)
+  except CliError as e:
+    print(f"stream-jax {args.command}: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except FileNotFoundError as e:
+    print(f"stream-jax {args.command}: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except KeyboardInterrupt:
+    print("interrupted; no report was written", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

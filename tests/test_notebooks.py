@@ -1,0 +1,35 @@
+"""The Colab notebooks run top to bottom (headless, CPU, small sizes)."""
+
+import os
+import pathlib
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+COLAB = pathlib.Path(__file__).resolve().parents[1] / "colab"
+
+
+def _run(name, tmp_path, monkeypatch):
+  monkeypatch.setenv("STREAM_JAX_NOTEBOOK_SMALL", "1")
+  nb = nbformat.read(COLAB / f"{name}.ipynb", as_version=4)
+  NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+  return nb
+
+
+def _outputs(nb):
+  return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def test_quickstart_runs(tmp_path, monkeypatch):
+  nb = _run("quickstart", tmp_path, monkeypatch)
+  text = _outputs(nb)
+  assert "identical: True" in text
+  assert (tmp_path / "mask.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,png", [("thought_anchors", "vertical.png"), ("needle_routes", "route.png")])
+def test_analysis_notebooks_run(name, png, tmp_path, monkeypatch):
+  _run(name, tmp_path, monkeypatch)
+  assert (tmp_path / png).stat().st_size > 0
