@@ -107,3 +107,27 @@ def test_string_match_all_and_evaluate():
   res = N.evaluate(samples, lambda s: f" {s.answers[0]}." if s is samples[0] else " 0")
   assert [r.success for r in res] == [True, False, False, False]
   assert res[0].score == 1.0 and res[1].score == 0.0
+
+
+@functools.lru_cache(maxsize=None)
+def gemma_tokenizer():
+  """The embedded Gemma 3 270M's tokenizer (offline; converted from the GGUF once, then cached)."""
+  load = pytest.importorskip("stream_jax.models.load")
+  from stream_jax.models.tokenizer import gguf_tokenizer
+  try:
+    return gguf_tokenizer(load.embedded_gguf_path())
+  except ImportError as e:  # the embedded model package is missing
+    pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("name,length", [("single_1", 600), ("multikey_2", 1500), ("multikey_3", 2999),
+                                         ("multivalue", 3000)])
+def test_round_trip_with_the_gemma_tokenizer(name, length):
+  tok = gemma_tokenizer()
+  s = N.generate_sample(tok, length, N.VARIANTS[name], seed=7)
+  assert s.length == length and int(s.ids[0]) == tok.bos_token_id
+  ids, _ = N.encode(tok, s.prompt)
+  np.testing.assert_array_equal(ids, s.ids)
+  for nd in s.needles:
+    assert tok.decode(s.ids[slice(*nd.token_span)].tolist()).strip() == nd.text
+    assert tok.decode(s.ids[slice(*nd.value_token_span)].tolist()).strip() == nd.value
