@@ -37,7 +37,8 @@ def params_dtype(params) -> jnp.dtype:
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "plans", "last_only", "return_hidden"))
 def _forward(params, tokens, *, config, dtype, plans, last_only, return_hidden):
-  return Gemma(config, dtype).apply(params, tokens, plans, last_only=last_only, return_hidden=return_hidden)
+  return Gemma(config, dtype).apply(params, tokens, plans, last_only=last_only, return_hidden=return_hidden,
+                                    method=Gemma.run)
 
 
 def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",

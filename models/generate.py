@@ -37,7 +37,7 @@ class Generation:
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "plans", "cache_len"))
 def _prefill(params, tokens, *, config, dtype, plans, cache_len):
-  out = Gemma(config, dtype).apply(params, tokens, plans, last_only=True, return_kv=True)
+  out = Gemma(config, dtype).apply(params, tokens, plans, last_only=True, return_kv=True, method=Gemma.run)
   pad = cache_len - tokens.shape[1]
   cache = tuple((jnp.pad(k, [(0, 0), (0, pad), (0, 0), (0, 0)]),
                  jnp.pad(v, [(0, 0), (0, pad), (0, 0), (0, 0)])) for k, v in out["kv"])

@@ -18,9 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stream_jax.models.attention import LayerPlan, attend, dense_attention
+from stream_jax.models.attention import Attention, LayerPlan, attend, dense_attention, make_plans
 from stream_jax.models.config import GemmaConfig
 from stream_jax.models.layers import Embedder, FeedForward, RMSNorm, apply_rope
+from stream_jax.trace import Trace
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -136,7 +137,8 @@ class Block(nn.Module):
 class Gemma(nn.Module):
   """The decoder. `__call__` runs a whole sequence; `extend` runs new tokens against a KV cache.
 
-  Use through `stream_jax.models.forward` (jit-compiled, validated); `Gemma(config).apply(...)` works too.
+  `Gemma(config, dtype).apply(params, tokens, attention=...)` is the pure entry; `stream_jax.models.forward`
+  wraps it with jit (static config and attention plan) and input checks.
   """
 
   config: GemmaConfig
@@ -153,8 +155,19 @@ class Gemma(nn.Module):
     cap = self.config.final_softcap
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
-  def __call__(self, tokens: jax.Array, plans: tuple[LayerPlan, ...], *, last_only: bool = False,
-               return_hidden: bool = False, return_kv: bool = False):
+  def __call__(self, tokens: jax.Array, attention: Attention = "dense", *, dense_layers=(),
+               prune_local: bool = False, backend: str = "xla", last_only: bool = False,
+               return_hidden: bool = False):
+    """`Gemma(config).apply(params, tokens [B, T], attention="dense" | StreamConfig, ...)` ->
+    (logits, trace) or (logits, trace, hidden); the same contract as `stream_jax.models.forward`
+    (which adds jit and input checks)."""
+    plans = make_plans(self.config, attention, dense_layers, prune_local, backend)
+    out = self.run(tokens, plans, last_only=last_only, return_hidden=return_hidden)
+    trace = Trace(layers=out["traces"]) if plans[0].stream is not None else None
+    return (out["logits"], trace, out["hidden"]) if return_hidden else (out["logits"], trace)
+
+  def run(self, tokens: jax.Array, plans: tuple[LayerPlan, ...], *, last_only: bool = False,
+          return_hidden: bool = False, return_kv: bool = False):
     """tokens int[B, T] -> dict(logits float32[B, T, V] (or [B, V] if last_only), traces (per layer,
     None on dense layers of a dense call), hidden [L + 1, B, T, D] (embeddings, then the residual stream
     after each layer, before the final norm), kv (per layer (k, v) [B, T, K, H]))."""

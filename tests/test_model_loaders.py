@@ -17,7 +17,6 @@ import pytest
 
 from stream_jax.models import (GGUFError, MissingTensorError, SafetensorsError, ShapeMismatchError,
                                forward, load_model)
-from stream_jax.models.gguf_loader import GGUFError as _G  # noqa: F401  (public alias exists)
 
 torch = pytest.importorskip("torch", reason="torch (the numerics reference) is not installed")
 gguf = pytest.importorskip("gguf")
