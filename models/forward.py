@@ -22,7 +22,8 @@ def model_config(model) -> GemmaConfig:
   """A GemmaConfig from a GemmaConfig, a LoadedModel or a Gemma module."""
   cfg = getattr(model, "config", model)
   if not isinstance(cfg, GemmaConfig):
-    raise TypeError(f"model must be a GemmaConfig, a LoadedModel or a Gemma module, got {type(model).__name__}")
+    raise TypeError("model must be a GemmaConfig, a LoadedModel or a Gemma module, got "
+                    f"{type(model).__name__}")
   return cfg
 
 

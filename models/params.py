@@ -83,8 +83,9 @@ def params_from_hf(config: GemmaConfig, get: Callable[[str], np.ndarray], names:
   have = set(names)
   missing = [k for k in want if k not in have]
   if missing:
+    more = " ..." if len(missing) > 5 else ""
     raise MissingTensorError(f"{len(missing)} tensor(s) needed by the config are missing from "
-                             f"{source or 'the checkpoint'}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+                             f"{source or 'the checkpoint'}: {missing[:5]}{more}")
   loaded: dict[str, np.ndarray] = {}
   order = list(want)
   for name in (progress(order) if progress else order):

@@ -85,7 +85,7 @@ def test_layer_pattern_and_rope_bases_per_layer_type():
       else:
         big = name in ("gemma3-4b", "gemma3-12b", "gemma3-27b")
         assert (base, scale) == (1_000_000.0, 8.0 if big else 1.0), name
-  assert PRESETS["gemma3-270m"].layer_kinds[5] == "global" and PRESETS["gemma3-270m"].layer_kinds[4] == "local"
+  assert PRESETS["gemma3-270m"].layer_kinds[4:6] == ("local", "global")
   assert PRESETS["gemma2-2b"].layer_kinds[:2] == ("local", "global")
 
 
@@ -203,7 +203,8 @@ def test_dense_layers_hidden_and_batch():
   single, t1 = forward(cfg, params, x[1], attention=sc)
   batched, tb = forward(cfg, params, x, attention=sc)
   np.testing.assert_allclose(np.asarray(single), np.asarray(batched[1]), atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(t1.layers[5].mask.indices), np.asarray(tb.layers[5].mask.indices[1]))
+  np.testing.assert_array_equal(np.asarray(t1.layers[5].mask.indices),
+                                np.asarray(tb.layers[5].mask.indices[1]))
   last, _ = forward(cfg, params, x, last_only=True)
   np.testing.assert_allclose(np.asarray(last), np.asarray(dense[:, -1]), atol=1e-5)
   with pytest.raises(ValueError, match="dense_layers"):

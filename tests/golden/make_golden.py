@@ -35,6 +35,8 @@ def long_text(seed: int = 0, target_words: int = 1100) -> str:
   events = ["a flood in early spring", "a fire at the market", "the opening of a new bridge",
             "a dispute over grazing rights", "an unusually cold winter", "the arrival of the railway",
             "a festival that lasted three days", "the discovery of an old well"]
+  habits = ["still greet strangers", "rarely lock their doors", "argue about the weather",
+            "keep old recipes"]
   feelings = ["worried", "delighted", "puzzled", "relieved", "sceptical", "proud", "impatient"]
   words, paras = 0, []
   while words < target_words:
@@ -48,7 +50,7 @@ def long_text(seed: int = 0, target_words: int = 1100) -> str:
          f"Today visitors come to see the {rng.choice(['church', 'harbour', 'mill', 'library', 'castle'])}, "
          f"which was built {int(rng.integers(40, 400))} years ago.",
          f"Asked what makes {town} different, {rng.choice(people)} said that people there "
-         f"{rng.choice(['still greet strangers', 'rarely lock their doors', 'argue about the weather', 'keep old recipes'])}."]
+         f"{rng.choice(habits)}."]
     rng.shuffle(s[2:])
     para = " ".join(s)
     paras.append(para)
