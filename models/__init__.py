@@ -11,7 +11,7 @@ generation.
 from stream_jax.models.config import PRESETS, GemmaConfig, from_hf_config, get_config
 from stream_jax.models.transformer import Gemma, check_dtype
 from stream_jax.models.params import ShapeMismatchError, MissingTensorError, init_params
-from stream_jax.models.forward import forward
+from stream_jax.models.forward import forward, logits_from_hidden
 from stream_jax.models.generate import Generation, generate
 from stream_jax.models.gguf_loader import GGUFError
 from stream_jax.models.hf_loader import SafetensorsError
@@ -19,6 +19,6 @@ from stream_jax.models.load import LoadedModel, load_gguf, load_hf, load_model
 
 __all__ = [
     "PRESETS", "GemmaConfig", "from_hf_config", "get_config", "Gemma", "check_dtype", "init_params",
-    "ShapeMismatchError", "MissingTensorError", "forward", "Generation", "generate", "GGUFError",
+    "ShapeMismatchError", "MissingTensorError", "forward", "logits_from_hidden", "Generation", "generate", "GGUFError",
     "SafetensorsError", "LoadedModel", "load_gguf", "load_hf", "load_model",
 ]

@@ -38,6 +38,13 @@ class LayerPlan:
   dense: bool  # this layer's output comes from dense attention
   prune: bool  # Stream-estimated mask (global layers, or local with prune_local)
   backend: str = "xla"
+  dense_impl: str = "xla"  # how dense attention runs: see DENSE_IMPLS
+
+
+# "xla": exact softmax chunked over queries (any device); "cudnn": jax.nn.dot_product_attention (cuDNN
+# flash attention on GPU, no probabilities kept: the speed floor of benchmarks); "capture": exact softmax
+# that also returns every layer's probabilities [B, N, T, S], what `output_attentions=True` stores.
+DENSE_IMPLS = ("xla", "cudnn", "capture")
 
 
 def check_attention(attention: Attention) -> Optional[StreamConfig]:
@@ -95,6 +102,36 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Arra
   return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * q_chunk, n, h)[:, :t]
 
 
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                    window: Optional[int] = None) -> jax.Array:
+  """Causal (sliding-window) attention through `jax.nn.dot_product_attention`: cuDNN on GPU.
+
+  q [B, T, N, H], k, v [B, T, K, H] (GQA handled by the op) -> [B, T, N, H]. No soft-cap support: the
+  caller refuses it (Gemma 2) before getting here.
+  """
+  impl = "cudnn" if jax.default_backend() == "gpu" else None
+  local = None if window is None else (window - 1, 0)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
+                                      implementation=impl)
+
+
+def captured_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, cap: Optional[float],
+                       window: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+  """Exact attention that also returns the probabilities [B, N, T, S] in q's dtype (T x S per head: the
+  dense capture that Stream replaces; for measurements)."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, n // kv, h)
+  logits = softcap(jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale, cap)
+  pos = jnp.arange(t)
+  visible = pos[None, :] <= pos[:, None]
+  if window is not None:
+    visible &= pos[:, None] - pos[None, :] < window
+  probs = jax.nn.softmax(jnp.where(visible, logits, NEG_INF), axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype), probs.reshape(b, n, t, t)
+
+
 def _band(plan: LayerPlan, cfg: StreamConfig, b: int, n: int, t: int) -> BlockMask:
   """The exact block band of the layer's window (all causal blocks if global), batched [B, N, nQ, C]."""
   m = window_mask(n, t, t, block_q=cfg.block_q, block_k=cfg.block_k, window=plan.window)
@@ -113,6 +150,10 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
   pos = jnp.arange(t, dtype=jnp.int32)
   cfg = plan.stream
   if cfg is None:
+    if plan.dense_impl == "cudnn":
+      return cudnn_attention(q, k, v, scale=scale, window=plan.window), None
+    if plan.dense_impl == "capture":
+      return captured_attention(q, k, v, scale=scale, cap=cap, window=plan.window)
     return dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, cap=cap, window=plan.window), None
   if plan.prune:
     mask = estimate_mask(q, k, cfg, scale=scale, softcap=cap, backend=plan.backend)
@@ -131,9 +172,16 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
 
 
 def make_plans(config, attention: Attention, dense_layers=(), prune_local: bool = False,
-               backend: str = "xla") -> tuple[LayerPlan, ...]:
-  """Static per-layer plans of one call (validated: layer ids in range)."""
+               backend: str = "xla", dense_impl: str = "xla") -> tuple[LayerPlan, ...]:
+  """Static per-layer plans of one call (validated: layer ids in range, dense_impl)."""
   stream = check_attention(attention)
+  if dense_impl not in DENSE_IMPLS:
+    raise ValueError(f"dense_impl must be one of {DENSE_IMPLS}, got {dense_impl!r}")
+  if dense_impl != "xla" and stream is not None:
+    raise ValueError(f"dense_impl={dense_impl!r} applies to attention='dense' calls only")
+  if dense_impl == "cudnn" and config.attn_softcap is not None:
+    raise ValueError("dense_impl='cudnn' cannot apply the attention soft-cap of this model (Gemma 2); "
+                     "use dense_impl='xla'")
   dense_layers = tuple(sorted({int(i) for i in dense_layers}))
   bad = [i for i in dense_layers if not 0 <= i < config.num_layers]
   if bad:
@@ -144,5 +192,5 @@ def make_plans(config, attention: Attention, dense_layers=(), prune_local: bool 
     plans.append(LayerPlan(layer=i, kind=kind, window=window, stream=stream,
                            dense=stream is None or i in dense_layers,
                            prune=stream is not None and (kind == "global" or prune_local),
-                           backend=backend))
+                           backend=backend, dense_impl=dense_impl))
   return tuple(plans)

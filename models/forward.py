@@ -44,7 +44,7 @@ def _forward(params, tokens, *, config, dtype, plans, last_only, return_hidden):
 
 def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
             dense_layers: Sequence[int] = (), prune_local: bool = False, backend: str = "xla",
-            return_hidden: bool = False, last_only: bool = False):
+            return_hidden: bool = False, last_only: bool = False, dense_impl: str = "xla"):
   """Run the decoder on token ids.
 
   Args:
@@ -61,12 +61,16 @@ def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
     return_hidden: also return the residual stream float[L + 1, B, T, D]: the scaled embeddings, then the
       output of every layer (before the final norm) — for per-layer dense vs Stream error.
     last_only: logits at the last position only ([B, V]), saving the [B, T, V] buffer.
+    dense_impl: dense calls only: "xla" (exact, chunked), "cudnn" (jax.nn.dot_product_attention, the fast
+      path on GPU) or "capture" (also returns every layer's probabilities, T x T per head: what
+      output_attentions=True stores; for measurements).
 
   Returns:
     (logits, trace) or (logits, trace, hidden). logits: float32[B, T, V] ([B, V] if last_only).
     trace: None for dense attention; else a stream_jax.trace.Trace with one LayerTrace per layer, in
     layer order: mask (BlockMask, indices int32[B, N, nQ, C]) and mass float32[B, N, nQ, C], static
-    layer/kind ("global"|"local")/mode ("stream"|"window"|"dense")/window.
+    layer/kind ("global"|"local")/mode ("stream"|"window"|"dense")/window. With dense_impl="capture"
+    the second output is instead the tuple of per-layer probabilities [B, N, T, T].
   """
   config = model_config(model)
   params = wrap_params(params)
@@ -79,16 +83,34 @@ def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
     tokens = tokens[None]
   if tokens.ndim != 2 or tokens.shape[1] < 1:
     raise ValueError(f"tokens must have shape [B, T] or [T] with T >= 1, got {tokens.shape}")
-  plans = make_plans(config, attention, dense_layers, prune_local, backend)
+  plans = make_plans(config, attention, dense_layers, prune_local, backend, dense_impl)
   out = _forward(params, tokens.astype(jnp.int32), config=config, dtype=dtype, plans=plans,
                  last_only=bool(last_only), return_hidden=bool(return_hidden))
   logits = out["logits"]
   trace: Optional[Trace] = None
   if plans[0].stream is not None:
     trace = Trace(layers=tuple(out["traces"]))
+  elif dense_impl == "capture":
+    trace = tuple(out["traces"])
   hidden = out.get("hidden")
   if squeeze:
     logits = logits[0]
     trace = None if trace is None else jax.tree_util.tree_map(lambda x: x[0], trace)
     hidden = None if hidden is None else hidden[:, 0]
   return (logits, trace, hidden) if return_hidden else (logits, trace)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _logits_from_hidden(params, hidden, *, config, dtype):
+  return Gemma(config, dtype).apply(params, hidden, method=Gemma.logits)
+
+
+def logits_from_hidden(model, params, hidden: jax.Array) -> jax.Array:
+  """float32[..., V]: the model's final norm + (soft-capped) unembedding of residual states [..., D].
+
+  With `forward(..., return_hidden=True, last_only=True)` this gives logits for any positions without the
+  [T, V] buffer (262k vocabulary: 1 MiB per position in f32), e.g. in chunks for faithfulness metrics.
+  """
+  params = wrap_params(params)
+  return _logits_from_hidden(params, jnp.asarray(hidden), config=model_config(model),
+                             dtype=params_dtype(params))

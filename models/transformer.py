@@ -150,7 +150,8 @@ class Gemma(nn.Module):
     self.blocks = [Block(c, i, self.dtype, name=f"layer_{i}") for i in range(c.num_layers)]
     self.final_norm = RMSNorm(c.rms_eps)
 
-  def _logits(self, x):
+  def logits(self, x):
+    """Residual states [..., D] -> float32 logits [..., V] (final norm, unembedding, final soft-cap)."""
     logits = self.embedder.decode(self.final_norm(x))
     cap = self.config.final_softcap
     return logits if cap is None else cap * jnp.tanh(logits / cap)
@@ -180,7 +181,7 @@ class Gemma(nn.Module):
         hidden.append(x)
       if return_kv:
         kvs.append(kv)
-    out = dict(logits=self._logits(x[:, -1:])[:, 0] if last_only else self._logits(x),
+    out = dict(logits=self.logits(x[:, -1:])[:, 0] if last_only else self.logits(x),
                traces=tuple(traces))
     if return_hidden:
       out["hidden"] = jnp.stack(hidden)
@@ -196,5 +197,5 @@ class Gemma(nn.Module):
     for block, kv in zip(self.blocks, cache):
       x, kv = block.extend(x, start, kv)
       new.append(kv)
-    logits = self._logits(x[:, -1:])[:, 0] if last_only else self._logits(x)
+    logits = self.logits(x[:, -1:])[:, 0] if last_only else self.logits(x)
     return logits, tuple(new)

@@ -1,0 +1,193 @@
+"""Evidence for the analysis modules on the embedded Gemma 3 270M (CPU).
+
+1. RULER niah_single_1 (noise haystack, 7-digit value) at ~600 and ~3,000 tokens: greedy answers of the
+   Stream-traced model (default StreamConfig prefill), scored by string_match_all; the same prompts answered
+   with dense attention for comparison.
+2. Routes: per layer and head, the needle mass at the final query block; the pruned rollout from the final
+   block down to the needle; successes vs failures (where failures lose the needle).
+3. Faithfulness of the default StreamConfig across 1k-4k tokens: next-token KL, top-1/top-5 agreement at
+   every position and at the last, per-layer residual error, kept fractions (optionally oracle recall).
+4. PNGs under --out.
+
+    .venv/bin/python benchmarks/analysis_evidence.py --out reports/analysis
+
+Runtime on 2 shared CPU cores with the defaults: printed at the end (see README; use --n 4 and
+--faith-lengths 2048,4096 for a quicker look, --dense-check to also answer every prompt densely).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stream_jax import StreamConfig, plots
+from stream_jax.analysis import faithfulness, niah, routes
+
+
+def logits_fn_for(model):
+  """The model's own final norm + unembedding, applied to residual states [..., T, D]."""
+  from stream_jax.models import logits_from_hidden  # pylint: disable=import-outside-toplevel
+  return lambda h: logits_from_hidden(model, model.params, h)
+
+
+def run_niah(model, length, n, seed, cfg, dense_check):
+  """Samples of one length, answered in one batch with Stream (and dense), traced, scored."""
+  # Depths on a grid over 15-95%: a needle in the first block would share it with the attention sink (BOS),
+  # whose mass would then count as needle mass at block resolution.
+  depths = [15 + 80 * (i + 0.5) / n for i in range(n)]
+  samples = [niah.generate_sample(model.tokenizer, length, niah.NiahTask(depths=(d,)), seed=seed + i)
+             for i, d in enumerate(depths)]
+  ids = np.stack([s.ids for s in samples])
+  t = time.time()
+  gen = model.generate(ids, max_new_tokens=10, attention=cfg)
+  t_stream = time.time() - t
+  texts = gen.text if isinstance(gen.text, list) else [gen.text]
+  dense_texts = None
+  if dense_check:
+    dense_texts = model.generate(ids, max_new_tokens=10).text
+    dense_texts = dense_texts if isinstance(dense_texts, list) else [dense_texts]
+  rows = []
+  for b, s in enumerate(samples):
+    tr = routes.select_batch(gen.trace, b)
+    spans = np.array([n_.value_token_span for n_ in s.queried_needles])
+    nm = np.asarray(routes.trace_needle_mass(tr, spans))  # [L, N]
+    rt = routes.route(tr, spans, residual=0.5, threshold=1e-4)
+    in_sink = int(spans[:, 0].min()) < cfg.sink_blocks * cfg.block_k
+    rows.append(dict(sample=s, pred=texts[b], score=niah.match_all(texts[b], s.answers), in_sink=in_sink,
+                     dense_pred=None if dense_texts is None else dense_texts[b],
+                     dense_score=None if dense_texts is None else niah.match_all(dense_texts[b], s.answers),
+                     needle_mass=nm, route=rt, trace=tr,
+                     depth=s.queried_needles[0].token_span[0] / s.length))
+  return rows, t_stream
+
+
+def faithfulness_rows(model, lengths, cfg, oracle, seed):
+  logits_fn = logits_fn_for(model)
+  out, reports = [], []
+  for length in lengths:
+    s = niah.generate_sample(model.tokenizer, length, seed=seed + length)
+    tokens = jnp.asarray(s.ids)[None]
+    t = time.time()
+    _, _, h_dense = model.forward(tokens, return_hidden=True, last_only=True)
+    _, trace, h_stream = model.forward(tokens, attention=cfg, return_hidden=True, last_only=True)
+    oracle_masks = None
+    if oracle:
+      _, o_trace, _ = model.forward(tokens, attention=cfg.replace(representative="oracle"), last_only=True)
+      oracle_masks = [o.mask if l.mode == "stream" else None for l, o in zip(trace.layers, o_trace.layers)]
+    rep = faithfulness.faithfulness_report_from_hidden(list(h_dense[1:]), list(h_stream[1:]), logits_fn,
+                                                       trace=trace, oracle_masks=oracle_masks)
+    row = dict(length=float(length), **rep.summary(), seconds=time.time() - t)
+    out.append(row)
+    reports.append(rep)
+    print(f"  faithfulness at {length} tokens: {row['seconds']:.0f} s", flush=True)
+  return out, reports
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default="reports/analysis")
+  ap.add_argument("--n", type=int, default=6, help="NIAH samples per length")
+  ap.add_argument("--lengths", default="600,3000", help="NIAH prompt lengths (tokens)")
+  ap.add_argument("--faith-lengths", default="1024,2048,3072,4096", help="'' to skip")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--oracle", action="store_true", help="also measure recall of the oracle top-k (slower)")
+  ap.add_argument("--dense-check", action="store_true", help="also answer every prompt with dense attention")
+  args = ap.parse_args(argv)
+  t0 = time.time()
+  os.makedirs(args.out, exist_ok=True)
+  from stream_jax.models import load_model  # pylint: disable=import-outside-toplevel
+  model = load_model("gemma3-270m")
+  cfg = StreamConfig()
+  print(f"model loaded in {time.time() - t0:.0f} s; StreamConfig: {cfg}", flush=True)
+  kinds = model.config.layer_kinds
+
+  # ---- 1-2. NIAH + routes -------------------------------------------------------------------------------
+  all_rows = []
+  for length in [int(x) for x in args.lengths.split(",")]:
+    rows, secs = run_niah(model, length, args.n, args.seed, cfg, args.dense_check)
+    all_rows += rows
+    ok = [r["score"] == 1.0 for r in rows]
+    dense = [r["dense_score"] for r in rows if r["dense_score"] is not None]
+    kept = float(rows[0]["trace"].kept_fraction())
+    print(f"\n== NIAH single_1 at {length} tokens: Stream {sum(ok)}/{len(ok)} "
+          f"(string_match_all {100 * np.mean([r['score'] for r in rows]):.0f})"
+          + (f", dense {int(sum(dense))}/{len(dense)}" if dense else "")
+          + f"; kept fraction (global layers) {kept:.3f}; Stream generate {secs:.0f} s")
+    print("  depth  success  needle-mass@final(max head, global layers)  needle-flow@L0  prediction")
+    glob = [i for i, k in enumerate(kinds) if k == "global"]
+    for r in rows:
+      nm_g = r["needle_mass"][glob].max(-1)
+      print(f"  {r['depth']:5.2f}  {str(r['score'] == 1.0):7s}  "
+            + " ".join(f"L{i}:{v:.3f}" for i, v in zip(glob, nm_g))
+            + f"   {float(r['route'].needle_flow[0]):.4f}   {r['pred'][:40]!r}"
+            + ("" if r["dense_pred"] is None else f"  dense: {r['dense_pred'][:24]!r}"))
+
+  sink = [r for r in all_rows if r["in_sink"]]
+  if sink:
+    print(f"\n{len(sink)} sample(s) with the needle in the sink block are left out of the comparison")
+  all_rows = [r for r in all_rows if not r["in_sink"]]
+  success = [r["score"] == 1.0 for r in all_rows]
+  comp = routes.compare([r["needle_mass"] for r in all_rows], success)
+  print("\n== needle mass at the final query block, successes vs failures (all lengths) ==")
+  print(comp.format())
+  for length in sorted({r["sample"].length for r in all_rows}):
+    rows = [r for r in all_rows if r["sample"].length == length]
+    ok = [r["score"] == 1.0 for r in rows]
+    if any(ok) and not all(ok):  # within one length: no confound with the haystack size
+      print(f"\n== the same at {length} tokens only ==")
+      print(routes.compare([r["needle_mass"] for r in rows], ok).format())
+  long_rows = [r for r in all_rows if r["sample"].length == max(x["sample"].length for x in all_rows)]
+  flow_s = [float(r["route"].needle_flow[0]) for r, o in zip(all_rows, success) if o]
+  flow_f = [float(r["route"].needle_flow[0]) for r, o in zip(all_rows, success) if not o]
+  print(f"\nrollout needle flow at layer 0 (share of the final block's information on needle blocks): "
+        f"successes {np.mean(flow_s) if flow_s else float('nan'):.4f}, "
+        f"failures {np.mean(flow_f) if flow_f else float('nan'):.4f}")
+
+  # plots of routes
+  files = [plots.plot_success_failure(comp.success, comp.failure, os.path.join(args.out, "needle_mass.png"))]
+  for tag, want in (("success", True), ("failure", False)):
+    pick = [r for r in long_rows if (r["score"] == 1.0) == want] or [
+        r for r in all_rows if (r["score"] == 1.0) == want]
+    if pick:
+      r = pick[0]
+      s = r["sample"]
+      bk = r["trace"].layers[0].mask.block_k
+      nb = sorted({t // bk for n_ in s.queried_needles for t in range(*n_.value_token_span)})
+      files.append(plots.plot_route(r["route"], os.path.join(args.out, f"route_{tag}.png"), needle_blocks=nb,
+                                    title=f"route ({tag}, {s.length} tokens, needle depth {r['depth']:.2f})"))
+      g = [l for l in r["trace"].layers if l.kind == "global"][-1]
+      files.append(plots.plot_block_mask(g.mask, os.path.join(args.out, f"mask_{tag}.png"), mass=g.mass,
+                                         title=f"layer {g.layer} (global), mean over heads, {tag}"))
+
+  with open(os.path.join(args.out, "niah.json"), "w") as f:
+    json.dump([dict(length=r["sample"].length, depth=r["depth"], success=r["score"] == 1.0, pred=r["pred"],
+                    dense_pred=r["dense_pred"], needle_mass=np.asarray(r["needle_mass"]).tolist())
+               for r in all_rows], f, indent=1)
+
+  # ---- 3. faithfulness ----------------------------------------------------------------------------------
+  if not args.faith_lengths:
+    print("\nwrote " + ", ".join(files))
+    print(f"total runtime {time.time() - t0:.0f} s")
+    return
+  print("\n== faithfulness of the default StreamConfig ==", flush=True)
+  frows, reports = faithfulness_rows(model, [int(x) for x in args.faith_lengths.split(",")], cfg,
+                                     args.oracle, args.seed)
+  keys = ["length", "kept_stream", "kept_overall", "kl_mean", "kl_last", "top1_mean", "top1_last",
+          "top5_mean", "resid_err_last_layer"] + (["oracle_recall"] if args.oracle else [])
+  print(faithfulness.format_rows(frows, keys))
+  print(faithfulness.format_report(reports[-1], f"per layer at {int(frows[-1]['length'])} tokens"))
+  files.append(plots.plot_faithfulness(frows, os.path.join(args.out, "faithfulness.png")))
+  with open(os.path.join(args.out, "faithfulness.json"), "w") as f:
+    json.dump(frows, f, indent=1)
+  print("\nwrote " + ", ".join(files))
+  print(f"total runtime {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
