@@ -140,7 +140,7 @@ def trained_recall_model():
 
   s = opt.init(p)
   rng = np.random.default_rng(0)
-  for _ in range(400):
+  for _ in range(300):
     p, s = step(p, s, *_batch(rng, 64)[:3])
   return p
 
@@ -154,13 +154,13 @@ def _stream_trace(p, k_ids, v_ids, cfg):
   return Trace((LayerTrace(mask, st.mass, 0, "global", "stream"),)), logits
 
 
-# Measured (400 steps, seed 0; 128 test prompts): dense accuracy 1.00; with top_k=2 the Stream mask holds the
-# needle block in 86% of prompts (Stream accuracy 87%), the route's heaviest edge into the final block comes
-# from it in 100% of those, needle mass at the final block min 0.92 / mean 0.99; with top_k=1 Stream succeeds
-# on 59%, needle mass at the final block 0.96 in successes vs 0.00 in failures.
+# Measured (300 steps, seed 0; 64 test prompts): dense accuracy 1.00; with top_k=2 the Stream mask holds the
+# needle block in 86% of prompts (Stream accuracy 86%), the route's heaviest edge into the final block comes
+# from it in 100% of those, needle mass at the final block min 0.80 / mean 0.99; with top_k=1 Stream succeeds
+# on 69%, needle mass at the final block 0.97 in successes vs 0.00 in failures.
 def test_tiny_recall_model_routes_point_at_the_recalled_pair():
   p = trained_recall_model()
-  k_ids, v_ids, tgt, which = _batch(np.random.default_rng(1), 128)
+  k_ids, v_ids, tgt, which = _batch(np.random.default_rng(1), 64)
   assert float((_dense_logits(p, k_ids, v_ids)[:, -1].argmax(-1) == tgt).mean()) >= 0.95
   needle_block = which // BLOCK
   cfg = StreamConfig(block_q=BLOCK, block_k=BLOCK, top_k=2, sink_blocks=1, window_blocks=1)
@@ -173,7 +173,7 @@ def test_tiny_recall_model_routes_point_at_the_recalled_pair():
     r = R.route(R.select_batch(trace, int(b)), spans, threshold=0.0)
     into_final = [e for e in r.edge_list(only_route=False) if e[3] == T // BLOCK - 1 and e[2] != e[3]]
     correct += into_final[0][2] == needle_block[b]
-    assert float(R.trace_needle_mass(R.select_batch(trace, int(b)), spans)[0, 0]) > 0.5
+    assert float(R.trace_needle_mass(R.select_batch(trace, int(b)), spans)[0, 0]) > 0.6
   assert correct / kept.sum() >= 0.95
 
   cfg1 = cfg.replace(top_k=1)
