@@ -1,5 +1,6 @@
 """Thought anchors: every definition on hand-made inputs, and Stream vs dense at short T."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -257,3 +258,13 @@ def test_stream_vertical_scores_match_dense_at_short_t(seed):
   assert rho_receivers >= SPEARMAN_FLOOR
   assert overlap >= OVERLAP_FLOOR
   assert imp_rho >= IMPORTANCE_FLOOR
+
+
+def test_vertical_scores_jit_over_a_batch():
+  trace, spans = _anchor_trace()
+  lt = trace.layers[1]
+  fn = jax.jit(jax.vmap(lambda mass, idx: A.layer_vertical_scores(
+      mass, idx, spans, block_q=8, block_k=8, q_len=lt.mask.q_len, k_len=lt.mask.k_len)))
+  out = fn(jnp.stack([lt.mass, 2 * lt.mass]), jnp.stack([lt.mask.indices] * 2))
+  np.testing.assert_allclose(out[1], 2 * out[0], rtol=1e-6)
+  np.testing.assert_allclose(out[0], A.trace_vertical_scores(trace, spans)[1], rtol=1e-6)

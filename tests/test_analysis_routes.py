@@ -184,3 +184,13 @@ def test_tiny_recall_model_routes_point_at_the_recalled_pair():
         for b in range(len(ok))]
   c = R.compare(nm, ok)
   assert c.layer_success[0] > 0.8 and c.layer_failure[0] < 0.2
+
+
+def test_route_and_needle_mass_jit_and_vmap():
+  tr = _path_trace()
+  eager = R.route(tr, NEEDLE, threshold=0.01)
+  jitted = jax.jit(lambda t, s: R.route(t, s, threshold=0.01))(tr, jnp.asarray(NEEDLE))
+  np.testing.assert_allclose(jitted.flow, eager.flow, atol=1e-6)
+  batched = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tr)
+  nm = jax.jit(jax.vmap(lambda t: R.trace_needle_mass(t, jnp.asarray(NEEDLE))))(batched)
+  np.testing.assert_allclose(nm[1], R.trace_needle_mass(tr, NEEDLE), atol=1e-6)
