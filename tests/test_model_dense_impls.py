@@ -51,3 +51,17 @@ def test_logits_from_hidden_equal_the_forward_logits():
   np.testing.assert_allclose(logits_from_hidden(cfg, params, hidden[-1]), logits, atol=1e-5)
   last, _ = forward(cfg, params, x, last_only=True)
   np.testing.assert_allclose(last, logits[:, -1], atol=1e-5)
+
+
+def test_pallas_backend_in_the_model_equals_xla():
+  """The model's Stream path through the Pallas kernels (interpret mode off GPU) matches the XLA path."""
+  cfg = tiny_config("gemma3", window=32, head_dim=32)
+  params = init_params(cfg, jnp.float32, seed=1)
+  x = tokens(1, 150)
+  sc = StreamConfig(block_q=16, block_k=16, top_k=2)
+  a, ta = forward(cfg, params, x, attention=sc)
+  b, tb = forward(cfg, params, x, attention=sc, backend="pallas")
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  for la, lb in zip(ta.layers, tb.layers):
+    np.testing.assert_array_equal(la.mask.indices, lb.mask.indices)
+    np.testing.assert_allclose(la.mass, lb.mass, atol=1e-5)
