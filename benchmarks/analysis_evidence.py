@@ -5,6 +5,7 @@
    with dense attention for comparison.
 2. Routes: per layer and head, the needle mass at the final query block; the pruned rollout from the final
    block down to the needle; successes vs failures (where failures lose the needle).
+   Thought anchors end to end on a short hand-written chain of thought (pipeline demo).
 3. Faithfulness of the default StreamConfig across 1k-4k tokens: next-token KL, top-1/top-5 agreement at
    every position and at the last, per-layer residual error, kept fractions (optionally oracle recall).
 4. PNGs under --out.
@@ -65,6 +66,46 @@ def run_niah(model, length, n, seed, cfg, dense_check):
                      needle_mass=nm, route=rt, trace=tr,
                      depth=s.queried_needles[0].token_span[0] / s.length))
   return rows, t_stream
+
+
+# The question comes first, as in a real prompt: the first key block (BOS, the attention sink) then holds no
+# sentence of the chain, whose share of the sink's mass would otherwise inflate the first sentence's score.
+COT = """Question: Sara has 48 apples. She gives a quarter of them to Tom, then 5 apples to each of her 3
+friends. How many apples does Sara have left?
+<think>The problem asks how many apples Sara has left after giving some away. We are given that Sara starts
+with 48 apples. She gives a quarter of them to Tom. Then she gives 5 apples to each of her 3 friends.
+
+Let me first find a quarter of 48. I know that a quarter means dividing by 4. So 48 / 4 = 12. Sara gives 12
+apples to Tom. That leaves 48 - 12 = 36 apples.
+
+Next, I need the apples for the friends. Each friend gets 5 apples and there are 3 friends. So 5 * 3 = 15
+apples. Subtracting, 36 - 15 = 21 apples remain.
+
+Wait, let me check the question again. Does she give 5 apples in total or 5 to each friend? It says 5 apples
+to each of her 3 friends, so 15 in total is right. Let me verify the first step too. 12 * 4 = 48, correct.
+
+Hmm, maybe the quarter should be taken after the friends? No, the order in the problem is Tom first. So the
+computation order is fine. Therefore Sara has 21 apples left. Let me double-check the arithmetic once more.
+48 - 12 is 36, and 36 - 15 is 21. The final answer is 21.</think> Sara has 21 apples left."""
+
+
+def run_anchors(model, cfg, out):
+  """The thought-anchor pipeline end to end on the real model (a short chain: Stream keeps every block
+  below ~1k tokens, so this shows the pipeline, not pruning)."""
+  from stream_jax.analysis import anchors  # pylint: disable=import-outside-toplevel
+  ids, offsets = niah.encode(model.tokenizer, COT)
+  sents = anchors.sentences(COT, offsets)
+  _, trace = model.forward(jnp.asarray(ids)[None], attention=cfg.replace(block_q=16, block_k=16),
+                           last_only=True)
+  rep = anchors.thought_anchors(trace, sents, batch_index=0)
+  print(f"\n== thought anchors: {len(sents)} sentences, {len(ids)} tokens, blocks of 16; receiver heads "
+        + " ".join(f"L{l}H{h}" for l, h in np.asarray(rep.heads)[:8]) + " ... ==")
+  for i, score, label, text in rep.top(5):
+    print(f"  #{i:2d} {score:.4f} {label:24s} {text[:60]!r}")
+  print("  by category: " + ", ".join(f"{k} {v[0]:.4f} (n={v[1]})" for k, v in rep.categories.items()))
+  return [plots.plot_vertical_scores(rep.importance, rep.labels, os.path.join(out, "anchors_importance.png"),
+                                     texts=sents.texts),
+          plots.plot_kurtosis_grid(rep.kurtosis, os.path.join(out, "anchors_kurtosis.png"), heads=rep.heads)]
 
 
 def faithfulness_rows(model, lengths, cfg, oracle, seed):
@@ -143,6 +184,15 @@ def main(argv=None):
       print(f"\n== the same at {length} tokens only ==")
       print(routes.compare([r["needle_mass"] for r in rows], ok).format())
   long_rows = [r for r in all_rows if r["sample"].length == max(x["sample"].length for x in all_rows)]
+  glob = [i for i, k in enumerate(kinds) if k == "global"]
+  for length in sorted({r["sample"].length for r in all_rows}):
+    for want in (True, False):
+      nm = [r["needle_mass"][glob] for r in all_rows if r["sample"].length == length and
+            (r["score"] == 1.0) == want]
+      if nm:
+        print(f"global layers {glob}, {length} tokens, {'successes' if want else 'failures'} ({len(nm)}): "
+              "needle mass mean over heads " + " ".join(f"{v:.3f}" for v in np.mean(nm, 0).mean(-1))
+              + ", max head " + " ".join(f"{v:.3f}" for v in np.mean(nm, 0).max(-1)))
   flow_s = [float(r["route"].needle_flow[0]) for r, o in zip(all_rows, success) if o]
   flow_f = [float(r["route"].needle_flow[0]) for r, o in zip(all_rows, success) if not o]
   print(f"\nrollout needle flow at layer 0 (share of the final block's information on needle blocks): "
@@ -169,6 +219,9 @@ def main(argv=None):
     json.dump([dict(length=r["sample"].length, depth=r["depth"], success=r["score"] == 1.0, pred=r["pred"],
                     dense_pred=r["dense_pred"], needle_mass=np.asarray(r["needle_mass"]).tolist())
                for r in all_rows], f, indent=1)
+
+  # ---- 2b. thought anchors on a short hand-written chain of thought --------------------------------------
+  files += run_anchors(model, cfg, args.out)
 
   # ---- 3. faithfulness ----------------------------------------------------------------------------------
   if not args.faith_lengths:
