@@ -162,8 +162,8 @@ def kept_interactions(mask: BlockMask, window: Optional[int] = None) -> jax.Arra
 
 def kept_fraction(mask: BlockMask, window: Optional[int] = None) -> jax.Array:
   """float32[..., N] kept token interactions / causally allowed ones (1.0 = dense)."""
-  total = causal_interactions(mask.q_len, mask.k_len, window)
-  return kept_interactions(mask, window) / total
+  total = causal_interactions(mask.q_len, mask.k_len, window)  # above 2**31 from T = 65,536 on
+  return kept_interactions(mask, window) / float(total)
 
 
 def block_density(mask: BlockMask) -> jax.Array:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stream_jax.mask import BlockMask, kept_interactions, causal_interactions
+from stream_jax.mask import BlockMask, kept_fraction
 
 LayerKind = Literal["global", "local"]
 # "stream": estimated top-k mask; "window": exact sliding window as a block band; "dense": the layer ran
@@ -36,8 +36,7 @@ class LayerTrace:
 
   def kept_fraction(self) -> jax.Array:
     """float32[..., N] kept token interactions over those the layer's own rule allows."""
-    total = causal_interactions(self.mask.q_len, self.mask.k_len, self.window)
-    return kept_interactions(self.mask, self.window) / total
+    return kept_fraction(self.mask, self.window)
 
 
 @jax.tree_util.register_dataclass

@@ -52,3 +52,16 @@ def test_blockmask_is_a_pytree_with_static_layout():
   assert sj.masks_equal(mask, again)
   doubled = jax.jit(lambda m: m)(mask)
   assert doubled.block_q == 16 and doubled.q_len == 64
+
+
+def test_kept_fraction_at_lengths_past_int32_interaction_counts():
+  """131,072 tokens have 8.6e9 causal pairs: more than int32 holds."""
+  t = 131_072
+  mask = sj.window_mask(1, t, t, block_q=64, block_k=64, window=1024)
+  assert causal_interactions(t, t) > 2**31
+  np.testing.assert_allclose(sj.kept_fraction(mask, 1024), 1.0, rtol=1e-5)
+  # without the window rule every key of the band's blocks up to the query counts
+  pos = np.arange(t, dtype=np.int64)
+  band_start = np.maximum(pos // 64 * 64 - 1024 + 1, 0) // 64 * 64
+  expect = (pos - band_start + 1).sum() / causal_interactions(t, t)
+  np.testing.assert_allclose(sj.kept_fraction(mask), expect, rtol=1e-5)
