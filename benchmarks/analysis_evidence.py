@@ -33,7 +33,7 @@ from stream_jax.analysis import faithfulness, niah, routes
 
 def logits_fn_for(model):
   """The model's own final norm + unembedding, applied to residual states [..., T, D]."""
-  from stream_jax.models import logits_from_hidden  # pylint: disable=import-outside-toplevel
+  from stream_jax.models.forward import logits_from_hidden  # pylint: disable=import-outside-toplevel
   return lambda h: logits_from_hidden(model, model.params, h)
 
 
