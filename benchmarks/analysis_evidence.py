@@ -119,7 +119,7 @@ def faithfulness_rows(model, lengths, cfg, oracle, seed):
     _, trace, h_stream = model.forward(tokens, attention=cfg, return_hidden=True, last_only=True)
     oracle_masks = None
     if oracle:
-      _, o_trace, _ = model.forward(tokens, attention=cfg.replace(representative="oracle"), last_only=True)
+      _, o_trace = model.forward(tokens, attention=cfg.replace(representative="oracle"), last_only=True)
       oracle_masks = [o.mask if l.mode == "stream" else None for l, o in zip(trace.layers, o_trace.layers)]
     rep = faithfulness.faithfulness_report_from_hidden(list(h_dense[1:]), list(h_stream[1:]), logits_fn,
                                                        trace=trace, oracle_masks=oracle_masks)
