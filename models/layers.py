@@ -77,7 +77,7 @@ class Embedder(nn.Module):
     return x * jnp.asarray(np.sqrt(self.embed_dim), dtype=x.dtype)
 
   def decode(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("btd,vd->btv", x, self.input_embedding, preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,vd->...v", x, self.input_embedding, preferred_element_type=jnp.float32)
 
 
 class FeedForward(nn.Module):

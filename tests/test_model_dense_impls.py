@@ -49,6 +49,7 @@ def test_logits_from_hidden_equal_the_forward_logits():
   x = tokens(2, 20)
   logits, _, hidden = forward(cfg, params, x, return_hidden=True)
   np.testing.assert_allclose(logits_from_hidden(cfg, params, hidden[-1]), logits, atol=1e-5)
+  np.testing.assert_allclose(logits_from_hidden(cfg, params, hidden[-1, 0, 3]), logits[0, 3], atol=1e-5)
   last, _ = forward(cfg, params, x, last_only=True)
   np.testing.assert_allclose(last, logits[:, -1], atol=1e-5)
 
