@@ -135,7 +135,7 @@ def kept_fractions(trace: Trace) -> KeptFractions:
                 for l in trace.layers)
   stream_ids = [i for i, l in enumerate(trace.layers) if l.mode == "stream"]
   stream = per_layer[jnp.asarray(stream_ids)].mean() if stream_ids else jnp.float32(1.0)
-  return KeptFractions(per_head, per_layer, kept / allowed, stream)
+  return KeptFractions(per_head, per_layer, kept / float(allowed), stream)  # allowed > 2**31 from 65k
 
 
 # ---------------------------------------------------------------------------------------------------------
