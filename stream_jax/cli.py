@@ -303,8 +303,7 @@ def cmd_niah(args):
                          dense_layers=args.dense_layers, prune_local=args.prune_local, backend=args.backend)
     answer = gen.text if isinstance(gen.text, str) else gen.text[0]
     score = niah.match_all(answer, sample.answers)
-    _, trace = model.forward(sample.ids, attention=cfg, dense_layers=args.dense_layers,
-                             prune_local=args.prune_local, backend=args.backend, last_only=True)
+    trace = gen.trace  # the Stream prefill's trace: the attention that produced the answer
     spans = np.asarray([nd.value_token_span for nd in sample.queried_needles])
     nm = np.asarray(routes.trace_needle_mass(trace, spans))
     masses.append(nm)
