@@ -120,7 +120,7 @@ def faithfulness_rows(model, lengths, cfg, oracle, seed):
     oracle_masks = None
     if oracle:
       _, o_trace = model.forward(tokens, attention=cfg.replace(representative="oracle"), last_only=True)
-      oracle_masks = [o.mask if l.mode == "stream" else None for l, o in zip(trace.layers, o_trace.layers)]
+      oracle_masks = faithfulness.oracle_masks(trace, o_trace)
     rep = faithfulness.faithfulness_report_from_hidden(list(h_dense[1:]), list(h_stream[1:]), logits_fn,
                                                        trace=trace, oracle_masks=oracle_masks)
     row = dict(length=float(length), **rep.summary(), seconds=time.time() - t)

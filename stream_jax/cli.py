@@ -155,7 +155,7 @@ def run_pair(model, ids, cfg, args, *, oracle: bool = False):
   if oracle:
     _, o_trace, _ = model.forward(ids, attention=cfg.replace(representative="oracle"),
                                   dense_layers=args.dense_layers, prune_local=args.prune_local, **common)
-    oracle_masks = [o.mask if l.mode == "stream" else None for l, o in zip(trace.layers, o_trace.layers)]
+    oracle_masks = faithfulness.oracle_masks(trace, o_trace)
     bar.update()
   bar.close()
   report = faithfulness.faithfulness_report_from_hidden(list(d_hidden[1:]), list(s_hidden[1:]),

@@ -301,6 +301,12 @@ def format_rows(rows: Sequence[dict], keys: Sequence[str]) -> str:
 Forward = Callable[[jax.Array, object], tuple]
 
 
+def oracle_masks(trace: Trace, oracle_trace: Trace) -> list[Optional[BlockMask]]:
+  """Per layer, the oracle run's mask where the Stream run estimated one (None for window/dense layers):
+  the `oracle_masks` argument of the reports."""
+  return [o.mask if l.mode == "stream" else None for l, o in zip(trace.layers, oracle_trace.layers)]
+
+
 def run_faithfulness(forward: Forward, tokens: jax.Array, config: StreamConfig = StreamConfig(), *,
                      oracle: bool = False, top_k: int = 5) -> FaithfulnessReport:
   """Runs `forward` dense and with Stream(config) on the same tokens and reports faithfulness.
@@ -311,9 +317,9 @@ def run_faithfulness(forward: Forward, tokens: jax.Array, config: StreamConfig =
   """
   d_logits, _, d_hidden = forward(tokens, "dense")
   s_logits, s_trace, s_hidden = forward(tokens, config)
-  oracle_masks = None
+  masks = None
   if oracle and s_trace is not None:
     _, o_trace, _ = forward(tokens, config.replace(representative="oracle"))
-    oracle_masks = [o.mask if l.mode == "stream" else None for l, o in zip(s_trace.layers, o_trace.layers)]
+    masks = oracle_masks(s_trace, o_trace)
   return faithfulness_report(d_logits, s_logits, trace=s_trace, dense_hidden=d_hidden,
-                             stream_hidden=s_hidden, oracle_masks=oracle_masks, top_k=top_k)
+                             stream_hidden=s_hidden, oracle_masks=masks, top_k=top_k)
