@@ -3,6 +3,12 @@
 A run writes into a hidden sibling folder and swaps it into place only when everything is on disk, so a
 crashed run never leaves a half-written report that looks complete, and an earlier report is removed only
 after its replacement exists.
+
+Nothing a user wrote is ever deleted: every report folder holds a marker file (`MARKER`) listing the files
+stream_jax wrote there. `write_report` writes into a new (or empty) folder; it replaces an existing folder
+only with `force=True`, and only if the marker is there and the folder holds nothing but the files the
+marker lists. Files, foreign folders and reports a user has added files to are refused (`ReportPathError`);
+`check_out_dir` runs the same checks up front, so a command can refuse before any compute.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 from typing import Any, Mapping, Optional
 
 import jax
@@ -25,6 +32,12 @@ from stream_jax.trace import LayerTrace, Trace
 
 TRACE_DIR = "trace"
 TRACE_META = "trace.json"
+MARKER = ".stream_jax_report"
+
+
+class ReportPathError(ValueError):
+  """The output path cannot take a report without deleting or overwriting something stream_jax did not
+  write (or it cannot be created)."""
 
 
 def to_jsonable(x: Any) -> Any:
@@ -93,23 +106,90 @@ def load_trace(path: str | os.PathLike) -> Trace:
 # ---------------------------------------------------------------------------------------------- the folder
 
 
-def _html(title: str, summary: Mapping[str, Any], figures: list[str], sections: Mapping[str, str]) -> str:
-  rows = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
-                   for k, v in summary.items())
-  figs = "\n".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(f)}">'
-                   f"<figcaption>{html.escape(f)}</figcaption></figure>" for f in figures)
-  extra = "\n".join(f"<h2>{html.escape(k)}</h2><pre>{html.escape(v)}</pre>" for k, v in sections.items())
+# Human names and one-line explanations of the numbers reports show (raw keys stay in report.json).
+LABELS: dict[str, tuple[str, str]] = {
+    "model": ("model", ""),
+    "tokens": ("prompt length (tokens)", ""),
+    "sentences": ("sentences", ""),
+    "expected": ("expected answer", "the needle's value"),
+    "stream_answer": ("answer with Stream attention", "greedy continuation after the Stream prefill"),
+    "stream_retrieved": ("Stream answer contains the needle", ""),
+    "dense_answer": ("answer with dense attention", "the unpruned model's greedy continuation"),
+    "dense_retrieved": ("dense answer contains the needle", ""),
+    "same_answer": ("same answer dense and Stream", ""),
+    "kl_mean": ("next-token KL, mean (nats)", "KL(dense || Stream) of the next-token distribution, "
+                "averaged over positions; 0 = identical"),
+    "kl_last": ("next-token KL at the last position (nats)", ""),
+    "top1_mean": ("top-1 agreement, mean", "share of positions where dense and Stream predict the same "
+                  "next token"),
+    "top1_last": ("top-1 agreement at the last position", ""),
+    "top5_mean": ("top-5 overlap, mean", "share of the dense top-5 tokens also in Stream's top-5"),
+    "top5_last": ("top-5 overlap at the last position", ""),
+    "resid_err_last_layer": ("residual error, last layer", "|h_stream - h_dense| / |h_dense| of the "
+                             "residual stream after the last layer"),
+    "resid_err_max": ("residual error, worst layer", ""),
+    "kept_overall": ("kept share of token pairs, all layers", "causal query-key pairs that attention "
+                     "could use, relative to full causal attention (window layers count as pruned)"),
+    "kept_stream": ("kept share of token pairs, Stream layers", "the same, over the layers whose mask "
+                    "Stream estimated (global layers); 1.0 = nothing pruned"),
+    "kept_fraction": ("kept share of token pairs", "1.0 = nothing pruned"),
+    "oracle_recall": ("recall of the exact top-k", "share of the exact top-k blocks the search found"),
+    "needle_flow_at_input": ("needle share of the route at the input", "share of the final position's "
+                             "attention route (rollout over kept blocks) that starts in the needle's "
+                             "blocks"),
+    "total_seconds": ("run time (s)", ""),
+    "dense_forward_s": ("dense forward (s)", ""),
+    "stream_forward_s": ("Stream forward (s)", ""),
+}
+
+
+def human(key: str) -> tuple[str, str]:
+  """(human name, short explanation) of a report key; success@N and unknown keys get a readable form."""
+  if key in LABELS:
+    return LABELS[key]
+  if key.startswith("success@"):
+    return (f"needle retrieved at {key[8:]} tokens (%)", "share of samples whose answer holds every "
+            "expected value")
+  return key.replace("_", " "), ""
+
+
+def _html(title: str, summary: Mapping[str, Any], figures: list[str], sections: Mapping[str, str], *,
+          intro: Mapping[str, Any] = {}, notes: Mapping[str, str] = {},  # pylint: disable=dangerous-default-value
+          captions: Mapping[str, str] = {}) -> str:  # pylint: disable=dangerous-default-value
+  e = html.escape
+  head = "\n".join(f"<tr><th>{e(str(k))}</th><td><pre class=v>{e(_fmt(v))}</pre></td></tr>"
+                   for k, v in intro.items())
+  note = "\n".join(f'<p class=note><b>{e(k)}:</b> {e(v)}</p>' for k, v in notes.items())
+  rows = []
+  for k, v in summary.items():
+    name, why = human(str(k))
+    rows.append(f"<tr><th title=\"{e(str(k))}\">{e(name)}</th><td>{e(_fmt(v))}</td>"
+                f"<td class=why>{e(why)}</td></tr>")
+  figs = []
+  for f in figures:
+    stem = f[:-4] if f.endswith(".png") else f
+    cap = captions.get(stem, stem.replace("_", " "))
+    figs.append(f'<figure><img src="{e(f)}" alt="{e(cap)}"><figcaption>{e(cap)} '
+                f'(<a href="{e(f)}">{e(f)}</a>)</figcaption></figure>')
+  extra = "\n".join(f"<h2>{e(k)}</h2><pre>{e(v)}</pre>" for k, v in sections.items())
   return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html><head><meta charset="utf-8"><title>{e(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
-th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}img{{max-width:100%}}
+th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left;vertical-align:top}}img{{max-width:100%}}
+td.why{{color:#555;font-size:90%}}pre.v{{margin:0;white-space:pre-wrap;background:none;padding:0}}
+p.note{{background:#fff4d6;border-left:4px solid #e0a800;padding:.6em 1em}}
 figure{{margin:1.5em 0}}pre{{background:#f6f6f6;padding:1em;overflow-x:auto}}</style></head>
-<body><h1>{html.escape(title)}</h1>
+<body><h1>{e(title)}</h1>
 <p>Written {datetime.datetime.now().isoformat(timespec="seconds")} by stream_jax.
-Full numbers: <a href="report.json">report.json</a>.</p>
-<table>{rows}</table>
+Full numbers: <a href="report.json">report.json</a>; the trace restores with
+<code>stream_jax.report.load_trace(&lt;this folder&gt;)</code>.</p>
+<table>{head}</table>
+{note}
+<h2>Key numbers</h2>
+<table>{"".join(rows)}</table>
 {extra}
-{figs}
+<h2>Figures</h2>
+{"".join(figs)}
 </body></html>
 """
 
@@ -120,9 +200,67 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
+def _written_files(folder: pathlib.Path) -> list[str]:
+  return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+
+
+def _marker_files(folder: pathlib.Path) -> Optional[set[str]]:
+  """The files the marker says stream_jax wrote, or None if `folder` is not a stream_jax report."""
+  try:
+    meta = json.loads((folder / MARKER).read_text())
+    return set(meta["files"]) | {MARKER}
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def check_out_dir(out_dir: str | os.PathLike, *, force: bool = False) -> pathlib.Path:
+  """The absolute report folder, after checking that writing it deletes nothing stream_jax did not write.
+
+  Accepted: a path that does not exist (its parent folders are created when the report is written, so the
+  nearest existing ancestor must be a writable folder), an empty folder, and with `force=True` a previous
+  stream_jax report that holds only the files it wrote. Raises ReportPathError otherwise, before any work.
+  """
+  out = pathlib.Path(os.path.expanduser(os.fspath(out_dir))).absolute()
+  name = os.fspath(out_dir)
+  if out.is_symlink():
+    raise ReportPathError(f"--out {name}: is a symbolic link; give a new folder name")
+  if out.exists():
+    if not out.is_dir():
+      raise ReportPathError(f"--out {name}: is an existing file, not a report folder; it is left alone "
+                            "(give a new folder name)")
+    entries = list(out.iterdir())
+    if entries:
+      owned = _marker_files(out)
+      if owned is None:
+        raise ReportPathError(
+            f"--out {name}: is an existing folder that stream_jax did not write ({len(entries)} entries, "
+            f"e.g. {entries[0].name!r}); it is left alone (give a new or empty folder)")
+      foreign = [f for f in _written_files(out) if f not in owned]
+      if foreign:
+        raise ReportPathError(
+            f"--out {name}: is a previous stream_jax report, but holds files it did not write "
+            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); it is left alone")
+      if not force:
+        raise ReportPathError(f"--out {name}: holds a previous stream_jax report; pass --force (force=True) "
+                              "to replace it, or give a new folder")
+    if not os.access(out.parent, os.W_OK):
+      raise ReportPathError(f"--out {name}: its parent folder {out.parent} is not writable")
+    return out
+  parent = out.parent
+  while not parent.exists() and parent != parent.parent:
+    parent = parent.parent
+  if not parent.is_dir():
+    raise ReportPathError(f"--out {name}: {parent} is a file, so no folder can be made below it")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ReportPathError(f"--out {name}: cannot create it ({parent} is not writable)")
+  return out
+
+
 def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summary: Mapping[str, Any],
                  figures: Optional[Mapping[str, Any]] = None, trace: Optional[Trace] = None,
-                 sections: Optional[Mapping[str, str]] = None, title: str = "stream_jax report"
+                 sections: Optional[Mapping[str, str]] = None, title: str = "stream_jax report",
+                 force: bool = False, intro: Optional[Mapping[str, Any]] = None,
+                 notes: Optional[Mapping[str, str]] = None, captions: Optional[Mapping[str, str]] = None
                  ) -> pathlib.Path:
   """Writes report.json, trace/, <name>.png figures and index.html into `out_dir`, atomically.
 
@@ -133,14 +271,23 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
       to the path it is given (the stream_jax.plots functions).
     trace: saved with orbax (restore with `load_trace(out_dir)`).
     sections: title -> preformatted text (tables) shown in index.html.
+    force: replace a previous stream_jax report at `out_dir` (never a file, a folder stream_jax did not
+      write, or a report a user added files to: see `check_out_dir`).
+    intro: label -> value shown first in index.html (the prompt, the question, the settings).
+    notes: notices shown above the numbers (e.g. "pruning does nothing at these settings").
+    captions: figure name -> what the figure shows and how to read it.
   """
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  out = pathlib.Path(out_dir).absolute()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
+  out = check_out_dir(out_dir, force=force)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ReportPathError(f"--out {os.fspath(out_dir)}: cannot create its parent folder: {e.strerror}") from e
+  try:
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  except OSError as e:
+    raise ReportPathError(f"--out {os.fspath(out_dir)}: cannot write in {out.parent}: {e.strerror}") from e
   try:
     names = []
     for name, fig in (figures or {}).items():
@@ -154,11 +301,17 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
     if trace is not None:
       save_trace(tmp, trace)
     (tmp / "report.json").write_text(json.dumps(to_jsonable(report), indent=1))
-    (tmp / "index.html").write_text(_html(title, summary, names, sections or {}))
+    (tmp / "index.html").write_text(_html(title, summary, names, sections or {}, intro=intro or {},
+                                          notes=notes or {}, captions=captions or {}))
+    (tmp / MARKER).write_text(json.dumps({"written_by": "stream_jax", "files": _written_files(tmp)}))
     old = None
     if out.exists():
-      old = out.parent / f".{out.name}.old-{os.getpid()}"
-      out.rename(old)
+      check_out_dir(out_dir, force=force)  # again: the folder may have changed while we computed
+      if any(out.iterdir()):
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+      else:
+        out.rmdir()
     tmp.rename(out)
     if old is not None:
       shutil.rmtree(old, ignore_errors=True)

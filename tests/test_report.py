@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import stream_jax as sj
-from stream_jax.report import load_trace, write_report
+from stream_jax.report import MARKER, ReportPathError, check_out_dir, load_trace, write_report
 from stream_jax.trace import LayerTrace, Trace
 
 
@@ -46,13 +46,53 @@ def test_failed_write_keeps_the_previous_report(tmp_path):
       raise RuntimeError("disk full")
 
   with pytest.raises(RuntimeError, match="disk full"):
-    write_report(tmp_path / "r", report={"run": 2}, summary={}, figures={"f": Broken()})
+    write_report(tmp_path / "r", report={"run": 2}, summary={}, figures={"f": Broken()}, force=True)
   assert json.loads((out / "report.json").read_text()) == {"run": 1}
   assert sorted(p.name for p in tmp_path.iterdir()) == ["r"], "no temporary folder may be left"
-  write_report(tmp_path / "r", report={"run": 3}, summary={})
+  write_report(tmp_path / "r", report={"run": 3}, summary={}, force=True)
   assert json.loads((out / "report.json").read_text()) == {"run": 3}
 
 
 def test_load_trace_names_a_missing_trace(tmp_path):
   with pytest.raises(FileNotFoundError, match="no saved trace"):
     load_trace(tmp_path)
+
+
+def _user_folder(tmp_path):
+  d = tmp_path / "project"
+  d.mkdir()
+  (d / "main.py").write_text("print('mine')")
+  return d
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_foreign_folders_and_files_are_never_replaced(tmp_path, force):
+  d = _user_folder(tmp_path)
+  f = tmp_path / "results.csv"
+  f.write_text("a,b\n")
+  for target, match in ((d, "did not write"), (f, "existing file"), (f / "sub", "is a file")):
+    with pytest.raises(ReportPathError, match=match):
+      write_report(target, report={}, summary={}, force=force)
+  assert (d / "main.py").read_text() == "print('mine')" and f.read_text() == "a,b\n"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "results.csv"]
+
+
+def test_previous_report_needs_force_and_user_files_protect_it(tmp_path):
+  out = write_report(tmp_path / "r", report={"run": 1}, summary={})
+  assert (out / MARKER).exists()
+  with pytest.raises(ReportPathError, match="--force"):
+    write_report(out, report={"run": 2}, summary={})
+  write_report(out, report={"run": 2}, summary={}, force=True)
+  assert json.loads((out / "report.json").read_text()) == {"run": 2}
+  (out / "notes.txt").write_text("my notes")
+  with pytest.raises(ReportPathError, match="notes.txt"):
+    write_report(out, report={"run": 3}, summary={}, force=True)
+  assert (out / "notes.txt").read_text() == "my notes"
+
+
+def test_empty_folder_and_new_nested_folder_are_accepted(tmp_path):
+  (tmp_path / "empty").mkdir()
+  write_report(tmp_path / "empty", report={}, summary={})
+  write_report(tmp_path / "a" / "b", report={}, summary={})
+  assert (tmp_path / "a" / "b" / "report.json").exists()
+  assert check_out_dir(tmp_path / "new") == (tmp_path / "new").absolute()
