@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from stream_jax import checks
 from stream_jax.models.attention import Attention, make_plans
 from stream_jax.models.config import GemmaConfig
 from stream_jax.models.transformer import Gemma, check_dtype
@@ -28,7 +29,8 @@ def model_config(model) -> GemmaConfig:
 
 
 def wrap_params(params) -> dict:
-  """Accept both {"params": tree} and the bare tree."""
+  """Accept both {"params": tree} and the bare tree (None, {} and foreign trees are refused)."""
+  checks.check_params(params)
   return params if "params" in params else {"params": params}
 
 
@@ -44,7 +46,8 @@ def _forward(params, tokens, *, config, dtype, plans, last_only, return_hidden):
 
 def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
             dense_layers: Sequence[int] = (), prune_local: bool = False, backend: str = "xla",
-            return_hidden: bool = False, last_only: bool = False, dense_impl: str = "xla"):
+            return_hidden: bool = False, last_only: bool = False, dense_impl: Optional[str] = None,
+            output: str = "sparse", coverage: bool = False):
   """Run the decoder on token ids.
 
   Args:
@@ -61,9 +64,18 @@ def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
     return_hidden: also return the residual stream float[L + 1, B, T, D]: the scaled embeddings, then the
       output of every layer (before the final norm) — for per-layer dense vs Stream error.
     last_only: logits at the last position only ([B, V]), saving the [B, T, V] buffer.
-    dense_impl: dense calls only: "xla" (exact, chunked), "cudnn" (jax.nn.dot_product_attention, the fast
-      path on GPU) or "capture" (also returns every layer's probabilities, T x T per head: what
-      output_attentions=True stores; for measurements).
+    dense_impl: how dense attention runs: "xla" (exact, flash-style chunks; the default of dense calls),
+      "cudnn" (jax.nn.dot_product_attention, the fast path on GPU; no soft-cap) or "capture" (dense calls
+      only: also returns every layer's probabilities, T x T per head: what output_attentions=True
+      stores; for measurements). None: "xla", or for the dense pass of an exact / coverage Stream call
+      cuDNN on a GPU when the model has no soft-cap.
+    output: Stream calls only. "sparse" (default, the paper's mode): pruned layers compute with the kept
+      blocks, so the traced model is a pruned model and its logits differ from dense. "exact": every
+      layer computes dense attention (logits equal attention="dense"), and the trace observes it: the
+      estimated mask, each kept block's dense attention probability as mass, and coverage.
+    coverage: Stream calls: also record each layer's coverage (share of the dense attention inside the
+      kept blocks) in a sparse trace; costs one dense log-sum-exp pass per pruned layer. Always on with
+      output="exact".
 
   Returns:
     (logits, trace) or (logits, trace, hidden). logits: float32[B, T, V] ([B, V] if last_only).
@@ -75,15 +87,14 @@ def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
   config = model_config(model)
   params = wrap_params(params)
   dtype = params_dtype(params)
-  tokens = jnp.asarray(tokens)
-  if not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+  tokens = jnp.asarray(checks.token_ids(tokens, config.vocab_size))  # ids checked when concrete
+  checks.check_dense_layers(attention, dense_layers)
   squeeze = tokens.ndim == 1
   if squeeze:
     tokens = tokens[None]
   if tokens.ndim != 2 or tokens.shape[1] < 1:
     raise ValueError(f"tokens must have shape [B, T] or [T] with T >= 1, got {tokens.shape}")
-  plans = make_plans(config, attention, dense_layers, prune_local, backend, dense_impl)
+  plans = make_plans(config, attention, dense_layers, prune_local, backend, dense_impl, output, coverage)
   out = _forward(params, tokens.astype(jnp.int32), config=config, dtype=dtype, plans=plans,
                  last_only=bool(last_only), return_hidden=bool(return_hidden))
   logits = out["logits"]

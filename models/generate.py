@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stream_jax import checks
 from stream_jax.models.attention import Attention, make_plans
 from stream_jax.models.forward import model_config, params_dtype, wrap_params
 from stream_jax.models.transformer import Gemma
@@ -52,7 +53,8 @@ def _step(params, token, start, cache, *, config, dtype):
 
 def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Attention = "dense",
              dense_layers: Sequence[int] = (), prune_local: bool = False, backend: str = "xla",
-             tokenizer=None, stop_ids: Optional[Sequence[int]] = None) -> Generation:
+             tokenizer=None, stop_ids: Optional[Sequence[int]] = None, output: str = "sparse",
+             coverage: bool = False) -> Generation:
   """Greedy continuation of a prompt.
 
   Args:
@@ -61,7 +63,9 @@ def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Atte
     prompt: a string (needs a tokenizer; BOS is added by it), or token ids int[T] / int[B, T] (rows of a
       batch have the same length; include BOS yourself).
     max_new_tokens: upper bound of generated tokens.
-    attention, dense_layers, prune_local, backend: attention of the prefill (see `forward`).
+    attention, dense_layers, prune_local, backend, output, coverage: attention of the prefill (see
+      `forward`; with output="exact" the prefill is the dense model's and the trace observes it). Decoding
+      steps after the prompt are dense.
     stop_ids: token ids that end a row (default: the config's EOS and the tokenizer's <end_of_turn>).
   Returns:
     Generation (text, ids, prompt_ids, trace).
@@ -70,12 +74,14 @@ def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Atte
   params = wrap_params(params)
   dtype = params_dtype(params)
   tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-  single = isinstance(prompt, str) or np.ndim(prompt) == 1
-  if isinstance(prompt, str):
+  is_text = isinstance(prompt, str)
+  if is_text:
     if tokenizer is None:
       raise ValueError("a string prompt needs a tokenizer (pass tokenizer= or token ids)")
     prompt = tokenizer(prompt)["input_ids"]
-  ids = np.asarray(prompt, dtype=np.int32)
+  ids = np.asarray(checks.token_ids(prompt, config.vocab_size, "prompt"), dtype=np.int32)
+  single = is_text or ids.ndim == 1
+  checks.check_dense_layers(attention, dense_layers)
   if ids.ndim == 1:
     ids = ids[None]
   if ids.ndim != 2 or ids.shape[1] < 1:
@@ -89,7 +95,7 @@ def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Atte
       stops.add(eot)
   b, t = ids.shape
   cache_len = -(-(t + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-  plans = make_plans(config, attention, dense_layers, prune_local, backend)
+  plans = make_plans(config, attention, dense_layers, prune_local, backend, None, output, coverage)
   logits, traces, cache = _prefill(params, jnp.asarray(ids), config=config, dtype=dtype, plans=plans,
                                    cache_len=cache_len)
   token = jnp.argmax(logits, axis=-1).astype(jnp.int32)

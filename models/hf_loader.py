@@ -61,8 +61,19 @@ def read_config(directory: str) -> GemmaConfig:
   path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no config.json in {directory}")
-  with open(path) as f:
-    return from_hf_config(json.load(f))
+  try:
+    with open(path, encoding="utf-8") as f:
+      hf = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); is the file complete?") from e
+  if not isinstance(hf, dict):
+    raise ValueError(f"{path} must hold a JSON object (a Hugging Face model config), got {type(hf).__name__}")
+  try:
+    return from_hf_config(hf)
+  except KeyError as e:
+    raise ValueError(f"{path} is incomplete: the key {e.args[0]!r} is missing") from e
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: {e}") from e
 
 
 def shard_files(directory: str) -> list[str]:

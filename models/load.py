@@ -118,6 +118,45 @@ def load_hf(directory: str, dtype=None, *, progress: bool = True, tokenizer: boo
   return LoadedModel(config, params, tok, dtype, os.path.realpath(directory), time.perf_counter() - t0)
 
 
+def resolve_source(name_or_path) -> str:
+  """The checkpoint path behind a name or path; clear errors for None, unknown names and missing paths."""
+  if name_or_path is None or not isinstance(name_or_path, (str, os.PathLike)):
+    raise TypeError("name_or_path must be 'gemma3-270m', the path of a .gguf file or of a Hugging Face "
+                    f"checkpoint directory, got {name_or_path!r}")
+  src = os.fspath(name_or_path)
+  if src.lower() in EMBEDDED:
+    return embedded_gguf_path()
+  if not os.path.exists(src):
+    if src.lower().replace("_", "-") in ("gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b",
+                                         "gemma2-2b", "gemma2-9b", "gemma2-27b"):
+      raise FileNotFoundError(f"{name_or_path!r}: only gemma3-270m is embedded; pass the path of a GGUF "
+                              "file or of a Hugging Face checkpoint directory (nothing is downloaded)")
+    raise FileNotFoundError(f"checkpoint not found: {name_or_path} (expected 'gemma3-270m', a .gguf file "
+                            "or a directory with config.json and *.safetensors)")
+  if os.path.isdir(src):
+    return src
+  with open(src, "rb") as f:
+    magic = f.read(4)
+  if magic != b"GGUF":
+    what = "an empty file" if not magic else f"magic {magic!r}"
+    raise ValueError(f"{src} is neither a GGUF file ({what}) nor a checkpoint directory; for "
+                     "safetensors pass the directory holding config.json")
+  return src
+
+
+def peek_config(name_or_path: str = "gemma3-270m") -> GemmaConfig:
+  """The GemmaConfig of a checkpoint without reading its weights (fast): for checking options early.
+
+  Raises the loaders' errors (missing, empty, truncated or malformed files, each naming the file).
+  """
+  src = resolve_source(name_or_path)
+  if os.path.isdir(src):
+    from stream_jax.models.hf_loader import read_config  # pylint: disable=import-outside-toplevel
+    return read_config(src)
+  from stream_jax.models.gguf_loader import config_from_reader, open_reader  # pylint: disable=import-outside-toplevel
+  return config_from_reader(open_reader(src), src)
+
+
 def load_model(name_or_path: str = "gemma3-270m", dtype=None, *, use_cache: bool = True,
                progress: bool = True, tokenizer: bool = True) -> LoadedModel:
   """Load a Gemma 2/3 checkpoint offline.
@@ -130,21 +169,7 @@ def load_model(name_or_path: str = "gemma3-270m", dtype=None, *, use_cache: bool
     progress: tqdm progress bar while converting tensors.
     tokenizer: also load the tokenizer.
   """
-  src = os.fspath(name_or_path)
-  if src.lower() in EMBEDDED:
-    src = embedded_gguf_path()
-  elif not os.path.exists(src):
-    if src.lower().replace("_", "-") in ("gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b",
-                                         "gemma2-2b", "gemma2-9b", "gemma2-27b"):
-      raise FileNotFoundError(f"{name_or_path!r}: only gemma3-270m is embedded; pass the path of a GGUF "
-                              "file or of a Hugging Face checkpoint directory (nothing is downloaded)")
-    raise FileNotFoundError(f"checkpoint not found: {name_or_path} (expected 'gemma3-270m', a .gguf file "
-                            "or a directory with config.json and *.safetensors)")
+  src = resolve_source(name_or_path)
   if os.path.isdir(src):
     return load_hf(src, dtype, progress=progress, tokenizer=tokenizer)
-  with open(src, "rb") as f:
-    magic = f.read(4)
-  if magic == b"GGUF":
-    return load_gguf(src, dtype, use_cache=use_cache, progress=progress, tokenizer=tokenizer)
-  raise ValueError(f"{src} is neither a GGUF file (magic {magic!r}) nor a checkpoint directory; for "
-                   "safetensors pass the directory holding config.json")
+  return load_gguf(src, dtype, use_cache=use_cache, progress=progress, tokenizer=tokenizer)

@@ -28,7 +28,9 @@ class AttentionStats:
   """What sparse attention reports besides its output.
 
   mass: float32[..., N, nQ, C] attention probability per kept key block summed over the block's queries
-    (a row sums to the number of valid queries of the block; 0 at padding slots).
+    (a row sums to the number of valid queries of the block; 0 at padding slots). With `lse_ref` the
+    probability is the reference softmax's (e.g. dense attention's), so a row sums to what the kept
+    blocks hold of it.
   lse: float32[..., N, T] log-sum-exp of each query's kept logits (the softmax normaliser).
   """
 
@@ -59,22 +61,34 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
                      scale: Optional[float] = None, softcap: Optional[float] = None,
                      window: Optional[int] = None,
                      q_chunk: Optional[int] = DEFAULT_Q_CHUNK,
-                     backend: str = "xla") -> tuple[jax.Array, AttentionStats]:
+                     backend: str = "xla",
+                     lse_ref: Optional[jax.Array] = None) -> tuple[jax.Array, AttentionStats]:
   """Exact softmax attention over the token set a BlockMask keeps.
 
   Args:
     q: [T, N, H] or [B, T, N, H]; k: [S, K, H] / [B, S, K, H]; v: [S, K, Hv] / [B, S, K, Hv].
-    mask: BlockMask over (T, S) with indices [..., N, nQ, C].
+    mask: BlockMask over (T, S) with indices [..., N, nQ, C]. Block ids must be -1 or in [0, nK): a
+      concrete mask is checked (ValueError); under jit the ids are traced values and are not checked
+      (out-of-range ids would be clamped by the gather), so check hand-made masks outside jit.
     scale: logit scale (default H ** -0.5); softcap: optional `c * tanh(x / c)` on logits.
     window: sliding window W (query sees keys with pos(q) - pos(k) < W), None = global causal.
     q_chunk: query blocks per sequential step (memory bound); None = all at once.
     backend: "xla" (this reference), "pallas" (GPU kernel, stream_jax.kernels) or "auto".
+    lse_ref: optional float32[..., N, T] log softmax denominators of a reference attention over the
+      same logits (dense attention's, for an exact trace): block mass becomes exp(logit - lse_ref)
+      summed, the reference's probability, instead of the kept softmax's. The output is unchanged.
 
   Returns:
     out [..., T, N, Hv] in q's dtype, and AttentionStats (mass [..., N, nQ, C], lse [..., N, T]).
   """
   t, s, n, _, h = checks.check_qkv(q, k, v)
   _check_mask(mask, t, s, n, q.shape[:-3])
+  if lse_ref is not None:
+    want = tuple(q.shape[:-3]) + (n, t)
+    if tuple(getattr(lse_ref, "shape", ())) != want:
+      raise ValueError(f"lse_ref must have shape {want} ([batch,] heads, queries), got "
+                       f"{getattr(lse_ref, 'shape', type(lse_ref).__name__)}")
+    lse_ref = jnp.asarray(lse_ref, jnp.float32)
   checks.check_positive("scale", scale)
   checks.check_positive("softcap", softcap)
   checks.check_window(window)
@@ -82,13 +96,16 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
   scale = h ** -0.5 if scale is None else float(scale)
   if resolve_backend(backend) == "pallas":
     from stream_jax.kernels import attention as pallas_attention  # pylint: disable=import-outside-toplevel
-    return pallas_attention.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window)
+    return pallas_attention.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
+                                             lse_ref=lse_ref)
   fn = functools.partial(_sparse, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
                          softcap=softcap, window=window, q_chunk=q_chunk)
+  if lse_ref is None:
+    lse_ref = jnp.full(q.shape[:-3] + (n, t), jnp.nan, jnp.float32)  # NaN: use the kept softmax's
   if q.ndim == 4:
-    out, mass, lse = jax.vmap(fn)(q, k, v, mask.indices)
+    out, mass, lse = jax.vmap(fn)(q, k, v, mask.indices, lse_ref)
   else:
-    out, mass, lse = fn(q, k, v, mask.indices)
+    out, mass, lse = fn(q, k, v, mask.indices, lse_ref)
   return out, AttentionStats(mass=mass, lse=lse)
 
 
@@ -102,10 +119,12 @@ def _check_mask(mask, t, s, n, batch):
   if tuple(mask.indices.shape[:-1]) != want:
     raise ValueError(f"mask.indices must have shape {want} + (C,) for these q, k "
                      f"([batch,] heads, query blocks), got {mask.indices.shape}")
+  checks.check_block_ids(mask.indices, mask.num_k_blocks)  # concrete masks; under jit ids are not checked
 
 
-def _sparse(q, k, v, indices, *, block_q, block_k, scale, softcap, window, q_chunk):
-  """q [T, N, H], k/v [S, K, *], indices [N, nQ, C] -> out [T, N, Hv], mass [N, nQ, C], lse [N, T]."""
+def _sparse(q, k, v, indices, lse_ref, *, block_q, block_k, scale, softcap, window, q_chunk):
+  """q [T, N, H], k/v [S, K, *], indices [N, nQ, C], lse_ref [N, T] (NaN: none) -> out [T, N, Hv],
+  mass [N, nQ, C], lse [N, T]."""
   t, n, h = q.shape
   s, kv, hv = v.shape
   g = n // kv
@@ -115,9 +134,12 @@ def _sparse(q, k, v, indices, *, block_q, block_k, scale, softcap, window, q_chu
   v_blocks = to_blocks(v, block_k)
   idx = indices.reshape(kv, g, n_q, -1).transpose(2, 0, 1, 3)  # [nQ, K, G, C]
   q_pos = query_positions(t, s, block_q)  # [nQ, bq]
+  ref = jnp.pad(lse_ref, [(0, 0), (0, n_q * block_q - t)], constant_values=jnp.nan)
+  ref = ref.reshape(kv, g, n_q, block_q).transpose(2, 0, 1, 3)  # [nQ, K, G, bq]
 
-  def one(qb, ids, pos, kb, vb):
-    """qb [bq, H], ids [C], pos [bq], kb/vb [nK, bk, *] -> out [bq, Hv], mass [C], lse [bq]."""
+  def one(qb, ids, ref_row, pos, kb, vb):
+    """qb [bq, H], ids [C], ref_row [bq], pos [bq], kb/vb [nK, bk, *] -> out [bq, Hv], mass [C],
+    lse [bq]."""
     safe = jnp.maximum(ids, 0)
     keys, vals = kb[safe], vb[safe]  # [C, bk, *]
     logits = _logits(qb, keys, scale, softcap)  # [C, bq, bk]
@@ -127,24 +149,49 @@ def _sparse(q, k, v, indices, *, block_q, block_k, scale, softcap, window, q_chu
       visible &= pos[None, :, None] - k_pos[:, None, :] < window
     probs, lse = _softmax(logits, visible, axes=(0, 2))
     out = jnp.einsum("cqk,ckh->qh", probs, vals.astype(jnp.float32))
+    # Reference probabilities where a reference normaliser is given (finite), else the kept softmax's.
+    has_ref = jnp.isfinite(ref_row)[None, :, None]
+    ref_probs = jnp.where(visible & has_ref, jnp.exp(jnp.minimum(
+        jnp.where(visible, logits, 0.0) - jnp.where(has_ref, ref_row[None, :, None], 0.0), 0.0)), 0.0)
+    probs = jnp.where(jnp.isnan(ref_row)[None, :, None], probs, ref_probs)
     return out.astype(q.dtype), probs.sum((1, 2)), lse[0, :, 0]
 
-  per_head = jax.vmap(one, in_axes=(1, 0, None, None, None), out_axes=(1, 0, 0))  # G
-  per_head = jax.vmap(per_head, in_axes=(1, 0, None, 2, 2), out_axes=(1, 0, 0))  # K
+  per_head = jax.vmap(one, in_axes=(1, 0, 0, None, None, None), out_axes=(1, 0, 0))  # G
+  per_head = jax.vmap(per_head, in_axes=(1, 0, 0, None, 2, 2), out_axes=(1, 0, 0))  # K
 
   def block_fn(args):
-    qb, ids, pos = args
-    return per_head(qb, ids, pos, k_blocks, v_blocks)
+    qb, ids, ref_b, pos = args
+    return per_head(qb, ids, ref_b, pos, k_blocks, v_blocks)
 
   if q_chunk is None or q_chunk >= n_q:
-    out, mass, lse = jax.vmap(block_fn)((q_blocks, idx, q_pos))
+    out, mass, lse = jax.vmap(block_fn)((q_blocks, idx, ref, q_pos))
   else:
-    out, mass, lse = lax.map(block_fn, (q_blocks, idx, q_pos), batch_size=q_chunk)
+    out, mass, lse = lax.map(block_fn, (q_blocks, idx, ref, q_pos), batch_size=q_chunk)
   # out [nQ, bq, K, G, Hv]; mass [nQ, K, G, C]; lse [nQ, K, G, bq]
   out = out.reshape(n_q * block_q, n, hv)[:t]
   mass = mass.reshape(n_q, n, -1).transpose(1, 0, 2)
   lse = lse.reshape(n_q, n, block_q).transpose(1, 0, 2).reshape(n, -1)[:, :t]
   return out, mass, lse
+
+
+def block_coverage(lse_kept: jax.Array, lse_ref: jax.Array, block_q: int) -> jax.Array:
+  """float32[..., N, nQ]: the share of each query block's reference attention that the kept keys hold.
+
+  Per query the kept share is exp(lse_kept - lse_ref) (the kept softmax denominator over the reference
+  one); a block's coverage is its mean over the block's valid queries. With dense attention as the
+  reference this is DESIGN §10's coverage: 1.0 where nothing is pruned. Inputs [..., N, T].
+  """
+  if lse_kept.shape != lse_ref.shape:
+    raise ValueError(f"lse_kept and lse_ref must have the same shape, got {lse_kept.shape} vs "
+                     f"{lse_ref.shape}")
+  t = lse_kept.shape[-1]
+  n_q = num_blocks(t, block_q)
+  ok = jnp.isfinite(lse_ref) & (lse_kept > NEG_INF)
+  share = jnp.where(ok, jnp.exp(jnp.minimum(jnp.where(ok, lse_kept - lse_ref, 0.0), 0.0)), 0.0)
+  pad = [(0, 0)] * (share.ndim - 1) + [(0, n_q * block_q - t)]
+  share = jnp.pad(share, pad).reshape(share.shape[:-1] + (n_q, block_q))
+  rows = jnp.pad(jnp.isfinite(lse_ref), pad).reshape(share.shape)
+  return share.sum(-1) / jnp.maximum(rows.sum(-1), 1)
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: Optional[float] = None,

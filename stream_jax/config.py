@@ -7,10 +7,14 @@ fails here, with the parameter's name, rather than deep inside XLA.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import numbers
+from typing import Literal, Optional
 
 Representative = Literal["center", "first", "oracle"]
 REPRESENTATIVES = ("center", "first", "oracle")
+MAX_SIZE = 1 << 20  # larger block sizes or counts are typos; they would fail later as out-of-memory
+Score = Literal["max", "mass"]
+SCORES = ("max", "mass")
 
 
 def _is_pow2(x: int) -> bool:
@@ -36,6 +40,13 @@ class StreamConfig:
       (tests/test_estimate.py); "first" is cheaper (the left child reuses its parent's score) and is
       better on keys without locality.
     query_stride = 1: score with every query of the block; 2 or 4 halve or quarter the estimator's FLOPs.
+    score = "max": a block's score is its max visible logit (the paper's); "mass" estimates the attention
+      probability the block receives (per scoring query a log-sum-exp over the block's keys, normalised
+      by an estimate of the query's softmax denominator), which tracks what the kept blocks hold.
+    coverage = None: keep top_k searched blocks per query block. A target in (0, 1] makes the budget
+      adaptive: top_k becomes the most a query block may keep, and each (head, query block) keeps the
+      fewest searched blocks, by estimated mass, whose estimated share of the attention (sink and window
+      included) reaches the target. Implies score="mass".
 
   Attributes:
     block_q: queries per query block (power of two).
@@ -49,6 +60,8 @@ class StreamConfig:
       top-k, O(T^2) time, for tests and small inputs).
     query_stride: score with every query_stride-th query of the block, counted back from its last
       valid query (power of two dividing block_q).
+    score: "max" (max logit of the representative block) or "mass" (estimated attention mass).
+    coverage: None (fixed k) or the adaptive target share of attention in (0, 1].
   """
 
   block_q: int = 64
@@ -59,8 +72,21 @@ class StreamConfig:
   init_branches: int | None = None
   representative: Representative = "center"
   query_stride: int = 1
+  score: Score = "max"
+  coverage: Optional[float] = None
 
   def __post_init__(self):
+    # Integers of any kind (numpy's too) become plain ints; booleans, floats and absurd sizes are refused.
+    for name in ("block_q", "block_k", "top_k", "sink_blocks", "window_blocks", "init_branches",
+                 "query_stride"):
+      value = getattr(self, name)
+      if value is None and name == "init_branches":
+        continue
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"StreamConfig.{name} must be an integer, got {value!r} ({type(value).__name__})")
+      if int(value) > MAX_SIZE:
+        raise ValueError(f"StreamConfig.{name} must be <= {MAX_SIZE} (2**20), got {value!r}")
+      object.__setattr__(self, name, int(value))
     for name in ("block_q", "block_k"):
       value = getattr(self, name)
       if not isinstance(value, int) or not _is_pow2(value):
@@ -86,6 +112,20 @@ class StreamConfig:
       raise ValueError(
           "StreamConfig.query_stride must be a power of two in [1, block_q="
           f"{self.block_q}], got {self.query_stride!r}")
+    if self.score not in SCORES:
+      raise ValueError(f"StreamConfig.score must be one of {SCORES}, got {self.score!r}")
+    if self.coverage is not None:
+      cov = self.coverage
+      if isinstance(cov, bool) or not isinstance(cov, numbers.Real) or not 0.0 < float(cov) <= 1.0:
+        raise ValueError(f"StreamConfig.coverage must be None or a number in (0, 1], got {cov!r}")
+      object.__setattr__(self, "coverage", float(cov))
+      if self.score != "mass":
+        object.__setattr__(self, "score", "mass")
+
+  @property
+  def adaptive(self) -> bool:
+    """Whether the kept count per query block follows a coverage target."""
+    return self.coverage is not None
 
   @property
   def branches(self) -> int:

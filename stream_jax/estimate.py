@@ -42,14 +42,18 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfi
                   q_chunk: Optional[int] = DEFAULT_Q_CHUNK, backend: str = "xla") -> BlockMask:
   """Per-head top-k key-block mask by hierarchical refinement.
 
+  NaN/inf in q or k are refused (ValueError) when the arrays are concrete; under jit they cannot be
+  checked and give a mask that looks normal but is arbitrary.
+
   Args:
     q: [T, N, H] or [B, T, N, H] queries (RoPE already applied), the last T of S positions.
     k: [S, K, H] or [B, S, K, H] keys; query head n reads kv head n // (N / K).
     config: StreamConfig.
-    scale: logit scale (the model's; default H ** -0.5).
+    scale: logit scale (the model's; default H ** -0.5); positive and finite.
     softcap: optional logit soft-cap `c * tanh(x / c)`, as the model applies it.
     q_chunk: query blocks scored per sequential step (memory bound); None = all at once.
-    backend: "xla" (this reference), "pallas" (GPU kernel, stream_jax.kernels) or "auto".
+    backend: "xla" (this reference), "pallas" (GPU kernel, stream_jax.kernels) or "auto" (the kernel on
+      a GPU when it supports the config: score="max"; else this reference).
 
   Returns:
     BlockMask with indices int32[..., N, nQ, C] and counts int32[..., N, nQ], C = config.capacity.
@@ -57,13 +61,16 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfi
   if not isinstance(config, StreamConfig):
     raise TypeError(f"config must be a StreamConfig, got {type(config).__name__}")
   t, s, _, _, h = checks.check_qkv(q, k)
+  checks.check_finite("q", q)  # concrete arrays only; under jit NaN/inf are not detected
+  checks.check_finite("k", k)
   checks.check_positive("scale", scale)
   checks.check_positive("softcap", softcap)
   checks.check_chunk(q_chunk)
   scale = h ** -0.5 if scale is None else float(scale)
   if resolve_backend(backend) == "pallas":
     from stream_jax.kernels import estimate as pallas_estimate  # pylint: disable=import-outside-toplevel
-    return pallas_estimate.estimate_mask(q, k, config, scale=scale, softcap=softcap)
+    if backend == "pallas" or pallas_estimate.supported(config):  # "auto" falls back to XLA
+      return pallas_estimate.estimate_mask(q, k, config, scale=scale, softcap=softcap)
   fn = functools.partial(_estimate, config=config, scale=scale, softcap=softcap, q_chunk=q_chunk)
   if q.ndim == 4:
     candidates, valid = jax.vmap(fn)(q, k)
@@ -123,6 +130,10 @@ def _estimate_block(j, q_block, k_blocks, *, config: StreamConfig, scale, softca
   hi = diag - config.window_blocks + 1  # exclusive end of the search range
   n = jnp.maximum(hi - lo, 0)
 
+  if config.score == "mass":
+    return _select_by_mass(q_rows, q_pos, k_blocks, diag=diag, lo=lo, hi=hi, n=n, config=config,
+                           scale=scale, softcap=softcap)
+
   def score(ids):
     """Max visible logit of the scoring queries against key blocks `ids` [m] -> [m]."""
     kb = k_blocks[jnp.clip(ids, 0, n_k - 1)]  # [m, bk, H]
@@ -139,53 +150,189 @@ def _estimate_block(j, q_block, k_blocks, *, config: StreamConfig, scale, softca
 
   def node_scores(start, size, parent=None):
     if config.representative == "oracle":
-      ids = jnp.arange(n_k, dtype=jnp.int32)
-      inside = (ids >= start[:, None]) & (ids < (start + size)[:, None])
-      out = jnp.where(inside, all_scores, NEG_INF).max(-1)
+      out = _node_max(all_scores, start, size)
     elif config.representative == "center":
       out = score(start + (size - 1) // 2)
     else:  # first: the left child starts where its parent does, so it inherits the parent's score
-      if parent is None:
-        out = score(start)
-      else:
-        right = score(start[1::2])
-        out = jnp.stack([parent, right], -1).reshape(-1)
+      out = score(start) if parent is None else _inherit_left(parent, score(start[1::2]))
     return jnp.where(size > 0, out, NEG_INF)
 
-  def keep_top(start, size, scores):
-    _, sel = lax.top_k(scores, top_k)  # ties -> lower index = earlier position
-    sel = jnp.sort(sel)  # keep nodes in position order
-    return start[sel], size[sel], scores[sel]
-
-  branches = config.branches
-  b = jnp.arange(branches, dtype=jnp.int32)
-  start = lo + (b * n) // branches
-  size = lo + ((b + 1) * n) // branches - start
-  if branches > top_k or config.representative == "first":
-    scores = node_scores(start, size)
-    if branches > top_k:
-      start, size, scores = keep_top(start, size, scores)
-  else:
-    scores = jnp.zeros((top_k,), jnp.float32)
-
-  def round_fn(_, state):
-    start, size, scores = state
-    left = (size + 1) // 2
-    c_start = jnp.stack([start, start + left], -1).reshape(-1)
-    c_size = jnp.stack([left, size // 2], -1).reshape(-1)
-    c_scores = node_scores(c_start, c_size, parent=scores)
-    return keep_top(c_start, c_size, c_scores)
-
-  rounds = num_rounds(n_k, branches)
-  start, size, _ = lax.fori_loop(0, rounds, round_fn, (start, size, scores))
+  start, size, _ = _search(node_scores, lo=lo, n=n, config=config, n_k=n_k, score_first_level=(
+      config.branches > top_k or config.representative == "first"))
 
   # Few candidates: keep the whole search range (early query blocks are dense).
   dense_ids = lo + jnp.arange(top_k, dtype=jnp.int32)
   searched = jnp.where(n > top_k, start, dense_ids)
   searched_ok = jnp.where(n > top_k, size > 0, dense_ids < hi)
+  return _union(searched, searched_ok, diag, config)
 
+
+def _node_max(block_scores, start, size):
+  """Max of per-block scores [nK] over each node [start, start + size) -> [m]."""
+  ids = jnp.arange(block_scores.shape[0], dtype=jnp.int32)
+  inside = (ids >= start[:, None]) & (ids < (start + size)[:, None])
+  return jnp.where(inside, block_scores, NEG_INF).max(-1)
+
+
+def _inherit_left(parent, right):
+  """Children scores in position order when each left child reuses its parent's score."""
+  return jnp.stack([parent, right], -1).reshape(-1)
+
+
+def _search(node_scores, *, lo, n, config: StreamConfig, n_k: int, score_first_level: bool,
+            track_dropped: bool = False):
+  """The hierarchical refinement: first-level nodes, then halve and keep the top_k children per round.
+
+  Returns the kept nodes (start, size, score), each [top_k], in position order, and, with track_dropped
+  (scores are log shares), the summed estimated share of every node dropped on the way (score x size):
+  dropped nodes and kept leaves partition the search range, so the two add up to the range's estimate.
+  """
+  top_k, branches = config.top_k, config.branches
+
+  def keep_top(start, size, scores, dropped):
+    _, sel = lax.top_k(scores, top_k)  # ties -> lower index = earlier position
+    sel = jnp.sort(sel)  # keep nodes in position order
+    if track_dropped:
+      est = jnp.where(size > 0, jnp.exp(scores) * size, 0.0)
+      dropped = dropped + est.sum() - est[sel].sum()
+    return start[sel], size[sel], scores[sel], dropped
+
+  b = jnp.arange(branches, dtype=jnp.int32)
+  start = lo + (b * n) // branches
+  size = lo + ((b + 1) * n) // branches - start
+  dropped = jnp.float32(0.0)
+  if score_first_level:
+    scores = node_scores(start, size)
+    if branches > top_k:
+      start, size, scores, dropped = keep_top(start, size, scores, dropped)
+  else:
+    scores = jnp.zeros((top_k,), jnp.float32)
+
+  def round_fn(_, state):
+    start, size, scores, dropped = state
+    left = (size + 1) // 2
+    c_start = jnp.stack([start, start + left], -1).reshape(-1)
+    c_size = jnp.stack([left, size // 2], -1).reshape(-1)
+    c_scores = node_scores(c_start, c_size, parent=scores)
+    return keep_top(c_start, c_size, c_scores, dropped)
+
+  start, size, scores, dropped = lax.fori_loop(0, num_rounds(n_k, branches), round_fn,
+                                               (start, size, scores, dropped))
+  return (start, size, scores, dropped) if track_dropped else (start, size, scores)
+
+
+def _union(searched, searched_ok, diag, config: StreamConfig):
+  """Candidates {sink} + {searched} + {window} and their validity, each [sink + top_k + window]."""
   sink = jnp.arange(config.sink_blocks, dtype=jnp.int32)
   window = diag - jnp.arange(config.window_blocks, dtype=jnp.int32)
   cand = jnp.concatenate([sink, searched, window])
   valid = jnp.concatenate([sink <= diag, searched_ok, window >= 0])
   return cand, valid
+
+
+def _select_by_mass(q_rows, q_pos, k_blocks, *, diag, lo, hi, n, config: StreamConfig, scale, softcap):
+  """Search by estimated attention mass, optionally keeping the fewest blocks that reach a coverage target.
+
+  Per scoring query r and block b, l[b, r] = log-sum-exp of r's visible (scaled, soft-capped) logits over
+  the block's keys: exp(l) is the block's unnormalised attention. The softmax denominator Z_r is
+  estimated from the blocks kept by rule (sink, window: exact) plus the search range, which the
+  "oracle" representative sums exactly and the others estimate from the first-level nodes (each node's
+  representative block times the node's size). A block's score is log mean_r exp(l[b, r] - Z_r): its
+  estimated share of the query block's attention.
+  """
+  bk, top_k = config.block_k, config.top_k
+  n_k = k_blocks.shape[0]
+  row_ok = q_pos >= 0  # [R]
+  n_rows = jnp.maximum(row_ok.sum(), 1).astype(jnp.float32)
+
+  def row_lse(ids):
+    """[m] block ids -> [m, R] per-row log-sum-exp over the block's visible keys (-inf if none)."""
+    kb = k_blocks[jnp.clip(ids, 0, n_k - 1)]  # [m, bk, H]
+    logits = jnp.einsum("rh,mkh->mrk", q_rows, kb, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+      logits = softcap * jnp.tanh(logits / softcap)
+    k_pos = ids[:, None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [m, bk]
+    visible = (k_pos[:, None, :] <= q_pos[None, :, None]) & (ids >= 0)[:, None, None]
+    return _lse(jnp.where(visible, logits, NEG_INF), axis=-1)
+
+  # Blocks kept by rule (a window block that is also a sink counts once).
+  sink = jnp.arange(config.sink_blocks, dtype=jnp.int32)
+  window = diag - jnp.arange(config.window_blocks, dtype=jnp.int32)
+  rule_ids = jnp.concatenate([jnp.where(sink <= diag, sink, -1),
+                              jnp.where(window >= config.sink_blocks, window, -1)])
+  rule_lse = _lse(row_lse(rule_ids), axis=0)  # [R]
+
+  if config.representative == "oracle":
+    all_ids = jnp.arange(n_k, dtype=jnp.int32)
+    in_range = (all_ids >= lo) & (all_ids < hi)
+    all_lse = jnp.where(in_range[:, None], row_lse(all_ids), NEG_INF)  # [nK, R]
+    search_lse = _lse(all_lse, axis=0)
+  else:
+    branches = config.branches
+    b = jnp.arange(branches, dtype=jnp.int32)
+    start0 = lo + (b * n) // branches
+    size0 = lo + ((b + 1) * n) // branches - start0
+    rep0 = start0 if config.representative == "first" else start0 + (size0 - 1) // 2
+    rep_lse = jnp.where((size0 > 0)[:, None], row_lse(jnp.where(size0 > 0, rep0, -1)), NEG_INF)
+    search_lse = _lse(rep_lse + jnp.log(jnp.maximum(size0, 1).astype(jnp.float32))[:, None], axis=0)
+  z = jnp.logaddexp(rule_lse, search_lse)  # [R] estimated log softmax denominators
+  z = jnp.where(row_ok & jnp.isfinite(z), z, 0.0)
+
+  def share(lse_rows):
+    """[m, R] -> [m] log of the mean over scoring rows of exp(lse - Z): a block's estimated share."""
+    rel = jnp.where(row_ok[None, :], lse_rows - z[None, :], NEG_INF)
+    return _lse(rel, axis=-1) - jnp.log(n_rows)
+
+  if config.representative == "oracle":
+    all_share = share(all_lse)
+
+  def node_scores(start, size, parent=None):
+    if config.representative == "oracle":
+      out = _node_max(all_share, start, size)
+    elif config.representative == "center":
+      out = share(row_lse(start + (size - 1) // 2))
+    else:
+      out = share(row_lse(start)) if parent is None else _inherit_left(parent, share(row_lse(start[1::2])))
+    return jnp.where(size > 0, out, NEG_INF)
+
+  start, size, scores, dropped = _search(node_scores, lo=lo, n=n, config=config, n_k=n_k,
+                                         score_first_level=True, track_dropped=True)
+  dense_ids = lo + jnp.arange(top_k, dtype=jnp.int32)
+  is_dense = n <= top_k
+  searched = jnp.where(is_dense, dense_ids, start)
+  searched_ok = jnp.where(is_dense, dense_ids < hi, size > 0)
+  if config.adaptive:
+    if config.representative == "oracle":
+      scores = jnp.where(is_dense, all_share[jnp.clip(dense_ids, 0, n_k - 1)], scores)
+    else:
+      scores = jnp.where(is_dense, share(row_lse(jnp.where(dense_ids < hi, dense_ids, -1))), scores)
+    if config.representative == "oracle":
+      rest = jnp.exp(share(search_lse[None])[0]) - jnp.where(searched_ok, jnp.exp(scores), 0.0).sum()
+    else:  # the search's partition: what it dropped, each node estimated by its representative x size
+      rest = jnp.where(is_dense, 0.0, dropped)
+    searched_ok &= _coverage_budget(scores, searched_ok, rule_share=jnp.exp(share(rule_lse[None])[0]),
+                                    rest_share=jnp.maximum(rest, 0.0), target=config.coverage)
+  return _union(searched, searched_ok, diag, config)
+
+
+def _coverage_budget(scores, ok, *, rule_share, rest_share, target):
+  """bool[top_k]: the fewest candidates, by estimated share, that bring the kept share to the target.
+
+  The total is the rule blocks' share, the candidates' and the estimate of the rest of the search range,
+  so an error in the denominator estimate Z cancels: only ratios of the same estimates are compared.
+  """
+  mass = jnp.where(ok, jnp.exp(scores), 0.0)
+  order = jnp.argsort(-mass)
+  sorted_mass = mass[order]
+  total = rule_share + sorted_mass.sum() + rest_share
+  before = rule_share + jnp.cumsum(sorted_mass) - sorted_mass
+  keep_sorted = (before < target * total) & (sorted_mass > 0)
+  return jnp.zeros_like(ok).at[order].set(keep_sorted)
+
+
+def _lse(x, axis):
+  """log-sum-exp that returns -inf (not NaN) where every entry is -inf."""
+  m = x.max(axis, keepdims=True)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  out = jnp.log(jnp.sum(jnp.exp(x - m_safe), axis, keepdims=True)) + m_safe
+  return jnp.squeeze(out, axis)

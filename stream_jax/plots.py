@@ -7,6 +7,7 @@ only (nQ x nK at most): nothing here draws T x T.
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Mapping, Optional, Sequence
 
 import matplotlib
@@ -15,6 +16,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from matplotlib.lines import Line2D  # pylint: disable=wrong-import-position
+from matplotlib.patches import Patch  # pylint: disable=wrong-import-position
+from matplotlib.ticker import MaxNLocator  # pylint: disable=wrong-import-position
+
+from stream_jax import checks  # pylint: disable=wrong-import-position
 from stream_jax.mask import BlockMask  # pylint: disable=wrong-import-position
 
 CATEGORY_COLORS = {
@@ -22,6 +28,19 @@ CATEGORY_COLORS = {
     "active_computation": "#c44e52", "uncertainty_management": "#8172b3", "result_consolidation": "#937860",
     "self_checking": "#da8bc3", "final_answer_emission": "#8c8c8c", "unknown": "#cccccc",
 }
+
+
+def _title(ax, text: str, width: int = 60) -> None:
+  """Titles wrap instead of running off the figure."""
+  ax.set_title("\n".join(textwrap.wrap(text, width)) if text else "", fontsize=10)
+
+
+def _int_ticks(ax, x: bool = True, y: bool = True) -> None:
+  """Layers, heads and blocks are integers: no 2.5 or -0.5 ticks."""
+  if x:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  if y:
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(fig, path: str) -> str:
@@ -40,6 +59,7 @@ def block_matrix(mask: BlockMask, mass=None, head: Optional[int] = None) -> np.n
   if idx.ndim != 3:
     raise ValueError(f"block_matrix needs one sample's mask [N, nQ, C], got indices {idx.shape}")
   if head is not None:
+    head = checks.check_index("head", head, idx.shape[0], f" (this mask has {idx.shape[0]} heads)")
     idx, val = idx[head:head + 1], val[head:head + 1]
   out = np.zeros((idx.shape[1], mask.num_k_blocks))
   n, j, c = np.nonzero(idx >= 0)
@@ -50,58 +70,95 @@ def block_matrix(mask: BlockMask, mass=None, head: Optional[int] = None) -> np.n
 def plot_block_mask(mask: BlockMask, path: str, mass=None, head: Optional[int] = None,
                     title: str = "") -> str:
   """Heatmap query blocks x key blocks of the kept blocks (coloured by mass when given), one head or the
-  mean over heads."""
+  mean over heads (then a cell is coloured if any head keeps the block). White cells: not kept."""
   mat = block_matrix(mask, mass, head)
-  fig, ax = plt.subplots(figsize=(5.5, 5))
+  fig, ax = plt.subplots(figsize=(5.8, 5.2))
   shown = np.where(mat > 0, mat, np.nan)
+  finite = shown[np.isfinite(shown)]
   im = ax.imshow(shown, cmap="viridis", interpolation="nearest", aspect="auto",
-                 norm=matplotlib.colors.LogNorm() if mass is not None and np.nanmin(shown) > 0 else None)
-  fig.colorbar(im, ax=ax, label="block mass" if mass is not None else "kept (share of heads)")
-  ax.set_xlabel(f"key block ({mask.block_k} tokens)")
-  ax.set_ylabel(f"query block ({mask.block_q} tokens)")
-  ax.set_title(title or ("head %d" % head if head is not None else "mean over heads"))
+                 norm=matplotlib.colors.LogNorm() if mass is not None and finite.size and finite.min() > 0
+                 else None)
+  which = f"head {head}" if head is not None else "mean over heads"
+  fig.colorbar(im, ax=ax, label=(f"attention mass per kept block ({which})" if mass is not None
+                                 else f"kept ({'1 = kept' if head is not None else 'share of heads'})"))
+  ax.set_xlabel(f"key block ({mask.block_k} tokens each; white = not kept)")
+  ax.set_ylabel(f"query block ({mask.block_q} tokens each)")
+  _int_ticks(ax)
+  _title(ax, title or f"kept key blocks per query block, {which}")
   return _save(fig, path)
 
 
 def plot_vertical_scores(scores, labels: Sequence[str], path: str, title: str = "sentence importance",
-                         texts: Optional[Sequence[str]] = None, annotate: int = 3) -> str:
+                         texts: Optional[Sequence[str]] = None, annotate: int = 3,
+                         sink: Sequence[int] = ()) -> str:
   """Bar chart of one score per sentence (e.g. AnchorReport.importance), coloured by category; the top
-  `annotate` sentences are labelled with their first words."""
+  `annotate` sentences are labelled with their first words. `sink` sentences (sharing the BOS block, see
+  AnchorReport.sink_sentences) are hatched and left out of the y range: their score is the attention sink."""
   scores = np.asarray(scores, np.float64)
+  if len(labels) != len(scores):
+    raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+  sink = [checks.check_index("sink sentence", i, len(scores)) for i in sink]
   fig, ax = plt.subplots(figsize=(max(6, len(scores) * 0.12), 3.8))
   colors = [CATEGORY_COLORS.get(l, "#333333") for l in labels]
-  ax.bar(np.arange(len(scores)), np.nan_to_num(scores), color=colors)
+  bars = ax.bar(np.arange(len(scores)), np.nan_to_num(scores), color=colors)
+  for i in sink:
+    bars[i].set_hatch("///")
+    bars[i].set_edgecolor("black")
+  rest = np.delete(np.nan_to_num(scores), sink)
+  if sink and rest.size and rest.max() > 0:
+    ax.set_ylim(0, rest.max() * 1.25)  # the sink would flatten every other bar
+    for i in sink:
+      ax.annotate(f"sink {scores[i]:.3g}", (i, rest.max() * 1.2), fontsize=7, ha="center", va="top")
   if texts is not None:
     for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf))[:annotate]:
-      ax.annotate(texts[i][:28], (i, scores[i]), fontsize=7, rotation=20, ha="left", va="bottom")
-  handles = [matplotlib.patches.Patch(color=CATEGORY_COLORS.get(c, "#333333"), label=c)
-             for c in dict.fromkeys(labels)]
-  ax.legend(handles=handles, fontsize=7, loc="upper right")
-  ax.set_xlabel("sentence")
-  ax.set_ylabel("vertical score")
-  ax.set_title(title)
+      if i not in sink:
+        ax.annotate(texts[i][:28], (i, scores[i]), fontsize=7, rotation=20, ha="left", va="bottom")
+  shown = [c for c in dict.fromkeys(labels)
+           if any(l == c and np.isfinite(v) and v > 0 for l, v in zip(labels, scores))]
+  handles = [Patch(color=CATEGORY_COLORS.get(c, "#333333"), label=c.replace("_", " ")) for c in shown]
+  if sink:
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="///",
+                         label="attention sink (BOS block), not an anchor"))
+  if handles:
+    ax.legend(handles=handles, fontsize=7, loc="upper right")
+  ax.set_xlabel("sentence (in order)")
+  ax.set_ylabel("importance (vertical score)")
+  _int_ticks(ax, y=False)
+  _title(ax, title)
   return _save(fig, path)
 
 
-def plot_kurtosis_grid(kurtosis, path: str, heads=None, title: str = "kurtosis of vertical scores") -> str:
-  """Layers x heads grid of kurtosis; receiver heads (int[k, 2]) are outlined."""
+def plot_kurtosis_grid(kurtosis, path: str, heads=None, title: str = "kurtosis of vertical scores",
+                       label: str = "kurtosis of vertical scores") -> str:
+  """Layers x heads grid of a value (kurtosis by default; `label` names the colour bar); receiver heads
+  (int[k, 2] (layer, head)) are outlined."""
   k = np.asarray(kurtosis, np.float64)
-  fig, ax = plt.subplots(figsize=(max(3.5, k.shape[1] * 0.5 + 2), max(3, k.shape[0] * 0.3 + 1)))
+  if k.ndim != 2:
+    raise ValueError(f"the grid needs a [layers, heads] array, got shape {k.shape}")
+  fig, ax = plt.subplots(figsize=(max(4.5, k.shape[1] * 0.5 + 3), max(3.2, k.shape[0] * 0.3 + 1.2)))
   im = ax.imshow(k, cmap="magma", aspect="auto", interpolation="nearest")
-  fig.colorbar(im, ax=ax, label="kurtosis")
+  fig.colorbar(im, ax=ax, label=label)
   if heads is not None:
-    for l, h in np.asarray(heads).reshape(-1, 2):
+    hs = np.asarray(heads).reshape(-1, 2)
+    for l, h in hs:
+      checks.check_index("receiver head layer", l, k.shape[0], f" ({k.shape[0]} layers)")
+      checks.check_index("receiver head", h, k.shape[1], f" ({k.shape[1]} heads)")
       ax.add_patch(matplotlib.patches.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="cyan", lw=1.5))
+    if len(hs):
+      ax.legend(handles=[Patch(fill=False, edgecolor="cyan", lw=1.5, label="receiver head")], fontsize=7,
+                loc="upper left", bbox_to_anchor=(0, -0.12), frameon=False)
   ax.set_xlabel("head")
   ax.set_ylabel("layer")
-  ax.set_title(title)
+  _int_ticks(ax)
+  _title(ax, title, width=45)
   return _save(fig, path)
 
 
 def plot_route(route, path: str, needle_blocks: Optional[Sequence[int]] = None, min_weight: float = 1e-3,
                max_edges: int = 300, title: str = "needle route") -> str:
   """Layered diagram: x = block, y = layer (input of layer l at y = l); node size ~ flow; route edges (on a
-  path from a needle block) in red, other kept edges in grey; needle blocks marked at the bottom."""
+  path from a needle block) in red, other kept edges in grey; needle blocks marked at the bottom, block 0
+  (BOS, the attention sink) marked too. Every mark has a legend entry."""
   flow = np.asarray(route.flow)
   n_levels, n_b = flow.shape
   fig, ax = plt.subplots(figsize=(max(6, n_b * 0.12), max(4, n_levels * 0.35)))
@@ -114,14 +171,23 @@ def plot_route(route, path: str, needle_blocks: Optional[Sequence[int]] = None, 
             lw=0.5 + 3 * w / wmax, zorder=2 if red else 1)
   yy, xx = np.nonzero(flow > 0)
   ax.scatter(xx, yy, s=5 + 200 * flow[yy, xx], c="black", zorder=3)
+  handles = [Line2D([], [], color="red", lw=2, label="kept edge on a path from a needle block"),
+             Line2D([], [], color="0.6", lw=2, label="other kept edge (width ~ weight)"),
+             Line2D([], [], color="black", marker="o", ls="", label="share of the answer's information "
+                    "(dot size)")]
   if needle_blocks is not None:
-    nb = list(needle_blocks)
-    ax.scatter(nb, [-0.4] * len(nb), marker="^", c="red", s=40, label="needle block", zorder=3)
-    ax.legend(fontsize=7, loc="upper left")
+    nb = [checks.check_index("needle block", b, n_b, f" ({n_b} blocks)") for b in needle_blocks]
+    ax.scatter(nb, [-0.4] * len(nb), marker="^", c="red", s=40, zorder=3)
+    handles.append(Line2D([], [], color="red", marker="^", ls="", label="needle block"))
+  ax.scatter([0], [-0.4], marker="s", c="tab:blue", s=30, zorder=3)
+  handles.append(Line2D([], [], color="tab:blue", marker="s", ls="", label="block 0: BOS, attention sink"))
+  ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
   ax.set_xlim(-1, n_b)
-  ax.set_xlabel("block")
-  ax.set_ylabel("layer (input)")
-  ax.set_title(title)
+  ax.set_ylim(-1, n_levels)
+  ax.set_xlabel("block (position in the prompt)")
+  ax.set_ylabel("layer (input of layer l at y = l; top = output)")
+  _int_ticks(ax)
+  _title(ax, title, width=70)
   return _save(fig, path)
 
 
@@ -138,7 +204,8 @@ def plot_success_failure(success, failure, path: str, title: str = "needle mass 
   ax.plot(lf, "s-", color="tab:red", label="failure")
   ax.set_xlabel("layer")
   ax.set_ylabel(ylabel)
-  ax.set_title(title)
+  _int_ticks(ax, y=False)
+  _title(ax, title)
   ax.legend()
   if two_d:
     d = s - f
@@ -147,7 +214,8 @@ def plot_success_failure(success, failure, path: str, title: str = "needle mass 
     fig.colorbar(im, ax=axes[1], label="success - failure")
     axes[1].set_xlabel("head")
     axes[1].set_ylabel("layer")
-    axes[1].set_title("per head")
+    _int_ticks(axes[1])
+    axes[1].set_title("per head: success - failure", fontsize=10)
   return _save(fig, path)
 
 

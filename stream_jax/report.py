@@ -82,24 +82,58 @@ def save_trace(path: str | os.PathLike, trace: Trace) -> None:
 
 
 def load_trace(path: str | os.PathLike) -> Trace:
-  """Restores what `save_trace` wrote into the same Trace pytree (bit-identical arrays)."""
+  """Restores what `save_trace` wrote into the same Trace pytree (bit-identical arrays).
+
+  The layout in trace.json (block sizes, lengths) is checked against the saved arrays, and unreadable or
+  truncated files raise a ValueError naming the folder.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   path = pathlib.Path(path).absolute()
   meta_file = path / TRACE_META
   if not meta_file.exists():
     raise FileNotFoundError(f"no saved trace at {path} (missing {TRACE_META})")
-  meta = json.loads(meta_file.read_text())["layers"]
-  arrays = ocp.StandardCheckpointer().restore(path / TRACE_DIR)["layers"]
+  try:
+    meta = json.loads(meta_file.read_text())["layers"]
+    if not isinstance(meta, list):
+      raise TypeError("'layers' is not a list")
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"trace at {path}: {TRACE_META} is unreadable or truncated ({type(e).__name__}: {e})"
+                     ) from None
+  if not (path / TRACE_DIR).is_dir():
+    raise ValueError(f"trace at {path}: the arrays folder {TRACE_DIR}/ is missing")
+  try:
+    arrays = ocp.StandardCheckpointer().restore(path / TRACE_DIR)["layers"]
+  except Exception as e:  # orbax/TensorStore raise many kinds on cut or edited files
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise ValueError(f"trace at {path}: the saved arrays in {TRACE_DIR}/ cannot be read (truncated or "
+                     f"corrupt?): {type(e).__name__}: {first}") from None
   if len(arrays) != len(meta):
     raise ValueError(f"trace at {path} is inconsistent: {len(meta)} layers described, {len(arrays)} saved")
   layers = []
-  for m, a in zip(meta, arrays):
-    cfg = None if m["config"] is None else StreamConfig(**m["config"])
-    mask = BlockMask(jax.numpy.asarray(a["indices"]), jax.numpy.asarray(a["counts"]), m["block_q"],
-                     m["block_k"], m["q_len"], m["k_len"], cfg)
-    layers.append(LayerTrace(mask, jax.numpy.asarray(a["mass"]), m["layer"], m["kind"], m["mode"],
-                             m["window"]))
+  for i, (m, a) in enumerate(zip(meta, arrays)):
+    try:
+      cfg = None if m["config"] is None else StreamConfig(**m["config"])
+      bq, bk, q_len, k_len = (int(m[k]) for k in ("block_q", "block_k", "q_len", "k_len"))
+      layer, kind, mode, window = m["layer"], m["kind"], m["mode"], m["window"]
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"trace at {path}: layer {i} of {TRACE_META} is malformed ({type(e).__name__}: {e})"
+                       ) from None
+    idx, counts, mass = (np.asarray(a[k]) for k in ("indices", "counts", "mass"))
+    n_q, n_k = -(-q_len // max(bq, 1)), -(-k_len // max(bk, 1))
+    problems = []
+    if bq < 1 or bk < 1 or (cfg is not None and (cfg.block_q, cfg.block_k) != (bq, bk)):
+      problems.append(f"block sizes {bq}x{bk} disagree with the config")
+    if idx.ndim < 3 or idx.shape[-2] != n_q:
+      problems.append(f"indices {idx.shape} do not have nQ={n_q} query blocks (q_len={q_len}, block_q={bq})")
+    if mass.shape != idx.shape or counts.shape != idx.shape[:-1]:
+      problems.append(f"mass {mass.shape} / counts {counts.shape} do not match indices {idx.shape}")
+    if idx.size and (idx.min() < -1 or idx.max() >= n_k):
+      problems.append(f"block ids outside [-1, {n_k - 1}] (k_len={k_len}, block_k={bk})")
+    if problems:
+      raise ValueError(f"trace at {path}: layer {i}: saved layout and arrays disagree: {'; '.join(problems)}")
+    mask = BlockMask(jax.numpy.asarray(idx), jax.numpy.asarray(counts), bq, bk, q_len, k_len, cfg)
+    layers.append(LayerTrace(mask, jax.numpy.asarray(mass), layer, kind, mode, window))
   return Trace(tuple(layers))
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stream_jax import checks
 from stream_jax.mask import num_blocks
 from stream_jax.trace import Trace
 
@@ -355,6 +356,12 @@ class AnchorReport:
     imp = np.nan_to_num(np.asarray(self.importance), nan=-np.inf)
     return [(int(i), float(imp[i]), self.labels[i], self.sentences.texts[i]) for i in np.argsort(-imp)[:n]]
 
+  def sink_sentences(self, block_k: int) -> tuple[int, ...]:
+    """Sentences that share a key block with BOS (block 0, the attention sink): their high scores come
+    from the sink, where most heads park attention whatever the text, not from their content."""
+    tok = np.asarray(self.sentences.tokens).reshape(-1, 2)
+    return tuple(int(i) for i in np.nonzero(tok[:, 0] < block_k)[0])
+
 
 def layer_vertical_scores(mass: jax.Array, indices: jax.Array, spans, *, block_q: int, block_k: int,
                           q_len: int, k_len: int, proximity_ignore: int = 4) -> jax.Array:
@@ -411,6 +418,7 @@ def thought_anchors(trace: Trace, sents: Sentences, *, batch_index: Optional[int
     proximity_ignore: vertical scores average rows i >= j + proximity_ignore.
     labeller / labels: category labelling (keyword heuristic by default).
   """
+  checks.check_spans("sentence token spans", sents.tokens, trace.layers[0].mask.k_len)
   v = trace_vertical_scores(trace, sents.tokens, proximity_ignore=proximity_ignore)
   if batch_index is not None:
     v = v[:, batch_index]

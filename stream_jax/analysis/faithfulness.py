@@ -32,22 +32,36 @@ from stream_jax.trace import Trace
 
 def next_token_kl(dense_logits: jax.Array, stream_logits: jax.Array) -> jax.Array:
   """float32[..., T] KL(p_dense || p_stream) of the next-token distributions, in nats."""
+  _same_shape(dense_logits, stream_logits)
   lp = jax.nn.log_softmax(dense_logits.astype(jnp.float32), axis=-1)
   lq = jax.nn.log_softmax(stream_logits.astype(jnp.float32), axis=-1)
   return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
 
 
 def top1_agreement(dense_logits: jax.Array, stream_logits: jax.Array) -> jax.Array:
-  """bool[..., T] whether both argmax tokens are the same."""
+  """bool[..., T] whether both argmax tokens are the same (`output_metrics` turns non-finite rows to NaN)."""
+  _same_shape(dense_logits, stream_logits)
   return jnp.argmax(dense_logits, -1) == jnp.argmax(stream_logits, -1)
 
 
 def topk_overlap(dense_logits: jax.Array, stream_logits: jax.Array, k: int = 5) -> jax.Array:
-  """float32[..., T] |top-k(dense) ∩ top-k(stream)| / k (order ignored)."""
+  """float32[..., T] |top-k(dense) ∩ top-k(stream)| / k (order ignored); NaN where either row is not finite."""
+  _same_shape(dense_logits, stream_logits)
   _, a = jax.lax.top_k(dense_logits.astype(jnp.float32), k)
   _, b = jax.lax.top_k(stream_logits.astype(jnp.float32), k)
   hit = (a[..., :, None] == b[..., None, :]).any(-1)
-  return hit.sum(-1).astype(jnp.float32) / k
+  return jnp.where(_finite_rows(dense_logits, stream_logits), hit.sum(-1).astype(jnp.float32) / k, jnp.nan)
+
+
+def _same_shape(dense_logits, stream_logits):
+  if jnp.shape(dense_logits) != jnp.shape(stream_logits):
+    raise ValueError(f"dense and stream logits must have the same shape [..., T, V], got "
+                     f"{jnp.shape(dense_logits)} and {jnp.shape(stream_logits)}")
+
+
+def _finite_rows(dense_logits, stream_logits):
+  """bool[..., T]: both rows finite. A NaN row has an argmax too; it must not count as agreement."""
+  return jnp.isfinite(dense_logits).all(-1) & jnp.isfinite(stream_logits).all(-1)
 
 
 def residual_error(dense_hidden: Sequence[jax.Array], stream_hidden: Sequence[jax.Array]) -> jax.Array:
@@ -213,9 +227,10 @@ def faithfulness_report(dense_logits: jax.Array, stream_logits: jax.Array, *,
 
 
 def output_metrics(dense_logits: jax.Array, stream_logits: jax.Array, top_k: int = 5):
-  """(kl, top1, top5) float32[..., T] each."""
-  return (next_token_kl(dense_logits, stream_logits),
-          top1_agreement(dense_logits, stream_logits).astype(jnp.float32),
+  """(kl, top1, top5) float32[..., T] each; NaN at positions where either logits row is not finite."""
+  ok = _finite_rows(dense_logits, stream_logits)
+  return (jnp.where(ok, next_token_kl(dense_logits, stream_logits), jnp.nan),
+          jnp.where(ok, top1_agreement(dense_logits, stream_logits).astype(jnp.float32), jnp.nan),
           topk_overlap(dense_logits, stream_logits, top_k))
 
 

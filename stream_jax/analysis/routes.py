@@ -23,7 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from stream_jax.mask import num_blocks
+from stream_jax import checks
 from stream_jax.trace import LayerTrace, Trace
+
+
+SINK_BLOCK = 0  # the attention sink: the block holding BOS
 
 
 def select_batch(trace: Trace, b: int) -> Trace:
@@ -65,8 +69,10 @@ def needle_mass(layer: LayerTrace, needle: jax.Array, query_block: int = -1) -> 
 def trace_needle_mass(trace: Trace, spans, query_block: int = -1) -> jax.Array:
   """float32[L, ..., N]: needle mass at the final query block, per layer and head.
 
-  spans: int[k, 2] token spans of the needle(s) (e.g. the value spans of a NiahSample).
+  spans: int[k, 2] token spans of the needle(s) (e.g. the value spans of a NiahSample), inside the
+    traced tokens (checked when concrete).
   """
+  checks.check_spans("spans", spans, trace.layers[0].mask.k_len)
   out = []
   for l in trace.layers:
     needle = span_blocks(spans, l.mask.block_k, l.mask.k_len)
@@ -88,6 +94,9 @@ class Route:
   carried: bool[L + 1, nB] blocks that needle information reaches along kept edges (and the residual).
   needle_flow: float32[L + 1] flow on needle blocks per layer.
   indices: per layer int32[N, nQ, C_l], the masks' block ids (to read edges without the trace).
+
+  Block 0 (BOS) is the attention sink: most heads park mass there whatever the prompt, so heavy edges into
+  block 0 say little about retrieval (`SINK_BLOCK`; the route figure marks it).
   """
 
   flow: jax.Array
@@ -145,6 +154,7 @@ def route(trace: Trace, needle_spans, *, residual: float = 0.5, threshold: float
     if l.mass.ndim != 3:
       raise ValueError(f"route works on one sample; layer {l.layer} has mass of shape {l.mass.shape} "
                        "(use select_batch)")
+  checks.check_spans("needle_spans", needle_spans, layers[0].mask.k_len)
   n_b = layers[0].mask.num_k_blocks
   needle = span_blocks(needle_spans, layers[0].mask.block_k, layers[0].mask.k_len)
   flow = jnp.zeros((n_b,), jnp.float32).at[final_block].set(1.0)
