@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stream_jax import dense as dense_lib
 from stream_jax.attention import sparse_attention
 from stream_jax.config import StreamConfig
 from stream_jax.estimate import estimate_mask
@@ -23,8 +24,8 @@ from stream_jax.trace import LayerTrace
 
 Attention = Union[str, StreamConfig]
 NEG_INF = -1e30  # finite: a fully masked (padding) row stays NaN-free
-# Queries per step of the dense path: bounds its logits buffer to N x DENSE_Q_CHUNK x S floats.
-DENSE_Q_CHUNK = 1024
+# Queries per step of the dense path (stream_jax.dense tiles).
+DENSE_Q_CHUNK = dense_lib.Q_CHUNK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Arra
                     scale: float, cap: Optional[float] = None, window: Optional[int] = None,
                     k_valid: Optional[jax.Array] = None,
                     q_chunk: int = DENSE_Q_CHUNK) -> jax.Array:
-  """Causal (sliding-window) softmax attention, exact, chunked over queries.
+  """Causal (sliding-window) softmax attention, exact: `stream_jax.dense.dense_attention` (flash style,
+  nothing T x S; local layers touch only their window), under the model's argument names.
 
   Args:
     q: [B, T, N, H]; k, v: [B, S, K, H]; q_pos: int[T], k_pos: int[S] absolute positions.
@@ -71,35 +73,10 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Arra
     window: W, a key is visible iff q_pos - k_pos < W (None: global).
     k_valid: optional bool[B, S] (e.g. the filled part of a KV cache).
   Returns:
-    [B, T, N, H] in q's dtype. Memory: B x N x min(T, q_chunk) x S logits.
+    [B, T, N, H] in q's dtype (a row that sees no key: 0). Memory: B x N x q_chunk x k_chunk logits.
   """
-  b, t, n, h = q.shape
-  kv = k.shape[2]
-  g = n // kv
-
-  def chunk(qc, qp):
-    qc = qc.reshape(b, -1, kv, g, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qc, k, preferred_element_type=jnp.float32) * scale
-    logits = softcap(logits, cap)
-    visible = k_pos[None, :] <= qp[:, None]  # [t, S]
-    if window is not None:
-      visible &= qp[:, None] - k_pos[None, :] < window
-    visible = visible[None, None, None]
-    if k_valid is not None:
-      visible = visible & k_valid[:, None, None, None, :]
-    logits = jnp.where(visible, logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, -1, n, h).astype(q.dtype)
-
-  if t <= q_chunk:
-    return chunk(q, q_pos)
-  n_chunks = -(-t // q_chunk)
-  pad = n_chunks * q_chunk - t
-  qp = jnp.pad(q, [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(b, n_chunks, q_chunk, n, h)
-  pp = jnp.pad(q_pos, (0, pad), constant_values=-1).reshape(n_chunks, q_chunk)
-  out = lax.map(lambda a: chunk(*a), (jnp.moveaxis(qp, 1, 0), pp))  # [nC, B, c, N, H]
-  return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * q_chunk, n, h)[:, :t]
+  return dense_lib.dense_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, scale=scale, softcap=cap,
+                                   window=window, k_valid=k_valid, q_chunk=q_chunk)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,

@@ -264,7 +264,7 @@ def test_stream_path_allocates_nothing_quadratic():
   s16, s32 = temp(StreamConfig(), t // 2), temp(StreamConfig(), t)
   assert s32 < tt / 8, (s32, tt)
   assert s32 - s16 < 0.05 * (tt - tt / 4), (s16, s32)
-  assert temp("dense", t) >= cfg.num_heads * 1024 * t * 4  # the dense path is what it claims to be
+  assert temp("dense", t) < tt / 8  # the dense path is flash style too (stream_jax.dense)
 
 
 def test_pure_apply_entry_equals_forward():
