@@ -1,20 +1,29 @@
-# Two commands, each doing its own set-up (idempotently):
-#   make demo   the main job on the embedded Gemma 3 270M (CPU is fine)
-#   make test   the test suite (the default run skips tests marked slow; `make test-slow` runs them)
+# Two commands, each doing its own set-up (idempotently) in one shared virtual environment, .venv:
+#   make demo   the main job on the embedded Gemma 3 270M (CPU is fine); needs only the package itself
+#   make test   the test suite (the default run skips tests marked slow; `make test-slow` runs them); adds
+#               the test extra (PyTorch + transformers' Gemma as the numerics reference) to the same .venv
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The PyTorch CPU build is the numerics reference of the tests; pinning it keeps pip from pulling a CUDA build.
 TORCH  ?= torch==2.13.0
-STAMP  := $(VENV)/.stamp
+DEMO_STAMP := $(VENV)/.stamp-demo
+STAMP      := $(VENV)/.stamp
 
-.PHONY: setup test test-slow demo bench-small clean
+.PHONY: setup setup-demo test test-slow demo bench-small clean
 
+setup-demo: $(DEMO_STAMP)
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The package and its runtime dependencies (JAX, Flax, the embedded model): what `make demo` needs.
+$(DEMO_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $(DEMO_STAMP)
+
+# Adds the test extra on top (PyTorch CPU, pytest, notebook runners).
+$(STAMP): $(DEMO_STAMP)
 	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
 	touch $(STAMP)
 
@@ -24,11 +33,14 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-demo: $(STAMP)
-	$(VENV)/bin/stream-jax demo --out reports/demo
+# --force: replace the previous demo report (only a folder stream_jax wrote; see README, "--out").
+demo: $(DEMO_STAMP)
+	$(VENV)/bin/stream-jax demo --out reports/demo --force
 
 bench-small: $(STAMP)
 	$(PY) benchmarks/scaling.py --small
 
+# Removes the demo report only if stream_jax wrote it (its marker file); anything else in reports/ stays.
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache reports
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	if [ -f reports/demo/.stream_jax_report ]; then rm -rf reports/demo; fi

@@ -2,8 +2,12 @@
 
 Every subcommand loads a model (the embedded Gemma 3 270M by default, offline), runs it with Stream
 attention, and writes a report folder (report.json, the trace restorable with `stream_jax.report.load_trace`,
-PNG figures, index.html) atomically. Bad options and inputs exit with status 2 and a message that names
-them.
+PNG figures, index.html) atomically. Everything checkable is checked before the model loads (output folder,
+model file, layer ids, lengths against the model's context, option ranges); bad options and inputs exit
+with status 2 and a one-line message that names them (`--debug` shows the traceback).
+
+`--out` never deletes anything stream_jax did not write: it must be a new or empty folder, or, with
+`--force`, a previous stream_jax report (recognised by its marker file) that holds nothing else.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 EXIT_USAGE = 2
+# Shortest needle prompt: the template, the needle and the question take about 90 tokens.
+NIAH_MIN_TOKENS = 128
+# At or above this kept share of causal token pairs, Stream prunes (almost) nothing.
+NO_PRUNING = 0.99
 
 
 class CliError(Exception):
@@ -92,20 +100,82 @@ def stream_config(args):
 
 
 def _add_out(p, default):
-  p.add_argument("--out", default=default, help=f"report folder (replaced atomically; default {default})")
+  p.add_argument("--out", default=default,
+                 help=f"report folder (default {default}): a new or empty folder; it is written atomically "
+                      "(nothing appears until the report is complete). An existing folder is never deleted "
+                      "unless it is a previous stream_jax report and --force is given")
+  p.add_argument("--force", action="store_true",
+                 help="replace a previous stream_jax report at --out (never a file or a folder stream_jax "
+                      "did not write, nor a report you added files to)")
+  p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def preflight(args, cfg, *, lengths: Sequence[int] = (), what: str = "the prompt"):
+  """Checks everything knowable before the model loads; returns the model's GemmaConfig (read from the
+  file's header or config.json, without its weights)."""
+  from stream_jax.models.load import EMBEDDED, peek_config  # pylint: disable=import-outside-toplevel
+  from stream_jax.report import check_out_dir  # pylint: disable=import-outside-toplevel
+  check_out_dir(args.out, force=args.force)
+  if args.model.lower() not in EMBEDDED and not pathlib.Path(args.model).exists():
+    raise CliError(f"--model: {args.model!r} is neither a known name ('gemma3-270m') nor an existing "
+                   "file or directory")
+  try:
+    config = peek_config(args.model)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CliError(f"--model: {e}") from None
+  n = config.num_layers
+  bad = [i for i in args.dense_layers if not 0 <= i < n]
+  if bad:
+    raise CliError(f"--dense-layers {','.join(map(str, bad))}: layer ids must be in [0, {n - 1}] "
+                   f"({config.name} has {n} layers)")
+  plot_layer = getattr(args, "plot_layer", None)
+  if plot_layer is not None and not 0 <= plot_layer < n:
+    raise CliError(f"--plot-layer must be in [0, {n - 1}] ({config.name} has {n} layers), got {plot_layer}")
+  limit = context_length(config)
+  for length in lengths:
+    if length > limit:
+      raise CliError(f"{what} of {length} tokens is longer than the model's context of {limit}")
+  if cfg.top_k * cfg.block_k > limit:
+    raise CliError(f"--top-k {cfg.top_k} x --block-k {cfg.block_k} = {cfg.top_k * cfg.block_k} keys per "
+                   f"query block is more than the model's context of {limit} tokens")
+  return config
+
+
+def read_text_file(option: str, name: str) -> str:
+  """A UTF-8 text file's contents; missing, binary and empty files are refused."""
+  path = pathlib.Path(name)
+  if not path.is_file():
+    raise CliError(f"{option}: {name!r} does not exist or is not a file")
+  raw = path.read_bytes()
+  if b"\0" in raw[:65536]:
+    raise CliError(f"{option}: {name!r} is a binary file, not text")
+  text = raw.decode("utf-8", errors="replace")
+  if text.count("\ufffd") > max(8, len(text) // 100):
+    raise CliError(f"{option}: {name!r} is not UTF-8 text ({text.count(chr(0xfffd))} undecodable bytes)")
+  if not text.strip():
+    raise CliError(f"{option}: {name!r} is empty")
+  return text
+
+
+def pruning_notice(kept: float, tokens: int, cfg) -> Optional[str]:
+  """A sentence when Stream keeps (nearly) every token pair at these settings, with what to change."""
+  if not kept >= NO_PRUNING:
+    return None
+  n_k = -(-tokens // cfg.block_k)
+  top_k = max(1, n_k // 4 - cfg.sink_blocks - cfg.window_blocks)
+  return (f"Stream keeps {kept:.1%} of the token pairs: pruning does (almost) nothing at these settings. "
+          f"{tokens} tokens make {n_k} key blocks of {cfg.block_k}, and every query block keeps up to "
+          f"{cfg.capacity} (sink {cfg.sink_blocks} + top-k {cfg.top_k} + window {cfg.window_blocks}). "
+          f"For this length try --top-k {top_k}, or smaller blocks (--block-q/--block-k "
+          f"{max(8, cfg.block_k // 4)}), or a longer input.")
+
+
 def load(args):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from stream_jax.models import load_model  # pylint: disable=import-outside-toplevel
-  if args.model not in ("gemma3-270m", "gemma-3-270m", "default", "embedded"):
-    path = pathlib.Path(args.model)
-    if not path.exists():
-      raise CliError(f"--model: {args.model!r} is neither a known name ('gemma3-270m') nor an existing "
-                     "file or directory")
   t0 = time.perf_counter()
   model = load_model(args.model, dtype=jnp.dtype(args.dtype))
   print(f"loaded {model.source} ({model.config.name}, {model.config.num_layers} layers, {args.dtype}) "
@@ -126,6 +196,19 @@ def check_length(model, n_tokens: int, what: str):
     raise CliError(f"{what} has {n_tokens} tokens, longer than the model's context of {limit}")
   if n_tokens < 2:
     raise CliError(f"{what} has {n_tokens} token(s); need at least 2")
+
+
+def _settings(cfg, args) -> str:
+  s = (f"block_q={cfg.block_q}, block_k={cfg.block_k}, top_k={cfg.top_k}, sink_blocks={cfg.sink_blocks}, "
+       f"window_blocks={cfg.window_blocks}, representative={cfg.representative}")
+  if args.dense_layers:
+    s += f", dense layers {','.join(map(str, args.dense_layers))}"
+  return s + (", local layers pruned" if args.prune_local else ", local layers exact")
+
+
+def _excerpt(text: str, n: int = 300) -> str:
+  text = " ".join(text.split())
+  return text if len(text) <= 2 * n else f"{text[:n]} [...] {text[-n:]}"
 
 
 def logits_fn(model):
@@ -183,31 +266,36 @@ def cmd_trace(args):
   from stream_jax.report import write_report  # pylint: disable=import-outside-toplevel
   cfg = stream_config(args)
   if args.file is not None:
-    path = pathlib.Path(args.file)
-    if not path.is_file():
-      raise CliError(f"--file: {args.file!r} does not exist or is not a file")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text_file("--file", args.file)
   else:
     text = args.text
   if not text.strip():
     raise CliError("the input text is empty")
+  preflight(args, cfg)  # the input's length is checked once it is tokenized, before any forward pass
   model = load(args)
   ids = model.encode(text)
   check_length(model, len(ids), "the input")
   trace, report, timings = run_pair(model, ids, cfg, args, oracle=args.oracle)
   layer = args.plot_layer if args.plot_layer is not None else _first_global(trace)
-  if not 0 <= layer < len(trace.layers):
-    raise CliError(f"--plot-layer must be in [0, {len(trace.layers) - 1}], got {layer}")
   lt = trace.layers[layer]
   table = faithfulness.format_report(report, f"dense vs Stream, {len(ids)} tokens")
   print(table)
+  notice = pruning_notice(report.summary().get("kept_stream", 0.0), len(ids), cfg)
+  if notice:
+    print(f"note: {notice}")
   summary = dict(model=model.config.name, tokens=len(ids), **report.summary(), **timings)
   out = write_report(
       args.out, title="stream-jax trace", summary=summary, trace=trace, sections={"faithfulness": table},
+      force=args.force, notes={"pruning does nothing": notice} if notice else None,
+      intro={"text (excerpt)": _excerpt(text), "Stream settings": _settings(cfg, args)},
+      captions={f"mask_layer{layer}": f"Layer {layer} ({lt.kind}, {lt.mode}): which key blocks (columns) "
+                "each query block (rows) kept, coloured by the attention mass they received, mean over "
+                "heads; white = not kept by any head."},
       report=dict(command="trace", model=model.source, tokens=len(ids), stream=_stream_dict(cfg, args),
-                  faithfulness=report, timings=timings),
+                  faithfulness=report, timings=timings, notice=notice),
       figures={f"mask_layer{layer}": lambda p: plots.plot_block_mask(
-          lt.mask, p, mass=lt.mass, title=f"layer {layer} ({lt.mode})")})
+          lt.mask, p, mass=lt.mass, title=f"layer {layer} ({lt.kind}, {lt.mode}): kept blocks, mass "
+          "(mean over heads)")})
   print(f"report: {out}")
   return 0
 
@@ -220,11 +308,16 @@ def cmd_demo(args):
   from stream_jax.report import write_report  # pylint: disable=import-outside-toplevel
   started = time.perf_counter()
   cfg = stream_config(args)
+  if args.length < NIAH_MIN_TOKENS:
+    raise CliError(f"--length must be >= {NIAH_MIN_TOKENS} (the needle, the question and the template take "
+                   f"about 90 tokens), got {args.length}")
+  preflight(args, cfg, lengths=(args.length,), what="--length")
   model = load(args)
   sample = niah.generate_sample(model.tokenizer, args.length, niah.VARIANTS["single_1"], seed=args.seed)
   print(f"needle prompt: {sample.length} tokens; asks for {sample.keys[0]!r} (answer {sample.answers[0]})",
         flush=True)
   trace, report, timings = run_pair(model, sample.ids, cfg, args)
+  notice = pruning_notice(report.summary().get("kept_stream", 0.0), sample.length, cfg)
   answers = {}
   for name, attention in (("dense", "dense"), ("stream", cfg)):
     t0 = time.perf_counter()
@@ -247,6 +340,8 @@ def cmd_demo(args):
   per_layer = needle_mass.mean(-1)
   print("needle mass at the final query block, per layer (mean over heads): "
         + " ".join(f"{x:.3f}" for x in per_layer))
+  if notice:
+    print(f"note: {notice}")
   timings["total_s"] = time.perf_counter() - started
   layer = _first_global(trace)
   lt = trace.layers[layer]
@@ -255,13 +350,38 @@ def cmd_demo(args):
                  dense_answer=answers["dense"].strip(), dense_retrieved=bool(dense_score == 1),
                  same_answer=answers["dense"].strip() == answer.strip(), **report.summary(),
                  needle_flow_at_input=float(rt.needle_flow[0]), total_seconds=timings["total_s"])
+  needle_at = int(spans[0][0])
+  intro = {
+      "prompt (excerpt)": _excerpt(model.decode(sample.ids)),
+      "needle position": f"tokens {int(spans[0][0])}-{int(spans[0][1]) - 1} of {sample.length} "
+                         f"({100 * needle_at / sample.length:.0f}% deep; key block(s) "
+                         f"{', '.join(map(str, needle_blocks))})",
+      "question": sample.question,
+      "expected answer": sample.answers[0],
+      "answers": f"dense: {answers['dense'].strip()!r} ({'found' if dense_score == 1 else 'missed'}); "
+                 f"Stream: {answer.strip()!r} ({'found' if score == 1 else 'missed'})",
+      "Stream settings": _settings(cfg, args),
+  }
   out = write_report(
       args.out, title="stream-jax demo: needle in a haystack", summary=summary, trace=trace,
-      sections={"faithfulness": table},
+      sections={"faithfulness": table}, force=args.force, intro=intro,
+      notes={"pruning does nothing": notice} if notice else None,
+      captions={
+          f"mask_layer{layer}": f"Layer {layer} (global): which key blocks (columns) each query block (rows) "
+                                "kept, coloured by the attention mass they received, mean over heads; white "
+                                "= not kept by any head. The needle is in key block(s) "
+                                f"{', '.join(map(str, needle_blocks))}.",
+          "needle_mass": "Share of the final query block's attention that lands on the needle's blocks, "
+                         "per layer (rows) and head (columns).",
+          "route": "Attention rollout from the last query block (top) down the layers along kept blocks: "
+                   "red edges lie on a path that starts at a needle block, grey ones are other kept "
+                   "edges; dot size is the share of the answer's information at that block and layer.",
+      },
       report=dict(command="demo", model=model.source, stream=_stream_dict(cfg, args),
                   sample=dict(length=sample.length, keys=sample.keys, answers=sample.answers,
                               needle_token_spans=spans.tolist(), question=sample.question),
                   answers=answers, retrieved=dict(stream=bool(score == 1), dense=bool(dense_score == 1)),
+                  notice=notice,
                   faithfulness=report, timings=timings,
                   needle_mass_per_layer_head=needle_mass, needle_flow=np.asarray(rt.needle_flow),
                   route_edges=rt.edge_list(min_weight=1e-3)[:200], jax=jax.__version__,
@@ -270,9 +390,11 @@ def cmd_demo(args):
           f"mask_layer{layer}": lambda p: plots.plot_block_mask(
               lt.mask, p, mass=lt.mass, title=f"layer {layer}: kept blocks, mass (mean over heads)"),
           "needle_mass": lambda p: plots.plot_kurtosis_grid(
-              needle_mass, p, title="needle mass at the final query block (layer x head)"),
-          "route": lambda p: plots.plot_route(rt, p, needle_blocks=needle_blocks,
-                                              title="route from the needle to the answer"),
+              needle_mass, p, title="needle mass at the final query block, per layer and head",
+              label="needle share of the final block's attention"),
+          "route": lambda p: plots.plot_route(
+              rt, p, needle_blocks=needle_blocks,
+              title="attention route into the last query block (red: kept edges on a path from the needle)"),
       })
   print(f"report: {out}  ({timings['total_s']:.0f} s)")
   return 0
@@ -290,6 +412,13 @@ def cmd_niah(args):
   if args.depths:
     if any(not 0 <= d <= 100 for d in args.depths):
       raise CliError(f"--depths are percentages in [0, 100], got {list(args.depths)}")
+  if not args.lengths:
+    raise CliError("--lengths needs at least one prompt length, e.g. --lengths 600,3000")
+  short = [n for n in args.lengths if n < NIAH_MIN_TOKENS]
+  if short:
+    raise CliError(f"--lengths entries must be >= {NIAH_MIN_TOKENS} tokens (the needles, the question and "
+                   f"the template take about 90), got {','.join(map(str, short))}")
+  preflight(args, cfg, lengths=args.lengths, what="--lengths entry")
   model = load(args)
   for n in args.lengths:
     check_length(model, n, f"--lengths entry {n}")
@@ -319,11 +448,25 @@ def cmd_niah(args):
   cmp = routes.compare(masses, flags)
   text = "\n".join(lines) + "\n\n" + cmp.format()
   print(text)
+  notes = {}
+  for n in sorted(by_len):
+    kept = min(r["kept_fraction"] for r in rows if r["length"] == n)
+    notice = pruning_notice(kept, n, cfg)
+    if notice:
+      notes[f"{n} tokens: pruning does nothing"] = notice
+      print(f"note ({n} tokens): {notice}")
   figures = {}
   if cmp.n_success and cmp.n_failure:
     figures["success_vs_failure"] = lambda p: plots.plot_success_failure(cmp.success, cmp.failure, p)
   out = write_report(
       args.out, title=f"stream-jax niah ({args.variant})", sections={"results": text}, figures=figures,
+      force=args.force, notes=notes,
+      intro={"task": f"RULER {args.variant}: {args.samples} sample(s) per length"
+                     f"{' and depth' if args.depths else ''}; lengths {', '.join(map(str, args.lengths))}",
+             "Stream settings": _settings(cfg, args)},
+      captions={"success_vs_failure": "Needle share of the final query block's attention per layer, mean "
+                "over samples that retrieved the needle (green) and that missed it (red); right: the "
+                "difference per head."},
       summary={f"success@{n}": float(100 * np.mean(v)) for n, v in sorted(by_len.items())},
       report=dict(command="niah", model=model.source, variant=args.variant, stream=_stream_dict(cfg, args),
                   samples=rows, comparison=cmp))
@@ -336,12 +479,8 @@ def cmd_anchors(args):
   from stream_jax.analysis import anchors  # pylint: disable=import-outside-toplevel
   from stream_jax.report import write_report  # pylint: disable=import-outside-toplevel
   cfg = stream_config(args)
-  path = pathlib.Path(args.file)
-  if not path.is_file():
-    raise CliError(f"--file: {args.file!r} does not exist or is not a file")
-  text = path.read_text(encoding="utf-8", errors="replace")
-  if not text.strip():
-    raise CliError(f"--file: {args.file!r} is empty")
+  text = read_text_file("--file", args.file)
+  preflight(args, cfg)
   model = load(args)
   enc = model.tokenizer(text, return_offsets_mapping=True)
   ids = np.asarray(enc["input_ids"], np.int32)
@@ -353,23 +492,42 @@ def cmd_anchors(args):
   _, trace = model.forward(ids, attention=cfg, dense_layers=args.dense_layers,
                            prune_local=args.prune_local, backend=args.backend, last_only=True)
   rep = anchors.thought_anchors(trace, sents, top_heads=args.top_heads)
+  sink = rep.sink_sentences(cfg.block_k)
+  kept = float(trace.kept_fraction())
+  notice = pruning_notice(kept, len(ids), cfg)
   lines = [f"{len(sents.texts)} sentences, {len(ids)} tokens; receiver heads (layer, head): "
            + ", ".join(f"L{l}H{h}" for l, h in np.asarray(rep.heads)[:10])]
-  lines += [f"  #{i:3d} {s:8.4f} {lab:24s} {t[:90]!r}" for i, s, lab, t in rep.top(args.show)]
+  lines += [f"  #{i:3d} {s:8.4f} {lab:24s} {t[:90]!r}{'  <- attention sink (BOS block)' if i in sink else ''}"
+            for i, s, lab, t in rep.top(args.show)]
+  if sink:
+    lines.append(f"sentence(s) {', '.join(map(str, sink))} share key block 0 with BOS, the attention sink "
+                 "where most heads park attention: their score is the sink's, not an anchor's.")
   lines.append("by category (mean importance, count):")
   lines += [f"  {k:24s} {v[0]:8.4f} {v[1]:4d}" for k, v in rep.categories.items()]
   text_out = "\n".join(lines)
   print(text_out)
+  if notice:
+    print(f"note: {notice}")
   out = write_report(
       args.out, title="stream-jax thought anchors", sections={"anchors": text_out}, trace=trace,
+      force=args.force, notes={"pruning does nothing": notice} if notice else None,
+      intro={"chain of thought (excerpt)": _excerpt(text), "Stream settings": _settings(cfg, args)},
+      captions={"vertical_scores": "Importance of each sentence: how much attention later sentences (4 or "
+                "more sentences on) pay to it in the receiver heads, coloured by category; hatched: the "
+                "attention sink (the sentence sharing key block 0 with BOS), not an anchor.",
+                "receiver_heads": "Kurtosis of each head's vertical scores (layer x head): heads that focus "
+                "on few sentences score high; outlined: the receiver heads used for importance."},
       summary=dict(model=model.config.name, tokens=len(ids), sentences=len(sents.texts),
-                   kept_fraction=float(trace.kept_fraction())),
+                   kept_fraction=kept),
       report=dict(command="anchors", model=model.source, stream=_stream_dict(cfg, args),
                   sentences=list(sents.texts), labels=list(rep.labels), importance=rep.importance,
                   receiver_heads=rep.heads, kurtosis=rep.kurtosis, categories=dict(rep.categories),
-                  positions=rep.positions),
-      figures={"vertical_scores": lambda p: plots.plot_vertical_scores(rep.importance, rep.labels, p),
-               "receiver_heads": lambda p: plots.plot_kurtosis_grid(rep.kurtosis, p, heads=rep.heads)})
+                  positions=rep.positions, sink_sentences=list(sink), notice=notice),
+      figures={"vertical_scores": lambda p: plots.plot_vertical_scores(
+          rep.importance, rep.labels, p, texts=sents.texts, sink=sink,
+          title="sentence importance (receiver heads' vertical scores)"),
+               "receiver_heads": lambda p: plots.plot_kurtosis_grid(
+                   rep.kurtosis, p, heads=rep.heads, title="receiver heads: kurtosis of vertical scores")})
   print(f"report: {out}")
   return 0
 
@@ -439,15 +597,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   try:
     return args.func(args)
-  except CliError as e:
-    print(f"stream-jax {args.command}: error: {e}", file=sys.stderr)
-    return EXIT_USAGE
-  except FileNotFoundError as e:
-    print(f"stream-jax {args.command}: error: {e}", file=sys.stderr)
-    return EXIT_USAGE
   except KeyboardInterrupt:
     print("interrupted; no report was written", file=sys.stderr)
     return 130
+  except Exception as e:  # pylint: disable=broad-except  (one line for the user; --debug for the traceback)
+    if getattr(args, "debug", False):
+      raise
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if not isinstance(e, (CliError, ValueError, TypeError, OSError, KeyError)):
+      msg = f"{type(e).__name__}: {msg}"
+    if len(msg) > 400:
+      msg = msg[:400] + " ..."
+    print(f"stream-jax {args.command}: error: {msg}", file=sys.stderr)
+    if not isinstance(e, CliError):
+      print("(run again with --debug for the traceback)", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -277,17 +277,23 @@ def check_out_dir(out_dir: str | os.PathLike, *, force: bool = False) -> pathlib
       if not force:
         raise ReportPathError(f"--out {name}: holds a previous stream_jax report; pass --force (force=True) "
                               "to replace it, or give a new folder")
-    if not os.access(out.parent, os.W_OK):
-      raise ReportPathError(f"--out {name}: its parent folder {out.parent} is not writable")
+    _probe(out.parent, name)
     return out
   parent = out.parent
   while not parent.exists() and parent != parent.parent:
     parent = parent.parent
   if not parent.is_dir():
     raise ReportPathError(f"--out {name}: {parent} is a file, so no folder can be made below it")
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise ReportPathError(f"--out {name}: cannot create it ({parent} is not writable)")
+  _probe(parent, name)
   return out
+
+
+def _probe(folder: pathlib.Path, name: str) -> None:
+  """Makes and removes an empty folder: permission bits do not tell (root, read-only mounts, /proc)."""
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".stream_jax-probe-", dir=folder))
+  except OSError as e:
+    raise ReportPathError(f"--out {name}: cannot create a folder in {folder} ({e.strerror})") from None
 
 
 def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summary: Mapping[str, Any],

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from stream_jax.report import load_trace
+from stream_jax import cli
+from stream_jax.report import MARKER, load_trace
 
 CLI = [sys.executable, "-m", "stream_jax.cli"]
 
@@ -47,6 +48,10 @@ def test_demo_writes_a_restorable_report(tmp_path):
   for name in ("index.html", "route.png", "needle_mass.png", "mask_layer5.png"):
     assert (out / name).stat().st_size > 0
   assert not list(tmp_path.glob(".demo.*")), "no temporary folder may be left"
+  assert (out / MARKER).exists()
+  html = (out / "index.html").read_text()
+  for text in ("question", "needle position", "Stream settings", "next-token KL"):
+    assert text in html, text
 
 
 def test_trace_anchors_and_niah_on_small_inputs(tmp_path):
@@ -75,3 +80,75 @@ def test_trace_anchors_and_niah_on_small_inputs(tmp_path):
 def test_prompt_longer_than_the_context_is_refused(tmp_path):
   r = run("niah", "--lengths", "40000", "--samples", "1", "--out", str(tmp_path / "n"))
   assert r.returncode == 2 and "longer than the model's context" in r.stderr
+
+
+# ------------------------------------------------------------------ refused before the model loads (in-process)
+
+
+@pytest.fixture
+def files(tmp_path):
+  (tmp_path / "project").mkdir()
+  (tmp_path / "project" / "main.py").write_text("print('mine')")
+  (tmp_path / "results.csv").write_text("a,b\n")
+  (tmp_path / "essay.txt").write_text("An essay, not a model.")
+  (tmp_path / "empty.gguf").write_bytes(b"")
+  (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text('{"model_type": "gemma3_text", "hidden_size": 640')
+  return tmp_path
+
+
+BAD = [
+    ("demo --length 50", "--length must be >= 128"),
+    ("demo --length 40000", "longer than the model's context of 32768"),
+    ("niah --lengths 10", "--lengths entries must be >= 128"),
+    ("niah --lengths ,", "at least one prompt length"),
+    ("trace --text hi --dense-layers 99", "--dense-layers 99: layer ids must be in [0, 17]"),
+    ("trace --text hi --plot-layer 99", "--plot-layer must be in [0, 17]"),
+    ("trace --text hi --top-k 100000", "more than the model's context"),
+    ("trace --text hi --block-q 1099511627776", "--block-q must be <="),
+    ("trace --text hi --model {d}/essay.txt", "neither a GGUF file"),
+    ("trace --text hi --model {d}/empty.gguf", "empty file"),
+    ("trace --text hi --model {d}/hf", "config.json is not valid JSON"),
+    ("trace --file {d}/blob.bin", "binary file"),
+    ("trace --text hi --out {d}/results.csv", "existing file"),
+    ("trace --text hi --out {d}/results.csv/sub", "is a file"),
+    ("trace --text hi --out {d}/project", "did not write"),
+    ("trace --text hi --out /proc/stream_jax_x", "cannot create"),
+    ("anchors --file {d}/blob.bin", "binary file"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD)
+def test_bad_inputs_are_refused_before_loading(files, capsys, monkeypatch, argv, message):
+  import stream_jax.cli  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(stream_jax.cli, "load", lambda args: pytest.fail("the model must not load"))
+  rc = cli.main(argv.format(d=files).split())
+  err = capsys.readouterr().err
+  assert rc == 2 and message in err, err
+  assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("command", [
+    "demo", "trace --text hello", "niah", "anchors --file {d}/essay.txt"])
+@pytest.mark.parametrize("force", [False, True])
+def test_an_existing_folder_with_a_file_survives_every_command(files, capsys, command, force):
+  argv = command.format(d=files).split() + ["--out", str(files / "project")] + (["--force"] if force else [])
+  assert cli.main(argv) == 2
+  assert "did not write" in capsys.readouterr().err
+  assert (files / "project" / "main.py").read_text() == "print('mine')"
+  assert sorted(p.name for p in (files / "project").iterdir()) == ["main.py"]
+  assert (files / "results.csv").read_text() == "a,b\n"
+
+
+def test_debug_shows_the_traceback(files):
+  with pytest.raises(ValueError, match="existing file"):
+    cli.main(["trace", "--text", "hi", "--out", str(files / "results.csv"), "--debug"])
+
+
+def test_pruning_notice_says_what_to_change():
+  import stream_jax as sj  # pylint: disable=import-outside-toplevel
+  cfg = sj.StreamConfig()
+  msg = cli.pruning_notice(1.0, 600, cfg)
+  assert "pruning does (almost) nothing" in msg and "--top-k" in msg and "10 key blocks" in msg
+  assert cli.pruning_notice(0.5, 4096, cfg) is None
