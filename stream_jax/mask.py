@@ -209,6 +209,8 @@ def masks_equal(a: BlockMask, b: BlockMask) -> bool:
 
 def describe(mask: BlockMask, window: Optional[int] = None) -> str:
   """One-line human summary."""
+  if not isinstance(mask, BlockMask):
+    raise TypeError(f"describe needs a BlockMask, got {type(mask).__name__}")
   frac = np.asarray(kept_fraction(mask, window))
   return (f"BlockMask heads={mask.indices.shape[:-2]} q_len={mask.q_len} k_len={mask.k_len} "
           f"blocks={mask.block_q}x{mask.block_k} nQ={mask.num_q_blocks} nK={mask.num_k_blocks} "

@@ -86,6 +86,7 @@ CASES = {
     "thought_anchors: spans past T": (
         lambda: anchors.thought_anchors(_trace(), _sentences([[0, 10], [10, 200]])), ValueError,
         "sentence token spans"),
+    "describe(None)": (lambda: sj.describe(None), TypeError, "BlockMask"),
     "plot_block_mask(head=99)": (lambda: plots.plot_block_mask(_mask(), "/tmp/never.png", head=99), ValueError,
                                  "head must be an integer in"),
     "plot_kurtosis_grid: head out of range": (
