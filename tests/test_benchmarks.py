@@ -31,3 +31,121 @@ def test_dense_capture_memory_model():
   cfg = get_config("gemma3-4b")
   t = 131_072
   assert scaling.dense_capture_bytes(cfg, t) == cfg.num_layers * cfg.num_heads * t * t * 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# faithfulness.py and its corpora
+# ---------------------------------------------------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+import corpora  # noqa: E402
+import faithfulness  # noqa: E402
+
+
+def test_pruned_start_matches_the_definition():
+  from stream_jax.mask import diagonal_blocks
+  # 270M defaults: query block j is pruned once diag - 2 + 1 - 1 > 16, i.e. its last position >= 18 * 64
+  assert faithfulness.pruned_start(4096, block_q=64, block_k=64, sink_blocks=1, window_blocks=2,
+                                   top_k=16) == 1216
+  assert faithfulness.pruned_start(4096, block_q=64, block_k=64, sink_blocks=1, window_blocks=2,
+                                   top_k=64) == 4096  # nothing pruned at 4k
+  for t, bq, bk, sink, win, k in [(1000, 16, 32, 1, 2, 3), (333, 32, 16, 0, 1, 5), (100, 64, 64, 1, 2, 1)]:
+    diag = np.asarray(diagonal_blocks(t, t, bq, bk))
+    pruned = np.nonzero(diag - win + 1 - sink > k)[0]
+    want = int(pruned[0]) * bq if len(pruned) else t
+    assert faithfulness.pruned_start(t, block_q=bq, block_k=bk, sink_blocks=sink, window_blocks=win,
+                                     top_k=k) == want
+
+
+def test_clean_markup_keeps_prose_only():
+  doc = "\n".join([
+      "# Fancy Lib", "", "![badge](https://img.shields.io/x.svg) [![ci](https://ci/x)](https://ci)", "",
+      "Fancy Lib turns [slow loops](https://example.org/loops) into fast ones, and it does so without",
+      "asking you to rewrite anything.", "", "```python", "import fancy", "fancy.go(x=1)", "```", "",
+      "| col | col |", "|-----|-----|", "| a | b |", "", "Usage::", "", "    fancy.run(3)", "    x = 4", "",
+      ">>> fancy.add(1, 2)", "3", "", "<p align=\"center\">Centred words that are long enough to be kept.</p>",
+      "", "Permission is hereby granted, free of charge, to any person obtaining a copy of this software.",
+      "", "Install it with a package manager of your choice, then read the tutorial carefully.",
+  ])
+  text = corpora.clean_markup(doc)
+  assert "Fancy Lib turns slow loops into fast ones, and it does so without asking you" in text
+  assert "Centred words that are long enough to be kept." in text
+  assert "Install it with a package manager" in text
+  for gone in ("import fancy", "fancy.go", "fancy.run", "fancy.add", "http", "|", "badge", "Permission",
+               "```", "<p"):
+    assert gone not in text, gone
+  assert all(p.strip() == p and "\n" not in p for p in text.split("\n\n"))  # one line per paragraph
+
+
+def test_readme_corpus_is_offline_prose_not_ours():
+  docs = corpora.readme_documents()
+  names = [n.lower() for n, _ in docs]
+  assert len(docs) >= 20 and names == sorted(names)
+  assert not any(n.startswith(("stream", "gemma3")) for n in names)
+  assert all(300 <= len(t) <= corpora.README_CAP for _, t in docs)
+  assert sum(len(t) for _, t in docs) > 4 * 33_000  # >= 33k tokens at ~4 characters a token
+  assert "\n\n".join(t for _, t in docs) == corpora.source_text("readmes")
+
+
+def _tiny_model():
+  import jax.numpy as jnp
+  from stream_jax.models import GemmaConfig, LoadedModel, init_params
+  cfg = GemmaConfig(family="gemma3", vocab_size=512, num_layers=2, embed_dim=64, hidden_dim=128, num_heads=2,
+                    num_kv_heads=1, head_dim=32, query_pre_attn_scalar=32.0, layer_kinds=("local", "global"),
+                    sliding_window=64, name="tiny")
+  return LoadedModel(cfg, init_params(cfg, jnp.float32, seed=1), None, jnp.float32, "tiny")
+
+
+def test_faithfulness_main_tiny_model(tmp_path, capsys):
+  model = _tiny_model()
+  tok_dir = tmp_path / "tokens"
+  tok_dir.mkdir()
+  ids = np.concatenate([[2], np.random.default_rng(0).integers(3, 512, 299)]).astype(np.int32)
+  np.save(tok_dir / "readmes.npy", ids)
+  api = faithfulness.api_features()
+  # one sparse config and one that must equal dense (each config is a compile of its own: ~5 s of CPU)
+  configs = ["k2", "exact" if api["output"] else "k64"]
+  out = tmp_path / "faith.jsonl"
+  argv = ["--sources", "readmes", "--tokens", str(tok_dir), "--lengths", "256", "--block", "16",
+          "--regime-k", "2", "--configs", ",".join(configs + ["oracle2"]), "--oracle-max-len", "128",
+          "--out", str(out), "--chunk", "256"]
+  rows = faithfulness.main(argv, model=model)
+  printed = capsys.readouterr().out
+  assert "| source | T | config |" in printed and "skipping oracle2 at T=256" in printed
+  assert [r["config"] for r in rows] == configs and len(out.read_text().splitlines()) == len(rows)
+  by = {r["config"]: r for r in rows}
+  k2 = by["k2"]
+  # 16-token blocks, sink 1, window 2: pruned from the block whose last position is >= 5 * 16
+  assert k2["pruned_start"] == 80 and k2["n_pruned"] == 176 and k2["own_start"] == 80
+  assert k2["kept"] < 1.0 and k2["kept_pruned"] < k2["kept"]
+  assert k2["kl_mean"] > 1e-6 and 0.0 <= k2["top1"] <= 1.0 and k2["kl_p99"] >= k2["kl_mean"]
+  if "k64" in by:  # keeps everything: exactly dense
+    k64 = by["k64"]
+    assert k64["kept"] == 1.0 and k64["own_start"] == 256 and k64["kl_mean_own"] is None
+    assert abs(k64["kl_mean"]) < 1e-5 and k64["top1"] == 1.0
+  else:  # dense logits, the default config's mask
+    ex = by["exact"]
+    assert abs(ex["kl_mean"]) < 1e-5 and ex["top1"] == 1.0 and ex["kept"] < 1.0
+    assert 0 < ex["coverage_pruned"] <= 1.0 and ex["coverage_min_head"] <= ex["coverage_pruned"]
+  rows_md = faithfulness.main(["--markdown", "--out", str(out), "--plot", str(tmp_path / "f.png")])
+  printed = capsys.readouterr().out
+  assert len(rows_md) == len(rows) and printed.count("| readmes | 256 |") == len(configs)
+  assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_faithfulness_config_names():
+  from stream_jax import StreamConfig
+  api = faithfulness.api_features()
+  base = StreamConfig()
+  assert faithfulness.make_variant("k32", base, api).config.top_k == 32
+  assert faithfulness.make_variant("oracle16", base, api).config.representative == "oracle"
+  import pytest
+  with pytest.raises(ValueError, match="unknown config"):
+    faithfulness.make_variant("k", base, api)
+  if api["coverage_target"]:
+    v = faithfulness.make_variant("adaptive95k64", base, api)
+    assert (v.config.coverage, v.config.top_k) == (0.95, 64)
+  else:
+    with pytest.raises(faithfulness.Unsupported):
+      faithfulness.make_variant("adaptive95", base, api)
