@@ -92,6 +92,7 @@ def files(tmp_path):
   (tmp_path / "results.csv").write_text("a,b\n")
   (tmp_path / "essay.txt").write_text("An essay, not a model.")
   (tmp_path / "empty.gguf").write_bytes(b"")
+  (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x05\x00")
   (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
   (tmp_path / "hf").mkdir()
   (tmp_path / "hf" / "config.json").write_text('{"model_type": "gemma3_text", "hidden_size": 640')
@@ -109,6 +110,7 @@ BAD = [
     ("trace --text hi --block-q 1099511627776", "--block-q must be <="),
     ("trace --text hi --model {d}/essay.txt", "neither a GGUF file"),
     ("trace --text hi --model {d}/empty.gguf", "empty file"),
+    ("trace --text hi --model {d}/cut.gguf", "truncated or corrupt"),
     ("trace --text hi --model {d}/hf", "config.json is not valid JSON"),
     ("trace --file {d}/blob.bin", "binary file"),
     ("trace --text hi --out {d}/results.csv", "existing file"),
