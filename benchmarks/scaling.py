@@ -34,7 +34,9 @@ import numpy as np
 import stream_jax as sj
 from stream_jax.models import forward, get_config, init_params
 
-VARIANTS = ("plain", "capture", "stream_xla", "stream_pallas")
+# exact_*: output="exact" (dense logits; the trace observes dense attention: mask, dense block mass,
+# coverage), dense part through cuDNN on a GPU.
+VARIANTS = ("plain", "capture", "stream_xla", "stream_pallas", "exact_xla", "exact_pallas")
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -87,7 +89,9 @@ def run_one(variant, config, params, t, stream_cfg, repeats):
   elif variant == "capture":
     kwargs.update(attention="dense", dense_impl="capture")
   else:
-    kwargs.update(attention=stream_cfg, backend="pallas" if variant == "stream_pallas" else "xla")
+    kwargs.update(attention=stream_cfg, backend="pallas" if variant.endswith("_pallas") else "xla")
+    if variant.startswith("exact"):
+      kwargs.update(output="exact")
 
   fn = jax.jit(lambda p, x: forward(config, p, x, **kwargs))
   t0 = time.perf_counter()
@@ -103,9 +107,12 @@ def run_one(variant, config, params, t, stream_cfg, repeats):
   row = dict(variant=variant, T=t, compile_s=compile_s, time_s=statistics.median(times[1:]),
              memory_bytes=memory)
   extra = out[1]
-  if variant.startswith("stream"):
+  if variant.startswith(("stream", "exact")):
     row["trace_bytes"] = extra.nbytes()
     row["kept_fraction"] = float(extra.kept_fraction("global"))
+    cov = extra.coverage("global")
+    if cov is not None:
+      row["coverage"] = float(cov)
   elif variant == "capture":
     row["trace_bytes"] = int(sum(np.prod(p.shape) * p.dtype.itemsize for p in extra))
   del out, extra
@@ -148,6 +155,8 @@ def table(rows, config_name):
         continue
       ratio = f"{r['time_s'] / plain['time_s']:.2f}x" if plain and "time_s" in plain else "-"
       kept = f"{r['kept_fraction']:.4f}" if "kept_fraction" in r else "-"
+      if "coverage" in r:
+        kept += f" (coverage {r['coverage']:.3f})"
       lines.append(f"| {t:,} | {v} | {r['time_s']:.4f} | {ratio} | {r['compile_s']:.1f} | "
                    f"{fmt_bytes(r['memory_bytes'])} | {fmt_bytes(r.get('trace_bytes'))} | {kept} |")
   lines.append("")
@@ -224,11 +233,11 @@ def main(argv=None):
     config = dataclasses.replace(base, num_layers=6, layer_kinds=base.layer_kinds[:6], vocab_size=4096,
                                  name="gemma3-270m-6layers")
     lengths = [256, 512, 1024]
-    variants = [v for v in variants if v != "stream_pallas"]
+    variants = [v for v in variants if not v.endswith("_pallas")]
     stream_cfg = sj.StreamConfig(block_q=32, block_k=32, top_k=4)
     dtype = jnp.float32  # bf16 matmuls are slow on CPUs
   elif jax.default_backend() != "gpu":
-    variants = [v for v in variants if v != "stream_pallas"]
+    variants = [v for v in variants if not v.endswith("_pallas")]
 
   out_dir = pathlib.Path(args.out)
   out_dir.mkdir(parents=True, exist_ok=True)

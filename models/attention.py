@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from stream_jax import dense as dense_lib
-from stream_jax.attention import sparse_attention
+from stream_jax.attention import block_coverage, sparse_attention
 from stream_jax.config import StreamConfig
 from stream_jax.estimate import estimate_mask
 from stream_jax.mask import BlockMask, window_mask
@@ -40,12 +40,18 @@ class LayerPlan:
   prune: bool  # Stream-estimated mask (global layers, or local with prune_local)
   backend: str = "xla"
   dense_impl: str = "xla"  # how dense attention runs: see DENSE_IMPLS
+  output: str = "sparse"  # "sparse": pruned layers compute with the kept blocks; "exact": with dense
+  coverage: bool = False  # record coverage (exact outputs always do)
 
 
 # "xla": exact softmax chunked over queries (any device); "cudnn": jax.nn.dot_product_attention (cuDNN
 # flash attention on GPU, no probabilities kept: the speed floor of benchmarks); "capture": exact softmax
 # that also returns every layer's probabilities [B, N, T, S], what `output_attentions=True` stores.
 DENSE_IMPLS = ("xla", "cudnn", "capture")
+# How a Stream call's layers compute their output: "sparse" (the paper's: attention over the kept blocks,
+# so the traced model is a pruned model) or "exact" (dense attention; the trace observes it: the estimated
+# mask with the dense probability of each kept block, and coverage).
+OUTPUTS = ("sparse", "exact")
 
 
 def check_attention(attention: Attention) -> Optional[StreamConfig]:
@@ -116,12 +122,30 @@ def _band(plan: LayerPlan, cfg: StreamConfig, b: int, n: int, t: int) -> BlockMa
                              counts=jnp.broadcast_to(m.counts, (b,) + m.counts.shape))
 
 
+def dense_with_lse(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                   cap: Optional[float]) -> tuple[jax.Array, jax.Array]:
+  """Dense attention of the layer and its per-query log-sum-exp [B, N, T], in one flash-style pass
+  (cuDNN's on a GPU with dense_impl="cudnn" and 16-bit inputs, the chunked XLA pass otherwise: float32
+  models take the XLA pass). Nothing T x T."""
+  b, t, n, _ = q.shape
+  if plan.dense_impl == "cudnn" and q.dtype != jnp.float32:  # cuDNN's flash attention is 16-bit only
+    impl = "cudnn" if jax.default_backend() == "gpu" else None
+    local = None if plan.window is None else (plan.window - 1, 0)
+    out, lse = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
+                                            implementation=impl, return_residual=True)
+    return out, jnp.swapaxes(lse.astype(jnp.float32).reshape(b, t, n), 1, 2)
+  pos = jnp.arange(t, dtype=jnp.int32)
+  return dense_lib.dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, softcap=cap,
+                                   window=plan.window, return_lse=True)
+
+
 def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
            cap: Optional[float]) -> tuple[jax.Array, Optional[LayerTrace]]:
   """One layer's attention over a whole sequence (positions 0..T-1).
 
   q: [B, T, N, H] (post QK-norm and RoPE), k, v: [B, T, K, H] -> out [B, T, N, H] and, on the Stream
-  path, a LayerTrace (mask indices [B, N, nQ, C], mass float32[B, N, nQ, C]).
+  path, a LayerTrace (mask indices [B, N, nQ, C], mass float32[B, N, nQ, C], coverage [B, N, nQ] when
+  the output is exact or coverage was asked for).
   """
   b, t, n, _ = q.shape
   pos = jnp.arange(t, dtype=jnp.int32)
@@ -132,42 +156,73 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
     if plan.dense_impl == "capture":
       return captured_attention(q, k, v, scale=scale, cap=cap, window=plan.window)
     return dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, cap=cap, window=plan.window), None
+  exact = plan.output == "exact"
   if plan.prune:
     mask = estimate_mask(q, k, cfg, scale=scale, softcap=cap, backend=plan.backend)
-    mode = "stream"
+    mode = "exact" if exact else "stream"
   else:  # local layer kept exact: its window as a block band
     mask = _band(plan, cfg, b, n, t)
     mode = "window"
+  dense_out = lse_dense = None
+  if plan.prune and (exact or plan.coverage):
+    dense_out, lse_dense = dense_with_lse(plan, q, k, v, scale=scale, cap=cap)
   out, stats = sparse_attention(q, k, v, mask, scale=scale, softcap=cap, window=plan.window,
-                                backend=plan.backend)
-  if plan.dense:
+                                backend=plan.backend, lse_ref=lse_dense if exact else None)
+  coverage = None
+  if lse_dense is not None:
+    coverage = block_coverage(stats.lse, lse_dense, cfg.block_q)
+  elif exact or plan.coverage:  # the band holds every key of the window: nothing is pruned
+    coverage = block_coverage(stats.lse, stats.lse, cfg.block_q)
+  if exact and dense_out is not None:
+    out = dense_out.astype(q.dtype)
+  elif plan.dense and not exact:
     out = dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, cap=cap, window=plan.window)
     mode = "dense"
   trace = LayerTrace(mask=mask, mass=stats.mass, layer=plan.layer, kind=plan.kind, mode=mode,
-                     window=plan.window)
+                     window=plan.window, coverage=coverage)
   return out, trace
 
 
 def make_plans(config, attention: Attention, dense_layers=(), prune_local: bool = False,
-               backend: str = "xla", dense_impl: str = "xla") -> tuple[LayerPlan, ...]:
-  """Static per-layer plans of one call (validated: layer ids in range, dense_impl)."""
+               backend: str = "xla", dense_impl: Optional[str] = None, output: str = "sparse",
+               coverage: bool = False) -> tuple[LayerPlan, ...]:
+  """Static per-layer plans of one call (validated: layer ids in range, dense_impl, output).
+
+  dense_impl None means "xla" for dense calls and, for the dense pass of exact / coverage Stream calls,
+  cuDNN on a GPU when the model has no attention soft-cap (XLA otherwise).
+  """
   stream = check_attention(attention)
-  if dense_impl not in DENSE_IMPLS:
+  if output not in OUTPUTS:
+    raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+  if dense_impl is not None and dense_impl not in DENSE_IMPLS:
     raise ValueError(f"dense_impl must be one of {DENSE_IMPLS}, got {dense_impl!r}")
-  if dense_impl != "xla" and stream is not None:
-    raise ValueError(f"dense_impl={dense_impl!r} applies to attention='dense' calls only")
   if dense_impl == "cudnn" and config.attn_softcap is not None:
     raise ValueError("dense_impl='cudnn' cannot apply the attention soft-cap of this model (Gemma 2); "
                      "use dense_impl='xla'")
+  if stream is None:
+    if output != "sparse" or coverage:
+      raise ValueError("output='exact' and coverage=True need a Stream call (attention=StreamConfig(...)); "
+                       "attention='dense' records no trace")
+    dense_impl = dense_impl or "xla"
+  else:
+    if dense_impl == "capture":
+      raise ValueError("dense_impl='capture' applies to attention='dense' calls only")
+    if dense_impl is None:
+      gpu = jax.default_backend() == "gpu"
+      dense_impl = "cudnn" if gpu and config.attn_softcap is None else "xla"
   dense_layers = tuple(sorted({int(i) for i in dense_layers}))
   bad = [i for i in dense_layers if not 0 <= i < config.num_layers]
   if bad:
     raise ValueError(f"dense_layers {bad} out of range for a {config.num_layers}-layer model")
+  if dense_layers and output == "exact":
+    raise ValueError("dense_layers applies to output='sparse' only: with output='exact' every layer's "
+                     "output is already dense")
   plans = []
   for i, kind in enumerate(config.layer_kinds):
     window = config.sliding_window if kind == "local" else None
     plans.append(LayerPlan(layer=i, kind=kind, window=window, stream=stream,
                            dense=stream is None or i in dense_layers,
                            prune=stream is not None and (kind == "global" or prune_local),
-                           backend=backend, dense_impl=dense_impl))
+                           backend=backend, dense_impl=dense_impl, output=output,
+                           coverage=bool(coverage) or output == "exact"))
   return tuple(plans)

@@ -158,11 +158,11 @@ class Gemma(nn.Module):
 
   def __call__(self, tokens: jax.Array, attention: Attention = "dense", *, dense_layers=(),
                prune_local: bool = False, backend: str = "xla", last_only: bool = False,
-               return_hidden: bool = False):
+               return_hidden: bool = False, output: str = "sparse", coverage: bool = False):
     """`Gemma(config).apply(params, tokens [B, T], attention="dense" | StreamConfig, ...)` ->
     (logits, trace) or (logits, trace, hidden); the same contract as `stream_jax.models.forward`
     (which adds jit and input checks)."""
-    plans = make_plans(self.config, attention, dense_layers, prune_local, backend)
+    plans = make_plans(self.config, attention, dense_layers, prune_local, backend, None, output, coverage)
     out = self.run(tokens, plans, last_only=last_only, return_hidden=return_hidden)
     trace = Trace(layers=out["traces"]) if plans[0].stream is not None else None
     return (out["logits"], trace, out["hidden"]) if return_hidden else (out["logits"], trace)

@@ -17,6 +17,7 @@ from stream_jax.mask import (
 from stream_jax.estimate import estimate_mask
 from stream_jax.attention import (
     AttentionStats,
+    block_coverage,
     dense_attention,
     dense_block_mass,
     sparse_attention,

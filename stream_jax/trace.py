@@ -17,15 +17,20 @@ import numpy as np
 from stream_jax.mask import BlockMask, kept_fraction
 
 LayerKind = Literal["global", "local"]
-# "stream": estimated top-k mask; "window": exact sliding window as a block band; "dense": the layer ran
-# dense attention and its trace holds the estimated mask with the mass that mask's attention gives.
-LayerMode = Literal["stream", "window", "dense"]
+# "stream": the layer's output is attention over the estimated mask (the paper's sparse model);
+# "window": exact sliding window as a block band; "dense": the layer ran dense attention and its trace
+# holds the estimated mask with the mass that mask's attention gives (normalised over the kept blocks);
+# "exact": the layer ran dense attention and its trace holds the estimated mask with the mass the dense
+# softmax gives each kept block (normalised by the dense denominator: rows sum to the coverage).
+LayerMode = Literal["stream", "window", "dense", "exact"]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerTrace:
-  """One layer: mask.indices [..., N, nQ, C], mass float32[..., N, nQ, C]."""
+  """One layer: mask.indices [..., N, nQ, C], mass float32[..., N, nQ, C], and coverage float32[..., N, nQ]
+  (the share of each query block's dense attention inside its kept blocks; None unless the trace was
+  exact or asked for it)."""
 
   mask: BlockMask
   mass: jax.Array
@@ -33,6 +38,7 @@ class LayerTrace:
   kind: LayerKind = dataclasses.field(metadata=dict(static=True))
   mode: LayerMode = dataclasses.field(metadata=dict(static=True))
   window: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
+  coverage: Optional[jax.Array] = None
 
   def kept_fraction(self) -> jax.Array:
     """float32[..., N] kept token interactions over those the layer's own rule allows."""
@@ -63,3 +69,9 @@ class Trace:
     """Mean kept fraction over the selected layers and heads (1.0 = dense)."""
     fr = [jnp.mean(l.kept_fraction()) for l in self.select(kind=kind)]
     return jnp.mean(jnp.stack(fr)) if fr else jnp.float32(1.0)
+
+  def coverage(self, kind: Optional[LayerKind] = "global", start_block: int = 0) -> Optional[jax.Array]:
+    """Mean coverage over the selected layers, heads and query blocks from `start_block` on (None when
+    the trace carries no coverage)."""
+    cov = [l.coverage[..., start_block:] for l in self.select(kind=kind) if l.coverage is not None]
+    return jnp.mean(jnp.stack([jnp.mean(c) for c in cov])) if cov else None

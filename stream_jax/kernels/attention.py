@@ -32,6 +32,7 @@ from stream_jax.mask import BlockMask, num_blocks
 # Best of {4, 8} warps x {2, 3} stages on an H100 at T=32k, H=256, 64 x 64 blocks (benchmarks/kernels.py).
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 3
+F32_NUM_STAGES = 1
 
 
 def supported(mask: BlockMask) -> bool:
@@ -42,8 +43,9 @@ def supported(mask: BlockMask) -> bool:
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, *,
                      scale: Optional[float] = None, softcap: Optional[float] = None,
                      window: Optional[int] = None, interpret: Optional[bool] = None,
-                     num_warps: int = DEFAULT_NUM_WARPS,
-                     num_stages: int = DEFAULT_NUM_STAGES) -> tuple[jax.Array, AttentionStats]:
+                     num_warps: Optional[int] = None,
+                     num_stages: Optional[int] = None,
+                     lse_ref: Optional[jax.Array] = None) -> tuple[jax.Array, AttentionStats]:
   """Exact softmax attention over the token set a BlockMask keeps (Pallas kernel).
 
   Args:
@@ -53,7 +55,9 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
     window: sliding window W (query sees keys with pos(q) - pos(k) < W), None = global causal.
     interpret: run the kernel in Pallas interpret mode; None = interpret unless the default
       backend is a GPU (so the CPU tests and backend='pallas' off the GPU run it interpreted).
-    num_warps, num_stages: Triton launch parameters.
+    num_warps, num_stages: Triton launch parameters (None: tuned defaults for q's dtype).
+    lse_ref: optional float32[..., N, T] reference log softmax denominators (see
+      `stream_jax.sparse_attention`): mass becomes the reference's probability; NaN rows use the kept one.
 
   Returns:
     out [..., T, N, Hv] in q's dtype, and AttentionStats (mass [..., N, nQ, C], lse [..., N, T]).
@@ -72,8 +76,11 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
     raise ValueError(f"the Pallas attention kernel needs block_q, block_k >= {common.MIN_DOT}, got "
                      f"{mask.block_q}, {mask.block_k}; use backend='xla'")
   scale = h ** -0.5 if scale is None else float(scale)
+  if lse_ref is None:
+    lse_ref = jnp.full(q.shape[:-3] + (n, t), jnp.nan, jnp.float32)
+  num_warps, num_stages = launch_params(q.dtype, num_warps, num_stages)
   out, mass, lse = _attention(
-      q, k, v, mask.indices, mask.counts, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
+      q, k, v, mask.indices, mask.counts, lse_ref, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
       softcap=None if softcap is None else float(softcap),
       window=None if window is None else int(window), interpret=common.resolve_interpret(interpret),
       num_warps=num_warps, num_stages=num_stages)
@@ -82,9 +89,18 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "scale", "softcap", "window",
                                              "interpret", "num_warps", "num_stages"))
-def _attention(q, k, v, indices, counts, *, block_q, block_k, scale, softcap, window, interpret,
+def launch_params(dtype, num_warps: Optional[int], num_stages: Optional[int]) -> tuple[int, int]:
+  """Tuned (warps, stages); float32 tiles are twice as large, so they get one fewer pipeline stage to fit
+  shared memory (3 stages of f32 64 x 256 key and value tiles exceed the H100's 227 KiB)."""
+  f32 = jnp.dtype(dtype).itemsize >= 4
+  warps = DEFAULT_NUM_WARPS if num_warps is None else num_warps
+  stages = (F32_NUM_STAGES if f32 else DEFAULT_NUM_STAGES) if num_stages is None else num_stages
+  return warps, stages
+
+
+def _attention(q, k, v, indices, counts, lse_ref, *, block_q, block_k, scale, softcap, window, interpret,
                num_warps, num_stages):
-  (q, k, v, indices, counts), batched = common.as_batched(q, k, v, indices, counts)
+  (q, k, v, indices, counts, lse_ref), batched = common.as_batched(q, k, v, indices, counts, lse_ref)
   b, t, n, h = q.shape
   s, kv, hv = v.shape[1], v.shape[2], v.shape[3]
   g = n // kv
@@ -103,6 +119,7 @@ def _attention(q, k, v, indices, counts, *, block_q, block_k, scale, softcap, wi
       jnp.full(indices.shape[:-1] + (table_len - cap - 1,), -1, jnp.int32),
       counts.astype(jnp.int32)[..., None]], axis=-1)
   mass_len = common.next_pow2(cap)
+  lse_ref = common.pad_axis(lse_ref.astype(jnp.float32), 2, n_q * block_q)
 
   kernel = functools.partial(
       _kernel, block_q=block_q, block_k=block_k, q_len=t, k_len=s, n_q=n_q, scale=scale,
@@ -117,6 +134,7 @@ def _attention(q, k, v, indices, counts, *, block_q, block_k, scale, softcap, wi
           pl.BlockSpec((SQ, block_q, SQ, hp), lambda i, hq, bb: (bb, last - i, hq, 0)),
           pl.BlockSpec((SQ, n_k * block_k, SQ, hp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
           pl.BlockSpec((SQ, n_k * block_k, SQ, hvp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
+          pl.BlockSpec((SQ, SQ, block_q), lambda i, hq, bb: (bb, hq, last - i)),
       ],
       out_specs=[
           pl.BlockSpec((SQ, block_q, SQ, hvp), lambda i, hq, bb: (bb, last - i, hq, 0)),
@@ -131,7 +149,7 @@ def _attention(q, k, v, indices, counts, *, block_q, block_k, scale, softcap, wi
       compiler_params=common.triton_params(num_warps, num_stages),
       interpret=interpret,
       name="stream_sparse_attention",
-  )(table, q, k, v)
+  )(table, q, k, v, lse_ref)
   out = out[:, :t, :, :hv]
   mass = mass[..., :cap]
   lse = lse[..., :t]
@@ -140,7 +158,7 @@ def _attention(q, k, v, indices, counts, *, block_q, block_k, scale, softcap, wi
   return out, mass, lse
 
 
-def _kernel(table_ref, q_ref, k_ref, v_ref, o_ref, mass_ref, lse_ref, *, block_q, block_k, q_len,
+def _kernel(table_ref, q_ref, k_ref, v_ref, ref_ref, o_ref, mass_ref, lse_ref, *, block_q, block_k, q_len,
             k_len, n_q, scale, softcap, window, mass_len, table_len, precision):
   j = n_q - 1 - pl.program_id(0)
   q = q_ref[...]  # [bq, Hp]
@@ -183,5 +201,10 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, o_ref, mass_ref, lse_ref, *, block_q
   seen = l > 0
   inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
   o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
-  mass_ref[...] = jnp.sum(u * inv[:, None], axis=0)
+  # Mass under a reference normaliser where one is given: u / l -> u * exp(m - lse_ref).
+  ref = ref_ref[...]
+  has_ref = ref == ref  # not NaN
+  ref_ok = seen & (ref > NEG_INF)
+  to_ref = jnp.where(ref_ok, jnp.exp(jnp.minimum(m - jnp.where(ref_ok, ref, 0.0), 0.0)), 0.0)
+  mass_ref[...] = jnp.sum(u * jnp.where(has_ref, to_ref, inv)[:, None], axis=0)
   lse_ref[...] = jnp.where(seen, jnp.log(jnp.where(seen, l, 1.0)) + m, NEG_INF)

@@ -36,17 +36,19 @@ from stream_jax.mask import BlockMask, num_blocks
 # Best of {4, 8} warps on an H100 at T=32k, H=256, 64 x 64 blocks (benchmarks/kernels.py).
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 2
+F32_NUM_STAGES = 1
 
 
 def supported(config: StreamConfig) -> bool:
-  """Whether the kernel handles this config (Triton dots need block_k >= 16)."""
-  return config.block_k >= common.MIN_DOT
+  """Whether the kernel handles this config: Triton dots need block_k >= 16, and the kernel scores by max
+  logit (score="mass" and adaptive coverage run on the XLA path)."""
+  return config.block_k >= common.MIN_DOT and config.score == "max"
 
 
 def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfig(), *,
                   scale: Optional[float] = None, softcap: Optional[float] = None,
-                  interpret: Optional[bool] = None, num_warps: int = DEFAULT_NUM_WARPS,
-                  num_stages: int = DEFAULT_NUM_STAGES) -> BlockMask:
+                  interpret: Optional[bool] = None, num_warps: Optional[int] = None,
+                  num_stages: Optional[int] = None) -> BlockMask:
   """Per-head top-k key-block mask by hierarchical refinement (Pallas kernel).
 
   Args:
@@ -56,7 +58,8 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfi
     scale: logit scale (default H ** -0.5); softcap: optional `c * tanh(x / c)`.
     interpret: run the kernel in Pallas interpret mode; None = interpret unless the default
       backend is a GPU (so the CPU tests and backend='pallas' off the GPU run it interpreted).
-    num_warps, num_stages: Triton launch parameters.
+    num_warps, num_stages: Triton launch parameters (None: tuned defaults; float32 inputs get a single
+      stage, since pipelined f32 key tiles do not fit shared memory).
 
   Returns:
     BlockMask with indices int32[..., N, nQ, C] (ascending, -1 padded) and counts int32[..., N, nQ].
@@ -67,9 +70,12 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfi
   checks.check_positive("scale", scale)
   checks.check_positive("softcap", softcap)
   if not supported(config):
-    raise ValueError(f"the Pallas estimate kernel needs block_k >= {common.MIN_DOT}, got "
-                     f"{config.block_k}; use backend='xla'")
+    raise ValueError(f"the Pallas estimate kernel needs block_k >= {common.MIN_DOT} and score='max', got "
+                     f"block_k={config.block_k}, score={config.score!r}; use backend='xla' (or 'auto')")
   scale = h ** -0.5 if scale is None else float(scale)
+  num_warps = DEFAULT_NUM_WARPS if num_warps is None else num_warps
+  if num_stages is None:
+    num_stages = F32_NUM_STAGES if jnp.dtype(q.dtype).itemsize >= 4 else DEFAULT_NUM_STAGES
   indices, counts = _estimate(q, k, config=config, scale=scale,
                               softcap=None if softcap is None else float(softcap),
                               interpret=common.resolve_interpret(interpret), num_warps=num_warps,
