@@ -105,7 +105,7 @@ def test_faithfulness_main_tiny_model(tmp_path, capsys):
   np.save(tok_dir / "readmes.npy", ids)
   api = faithfulness.api_features()
   # one sparse config and one that must equal dense (each config is a compile of its own: ~5 s of CPU)
-  configs = ["k2", "exact" if api["output"] else "k64"]
+  configs = ["k2", "exact2" if api["output"] else "k64"]
   out = tmp_path / "faith.jsonl"
   argv = ["--sources", "readmes", "--tokens", str(tok_dir), "--lengths", "256", "--block", "16",
           "--regime-k", "2", "--configs", ",".join(configs + ["oracle2"]), "--oracle-max-len", "128",
@@ -124,8 +124,8 @@ def test_faithfulness_main_tiny_model(tmp_path, capsys):
     k64 = by["k64"]
     assert k64["kept"] == 1.0 and k64["own_start"] == 256 and k64["kl_mean_own"] is None
     assert abs(k64["kl_mean"]) < 1e-5 and k64["top1"] == 1.0
-  else:  # dense logits, the default config's mask
-    ex = by["exact"]
+  else:  # dense logits, the k2 mask
+    ex = by["exact2"]
     assert abs(ex["kl_mean"]) < 1e-5 and ex["top1"] == 1.0 and ex["kept"] < 1.0
     assert 0 < ex["coverage_pruned"] <= 1.0 and ex["coverage_min_head"] <= ex["coverage_pruned"]
   rows_md = faithfulness.main(["--markdown", "--out", str(out), "--plot", str(tmp_path / "f.png")])
