@@ -46,7 +46,7 @@ def _int_ticks(ax, x: bool = True, y: bool = True) -> None:
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")  # titles and outside legends are never cut off
   plt.close(fig)
   return path
 
@@ -79,7 +79,8 @@ def plot_block_mask(mask: BlockMask, path: str, mass=None, head: Optional[int] =
                  norm=matplotlib.colors.LogNorm() if mass is not None and finite.size and finite.min() > 0
                  else None)
   which = f"head {head}" if head is not None else "mean over heads"
-  fig.colorbar(im, ax=ax, label=(f"attention mass per kept block ({which})" if mass is not None
+  fig.colorbar(im, ax=ax, label=(f"attention mass per kept block\n(sum over its queries, {which})"
+                                 if mass is not None
                                  else f"kept ({'1 = kept' if head is not None else 'share of heads'})"))
   ax.set_xlabel(f"key block ({mask.block_k} tokens each; white = not kept)")
   ax.set_ylabel(f"query block ({mask.block_q} tokens each)")
@@ -106,9 +107,11 @@ def plot_vertical_scores(scores, labels: Sequence[str], path: str, title: str = 
     bars[i].set_edgecolor("black")
   rest = np.delete(np.nan_to_num(scores), sink)
   if sink and rest.size and rest.max() > 0:
-    ax.set_ylim(0, rest.max() * 1.25)  # the sink would flatten every other bar
-    for i in sink:
-      ax.annotate(f"sink {scores[i]:.3g}", (i, rest.max() * 1.2), fontsize=7, ha="center", va="top")
+    ax.set_ylim(0, rest.max() * 1.3)  # the sink would flatten every other bar
+  xlabel = "sentence (in order)"
+  if sink and rest.size and rest.max() > 0:
+    xlabel += ("; hatched = attention sink, y axis cut below it ("
+               + ", ".join(f"#{i} {scores[i]:.3g}" for i in sink) + ")")
   if texts is not None:
     for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf))[:annotate]:
       if i not in sink:
@@ -120,8 +123,9 @@ def plot_vertical_scores(scores, labels: Sequence[str], path: str, title: str = 
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="///",
                          label="attention sink (BOS block), not an anchor"))
   if handles:
-    ax.legend(handles=handles, fontsize=7, loc="upper right")
-  ax.set_xlabel("sentence (in order)")
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.18), ncol=3,
+              frameon=False)
+  ax.set_xlabel(xlabel)
   ax.set_ylabel("importance (vertical score)")
   _int_ticks(ax, y=False)
   _title(ax, title)
@@ -187,7 +191,7 @@ def plot_route(route, path: str, needle_blocks: Optional[Sequence[int]] = None, 
   ax.set_xlabel("block (position in the prompt)")
   ax.set_ylabel("layer (input of layer l at y = l; top = output)")
   _int_ticks(ax)
-  _title(ax, title, width=70)
+  _title(ax, title, width=max(40, int(fig.get_size_inches()[0] * 7)))
   return _save(fig, path)
 
 

@@ -326,6 +326,9 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
     raise ReportPathError(f"--out {os.fspath(out_dir)}: cannot create its parent folder: {e.strerror}") from e
   try:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a report folder is an ordinary folder
   except OSError as e:
     raise ReportPathError(f"--out {os.fspath(out_dir)}: cannot write in {out.parent}: {e.strerror}") from e
   try:
