@@ -164,8 +164,8 @@ LABELS: dict[str, tuple[str, str]] = {
     "resid_err_max": ("residual error, worst layer", ""),
     "kept_overall": ("kept share of token pairs, all layers", "causal query-key pairs that attention "
                      "could use, relative to full causal attention (window layers count as pruned)"),
-    "kept_stream": ("kept share of token pairs, Stream layers", "the same, over the layers whose mask "
-                    "Stream estimated (global layers); 1.0 = nothing pruned"),
+    "kept_stream": ("kept share of token pairs, Stream layers", "causal query-key pairs kept in the "
+                    "layers whose mask Stream estimated (global layers); 1.0 = nothing pruned"),
     "kept_fraction": ("kept share of token pairs", "1.0 = nothing pruned"),
     "oracle_recall": ("recall of the exact top-k", "share of the exact top-k blocks the search found"),
     "needle_flow_at_input": ("needle share of the route at the input", "share of the final position's "
@@ -222,7 +222,7 @@ Full numbers: <a href="report.json">report.json</a>; the trace restores with
 <h2>Key numbers</h2>
 <table>{"".join(rows)}</table>
 {extra}
-<h2>Figures</h2>
+{"<h2>Figures</h2>" if figs else ""}
 {"".join(figs)}
 </body></html>
 """

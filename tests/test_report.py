@@ -96,3 +96,12 @@ def test_empty_folder_and_new_nested_folder_are_accepted(tmp_path):
   write_report(tmp_path / "a" / "b", report={}, summary={})
   assert (tmp_path / "a" / "b" / "report.json").exists()
   assert check_out_dir(tmp_path / "new") == (tmp_path / "new").absolute()
+
+
+def test_index_html_uses_human_names_and_shows_intro_and_notes(tmp_path):
+  out = write_report(tmp_path / "r", report={}, summary={"kl_mean": 0.01, "success@600": 50.0},
+                     intro={"question": "What is the number?"}, notes={"pruning does nothing": "try --top-k 2"})
+  html = (out / "index.html").read_text()
+  assert "next-token KL, mean (nats)" in html and ">kl_mean<" not in html
+  assert "needle retrieved at 600 tokens (%)" in html
+  assert "What is the number?" in html and "try --top-k 2" in html
