@@ -337,6 +337,12 @@ def cmd_demo(args):
   print(table)
   for name, text, sc in (("dense", answers["dense"], dense_score), ("Stream", answer, score)):
     print(f"{name:>6s} answer: {text.strip()!r} -> {'found' if sc == 1 else 'missed'} {sample.answers[0]}")
+  sink_note = None
+  if 0 in needle_blocks:
+    sink_note = ("the needle shares key block 0 with BOS, the attention sink where most heads park "
+                 "attention: its needle mass and route are inflated by the sink; try another --seed or "
+                 "smaller --block-k")
+    print(f"note: {sink_note}")
   per_layer = needle_mass.mean(-1)
   print("needle mass at the final query block, per layer (mean over heads): "
         + " ".join(f"{x:.3f}" for x in per_layer))
@@ -365,7 +371,8 @@ def cmd_demo(args):
   out = write_report(
       args.out, title="stream-jax demo: needle in a haystack", summary=summary, trace=trace,
       sections={"faithfulness": table}, force=args.force, intro=intro,
-      notes={"pruning does nothing": notice} if notice else None,
+      notes=dict(([("pruning does nothing", notice)] if notice else [])
+                 + ([("needle in the sink block", sink_note)] if sink_note else [])),
       captions={
           f"mask_layer{layer}": f"Layer {layer} (global): which key blocks (columns) each query block (rows) "
                                 "kept, coloured by the attention mass they received, mean over heads; white "

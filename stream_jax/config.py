@@ -48,6 +48,9 @@ class StreamConfig:
       fewest searched blocks, by estimated mass, whose estimated share of the attention (sink and window
       included) reaches the target. Implies score="mass".
 
+  Integer fields take Python or numpy integers (stored as int, so equal configs hash equally); booleans,
+  floats and values above 2**20 are refused.
+
   Attributes:
     block_q: queries per query block (power of two).
     block_k: keys per key block (power of two).
