@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Chosen by benchmarks/cpu.py on XLA:CPU (Gemma 3 270M); any sizes give the same numbers.
-Q_CHUNK = 512
-K_CHUNK = 512
+# Measured on XLA:CPU (2 cores) at the 270M heads, 8k tokens: 256 x 256 beats 512 x 512 by ~10% on global
+# layers and ~40% on 512-key windows (less wasted band). Any sizes give the same numbers.
+Q_CHUNK = 256
+K_CHUNK = 256
 _I32_MAX = jnp.iinfo(jnp.int32).max
 _I32_MIN = jnp.iinfo(jnp.int32).min
 
