@@ -323,3 +323,19 @@ def test_error_bad_safetensors(tmp_path):
   save_file(t, str(d / "model.safetensors"))
   with pytest.raises(MissingTensorError, match="layers.1.self_attn.k_norm.weight"):
     load_model(str(d), tokenizer=False, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2"])
+def test_header_reader_gives_the_same_config_fast(tmp_path, arch):
+  """peek_config (the CLI's preflight) parses only the header; the config equals gguf.GGUFReader's."""
+  from stream_jax.models.gguf_loader import MetadataReader, config_from_reader, open_reader
+  from stream_jax.models.load import peek_config
+  make = gemma3_hf if arch == "gemma3" else gemma2_hf
+  path = tmp_path / f"tiny-{arch}.gguf"
+  write_gguf(path, make(vocab=64, d=32, head_dim=32, qscale=32, seed=6))
+  want = config_from_reader(open_reader(str(path)), str(path))
+  assert config_from_reader(MetadataReader(str(path)), str(path)) == want == peek_config(str(path))
+  data = path.read_bytes()
+  path.write_bytes(data[:200])  # cut inside the metadata
+  with pytest.raises(GGUFError, match="truncated or corrupt"):
+    peek_config(str(path))
