@@ -378,6 +378,8 @@ def cmd_demo(args):
                                 "kept, coloured by the attention mass they received, mean over heads; white "
                                 "= not kept by any head. The needle is in key block(s) "
                                 f"{', '.join(map(str, needle_blocks))}.",
+          f"mask_layer{layer}_heads": f"The same, one panel per head: heads keep different blocks, and "
+                                      "the needle's column is bright in some heads only.",
           "needle_mass": "Share of the final query block's attention that lands on the needle's blocks, "
                          "per layer (rows) and head (columns).",
           "route": "Attention rollout from the last query block (top) down the layers along kept blocks: "
@@ -396,6 +398,8 @@ def cmd_demo(args):
       figures={
           f"mask_layer{layer}": lambda p: plots.plot_block_mask(
               lt.mask, p, mass=lt.mass, title=f"layer {layer}: kept blocks, mass (mean over heads)"),
+          f"mask_layer{layer}_heads": lambda p: plots.plot_block_mask_heads(
+              lt.mask, p, mass=lt.mass, title=f"layer {layer}: kept blocks and their mass, per head"),
           "needle_mass": lambda p: plots.plot_kurtosis_grid(
               needle_mass, p, title="needle mass at the final query block, per layer and head",
               label="needle share of the final block's attention"),

@@ -89,6 +89,39 @@ def plot_block_mask(mask: BlockMask, path: str, mass=None, head: Optional[int] =
   return _save(fig, path)
 
 
+def plot_block_mask_heads(mask: BlockMask, path: str, mass=None, title: str = "", max_heads: int = 8) -> str:
+  """One heatmap per head (the first `max_heads`): the mean over heads hides which head keeps what."""
+  n = int(np.asarray(mask.indices).shape[0])
+  shown = min(n, max_heads)
+  cols = min(shown, 4)
+  rows = -(-shown // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1, 3 * rows + 0.6), squeeze=False)
+  mats = [block_matrix(mask, mass, h) for h in range(shown)]
+  vals = np.concatenate([m[m > 0] for m in mats]) if mass is not None else np.ones(1)
+  norm = (matplotlib.colors.LogNorm(vals.min(), vals.max()) if mass is not None and vals.size
+          and vals.min() > 0 else None)
+  im = None
+  for h, ax in enumerate(axes.flat):
+    if h >= shown:
+      ax.axis("off")
+      continue
+    im = ax.imshow(np.where(mats[h] > 0, mats[h], np.nan), cmap="viridis", interpolation="nearest",
+                   aspect="auto", norm=norm)
+    ax.set_title(f"head {h}", fontsize=9)
+    _int_ticks(ax)
+    ax.set_xlabel("key block", fontsize=8)
+    ax.set_ylabel("query block", fontsize=8)
+  if im is not None:
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="attention mass per kept block" if mass is not None
+                 else "kept")
+  fig.suptitle((title or "kept key blocks per head") + "; white = not kept"
+               + (f" (first {shown} of {n} heads)" if shown < n else ""), fontsize=10)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110, bbox_inches="tight")  # no tight_layout: the shared colour bar spans the axes
+  plt.close(fig)
+  return path
+
+
 def plot_vertical_scores(scores, labels: Sequence[str], path: str, title: str = "sentence importance",
                          texts: Optional[Sequence[str]] = None, annotate: int = 3,
                          sink: Sequence[int] = ()) -> str:

@@ -45,7 +45,7 @@ def test_demo_writes_a_restorable_report(tmp_path):
   assert 0 < report["faithfulness"]["kept_stream"] < 1
   trace = load_trace(out)
   assert len(trace) == 18 and trace[5].kind == "global"
-  for name in ("index.html", "route.png", "needle_mass.png", "mask_layer5.png"):
+  for name in ("index.html", "route.png", "needle_mass.png", "mask_layer5.png", "mask_layer5_heads.png"):
     assert (out / name).stat().st_size > 0
   assert not list(tmp_path.glob(".demo.*")), "no temporary folder may be left"
   assert (out / MARKER).exists()

@@ -32,7 +32,8 @@ def test_all_plots_write_pngs(tmp_path):
   m = window_mask(2, 64, 64, block_q=8, block_k=8)
   mass = np.random.default_rng(0).random(m.indices.shape) * (np.asarray(m.indices) >= 0)
   out = [plots.plot_block_mask(m, str(tmp_path / "mask.png"), mass=mass),
-         plots.plot_block_mask(m, str(tmp_path / "mask0.png"), head=0)]
+         plots.plot_block_mask(m, str(tmp_path / "mask0.png"), head=0),
+         plots.plot_block_mask_heads(m, str(tmp_path / "heads.png"), mass=mass)]
   labels = ["problem_setup", "active_computation", "self_checking", "unknown"] * 3
   out.append(plots.plot_vertical_scores(np.linspace(0, 1, 12), labels, str(tmp_path / "v.png"),
                                         texts=[f"s{i}" for i in range(12)]))
