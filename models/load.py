@@ -153,8 +153,8 @@ def peek_config(name_or_path: str = "gemma3-270m") -> GemmaConfig:
   if os.path.isdir(src):
     from stream_jax.models.hf_loader import read_config  # pylint: disable=import-outside-toplevel
     return read_config(src)
-  from stream_jax.models.gguf_loader import MetadataReader, config_from_reader  # pylint: disable=import-outside-toplevel
-  return config_from_reader(MetadataReader(src), src)
+  from stream_jax.models import gguf_loader  # pylint: disable=import-outside-toplevel
+  return gguf_loader.config_from_reader(gguf_loader.MetadataReader(src), src)
 
 
 def load_model(name_or_path: str = "gemma3-270m", dtype=None, *, use_cache: bool = True,

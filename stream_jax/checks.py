@@ -156,8 +156,9 @@ def check_params(params) -> None:
     raise TypeError(f"params must be the model's parameter tree (model.params), got {type(params).__name__}")
   tree = params.get("params", params)
   if not isinstance(tree, Mapping) or "embedder" not in tree:
+    got = sorted(map(str, tree))[:5] if isinstance(tree, Mapping) else repr(tree)
     raise ValueError("params is not a Gemma parameter tree (no 'embedder' entry): pass model.params, the "
-                     f"tree load_model returned; got keys {sorted(map(str, tree))[:5] if isinstance(tree, Mapping) else tree!r}")
+                     f"tree load_model returned; got keys {got}")
 
 
 def check_dense_layers(attention, dense_layers) -> None:
