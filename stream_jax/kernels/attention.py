@@ -87,8 +87,6 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
   return out, AttentionStats(mass=mass, lse=lse)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "scale", "softcap", "window",
-                                             "interpret", "num_warps", "num_stages"))
 def launch_params(dtype, num_warps: Optional[int], num_stages: Optional[int]) -> tuple[int, int]:
   """Tuned (warps, stages); float32 tiles are twice as large, so they get one fewer pipeline stage to fit
   shared memory (3 stages of f32 64 x 256 key and value tiles exceed the H100's 227 KiB)."""
@@ -98,6 +96,8 @@ def launch_params(dtype, num_warps: Optional[int], num_stages: Optional[int]) ->
   return warps, stages
 
 
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "scale", "softcap", "window",
+                                             "interpret", "num_warps", "num_stages"))
 def _attention(q, k, v, indices, counts, lse_ref, *, block_q, block_k, scale, softcap, window, interpret,
                num_warps, num_stages):
   (q, k, v, indices, counts, lse_ref), batched = common.as_batched(q, k, v, indices, counts, lse_ref)
