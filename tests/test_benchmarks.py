@@ -14,8 +14,11 @@ def test_scaling_small_mode(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "| variant | time slope" in out and "dense capture (bf16)" in out
   ok = [r for r in rows if "error" not in r]
-  assert {r["variant"] for r in ok} == {"plain", "capture", "stream_xla"}
+  assert {r["variant"] for r in ok} == {"plain", "capture", "stream_xla", "exact_xla"}
   stream = {r["T"]: r for r in ok if r["variant"] == "stream_xla"}
+  exact = {r["T"]: r for r in ok if r["variant"] == "exact_xla"}
+  assert all(0 < exact[t]["coverage"] <= 1.0 for t in exact)
+  assert exact[1024]["kept_fraction"] == stream[1024]["kept_fraction"]
   capture = {r["T"]: r for r in ok if r["variant"] == "capture"}
   assert stream[1024]["kept_fraction"] < stream[256]["kept_fraction"] <= 1.0
   # the trace grows linearly, the captured probabilities quadratically
