@@ -268,3 +268,93 @@ def test_vertical_scores_jit_over_a_batch():
   out = fn(jnp.stack([lt.mass, 2 * lt.mass]), jnp.stack([lt.mask.indices] * 2))
   np.testing.assert_allclose(out[1], 2 * out[0], rtol=1e-6)
   np.testing.assert_allclose(out[0], A.trace_vertical_scores(trace, spans)[1], rtol=1e-6)
+
+
+# --- reference-exact definitions (issue 13) -------------------------------------------------------------
+
+def _reference_top_heads(kurt, top):
+  """The Thought Anchors selection (get_top_k_layer_head_kurts): only non-NaN kurtoses, largest first."""
+  flat = np.asarray(kurt, np.float64).ravel()
+  ok = np.nonzero(~np.isnan(flat))[0]
+  order = ok[np.argsort(-flat[ok], kind="stable")][:min(top, len(ok))]
+  return np.stack([order // kurt.shape[1], order % kurt.shape[1]], -1)
+
+
+def test_receiver_heads_select_only_finite_heads():
+  stats = pytest.importorskip("scipy.stats")
+  rng = np.random.default_rng(0)
+  v = rng.random((2, 4, 20))
+  v[1, 0] = 0.0  # two all-zero heads: zero variance, no kurtosis
+  v[1, 2] = 0.0
+  heads, kurt = A.receiver_heads(jnp.asarray(v), top=20)
+  ref = stats.kurtosis(v, axis=-1)
+  ref[0] = np.nan  # layer 0 excluded
+  ref[1, [0, 2]] = np.nan
+  assert heads.shape == (2, 2)  # not padded to 4 with layer-0 or zero heads
+  np.testing.assert_array_equal(heads, _reference_top_heads(ref, 20))
+  assert {tuple(h) for h in np.asarray(heads).tolist()} == {(1, 1), (1, 3)}
+  assert A.sentence_importance(jnp.asarray(v), heads[:0]).shape == (20,)  # no head: NaN, not an error
+  # all heads degenerate: nothing selected
+  none, _ = A.receiver_heads(jnp.zeros((2, 3, 10)), top=5)
+  assert none.shape == (0, 2)
+
+
+def test_receiver_heads_across_traces_and_fixed_heads():
+  stats = pytest.importorskip("scipy.stats")
+  rng = np.random.default_rng(1)
+  vs = [rng.random((3, 2, n)) ** 3 for n in (12, 15, 9)]
+  heads, kurt = A.receiver_heads_across([jnp.asarray(v) for v in vs], top=3)
+  ref = np.mean([stats.kurtosis(v, axis=-1) for v in vs], 0)
+  ref[0] = np.nan
+  np.testing.assert_allclose(np.asarray(kurt)[1:], ref[1:], rtol=1e-4)
+  np.testing.assert_array_equal(heads, _reference_top_heads(ref, 3))
+  with pytest.raises(ValueError, match="verticals"):
+    A.receiver_heads_across([])
+  # fixed heads on one trace: importance is the mean of exactly those heads' vertical scores
+  trace, spans = _anchor_trace()
+  texts = tuple(f"Sentence number {i}." for i in range(len(spans)))
+  sents = A.Sentences(" ".join(texts), tuple((0, 1) for _ in texts), spans, texts)
+  rep = A.thought_anchors(trace, sents, heads=[(2, 1), (1, 0)])
+  np.testing.assert_array_equal(rep.heads, [[2, 1], [1, 0]])
+  np.testing.assert_allclose(rep.importance, (rep.vertical[2, 1] + rep.vertical[1, 0]) / 2)
+  for bad in ([(3, 0)], [(0, 2)], [], [(-1, 0)], [[0.5, 1]]):
+    with pytest.raises(ValueError, match="heads"):
+      A.thought_anchors(trace, sents, heads=bad)
+
+
+def test_bad_spans_and_empty_sentences_are_named():
+  trace, spans = _anchor_trace()
+  texts = tuple(f"Sentence number {i}." for i in range(len(spans)))
+  past = spans.copy()
+  past[-1, 1] += 1  # one token past T
+  sents = A.Sentences(" ".join(texts), tuple((0, 1) for _ in texts), past, texts)
+  with pytest.raises(ValueError, match="sentence token spans"):
+    A.thought_anchors(trace, sents)
+  empty = A.Sentences("", (), np.zeros((0, 2), np.int32), ())
+  with pytest.raises(ValueError, match="sents"):
+    A.thought_anchors(trace, empty)
+
+
+def test_split_sentences_cuts_crlf_blank_lines():
+  text = "First line without a stop\r\n\r\nSecond line, also no stop\r\n  \r\nThird one. Fourth sentence!"
+  got = [text[a:b] for a, b in A.split_sentences(text)]
+  assert got == ["First line without a stop", "Second line, also no stop", "Third one.", "Fourth sentence!"]
+  # a single CRLF is not a blank line
+  assert len(A.split_sentences("one line here\r\nsame sentence")) == 1
+
+
+def test_multi_tag_labels():
+  s = "So let me check: 3 * 4 = 12."
+  tags = A.keyword_labels(s)
+  assert {"self_checking", "active_computation", "result_consolidation"} <= set(tags)
+  assert A.keyword_label(s) == tags[0] == "self_checking"  # the single labeller keeps the first
+  assert A.keyword_labels("Blue sky.") == ("unknown",)
+  labs = A.label_sentences(["a", "b", "c"], labels=[("x", "y"), "x", ["y"]])
+  assert labs == (("x", "y"), "x", ("y",))
+  agg = A.by_category([1.0, 3.0, 5.0], labs)
+  assert agg == {"x": (2.0, 2), "y": (3.0, 2)}  # the multi-tag sentence counts in both
+  assert A.label_sentences(["a"], labeller=A.keyword_labels) == (("unknown",),)
+  with pytest.raises(TypeError, match="label"):
+    A.by_category([1.0], [3])
+  with pytest.raises(ValueError, match="labels"):
+    A.label_sentences(["a", "b"], labels="xy")

@@ -5,7 +5,8 @@ Pipeline (the definitions of Bogdan et al., "Thought Anchors", on the compact tr
   block mass [N, nQ, C] -> sentence x sentence matrix M [N, S, S] (mean attention of a token of sentence i to a
     token of sentence j, token-overlap weighted, assuming uniform attention inside a block pair)
   -> vertical score v[j] = mean over later sentences i >= j + 4 of M[i, j]
-  -> receiver heads: top-20 heads by kurtosis of v over sentences (layer 0 excluded)
+  -> receiver heads: top-20 heads by kurtosis of v over sentences (finite only, layer 0 excluded), or
+     fixed heads picked once across many traces (receiver_heads_across)
   -> sentence importance = mean of v over the receiver heads
   -> aggregation by category (pluggable labeller) and by relative position.
 
@@ -31,8 +32,9 @@ from stream_jax.trace import Trace
 # ---------------------------------------------------------------------------------------------------------
 
 _THINK = re.compile(r"<think>(.*?)(?:</think>|\Z)", re.S)
-# A cut after . ? ! followed by whitespace, or at a blank line.
-_CUT = re.compile(r"(?<=[.?!])\s+|\n[ \t]*\n\s*")
+# A cut after . ? ! followed by whitespace, or at a blank line (whitespace between the two newlines may
+# include "\r", so Windows "\r\n\r\n" counts).
+_CUT = re.compile(r"(?<=[.?!])\s+|\n[^\S\n]*\n\s*")
 
 
 def reasoning_region(text: str) -> tuple[int, int]:
@@ -206,22 +208,77 @@ def receiver_heads(vertical: jax.Array, top: int = 20,
   Args:
     vertical: float32[L, N, S] vertical scores per layer and head.
   Returns:
-    heads int32[min(top, eligible), 2] (layer, head) by decreasing kurtosis, and kurtosis float32[L, N]
-    (NaN for excluded layers).
+    heads int32[min(top, finite), 2] (layer, head) by decreasing kurtosis, and kurtosis float32[L, N]
+    (NaN for excluded layers). Only heads with a finite kurtosis are eligible (as the reference's
+    `get_top_k_layer_head_kurts`): a head with constant scores or an excluded layer's head is never used
+    to pad the selection, so fewer than `top` heads may come back.
   """
-  n_layers, n_heads = vertical.shape[:2]
-  kurt = kurtosis(vertical)
-  excluded = jnp.isin(jnp.arange(n_layers), jnp.asarray(list(exclude_layers) or [-1], jnp.int32))
-  kurt = jnp.where(excluded[:, None], jnp.nan, kurt)
-  eligible = (n_layers - int(np.isin(np.arange(n_layers), list(exclude_layers)).sum())) * n_heads
-  k = max(0, min(top, eligible))
-  _, flat = jax.lax.top_k(jnp.where(jnp.isnan(kurt), -jnp.inf, kurt).ravel(), k)
-  heads = jnp.stack([flat // n_heads, flat % n_heads], -1).astype(jnp.int32)
-  return heads, kurt
+  kurt = _masked_kurtosis(kurtosis(vertical), exclude_layers)
+  return top_finite_heads(kurt, top), kurt
+
+
+def _masked_kurtosis(kurt: jax.Array, exclude_layers: Sequence[int]) -> jax.Array:
+  excluded = jnp.isin(jnp.arange(kurt.shape[0]), jnp.asarray(list(exclude_layers) or [-1], jnp.int32))
+  return jnp.where(excluded[:, None], jnp.nan, kurt)
+
+
+def top_finite_heads(kurt, top: int = 20) -> jax.Array:
+  """int32[min(top, finite), 2] (layer, head) of the largest finite entries of kurt [L, N], decreasing
+  (ties: lower flat index first)."""
+  kurt = np.asarray(kurt, np.float64)
+  flat = kurt.ravel()
+  ok = np.nonzero(np.isfinite(flat))[0]
+  order = ok[np.argsort(-flat[ok], kind="stable")][:max(0, int(top))]
+  return jnp.asarray(np.stack([order // kurt.shape[1], order % kurt.shape[1]], -1).reshape(-1, 2),
+                     jnp.int32)
+
+
+def receiver_heads_across(verticals: Sequence[jax.Array], top: int = 20,
+                          exclude_layers: Sequence[int] = (0,)) -> tuple[jax.Array, jax.Array]:
+  """Receiver heads picked once for many traces, as the reference does: kurtosis per trace, averaged over
+  traces (a head NaN in any trace stays NaN), then the top finite heads. Pass the heads to
+  `thought_anchors(..., heads=...)` for each trace so every chain is scored by the same heads.
+
+  Args:
+    verticals: vertical scores float32[L, N, S_p] per trace (sentence counts may differ).
+  Returns:
+    heads int32[<= top, 2] and the mean kurtosis float32[L, N].
+  """
+  if len(verticals) == 0:
+    raise ValueError("verticals is empty: give the vertical scores [L, N, S] of at least one trace")
+  shapes = {tuple(np.shape(v)[:2]) for v in verticals}
+  if len(shapes) != 1 or any(np.ndim(v) != 3 for v in verticals):
+    raise ValueError(f"verticals must all be [L, N, S] with the same L, N; got shapes "
+                     f"{sorted({tuple(np.shape(v)) for v in verticals})}")
+  kurt = jnp.mean(jnp.stack([kurtosis(jnp.asarray(v)) for v in verticals]), 0)
+  kurt = _masked_kurtosis(kurt, exclude_layers)
+  return top_finite_heads(kurt, top), kurt
+
+
+def check_heads(heads, n_layers: int, n_heads: int) -> jax.Array:
+  """Fixed receiver heads as int32[k, 2] (layer, head), k >= 1, each inside the L x N grid."""
+  h = np.asarray(heads)
+  if h.ndim == 1 and h.shape[0] == 2:
+    h = h[None]
+  if h.ndim != 2 or h.shape[1] != 2 or h.shape[0] == 0:
+    raise ValueError(f"heads must be a non-empty list of (layer, head) pairs, shape [k, 2]; got shape "
+                     f"{h.shape}")
+  if not np.issubdtype(h.dtype, np.integer):
+    raise ValueError(f"heads must be integer (layer, head) pairs, got dtype {h.dtype}")
+  bad = (h[:, 0] < 0) | (h[:, 0] >= n_layers) | (h[:, 1] < 0) | (h[:, 1] >= n_heads)
+  if bad.any():
+    i = int(np.nonzero(bad)[0][0])
+    raise ValueError(f"heads[{i}] = ({h[i, 0]}, {h[i, 1]}) is outside the {n_layers} layers x {n_heads} "
+                     "heads of the trace")
+  return jnp.asarray(h, jnp.int32)
 
 
 def sentence_importance(vertical: jax.Array, heads: jax.Array) -> jax.Array:
-  """float32[S] mean vertical score over the given (layer, head) pairs int32[k, 2]."""
+  """float32[S] mean vertical score over the given (layer, head) pairs int32[k, 2]; all NaN when no head
+  is given (no receiver head had a finite kurtosis)."""
+  heads = jnp.asarray(heads, jnp.int32).reshape(-1, 2)
+  if heads.shape[0] == 0:
+    return jnp.full(vertical.shape[-1:], jnp.nan, jnp.float32)
   return vertical[heads[:, 0], heads[:, 1]].mean(0)
 
 
@@ -232,8 +289,11 @@ def sentence_importance(vertical: jax.Array, heads: jax.Array) -> jax.Array:
 CATEGORIES = ("problem_setup", "plan_generation", "fact_retrieval", "active_computation",
               "uncertainty_management", "result_consolidation", "self_checking", "final_answer_emission")
 
-# Checked in this order; the first category with a match wins (answer and checking phrases are the most
-# specific, setup phrases the least).
+# The keyword labeller is a heuristic stand-in for the reference's labels (Thought Anchors has an LLM tag
+# each sentence with one or more of these categories): regular expressions over the sentence's words, no
+# context, English only, and no notion of what a sentence does, only how it is phrased. keyword_label
+# checks in this order and keeps the first category with a match (answer and checking phrases are the most
+# specific, setup phrases the least); keyword_labels keeps every category with a match (multi-tag).
 _KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("final_answer_emission", (r"final answer", r"the answer is", r"\\boxed", r"^answer\s*:",
                                r"answer should be")),
@@ -262,32 +322,60 @@ _COMPILED = tuple((c, tuple(re.compile(p, re.I) for p in ps)) for c, ps in _KEYW
 
 def keyword_label(sentence: str) -> str:
   """Default labeller: the first category (in a fixed priority order) whose keyword pattern matches;
-  "unknown" when none does. A heuristic: pass your own labels or labeller for real studies."""
+  "unknown" when none does. A heuristic (see _KEYWORDS): pass your own labels or labeller for real
+  studies."""
+  labs = keyword_labels(sentence)
+  return labs[0] if labs else "unknown"
+
+
+def keyword_labels(sentence: str) -> tuple[str, ...]:
+  """Multi-tag heuristic labeller: every category whose keyword pattern matches, in priority order;
+  ("unknown",) when none does. Pass as `labeller=` to count a sentence in all its categories."""
   s = sentence.strip()
-  for cat, pats in _COMPILED:
-    if any(p.search(s) for p in pats):
-      return cat
-  return "unknown"
+  return tuple(cat for cat, pats in _COMPILED if any(p.search(s) for p in pats)) or ("unknown",)
 
 
-def label_sentences(texts: Sequence[str], labeller: Optional[Callable[[str], str]] = None,
-                    labels: Optional[Sequence[str]] = None) -> tuple[str, ...]:
-  """Category per sentence: the given labels (checked for length), else labeller(sentence) per sentence."""
+def _tags(label) -> tuple[str, ...]:
+  """The categories of one label: a string is one tag, a list/tuple/set several."""
+  if isinstance(label, str):
+    return (label,)
+  if isinstance(label, (list, tuple, set, frozenset)) and all(isinstance(t, str) for t in label):
+    return tuple(sorted(label)) if isinstance(label, (set, frozenset)) else tuple(label)
+  raise TypeError(f"a label must be a category string or a list/tuple of them, got {label!r}")
+
+
+def label_sentences(texts: Sequence[str], labeller: Optional[Callable[[str], object]] = None,
+                    labels: Optional[Sequence[object]] = None) -> tuple:
+  """Category per sentence: the given labels (checked for length), else labeller(sentence) per sentence.
+
+  A label is a category string or, for multi-tag labels, a tuple of them (lists and sets become tuples).
+  """
   if labels is not None:
-    if len(labels) != len(texts):
-      raise ValueError(f"got {len(labels)} labels for {len(texts)} sentences")
-    return tuple(labels)
-  fn = keyword_label if labeller is None else labeller
-  return tuple(fn(t) for t in texts)
+    if isinstance(labels, str) or len(labels) != len(texts):
+      n = "a string" if isinstance(labels, str) else f"{len(labels)} labels"
+      raise ValueError(f"labels: got {n} for {len(texts)} sentences (one label per sentence)")
+    raw = labels
+  else:
+    fn = keyword_label if labeller is None else labeller
+    raw = [fn(t) for t in texts]
+  return tuple(l if isinstance(l, str) else _tags(l) for l in raw)
 
 
-def by_category(scores, labels: Sequence[str]) -> dict[str, tuple[float, int]]:
-  """{category: (mean score, number of sentences with a finite score)}, in CATEGORIES order first."""
+def by_category(scores, labels: Sequence[object]) -> dict[str, tuple[float, int]]:
+  """{category: (mean score, number of sentences with a finite score)}, in CATEGORIES order first.
+
+  A multi-tag label (tuple of categories) counts its sentence in each of its categories, as the
+  reference's per-tag averages do; the counts then sum to more than the number of sentences.
+  """
   scores = np.asarray(scores, np.float64)
+  if len(labels) != len(scores):
+    raise ValueError(f"labels: got {len(labels)} labels for {len(scores)} scores")
+  tags = [_tags(l) for l in labels]
   out = {}
-  order = list(CATEGORIES) + sorted(set(labels) - set(CATEGORIES))
+  seen = {t for ts in tags for t in ts}
+  order = list(CATEGORIES) + sorted(seen - set(CATEGORIES))
   for cat in order:
-    vals = scores[[i for i, l in enumerate(labels) if l == cat]]
+    vals = scores[[i for i, ts in enumerate(tags) if cat in ts]]
     vals = vals[np.isfinite(vals)]
     if len(vals):
       out[cat] = (float(vals.mean()), int(len(vals)))
@@ -337,8 +425,8 @@ def _rank(x: np.ndarray) -> np.ndarray:
 class AnchorReport:
   """Thought-anchor analysis of one chain of thought.
 
-  vertical: float32[L, N, S]; kurtosis: float32[L, N]; heads: int32[k, 2] receiver (layer, head);
-  importance: float32[S]; labels: category per sentence; categories: {category: (mean importance, count)};
+  vertical: float32[L, N, S]; kurtosis: float32[L, N]; heads: int32[k, 2] receiver (layer, head), picked
+  here or given; importance: float32[S]; labels: category (or tuple of categories) per sentence; categories: {category: (mean importance, count)};
   positions: mean importance per relative-position bin.
   """
 
@@ -394,10 +482,19 @@ def dense_vertical_scores(block_masses: Sequence[jax.Array], spans, *, block_q: 
 
 def anchors_from_vertical(vertical: jax.Array, sents: Sentences, *, top_heads: int = 20,
                           exclude_layers: Sequence[int] = (0,),
-                          labeller: Optional[Callable[[str], str]] = None,
-                          labels: Optional[Sequence[str]] = None, bins: int = 10) -> AnchorReport:
-  """Receiver heads, importance, labels and aggregates from vertical scores [L, N, S]."""
-  heads, kurt = receiver_heads(vertical, top_heads, exclude_layers)
+                          labeller: Optional[Callable[[str], object]] = None,
+                          labels: Optional[Sequence[object]] = None, bins: int = 10,
+                          heads=None) -> AnchorReport:
+  """Receiver heads, importance, labels and aggregates from vertical scores [L, N, S].
+
+  heads: fixed receiver heads int[k, 2] (layer, head), e.g. from `receiver_heads_across` over many traces
+  (the reference picks them once and applies them to each chain); None picks them from this trace alone.
+  """
+  if heads is not None:
+    heads = check_heads(heads, vertical.shape[0], vertical.shape[1])
+    kurt = _masked_kurtosis(kurtosis(vertical), exclude_layers)
+  else:
+    heads, kurt = receiver_heads(vertical, top_heads, exclude_layers)
   imp = sentence_importance(vertical, heads)
   labs = label_sentences(sents.texts, labeller, labels)
   return AnchorReport(sents, vertical, kurt, heads, imp, labs, by_category(imp, labs),
@@ -406,18 +503,23 @@ def anchors_from_vertical(vertical: jax.Array, sents: Sentences, *, top_heads: i
 
 def thought_anchors(trace: Trace, sents: Sentences, *, batch_index: Optional[int] = None,
                     top_heads: int = 20, exclude_layers: Sequence[int] = (0,), proximity_ignore: int = 4,
-                    labeller: Optional[Callable[[str], str]] = None, labels: Optional[Sequence[str]] = None,
-                    bins: int = 10) -> AnchorReport:
+                    labeller: Optional[Callable[[str], object]] = None,
+                    labels: Optional[Sequence[object]] = None, bins: int = 10, heads=None) -> AnchorReport:
   """Thought-anchor analysis of one traced chain of thought.
 
   Args:
     trace: the Stream trace of the forward pass over the text (token positions = the tokenizer's).
     sents: `sentences(text, offsets)` of the same text.
     batch_index: which sample when the trace has a batch axis.
-    top_heads, exclude_layers: receiver-head selection (top-20 by kurtosis, layer 0 excluded).
+    top_heads, exclude_layers: receiver-head selection (top-20 finite kurtosis, layer 0 excluded).
+    heads: fixed receiver heads int[k, 2] (layer, head) instead of picking them from this trace, e.g. from
+      `receiver_heads_across` over many chains (as the reference does).
     proximity_ignore: vertical scores average rows i >= j + proximity_ignore.
-    labeller / labels: category labelling (keyword heuristic by default).
+    labeller / labels: category labelling (keyword heuristic by default; `keyword_labels` multi-tags);
+      a label is a category or a tuple of categories.
   """
+  if len(sents) == 0:
+    raise ValueError("sents has no sentences: the text's reasoning region gave no sentence with tokens")
   checks.check_spans("sentence token spans", sents.tokens, trace.layers[0].mask.k_len)
   v = trace_vertical_scores(trace, sents.tokens, proximity_ignore=proximity_ignore)
   if batch_index is not None:
@@ -425,4 +527,4 @@ def thought_anchors(trace: Trace, sents: Sentences, *, batch_index: Optional[int
   if v.ndim != 3:
     raise ValueError(f"vertical scores have shape {v.shape}; pass batch_index for a batched trace")
   return anchors_from_vertical(v, sents, top_heads=top_heads, exclude_layers=exclude_layers,
-                               labeller=labeller, labels=labels, bins=bins)
+                               labeller=labeller, labels=labels, bins=bins, heads=heads)
