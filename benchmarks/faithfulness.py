@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import corpora  # noqa: E402  pylint: disable=wrong-import-position
 from stream_jax import StreamConfig  # noqa: E402  pylint: disable=wrong-import-position
+from stream_jax.analysis import faithfulness as faithfulness_lib  # noqa: E402  pylint: disable=wrong-import-position
 from stream_jax.analysis.faithfulness import output_metrics_from_hidden  # noqa: E402  pylint: disable=wrong-import-position
 from stream_jax.mask import BlockMask, kept_fraction  # noqa: E402  pylint: disable=wrong-import-position
 from stream_jax.trace import LayerTrace  # noqa: E402  pylint: disable=wrong-import-position
@@ -90,17 +91,11 @@ def parse_lengths(text: str) -> list[int]:
 
 def pruned_start(t: int, *, block_q: int, block_k: int, sink_blocks: int, window_blocks: int,
                  top_k: int) -> int:
-  """First position of the first query block with more searchable key blocks than top_k; t if none.
-
-  Query block j ends at P = min((j+1) block_q, t) - 1; its diagonal key block is P // block_k; searchable =
-  diag - window_blocks + 1 - sink_blocks (visible blocks strictly between the sinks and the window).
-  """
-  n_q = -(-t // block_q)
-  for j in range(n_q):
-    last = min((j + 1) * block_q, t) - 1
-    if last // block_k - window_blocks + 1 - sink_blocks > top_k:
-      return j * block_q
-  return t
+  """First position of the first query block with more searchable key blocks than top_k; t if none
+  (`stream_jax.analysis.faithfulness.pruned_start` with the fields spelled out)."""
+  cfg = StreamConfig(block_q=block_q, block_k=block_k, sink_blocks=sink_blocks,
+                     window_blocks=window_blocks, top_k=top_k, coverage=None)
+  return faithfulness_lib.pruned_start(t, cfg)
 
 
 def config_start(t: int, cfg: StreamConfig, top_k: Optional[int] = None) -> int:

@@ -59,13 +59,14 @@ class LoadedModel:
 
   def forward(self, tokens, *, attention: Attention = "dense", dense_layers: Sequence[int] = (),
               prune_local: bool = False, backend: str = "xla", return_hidden: bool = False,
-              last_only: bool = False, dense_impl: str = "xla"):
+              last_only: bool = False, dense_impl: Optional[str] = None, output: str = "sparse",
+              coverage: bool = False):
     """`stream_jax.models.forward(self, self.params, tokens, ...)`; tokens may be a string."""
     if isinstance(tokens, str):
       tokens = self.encode(tokens)
     return forward(self, self.params, tokens, attention=attention, dense_layers=dense_layers,
                    prune_local=prune_local, backend=backend, return_hidden=return_hidden,
-                   last_only=last_only, dense_impl=dense_impl)
+                   last_only=last_only, dense_impl=dense_impl, output=output, coverage=coverage)
 
   def generate(self, prompt, max_new_tokens: int = 32, **kw) -> Generation:
     return generate(self, self.params, prompt, max_new_tokens=max_new_tokens, **kw)

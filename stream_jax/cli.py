@@ -79,6 +79,13 @@ def _add_stream_args(p):
                  help="block that scores a search node (oracle: exact top-k, O(T^2), for checks)")
   g.add_argument("--query-stride", type=int, default=d.query_stride,
                  help="score with every n-th query of a block (power of two)")
+  g.add_argument("--coverage", type=float, default=d.coverage,
+                 help="adaptive budget: keep the fewest blocks (at most --top-k) whose estimated share of "
+                      "each query block's attention reaches this target in (0, 1] (e.g. 0.95 with --top-k "
+                      "128: StreamConfig.faithful()); default: a fixed --top-k")
+  g.add_argument("--score", choices=("max", "mass"), default=None,
+                 help="block score: max logit (the paper's; default without --coverage) or estimated "
+                      "attention mass (default with --coverage)")
   g.add_argument("--dense-layers", type=_int_list("--dense-layers"), default=(),
                  help="comma-separated layer ids that run dense attention (their trace is still kept)")
   g.add_argument("--prune-local", action="store_true",
@@ -93,7 +100,7 @@ def stream_config(args):
     return StreamConfig(block_q=args.block_q, block_k=args.block_k, top_k=args.top_k,
                         sink_blocks=args.sink_blocks, window_blocks=args.window_blocks,
                         init_branches=args.init_branches, representative=args.representative,
-                        query_stride=args.query_stride)
+                        query_stride=args.query_stride, coverage=args.coverage, score=args.score)
   except ValueError as e:  # name the command-line option, not the dataclass field
     msg = str(e).replace("StreamConfig.", "--").replace("_", "-")
     raise CliError(msg) from None
@@ -229,8 +236,9 @@ def run_pair(model, ids, cfg, args, *, oracle: bool = False):
   timings["dense_forward_s"] = time.perf_counter() - t0
   bar.update()
   t0 = time.perf_counter()
+  output = getattr(args, "output", "sparse")
   _, trace, s_hidden = model.forward(ids, attention=cfg, dense_layers=args.dense_layers,
-                                     prune_local=args.prune_local, **common)
+                                     prune_local=args.prune_local, output=output, coverage=True, **common)
   s_hidden.block_until_ready()
   timings["stream_forward_s"] = time.perf_counter() - t0
   bar.update()
@@ -241,9 +249,9 @@ def run_pair(model, ids, cfg, args, *, oracle: bool = False):
     oracle_masks = faithfulness.oracle_masks(trace, o_trace)
     bar.update()
   bar.close()
-  report = faithfulness.faithfulness_report_from_hidden(list(d_hidden[1:]), list(s_hidden[1:]),
-                                                        logits_fn(model), trace=trace,
-                                                        oracle_masks=oracle_masks)
+  report = faithfulness.faithfulness_report_from_hidden(
+      list(d_hidden[1:]), list(s_hidden[1:]), logits_fn(model), trace=trace, oracle_masks=oracle_masks,
+      pruned_from=faithfulness.pruned_start(len(ids), cfg))
   return trace, report, timings
 
 
@@ -570,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
   src.add_argument("--file", help="a UTF-8 text file to trace")
   _add_model_args(t)
   _add_stream_args(t)
+  t.add_argument("--output", choices=("sparse", "exact"), default="sparse",
+                 help="sparse (the paper's): the traced model computes with the kept blocks; exact: it "
+                      "computes dense attention (logits equal dense) and the trace observes it (mass = "
+                      "dense probability of each kept block, coverage)")
   t.add_argument("--oracle", action="store_true",
                  help="also run the exact top-k (O(T^2) scoring) and report recall per layer")
   t.add_argument("--plot-layer", type=int, default=None, help="layer of the mask figure (default: first "

@@ -243,3 +243,45 @@ def test_adaptive_config_bad_input(kwargs, match):
 def test_adaptive_config_accepts_numpy_and_one():
   assert C(coverage=np.float32(0.5)).coverage == 0.5
   assert C(coverage=1).coverage == 1.0 and C(coverage=1).score == "mass"
+
+
+def test_score_and_coverage_must_agree_and_faithful_preset():
+  with pytest.raises(ValueError, match="needs score='mass'"):
+    C(coverage=0.9, score="max")
+  assert C().score == "max" and C().coverage is None and C().top_k == 16  # the paper's setting
+  f = C.faithful()
+  assert (f.top_k, f.coverage, f.score) == (128, 0.95, "mass") and f.adaptive
+  assert C.faithful(top_k=64).top_k == 64
+
+
+def test_pruned_start_against_a_brute_force_count():
+  from stream_jax.analysis.faithfulness import pruned_start
+  for cfg in (C(), C(block_q=32, block_k=64, top_k=4, window_blocks=1, sink_blocks=0)):
+    for t in (100, 1215, 1216, 1300, 5000):
+      want = t
+      for i in range(t):  # the first query whose block has more searchable blocks than top_k
+        j = i // cfg.block_q
+        last = min((j + 1) * cfg.block_q, t) - 1
+        if last // cfg.block_k - cfg.window_blocks + 1 - cfg.sink_blocks > cfg.top_k:
+          want = j * cfg.block_q
+          break
+      assert pruned_start(t, cfg) == want
+  assert pruned_start(4096, C()) == 1216  # 64-token blocks, top_k 16: query block 19 is the first pruned
+
+
+def test_report_summarises_the_pruned_regime_and_coverage():
+  from stream_jax.analysis import faithfulness
+  cfg = tiny_config()
+  params = init_params(cfg, seed=5, scale=0.3)
+  x = _tokens(1, 160)
+  sc = C(block_q=8, block_k=8, top_k=2, window_blocks=1)
+  d, _, dh = forward(cfg, params, x, return_hidden=True)
+  s, tr, sh = forward(cfg, params, x, attention=sc, coverage=True, return_hidden=True)
+  start = faithfulness.pruned_start(160, sc)
+  rep = faithfulness.faithfulness_report(d, s, trace=tr, pruned_from=start)
+  summ = rep.summary()
+  kl = np.asarray(faithfulness.next_token_kl(d, s))[0]
+  assert summ["kl_pruned"] == pytest.approx(float(kl[start:].mean()), rel=1e-5)
+  assert np.abs(kl[:start]).max() < 1e-6  # before the regime the sparse model is dense
+  assert 0 < summ["coverage_pruned"] < 1
+  assert "coverage" in faithfulness.format_report(rep)

@@ -167,6 +167,10 @@ class FaithfulnessReport:
     (see KeptFractions).
   oracle_recall: float32[L] per layer (mean over heads and batch) recall of the oracle top-k blocks.
   dense_mass_share: float32[L] share of the dense attention mass inside the kept blocks.
+  pruned_from: first position of the pruned regime (see `pruned_start`); the *_pruned summary numbers
+    average over positions from there on, where the sparse model can differ from dense.
+  coverage_per_layer: float32[L] mean coverage of the trace's layers over the pruned regime's query
+    blocks (NaN for layers without coverage and for exact window layers, which prune nothing).
   """
 
   kl: jax.Array
@@ -182,6 +186,8 @@ class FaithfulnessReport:
   kept_stream: Optional[jax.Array] = None
   oracle_recall: Optional[jax.Array] = None
   dense_mass_share: Optional[jax.Array] = None
+  pruned_from: Optional[int] = None
+  coverage_per_layer: Optional[jax.Array] = None
 
   def summary(self) -> dict:
     """Scalar numbers (floats) for tables and logs."""
@@ -190,6 +196,17 @@ class FaithfulnessReport:
         "top1_mean": float(jnp.mean(self.top1)), "top1_last": float(jnp.mean(self.top1_last)),
         "top5_mean": float(jnp.mean(self.top5)), "top5_last": float(jnp.mean(self.top5_last)),
     }
+    if self.pruned_from is not None:
+      t = self.kl.shape[-1]
+      out["pruned_from"] = float(self.pruned_from)
+      if self.pruned_from < t:
+        out["kl_pruned"] = float(jnp.mean(self.kl[..., self.pruned_from:]))
+        out["kl_pruned_p99"] = float(jnp.percentile(self.kl[..., self.pruned_from:], 99))
+        out["top1_pruned"] = float(jnp.mean(self.top1[..., self.pruned_from:]))
+        out["top5_pruned"] = float(jnp.mean(self.top5[..., self.pruned_from:]))
+    if self.coverage_per_layer is not None and bool(jnp.any(jnp.isfinite(self.coverage_per_layer))):
+      out["coverage_pruned"] = float(jnp.nanmean(self.coverage_per_layer))
+      out["coverage_worst_layer"] = float(jnp.nanmin(self.coverage_per_layer))
     if self.residual_error is not None:
       out["resid_err_last_layer"] = float(self.residual_error[-1])
       out["resid_err_max"] = float(jnp.max(self.residual_error))
@@ -209,7 +226,7 @@ def faithfulness_report(dense_logits: jax.Array, stream_logits: jax.Array, *,
                         stream_hidden: Optional[Sequence[jax.Array]] = None,
                         oracle_masks: Optional[Sequence[Optional[BlockMask]]] = None,
                         dense_block_masses: Optional[Sequence[Optional[jax.Array]]] = None,
-                        top_k: int = 5) -> FaithfulnessReport:
+                        top_k: int = 5, pruned_from: Optional[int] = None) -> FaithfulnessReport:
   """All faithfulness metrics in one pytree.
 
   Args:
@@ -220,10 +237,12 @@ def faithfulness_report(dense_logits: jax.Array, stream_logits: jax.Array, *,
       to skip, e.g. exact local layers).
     dense_block_masses: per layer, the exact dense block mass [..., N, nQ, nK] (short T only; None to skip).
     top_k: k of the top-k overlap.
+    pruned_from: first position of the pruned regime (`pruned_start(T, config)`): the summary then also
+      gives KL / top-1 / top-5 over it, and coverage over its query blocks.
   """
   outputs = output_metrics(dense_logits, stream_logits, top_k)
   return _report(outputs, trace=trace, dense_hidden=dense_hidden, stream_hidden=stream_hidden,
-                 oracle_masks=oracle_masks, dense_block_masses=dense_block_masses)
+                 oracle_masks=oracle_masks, dense_block_masses=dense_block_masses, pruned_from=pruned_from)
 
 
 def output_metrics(dense_logits: jax.Array, stream_logits: jax.Array, top_k: int = 5):
@@ -259,11 +278,26 @@ def faithfulness_report_from_hidden(dense_hidden: Sequence[jax.Array], stream_hi
   return _report(outputs, dense_hidden=dense_hidden, stream_hidden=stream_hidden, **kw)
 
 
+def pruned_start(q_len: int, config: StreamConfig, top_k: Optional[int] = None) -> int:
+  """First position of the pruned regime: the first query block with more searchable key blocks than
+  top_k (visible blocks strictly between the sink and the window blocks); q_len if there is none.
+
+  Before it every query block keeps every visible block, so the sparse model equals dense there and
+  averages over all positions flatter it: faithfulness is measured from here on.
+  """
+  k = config.top_k if top_k is None else top_k
+  for j in range(-(-q_len // config.block_q)):
+    last = min((j + 1) * config.block_q, q_len) - 1
+    if last // config.block_k - config.window_blocks + 1 - config.sink_blocks > k:
+      return j * config.block_q
+  return q_len
+
+
 def _report(outputs, *, trace=None, dense_hidden=None, stream_hidden=None, oracle_masks=None,
-            dense_block_masses=None) -> FaithfulnessReport:
+            dense_block_masses=None, pruned_from: Optional[int] = None) -> FaithfulnessReport:
   kl, top1, top5 = outputs
   fields = dict(kl=kl, top1=top1, top5=top5, kl_last=kl[..., -1], top1_last=top1[..., -1],
-                top5_last=top5[..., -1])
+                top5_last=top5[..., -1], pruned_from=pruned_from)
   if dense_hidden is not None and stream_hidden is not None:
     fields["residual_error"] = residual_error(dense_hidden, stream_hidden)
   if trace is not None:
@@ -277,6 +311,11 @@ def _report(outputs, *, trace=None, dense_hidden=None, stream_hidden=None, oracl
       return jnp.stack([jnp.nan if v is None else jnp.nanmean(fn(l.mask, v))
                         for l, v in zip(trace.layers, values)]).astype(jnp.float32)
 
+    if any(l.coverage is not None for l in trace.layers):
+      first = 0 if pruned_from is None else pruned_from // trace.layers[0].mask.block_q
+      fields["coverage_per_layer"] = jnp.stack([
+          jnp.float32(jnp.nan) if l.coverage is None or first >= l.coverage.shape[-1] or l.mode == "window"
+          else jnp.mean(l.coverage[..., first:]) for l in trace.layers]).astype(jnp.float32)
     if oracle_masks is not None:
       fields["oracle_recall"] = per_layer(oracle_masks, oracle_recall)
     if dense_block_masses is not None:
@@ -290,8 +329,8 @@ def format_report(report: FaithfulnessReport, title: str = "faithfulness") -> st
   lines = [f"== {title} =="]
   lines += [f"  {k:<22s} {v:10.4f}" for k, v in s.items()]
   cols = [(name, getattr(report, attr)) for name, attr in (
-      ("kept", "kept_per_layer"), ("resid_err", "residual_error"), ("oracle_rec", "oracle_recall"),
-      ("dense_mass", "dense_mass_share")) if getattr(report, attr) is not None]
+      ("kept", "kept_per_layer"), ("coverage", "coverage_per_layer"), ("resid_err", "residual_error"),
+      ("oracle_rec", "oracle_recall"), ("dense_mass", "dense_mass_share")) if getattr(report, attr) is not None]
   if cols:
     lines.append("  layer " + " ".join(f"{n:>10s}" for n, _ in cols))
     for i in range(len(cols[0][1])):
