@@ -428,6 +428,16 @@ def cmd_niah(args):
   if args.variant not in niah.VARIANTS:
     raise CliError(f"--variant must be one of {sorted(niah.VARIANTS)}, got {args.variant!r}")
   task = niah.VARIANTS[args.variant]
+  haystack = None
+  if args.haystack_file:
+    if task.haystack != "essay":
+      essays = sorted(k for k, v in niah.VARIANTS.items() if v.haystack == "essay")
+      raise CliError(f"--haystack-file is for the essay variants ({', '.join(essays)}); {args.variant} uses "
+                     f"the {task.haystack} haystack")
+    try:
+      haystack = niah.read_haystack_file(args.haystack_file)
+    except (OSError, ValueError) as e:
+      raise CliError(f"--haystack-file: {e}") from None
   if args.depths:
     if any(not 0 <= d <= 100 for d in args.depths):
       raise CliError(f"--depths are percentages in [0, 100], got {list(args.depths)}")
@@ -446,7 +456,7 @@ def cmd_niah(args):
   for length, depth, seed in tqdm(jobs, desc="niah samples", unit="sample"):
     t = task if depth is None else dataclasses.replace(
         task, depths=(float(depth),) * (task.num_keys * task.num_values))
-    sample = niah.generate_sample(model.tokenizer, length, t, seed=args.seed + seed)
+    sample = niah.generate_sample(model.tokenizer, length, t, seed=args.seed + seed, haystack_text=haystack)
     gen = model.generate(sample.ids, max_new_tokens=args.max_new_tokens, attention=cfg,
                          dense_layers=args.dense_layers, prune_local=args.prune_local, backend=args.backend)
     answer = gen.text if isinstance(gen.text, str) else gen.text[0]
@@ -598,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated needle depths in percent (default: random per sample)")
   n.add_argument("--samples", type=_positive_int("--samples"), default=4, help="samples per length/depth")
   n.add_argument("--variant", default="single_1", help="RULER variant, e.g. single_1, multikey_1, multivalue")
+  n.add_argument("--haystack-file", default=None,
+                 help="UTF-8 prose for the essay variants' haystack (default: READMEs of installed packages)")
   n.add_argument("--seed", type=int, default=0)
   n.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=12)
   _add_out(n, "reports/niah")
