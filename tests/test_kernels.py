@@ -228,3 +228,43 @@ def test_attention_lowers_for_cuda(dtype, softcap, window):
                         _sds((1100, 4, 256), dtype), _sds((8, 16, 19), jnp.int32),
                         _sds((8, 16), jnp.int32))
   assert "triton" in text
+
+
+@pytest.mark.parametrize("dtype,stages", [(jnp.float32, 1), (jnp.bfloat16, 3)])
+def test_attention_lowering_picks_stages_by_dtype(dtype, stages):
+  """float32 tiles are twice as large: three pipeline stages of f32 64 x 256 key and value tiles exceed the
+  H100's shared memory (the GPU failed with "Shared memory size limit exceeded"), so f32 lowers with one."""
+  def fn(q, k, v, idx, cnt, ref):
+    mask = BlockMask(idx, cnt, 64, 64, 1000, 1100)
+    out, stats = kattention.sparse_attention(q, k, v, mask, interpret=False, lse_ref=ref)
+    return out, stats.mass
+  text = lower_for_cuda(fn, _sds((1000, 8, 256), dtype), _sds((1100, 4, 256), dtype),
+                        _sds((1100, 4, 256), dtype), _sds((8, 16, 19), jnp.int32), _sds((8, 16), jnp.int32),
+                        _sds((8, 1000), jnp.float32))
+  assert f"num_stages = {stages} " in text
+
+
+def test_estimate_lowers_for_cuda_in_float32():
+  def fn(q, k):
+    m = kestimate.estimate_mask(q, k, C(), interpret=False)
+    return m.indices, m.counts
+  text = lower_for_cuda(fn, _sds((1000, 8, 256), jnp.float32), _sds((1100, 4, 256), jnp.float32))
+  assert "num_stages = 1 " in text
+
+
+def test_attention_kernel_lse_ref_matches_reference():
+  """Mass under a reference normaliser (an exact trace's dense log-sum-exp) from the kernel in interpret
+  mode equals the XLA reference's."""
+  rng = np.random.default_rng(3)
+  t, n, kv, h = 200, 4, 2, 32
+  q, k, v = (jnp.asarray(rng.normal(size=(t, x, h)), jnp.float32) for x in (n, kv, kv))
+  mask = sj.estimate_mask(q, k, C(block_q=32, block_k=32, top_k=2, window_blocks=1))
+  # a normaliser at least the full softmax's (as a dense log-sum-exp is): the dense one plus noise >= 0
+  kk = jnp.repeat(k, n // kv, axis=1)
+  logits = jnp.einsum("tnh,snh->nts", q, kk) * h ** -0.5
+  causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+  ref = jax.nn.logsumexp(jnp.where(causal, logits, -jnp.inf), -1) + jnp.asarray(rng.uniform(0, 1, (n, t)),
+                                                                                 jnp.float32)
+  _, a = sj.sparse_attention(q, k, v, mask, lse_ref=ref)
+  _, b = kattention.sparse_attention(q, k, v, mask, interpret=True, lse_ref=ref)
+  np.testing.assert_allclose(np.asarray(b.mass), np.asarray(a.mass), rtol=1e-5, atol=1e-6)
