@@ -116,7 +116,7 @@ def check_mesh(config, mesh: Mesh, batch: Optional[int] = None) -> None:
 # ------------------------------------------------------------------------------------------- placement
 
 
-def param_spec(path: tuple[str, ...], shape: tuple[int, ...], config, model: int) -> P:
+def param_spec(path: tuple[str, ...], shape: tuple[int, ...], model: int) -> P:
   """PartitionSpec of one parameter (path of key names, e.g. ("layer_0", "attn", "q_einsum", "w"))."""
   name = "/".join(path[-2:])
   if name in ("q_einsum/w", "attn_vec_einsum/w"):  # [N, D, H], [N, H, D]
@@ -137,7 +137,7 @@ def param_shardings(config, params, mesh: Mesh):
 
   def spec(path, x):
     keys = tuple(str(getattr(p, "key", p)) for p in path)
-    return NamedSharding(mesh, param_spec(keys, tuple(x.shape), config, model))
+    return NamedSharding(mesh, param_spec(keys, tuple(x.shape), model))
   return jax.tree_util.tree_map_with_path(spec, params)
 
 
@@ -194,6 +194,24 @@ def _compiled(config, mesh: Mesh, frozen: tuple, pallas: bool):
   return jax.jit(constrained)
 
 
+def jitted_forward(model, mesh: Mesh, **forward_kwargs):
+  """The jitted `(params, tokens) -> forward(model, params, tokens, **forward_kwargs)` on `mesh`, for
+  params placed by `shard_params` and tokens int32[B, T] placed by `batch_sharding(mesh)` (what
+  `sharded_forward` does); `.lower(params, tokens).compile()` gives its per-device memory analysis."""
+  from stream_jax.models.forward import model_config  # pylint: disable=import-outside-toplevel
+
+  config = model_config(model)
+  check_mesh(config, mesh)
+  _, model_size = axis_sizes(mesh)
+  stream = isinstance(forward_kwargs.get("attention"), StreamConfig)
+  pallas = stream and resolve_backend(forward_kwargs.get("backend", "xla")) == "pallas"
+  if pallas and model_size > 1:
+    raise ValueError(f"backend='pallas' cannot run with mesh axis model={model_size}: the Pallas kernels run "
+                     "whole heads per device under shard_map, without the partitioner's collectives; use "
+                     "backend='xla' for tensor parallelism, or model=1 (data parallel)")
+  return _compiled(config, mesh, _freeze(forward_kwargs), pallas)
+
+
 def sharded_forward(model, params, tokens, mesh: Mesh, **forward_kwargs):
   """`stream_jax.models.forward` on a mesh: same arguments and results, placed and sharded.
 
@@ -214,17 +232,9 @@ def sharded_forward(model, params, tokens, mesh: Mesh, **forward_kwargs):
     raise ValueError(f"tokens must have shape [B, T] on a mesh (the batch is what 'data' splits), got "
                      f"{tuple(tokens.shape)}; pass tokens[None] for one prompt")
   check_mesh(config, mesh, tokens.shape[0])
-  _, model_size = axis_sizes(mesh)
-  stream = isinstance(forward_kwargs.get("attention"), StreamConfig)
-  pallas = stream and resolve_backend(forward_kwargs.get("backend", "xla")) == "pallas"
-  if pallas and model_size > 1:
-    raise ValueError(f"backend='pallas' cannot run with mesh axis model={model_size}: the Pallas kernels run "
-                     "whole heads per device under shard_map, without the partitioner's collectives; use "
-                     "backend='xla' for tensor parallelism, or model=1 (data parallel)")
-  fn = _compiled(config, mesh, _freeze(forward_kwargs), pallas)
+  fn = jitted_forward(config, mesh, **forward_kwargs)
   params = shard_params(config, params, mesh)
-  tokens = jax.device_put(jax.numpy.asarray(tokens, jax.numpy.int32) if not isinstance(tokens, jax.Array)
-                          else tokens.astype(jax.numpy.int32), batch_sharding(mesh))
+  tokens = jax.device_put(jax.numpy.asarray(tokens).astype(jax.numpy.int32), batch_sharding(mesh))
   return fn(params, tokens)
 
 
