@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stream_jax import StreamConfig, sharding  # noqa: E402
-from stream_jax.models import Gemma, get_config  # noqa: E402
+from stream_jax.models import Gemma, get_config, init_params  # noqa: E402
 
 GOALS = {"sweep": 1.85, "tp": 1.7}  # speed-up goals on 2 GPUs (issue 14)
 
@@ -55,6 +55,8 @@ def random_params(config, mesh, dtype, seed: int = 0):
   """Random weights created on the devices, already sharded (a 27B model is never on the host):
   normal(0, 0.02) weights, normal(0, 0.1) f32 norm scales."""
   shapes = jax.eval_shape(lambda: Gemma(config, dtype).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  if sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)) < 50_000_000:  # small: no extra compile
+    return sharding.shard_params(config, init_params(config, dtype, seed), mesh)
   shardings = sharding.param_shardings(config, shapes, mesh)
   leaves, treedef = jax.tree_util.tree_flatten(shapes)
 
