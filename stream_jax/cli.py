@@ -268,6 +268,22 @@ def _first_global(trace):
 # -------------------------------------------------------------------------------------------- subcommands
 
 
+COVERAGE_CAPTION = ("Coverage: the share of each head's dense attention that its kept blocks hold (1 = the "
+                    "sparse picture misses nothing), per pruned layer and head over the pruned query blocks "
+                    "(left), and along the sequence (right).")
+
+
+def _coverage_figure(trace, report, cfg) -> dict:
+  """{"coverage": plot} when the trace carries coverage on a pruned layer, else {}."""
+  from stream_jax import plots  # pylint: disable=import-outside-toplevel
+  if not any(l.coverage is not None and l.mode != "window" for l in trace.layers):
+    return {}
+  n_q = trace.layers[0].mask.num_q_blocks
+  start = min((report.pruned_from or 0) // cfg.block_q, n_q - 1)
+  return {"coverage": lambda p: plots.plot_coverage(trace, p, start_block=start,
+                                                    title="coverage of the kept blocks")}
+
+
 def cmd_trace(args):
   from stream_jax import plots  # pylint: disable=import-outside-toplevel
   from stream_jax.analysis import faithfulness  # pylint: disable=import-outside-toplevel
@@ -298,18 +314,20 @@ def cmd_trace(args):
       intro={"text (excerpt)": _excerpt(text), "Stream settings": _settings(cfg, args)},
       captions={f"mask_layer{layer}": f"Layer {layer} ({lt.kind}, {lt.mode}): which key blocks (columns) "
                 "each query block (rows) kept, coloured by the attention mass they received, mean over "
-                "heads; white = not kept by any head."},
+                "heads; white = not kept by any head.",
+                "coverage": COVERAGE_CAPTION},
       report=dict(command="trace", model=model.source, tokens=len(ids), stream=_stream_dict(cfg, args),
-                  faithfulness=report, timings=timings, notice=notice),
+                  output=args.output, faithfulness=report, timings=timings, notice=notice),
       figures={f"mask_layer{layer}": lambda p: plots.plot_block_mask(
           lt.mask, p, mass=lt.mass, title=f"layer {layer} ({lt.kind}, {lt.mode}): kept blocks, mass "
-          "(mean over heads)")})
+          "(mean over heads)"), **_coverage_figure(trace, report, cfg)})
   print(f"report: {out}")
   return 0
 
 
 def cmd_demo(args):
-  """Needle in a haystack at ~2k tokens: trace, faithfulness, answer with Stream prefill, route."""
+  """Needle in a haystack at ~10k tokens: trace, faithfulness over the pruned regime and coverage, answer
+  with Stream prefill, route."""
   import jax  # pylint: disable=import-outside-toplevel
   from stream_jax import plots  # pylint: disable=import-outside-toplevel
   from stream_jax.analysis import faithfulness, niah, routes  # pylint: disable=import-outside-toplevel
@@ -393,6 +411,7 @@ def cmd_demo(args):
           "route": "Attention rollout from the last query block (top) down the layers along kept blocks: "
                    "red edges lie on a path that starts at a needle block, grey ones are other kept "
                    "edges; dot size is the share of the answer's information at that block and layer.",
+          "coverage": COVERAGE_CAPTION,
       },
       report=dict(command="demo", model=model.source, stream=_stream_dict(cfg, args),
                   sample=dict(length=sample.length, keys=sample.keys, answers=sample.answers,
@@ -414,6 +433,7 @@ def cmd_demo(args):
           "route": lambda p: plots.plot_route(
               rt, p, needle_blocks=needle_blocks,
               title="attention route into the last query block (red: kept edges on a path from the needle)"),
+          **_coverage_figure(trace, report, cfg),
       })
   print(f"report: {out}  ({timings['total_s']:.0f} s)")
   return 0
@@ -575,7 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
                      description=cmd_demo.__doc__)
   _add_model_args(d)
   _add_stream_args(d)
-  d.add_argument("--length", type=_positive_int("--length"), default=2048, help="prompt tokens")
+  d.add_argument("--length", type=_positive_int("--length"), default=10_240,
+                 help="prompt tokens (default 10,240: long enough that the default StreamConfig keeps under "
+                      "25%% of the global layers' causal pairs, so the numbers measure pruning)")
   d.add_argument("--seed", type=int, default=1, help="needle/key/depth seed (seed 1 is a prompt the 270M "
                  "answers; at ~2k tokens it retrieves about half of them, see README)")
   d.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=12)

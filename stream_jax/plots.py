@@ -191,6 +191,41 @@ def plot_kurtosis_grid(kurtosis, path: str, heads=None, title: str = "kurtosis o
   return _save(fig, path)
 
 
+def plot_coverage(trace, path: str, start_block: int = 0, title: str = "coverage") -> str:
+  """Coverage of every traced layer that prunes (rows) and head (columns), mean over query blocks from
+  `start_block` (the pruned regime), beside the mean over heads along the sequence: where the kept blocks
+  explain little of a head's dense attention, the sparse picture of that head is incomplete."""
+  layers = [l for l in trace.layers if l.coverage is not None and l.mode != "window"]
+  if not layers:
+    raise ValueError("the trace carries no coverage on pruned layers: trace with output='exact' or "
+                     "coverage=True")
+  cov = [np.asarray(l.coverage, np.float64) for l in layers]
+  cov = [c.reshape(-1, c.shape[-2], c.shape[-1]).mean(0) for c in cov]  # [N, nQ], mean over batch
+  if not 0 <= start_block < cov[0].shape[-1]:
+    raise ValueError(f"start_block must be in [0, {cov[0].shape[-1]}), got {start_block}")
+  grid = np.stack([c[:, start_block:].mean(-1) for c in cov])  # [L', N]
+  fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, max(3.0, len(layers) * 0.45 + 1.6)),
+                               gridspec_kw=dict(width_ratios=[1, 1.6]))
+  im = a0.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+  fig.colorbar(im, ax=a0, label="share of dense attention in kept blocks")
+  a0.set_yticks(range(len(layers)), [str(l.layer) for l in layers])
+  a0.set_xlabel("head")
+  a0.set_ylabel("layer")
+  _int_ticks(a0, y=False)
+  _title(a0, f"per head, query blocks {start_block}+", width=35)
+  for l, c in zip(layers, cov):
+    a1.plot(np.arange(c.shape[-1]), c.mean(0), label=f"layer {l.layer}")
+  a1.axvline(start_block, color="grey", ls=":", lw=1, label="pruning starts")
+  a1.set_ylim(0, 1.02)
+  a1.set_xlabel("query block")
+  a1.set_ylabel("coverage (mean over heads)")
+  a1.legend(fontsize=7, ncol=2)
+  _int_ticks(a1, y=False)
+  _title(a1, title, width=50)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def plot_route(route, path: str, needle_blocks: Optional[Sequence[int]] = None, min_weight: float = 1e-3,
                max_edges: int = 300, title: str = "needle route") -> str:
   """Layered diagram: x = block, y = layer (input of layer l at y = l); node size ~ flow; route edges (on a

@@ -73,7 +73,8 @@ def save_trace(path: str | os.PathLike, trace: Trace) -> None:
 
   path = pathlib.Path(path).absolute()
   path.mkdir(parents=True, exist_ok=True)
-  arrays = {"layers": [dict(indices=l.mask.indices, counts=l.mask.counts, mass=l.mass)
+  arrays = {"layers": [dict(indices=l.mask.indices, counts=l.mask.counts, mass=l.mass,
+                            **({} if l.coverage is None else {"coverage": l.coverage}))
                        for l in trace.layers]}
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(path / TRACE_DIR, arrays, force=True)
@@ -130,10 +131,14 @@ def load_trace(path: str | os.PathLike) -> Trace:
       problems.append(f"mass {mass.shape} / counts {counts.shape} do not match indices {idx.shape}")
     if idx.size and (idx.min() < -1 or idx.max() >= n_k):
       problems.append(f"block ids outside [-1, {n_k - 1}] (k_len={k_len}, block_k={bk})")
+    coverage = a.get("coverage") if isinstance(a, dict) else None
+    if coverage is not None and np.asarray(coverage).shape != idx.shape[:-1]:
+      problems.append(f"coverage {np.asarray(coverage).shape} does not match counts {idx.shape[:-1]}")
     if problems:
       raise ValueError(f"trace at {path}: layer {i}: saved layout and arrays disagree: {'; '.join(problems)}")
     mask = BlockMask(jax.numpy.asarray(idx), jax.numpy.asarray(counts), bq, bk, q_len, k_len, cfg)
-    layers.append(LayerTrace(mask, jax.numpy.asarray(mass), layer, kind, mode, window))
+    layers.append(LayerTrace(mask, jax.numpy.asarray(mass), layer, kind, mode, window,
+                             None if coverage is None else jax.numpy.asarray(coverage)))
   return Trace(tuple(layers))
 
 

@@ -285,3 +285,31 @@ def test_report_summarises_the_pruned_regime_and_coverage():
   assert np.abs(kl[:start]).max() < 1e-6  # before the regime the sparse model is dense
   assert 0 < summ["coverage_pruned"] < 1
   assert "coverage" in faithfulness.format_report(rep)
+
+
+def test_exact_trace_round_trips_and_plots_coverage(tmp_path):
+  from stream_jax import plots
+  from stream_jax.analysis.faithfulness import kept_fractions
+  from stream_jax.report import load_trace, save_trace
+  cfg = tiny_config()
+  params = init_params(cfg, seed=1, scale=0.3)
+  sc = C.faithful(block_q=8, block_k=8, top_k=4)
+  _, tr = forward(cfg, params, _tokens(1, 120), attention=sc, output="exact")
+  save_trace(tmp_path / "t", tr)
+  back = load_trace(tmp_path / "t")
+  assert [l.mode for l in back.layers] == [l.mode for l in tr.layers]
+  assert back.layers[5].mask.config == sc
+  for a, b in zip(jax.tree_util.tree_leaves(tr), jax.tree_util.tree_leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert back.layers[5].coverage is not None
+  # exact layers count as estimated masks in the kept fractions
+  assert float(kept_fractions(tr).stream) == pytest.approx(float(np.mean(tr.layers[5].kept_fraction())))
+  assert float(kept_fractions(tr).stream) < 1.0
+  assert (tmp_path / "c.png").exists() is False
+  plots.plot_coverage(tr, str(tmp_path / "c.png"), start_block=2)
+  assert (tmp_path / "c.png").stat().st_size > 0
+  with pytest.raises(ValueError, match="start_block"):
+    plots.plot_coverage(tr, str(tmp_path / "d.png"), start_block=99)
+  _, sparse = forward(cfg, params, _tokens(1, 120), attention=sc)
+  with pytest.raises(ValueError, match="no coverage"):
+    plots.plot_coverage(sparse, str(tmp_path / "e.png"))

@@ -130,14 +130,18 @@ class KeptFractions:
   per_layer: float32[L] mean over heads (and batch).
   overall: kept / causally allowed (full causal, no window) summed over every layer and head: the share of
     the dense model's attention that the traced forward computes.
-  stream: mean of per_layer over the layers that ran with an estimated mask ("stream" mode): the pruning rate
-    of the method itself.
+  stream: mean of per_layer over the layers whose mask was estimated (modes "stream" and "exact"): the
+    pruning rate of the method itself.
   """
 
   per_head: jax.Array
   per_layer: jax.Array
   overall: jax.Array
   stream: jax.Array
+
+
+# Layer modes whose mask the estimator chose (an exact layer's output is dense, its mask is estimated).
+ESTIMATED_MODES = ("stream", "exact")
 
 
 def kept_fractions(trace: Trace) -> KeptFractions:
@@ -147,7 +151,7 @@ def kept_fractions(trace: Trace) -> KeptFractions:
   kept = sum(kept_interactions(l.mask, l.window).sum() for l in trace.layers)
   allowed = sum(causal_interactions(l.mask.q_len, l.mask.k_len) * np.prod(l.mask.counts.shape[:-1])
                 for l in trace.layers)
-  stream_ids = [i for i, l in enumerate(trace.layers) if l.mode == "stream"]
+  stream_ids = [i for i, l in enumerate(trace.layers) if l.mode in ESTIMATED_MODES]
   stream = per_layer[jnp.asarray(stream_ids)].mean() if stream_ids else jnp.float32(1.0)
   return KeptFractions(per_head, per_layer, kept / float(allowed), stream)  # allowed > 2**31 from 65k
 
@@ -358,7 +362,8 @@ Forward = Callable[[jax.Array, object], tuple]
 def oracle_masks(trace: Trace, oracle_trace: Trace) -> list[Optional[BlockMask]]:
   """Per layer, the oracle run's mask where the Stream run estimated one (None for window/dense layers):
   the `oracle_masks` argument of the reports."""
-  return [o.mask if l.mode == "stream" else None for l, o in zip(trace.layers, oracle_trace.layers)]
+  return [o.mask if l.mode in ESTIMATED_MODES else None
+          for l, o in zip(trace.layers, oracle_trace.layers)]
 
 
 def run_faithfulness(forward: Forward, tokens: jax.Array, config: StreamConfig = StreamConfig(), *,
