@@ -1,6 +1,6 @@
-"""stream_jax.models: Flax Gemma 2 / Gemma 3 decoders with swappable (dense | Stream) attention, offline
-checkpoint loaders (GGUF, Hugging Face safetensors, the embedded Gemma 3 270M), tokenizer and greedy
-generation.
+"""stream_jax.models: Flax Gemma 2 / Gemma 3 / Llama / Qwen2 / Qwen3 decoders (one module, family switches
+in the config) with swappable (dense | Stream) attention, offline checkpoint loaders (GGUF, Hugging Face
+safetensors, the embedded Gemma 3 270M), tokenizer and greedy generation.
 
     from stream_jax import StreamConfig
     from stream_jax.models import load_model, forward
@@ -8,7 +8,7 @@ generation.
     logits, trace = forward(m, m.params, m.encode("..."), attention=StreamConfig())
 """
 
-from stream_jax.models.config import PRESETS, GemmaConfig, from_hf_config, get_config
+from stream_jax.models.config import PRESETS, REASONING_PRESETS, GemmaConfig, from_hf_config, get_config
 from stream_jax.models.transformer import Gemma, check_dtype
 from stream_jax.models.params import ShapeMismatchError, MissingTensorError, init_params
 from stream_jax.models.forward import forward, logits_from_hidden
@@ -18,7 +18,7 @@ from stream_jax.models.hf_loader import SafetensorsError
 from stream_jax.models.load import LoadedModel, load_gguf, load_hf, load_model
 
 __all__ = [
-    "PRESETS", "GemmaConfig", "from_hf_config", "get_config", "Gemma", "check_dtype", "init_params",
+    "PRESETS", "REASONING_PRESETS", "GemmaConfig", "from_hf_config", "get_config", "Gemma", "check_dtype", "init_params",
     "ShapeMismatchError", "MissingTensorError", "forward", "logits_from_hidden", "Generation", "generate", "GGUFError",
     "SafetensorsError", "LoadedModel", "load_gguf", "load_hf", "load_model",
 ]

@@ -1,7 +1,10 @@
-"""GemmaConfig: the architecture of a Gemma 2 / Gemma 3 text decoder, and the official presets.
+"""GemmaConfig: the architecture of a Gemma 2 / Gemma 3 / Llama / Qwen2 / Qwen3 text decoder, and presets.
 
-Frozen and hashable so that it is a static argument of `jax.jit`. Values of the presets are those of the
-official Hugging Face configs (google/gemma-3-*, google/gemma-2-*); what the checkpoint formats leave out
+One config class for every family (the family's differences are switches: norm offset, post-norms,
+embedding scale, MLP activation, tied embeddings, q/k/v biases, QK-norm, RoPE scaling), so the decoder,
+the attention plans and the trace are shared. Frozen and hashable so that it is a static argument of
+`jax.jit`. Values of the presets are those of the official Hugging Face configs (google/gemma-3-*,
+google/gemma-2-*, deepseek-ai/DeepSeek-R1-Distill-*, Qwen/Qwen3-*); what the checkpoint formats leave out
 (GGUF has no local RoPE base, layer pattern or attention scale) is derived here the way llama.cpp and
 transformers derive it.
 """
@@ -11,7 +14,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
-Family = Literal["gemma2", "gemma3"]
+Family = Literal["gemma2", "gemma3", "llama", "qwen2", "qwen3"]
+FAMILIES = ("gemma2", "gemma3", "llama", "qwen2", "qwen3")
+GEMMA_FAMILIES = ("gemma2", "gemma3")
+ACTIVATIONS = ("gelu_tanh", "silu")
 LayerKind = Literal["global", "local"]
 
 GEMMA3_VOCAB = 262_144
@@ -34,8 +40,17 @@ class GemmaConfig:
     attn_softcap / final_softcap: `c * tanh(x / c)` on attention logits / output logits (Gemma 2).
     use_qk_norm: RMSNorm over head_dim of queries and keys (Gemma 3).
     rms_eps: epsilon of every RMSNorm.
-    bos_id / eos_id / pad_id: special token ids of the Gemma tokenizer.
+    bos_id / eos_id / pad_id: special token ids of the tokenizer.
     name: preset name, informative only.
+    norm_offset: RMSNorm scales by (1 + w) (Gemma) or by w (Llama, Qwen).
+    post_norms: RMSNorm after attention and after the MLP too (Gemma), not only before.
+    embed_scale: embeddings multiplied by sqrt(D) (Gemma).
+    activation: gate activation of the gated MLP: "gelu_tanh" (GeGLU, Gemma) or "silu" (SwiGLU).
+    tie_embeddings: the output projection is the embedding (else a separate lm_head [V, D]).
+    qkv_bias: q/k/v projections have biases (Qwen2).
+    rope_llama3: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) of
+      Llama-3 frequency-dependent RoPE scaling (applies to every layer), or None.
+    context_length: trained context (max_position_embeddings), None when the family rule applies.
   """
 
   family: Family
@@ -60,10 +75,28 @@ class GemmaConfig:
   eos_id: int = 1
   pad_id: int = 0
   name: str = "custom"
+  norm_offset: bool = True
+  post_norms: bool = True
+  embed_scale: bool = True
+  activation: str = "gelu_tanh"
+  tie_embeddings: bool = True
+  qkv_bias: bool = False
+  rope_llama3: Optional[tuple[float, float, float, int]] = None
+  context_length: Optional[int] = None
 
   def __post_init__(self):
-    if self.family not in ("gemma2", "gemma3"):
-      raise ValueError(f"GemmaConfig.family must be 'gemma2' or 'gemma3', got {self.family!r}")
+    if self.family not in FAMILIES:
+      raise ValueError(f"GemmaConfig.family must be one of {FAMILIES}, got {self.family!r}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"GemmaConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+    if self.rope_llama3 is not None:
+      r = tuple(self.rope_llama3)
+      if len(r) != 4 or not (r[0] >= 1 and 0 < r[1] < r[2] and int(r[3]) >= 1):
+        raise ValueError("GemmaConfig.rope_llama3 must be (factor >= 1, low_freq_factor, high_freq_factor > "
+                         f"low_freq_factor > 0, original_max_position_embeddings >= 1), got {self.rope_llama3!r}")
+      object.__setattr__(self, "rope_llama3", (float(r[0]), float(r[1]), float(r[2]), int(r[3])))
+    if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 1):
+      raise ValueError(f"GemmaConfig.context_length must be a positive integer or None, got {self.context_length!r}")
     for f in ("vocab_size", "num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads",
               "head_dim", "sliding_window"):
       v = getattr(self, f)
@@ -94,10 +127,21 @@ class GemmaConfig:
     return self.sliding_window if self.layer_kinds[layer] == "local" else None
 
   def rope(self, layer: int) -> tuple[float, float]:
-    """(base, linear position scale) of a layer."""
-    if self.layer_kinds[layer] == "local":
+    """(base, linear position scale) of a layer (Gemma: local layers have their own base, no scaling;
+    the other families use one RoPE on every layer)."""
+    if self.layer_kinds[layer] == "local" and self.family in GEMMA_FAMILIES:
       return self.rope_local_base, 1.0
     return self.rope_global_base, self.rope_global_scale
+
+  def rope_inv_freq(self, layer: int):
+    """float32[H/2] inverse frequencies of a layer (linear or Llama-3 scaling applied)."""
+    from stream_jax.models.layers import rope_inv_freq  # pylint: disable=import-outside-toplevel
+    base, scale = self.rope(layer)
+    return rope_inv_freq(self.head_dim, base, scale, llama3=self.rope_llama3)
+
+  @property
+  def is_gemma(self) -> bool:
+    return self.family in GEMMA_FAMILIES
 
   @property
   def global_layers(self) -> tuple[int, ...]:
@@ -108,8 +152,10 @@ class GemmaConfig:
 
   def num_params(self) -> int:
     d, f, n, k, h = self.embed_dim, self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim
-    per_layer = d * h * (2 * n + 2 * k) + 3 * d * f + 4 * d + (2 * h if self.use_qk_norm else 0)
-    return self.vocab_size * d + self.num_layers * per_layer + d
+    per_layer = (d * h * (2 * n + 2 * k) + 3 * d * f + (4 if self.post_norms else 2) * d
+                 + (2 * h if self.use_qk_norm else 0) + ((n + 2 * k) * h if self.qkv_bias else 0))
+    head = 0 if self.tie_embeddings else self.vocab_size * d
+    return self.vocab_size * d + head + self.num_layers * per_layer + d
 
 
 def gemma3_layer_kinds(num_layers: int, pattern: int = 6) -> tuple[LayerKind, ...]:
@@ -137,6 +183,38 @@ def gemma2(name, *, layers, d, f, n, k, h=256, qscale=256, **kw):
                      final_softcap=30.0, use_qk_norm=False, name=name, **kw)
 
 
+def all_global(num_layers: int) -> tuple[LayerKind, ...]:
+  return ("global",) * num_layers
+
+
+def reasoning_config(family, name, *, layers, d, f, n, k, h, vocab, theta, eps, ctx, tie, bos, eos, **kw):
+  """Llama / Qwen decoders: plain RMSNorm (w, not 1 + w), pre-norms only, no embedding scale, SwiGLU,
+  every layer global, attention scale head_dim ** -0.5."""
+  return GemmaConfig(family=family, vocab_size=vocab, num_layers=layers, embed_dim=d, hidden_dim=f,
+                     num_heads=n, num_kv_heads=k, head_dim=h, query_pre_attn_scalar=float(h),
+                     layer_kinds=all_global(layers), sliding_window=ctx, rope_local_base=theta,
+                     rope_global_base=theta, use_qk_norm=family == "qwen3", rms_eps=eps, bos_id=bos,
+                     eos_id=eos, pad_id=eos, name=name, norm_offset=False, post_norms=False,
+                     embed_scale=False, activation="silu", tie_embeddings=tie, qkv_bias=family == "qwen2",
+                     context_length=ctx, **kw)
+
+
+def qwen2(name, *, layers, d, f, n, k, vocab=152_064, theta=10_000.0, eps=1e-6, tie=False, **kw):
+  return reasoning_config("qwen2", name, layers=layers, d=d, f=f, n=n, k=k, h=d // n, vocab=vocab, theta=theta,
+                    eps=eps, ctx=131_072, tie=tie, bos=151_646, eos=151_643, **kw)
+
+
+def qwen3(name, *, layers, d, f, n, k, tie=False, **kw):
+  return reasoning_config("qwen3", name, layers=layers, d=d, f=f, n=n, k=k, h=128, vocab=151_936, theta=1e6,
+                    eps=1e-6, ctx=40_960, tie=tie, bos=151_643, eos=151_645, **kw)
+
+
+def llama3(name, *, layers, d, f, n, k, **kw):
+  return reasoning_config("llama", name, layers=layers, d=d, f=f, n=n, k=k, h=d // n, vocab=128_256,
+                    theta=500_000.0, eps=1e-5, ctx=131_072, tie=False, bos=128_000, eos=128_001,
+                    rope_llama3=(8.0, 1.0, 4.0, 8192), **kw)
+
+
 # Official HF configs. Gemma 3 4B+ list vocab_size 262208 (64 unused rows): the port uses 262144.
 PRESETS: dict[str, GemmaConfig] = {
     "gemma3-270m": gemma3("gemma3-270m", layers=18, d=640, f=2048, n=4, k=1, window=512, rope_scale=1.0),
@@ -149,12 +227,29 @@ PRESETS: dict[str, GemmaConfig] = {
     "gemma2-27b": gemma2("gemma2-27b", layers=46, d=4608, f=36864, n=32, k=16, h=128, qscale=144),
 }
 
+# Reasoning models (deepseek-ai/DeepSeek-R1-Distill-*, Qwen/Qwen3-*): shapes of their config.json. Kept apart
+# from the Gemma PRESETS (which callers iterate as Gemma configs); get_config finds both.
+REASONING_PRESETS: dict[str, GemmaConfig] = {
+    "r1-distill-qwen-1.5b": qwen2("r1-distill-qwen-1.5b", layers=28, d=1536, f=8960, n=12, k=2,
+                                  vocab=151_936),
+    "r1-distill-qwen-7b": qwen2("r1-distill-qwen-7b", layers=28, d=3584, f=18944, n=28, k=4),
+    "r1-distill-qwen-14b": qwen2("r1-distill-qwen-14b", layers=48, d=5120, f=13824, n=40, k=8, theta=1e6,
+                                 eps=1e-5),
+    "r1-distill-llama-8b": llama3("r1-distill-llama-8b", layers=32, d=4096, f=14336, n=32, k=8),
+    "qwen3-0.6b": qwen3("qwen3-0.6b", layers=28, d=1024, f=3072, n=16, k=8, tie=True),
+    "qwen3-1.7b": qwen3("qwen3-1.7b", layers=28, d=2048, f=6144, n=16, k=8, tie=True),
+    "qwen3-4b": qwen3("qwen3-4b", layers=36, d=2560, f=9728, n=32, k=8, tie=True),
+    "qwen3-8b": qwen3("qwen3-8b", layers=36, d=4096, f=12288, n=32, k=8),
+    "qwen3-14b": qwen3("qwen3-14b", layers=40, d=5120, f=17408, n=40, k=8),
+}
+
 
 def get_config(name: str) -> GemmaConfig:
-  key = name.lower().replace("_", "-").replace("gemma-", "gemma")
-  if key not in PRESETS:
-    raise KeyError(f"unknown Gemma preset {name!r}; known: {sorted(PRESETS)}")
-  return PRESETS[key]
+  key = name.lower().replace("_", "-").replace("gemma-", "gemma").replace("deepseek-", "")
+  every = {**PRESETS, **REASONING_PRESETS}
+  if key not in every:
+    raise KeyError(f"unknown preset {name!r}; known: {sorted(every)}")
+  return every[key]
 
 
 def match_preset(family: str, num_layers: int, embed_dim: int) -> Optional[GemmaConfig]:
@@ -166,14 +261,19 @@ def match_preset(family: str, num_layers: int, embed_dim: int) -> Optional[Gemma
 
 
 def from_hf_config(hf: dict) -> GemmaConfig:
-  """GemmaConfig from a Hugging Face `config.json` dict (Gemma 2, Gemma 3 text or multimodal)."""
+  """GemmaConfig from a Hugging Face `config.json` dict (Gemma 2, Gemma 3 text or multimodal, Llama, Qwen2,
+  Qwen3)."""
+  if isinstance(hf, dict) and hf.get("model_type") in ("llama", "qwen2", "qwen3"):
+    from stream_jax.models.families import from_hf_reasoning  # pylint: disable=import-outside-toplevel
+    return from_hf_reasoning(hf)
   if "text_config" in hf and hf.get("model_type") in ("gemma3", "gemma3n"):
     if hf.get("model_type") != "gemma3":
       raise ValueError(f"unsupported architecture: model_type {hf.get('model_type')!r}")
     hf = dict(hf["text_config"], _outer=hf)
   mt = hf.get("model_type")
   if mt not in ("gemma3_text", "gemma3", "gemma2"):
-    raise ValueError(f"unsupported architecture: model_type {mt!r} (supported: gemma2, gemma3, gemma3_text)")
+    raise ValueError(f"unsupported architecture: model_type {mt!r} (supported: gemma2, gemma3, gemma3_text, "
+                     "llama, qwen2, qwen3)")
   family: Family = "gemma2" if mt == "gemma2" else "gemma3"
   layers = int(hf["num_hidden_layers"])
   d = int(hf["hidden_size"])

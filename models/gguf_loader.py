@@ -1,8 +1,14 @@
-"""GGUF (llama.cpp) checkpoints -> GemmaConfig + Flax params.
+"""GGUF (llama.cpp) checkpoints -> GemmaConfig + Flax params (Gemma 2/3, Llama, Qwen2, Qwen3).
 
 What llama.cpp's converter changes and this loader undoes, or fills in:
-- every `*norm.weight` is stored as 1 + w (llama.cpp folds Gemma's `(1 + w)` into the weight): subtract 1
-  in f32;
+- Gemma: every `*norm.weight` is stored as 1 + w (llama.cpp folds Gemma's `(1 + w)` into the weight):
+  subtract 1 in f32 (Llama/Qwen norms are stored as they are);
+- Llama: the rows of attn_q / attn_k are permuted per head (llama.cpp's llama RoPE rotates interleaved
+  pairs, HF's split halves): un-permuted here as transformers' GGUF loader does; Llama-3 RoPE scaling is
+  stored as the `rope_freqs` tensor (the per-frequency divisors), not in metadata: its parameters are
+  recovered and checked against it; Qwen2/Qwen3 use NEOX RoPE and are stored unpermuted;
+- `ffn_norm` is Gemma's pre_feedforward_layernorm but Llama/Qwen's post_attention_layernorm (HF names);
+  `output.weight`, when present, is the untied lm_head;
 - GGUF lists dims in reverse (ggml `ne` order); the dequantized numpy arrays already come out in HF
   layout ([out, in]), so names are mapped and shapes checked against the config;
 - the file has no local RoPE base (10k), no layer pattern (Gemma 3: global iff (i + 1) % 6 == 0, Gemma 2:
@@ -23,7 +29,11 @@ import numpy as np
 from stream_jax.models.config import GemmaConfig, gemma2_layer_kinds, gemma3_layer_kinds, match_preset
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHS = ("gemma3", "gemma2")
+SUPPORTED_ARCHS = ("gemma3", "gemma2", "llama", "qwen2", "qwen3")
+REASONING_ARCHS = ("llama", "qwen2", "qwen3")
+# Llama-3.1 RoPE scaling (low_freq_factor, high_freq_factor, original context): llama.cpp's converter stores
+# only the resulting divisors (rope_freqs); these are the values every Llama 3.x / R1-Distill-Llama uses.
+LLAMA3_DEFAULTS = (1.0, 4.0, 8192)
 
 _LAYER = {
     "attn_norm": "input_layernorm",
@@ -40,21 +50,32 @@ _LAYER = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GLOBAL = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
+_GLOBAL = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+           "output.weight": "lm_head.weight"}
 
 
 class GGUFError(ValueError):
   """The file is not a usable GGUF checkpoint of a supported model."""
 
 
-def hf_name(gguf_name: str) -> Optional[str]:
+def hf_name(gguf_name: str, arch: str = "gemma3") -> Optional[str]:
   """GGUF tensor name -> HF name (no prefix); None for tensors the decoder does not use."""
   if gguf_name in _GLOBAL:
     return _GLOBAL[gguf_name]
-  m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+  m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
   if m and m.group(2) in _LAYER:
-    return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
+    hf = _LAYER[m.group(2)]
+    if m.group(2) == "ffn_norm" and arch in REASONING_ARCHS:
+      hf = "post_attention_layernorm"  # Llama/Qwen's name of the norm before the MLP
+    return f"layers.{m.group(1)}.{hf}.{m.group(3)}"
   return None
+
+
+def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+  """Undo llama.cpp's per-head row permutation of Llama's attn_q / attn_k ([heads * H, ...] rows: HF's
+  split-half order <- llama.cpp's interleaved-pair order)."""
+  half = w.shape[0] // heads // 2
+  return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def check_file(path: str) -> None:
@@ -185,6 +206,8 @@ def config_from_reader(reader, path: str = "") -> GemmaConfig:
       raise GGUFError(f"{path}: metadata key {arch}.{key} is missing")
     return v
 
+  if arch in REASONING_ARCHS:
+    return _reasoning_config(reader, arch, get, path)
   layers = int(get("block_count"))
   d = int(get("embedding_length"))
   n = int(get("attention.head_count"))
@@ -238,6 +261,59 @@ def config_from_reader(reader, path: str = "") -> GemmaConfig:
                      final_softcap=float(get("final_logit_softcapping", 30.0)), use_qk_norm=False, **common)
 
 
+def _reasoning_config(reader, arch: str, get, path: str) -> GemmaConfig:
+  """Llama / Qwen2 / Qwen3 config from GGUF metadata (every layer global, SwiGLU, plain RMSNorm)."""
+  from stream_jax.models.config import reasoning_config  # pylint: disable=import-outside-toplevel
+  names = {t.name: t for t in reader.tensors}
+  emb = names.get("token_embd.weight")
+  if emb is None:
+    raise GGUFError(f"{path}: tensor token_embd.weight is missing")
+  layers = int(get("block_count"))
+  d = int(get("embedding_length"))
+  n = int(get("attention.head_count"))
+  kv = get("attention.head_count_kv", n)
+  kv = int(kv[0] if isinstance(kv, list) else kv)
+  h = int(get("attention.key_length", d // n))
+  scale_type = get("rope.scaling.type", None, required=False)
+  factor = float(get("rope.scaling.factor", 1.0))
+  if scale_type not in (None, "none", "linear"):
+    raise GGUFError(f"{path}: {arch} metadata {arch}.rope.scaling.type = {scale_type!r} is not supported "
+                    "(none, linear, or Llama-3 scaling through the rope_freqs tensor)")
+  llama3 = None
+  if "rope_freqs.weight" in names:
+    if arch != "llama":
+      raise GGUFError(f"{path}: {arch} file has a rope_freqs tensor (per-frequency RoPE scaling), which the "
+                      f"{arch} port does not implement")
+    original = int(get("rope.scaling.original_context_length", LLAMA3_DEFAULTS[2]))
+    llama3 = (factor if scale_type is None and factor > 1 else 8.0, LLAMA3_DEFAULTS[0], LLAMA3_DEFAULTS[1],
+              original)  # factor checked against the tensor in read_gguf
+    factor = 1.0
+  ctx = int(get("context_length", 131_072 if arch != "qwen3" else 40_960))
+  eos = int(_field(reader, "tokenizer.ggml.eos_token_id", 0))
+  bos = _field(reader, "tokenizer.ggml.bos_token_id", eos)
+  cfg = reasoning_config(arch, str(_field(reader, "general.name", arch)), layers=layers, d=d,
+                   f=int(get("feed_forward_length")), n=n, k=kv, h=h, vocab=int(emb.shape[-1]),
+                   theta=float(get("rope.freq_base", 10_000.0)),
+                   eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)), ctx=ctx,
+                   tie="output.weight" not in names, bos=int(bos), eos=eos, rope_llama3=llama3)
+  pad = _field(reader, "tokenizer.ggml.padding_token_id", None)
+  return cfg.replace(rope_global_scale=factor, pad_id=int(pad) if pad is not None else eos)
+
+
+def _check_rope_freqs(config: GemmaConfig, freqs: np.ndarray, path: str) -> GemmaConfig:
+  """The Llama-3 scaling whose divisors are the file's rope_freqs (factor = their maximum)."""
+  from stream_jax.models.layers import llama3_factors, rope_inv_freq  # pylint: disable=import-outside-toplevel
+  freqs = np.asarray(freqs, np.float32).reshape(-1)
+  llama3 = (float(freqs.max()),) + config.rope_llama3[1:]
+  inv = rope_inv_freq(config.head_dim, config.rope_global_base)
+  want = llama3_factors(inv, *llama3)
+  if want.shape != freqs.shape or not np.allclose(want, freqs, rtol=1e-4):
+    raise GGUFError(f"{path}: llama tensor rope_freqs does not match Llama-3 RoPE scaling with factor "
+                    f"{llama3[0]}, low/high_freq_factor {llama3[1]}/{llama3[2]} and original context "
+                    f"{llama3[3]}; other rope_freqs are not supported")
+  return config.replace(rope_llama3=llama3)
+
+
 def dequantize(tensor, path: str = "") -> np.ndarray:
   """float32 array in HF layout of one GGUF tensor (any type gguf.quants knows)."""
   import gguf  # pylint: disable=import-outside-toplevel
@@ -259,17 +335,24 @@ def read_gguf(path: str, dtype, progress: bool = True):
   from stream_jax.models.params import params_from_hf  # pylint: disable=import-outside-toplevel
   reader = open_reader(path)
   config = config_from_reader(reader, path)
+  arch = config.family
   by_hf = {}
   for t in reader.tensors:
-    name = hf_name(t.name)
+    name = hf_name(t.name, arch)
     if name is not None:
       by_hf[name] = t
+    if t.name == "rope_freqs.weight" and config.rope_llama3 is not None:
+      config = _check_rope_freqs(config, dequantize(t, path), path)
 
   def get(name):
     t = by_hf[name]
     x = dequantize(t, path)
-    if name.endswith("norm.weight"):
+    if config.is_gemma and name.endswith("norm.weight"):
       x = x - np.float32(1.0)  # llama.cpp stores 1 + w
+    if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+      x = unpermute_rows(x, config.num_heads)
+    elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+      x = unpermute_rows(x, config.num_kv_heads)
     return x
 
   wrap = None

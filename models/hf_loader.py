@@ -2,7 +2,8 @@
 
 Handles the name prefixes of the text-only (`model.layers...`) and multimodal Gemma 3 checkpoints
 (`language_model.model...`, `model.language_model...`; the vision tower is skipped), tied embeddings
-(`lm_head.weight` is ignored when present) and the 64 unused embedding rows of Gemma 3 4B+. Tensors are
+(`lm_head.weight` is ignored when the config ties them, read when it does not: Llama, Qwen) and the 64
+unused embedding rows of Gemma 3 4B+. Tensors are
 read one at a time (safetensors memory-maps the shards), so peak host memory is about one tensor.
 """
 
@@ -20,13 +21,17 @@ class SafetensorsError(ValueError):
   """A file is not a readable safetensors file."""
 
 
-_SKIP = ("vision_tower", "multi_modal_projector", "lm_head", "vision_model", "embed_vision", "audio")
+_SKIP = ("vision_tower", "multi_modal_projector", "vision_model", "embed_vision", "audio")
 
 
 def hf_name(name: str):
-  """Checkpoint name -> decoder name without prefix (`layers.3.mlp.up_proj.weight`), None to skip."""
+  """Checkpoint name -> decoder name without prefix (`layers.3.mlp.up_proj.weight`), None to skip.
+
+  `lm_head.weight` keeps its name: untied configs (Llama, Qwen) read it, tied ones ignore it."""
   if any(s in name for s in _SKIP):
     return None
+  if name.endswith("lm_head.weight"):
+    return "lm_head.weight"
   name = name.replace("language_model.", "")
   if name.startswith("model."):
     name = name[len("model."):]

@@ -1,8 +1,9 @@
-"""The small Flax building blocks of a Gemma decoder: RMSNorm, RoPE, embedder, gated MLP.
+"""The small Flax building blocks of a decoder: RMSNorm, RoPE, embedder, gated MLP.
 
-Numerics follow the reference (transformers' Gemma2/Gemma3 modules) because that is what the checkpoints
-were trained with: norms in f32 with a `(1 + w)` scale, RoPE angles in f32, the embedding scale rounded to
-the parameter dtype (bf16: sqrt(640) = 25.25, not 25.30).
+Numerics follow the reference (transformers' Gemma2/Gemma3/Llama/Qwen modules) because that is what the
+checkpoints were trained with: Gemma norms in f32 with a `(1 + w)` scale, Llama/Qwen norms normalised in
+f32 then scaled by `w` in the activation dtype, RoPE angles in f32 (Llama-3 frequency scaling computed like
+transformers), the Gemma embedding scale rounded to the parameter dtype (bf16: sqrt(640) = 25.25).
 """
 
 from __future__ import annotations
@@ -14,38 +15,68 @@ import numpy as np
 
 
 class RMSNorm(nn.Module):
-  """x * rsqrt(mean(x^2) + eps) * (1 + scale), in f32, cast back to x's dtype.
+  """offset (Gemma): x * rsqrt(mean(x^2) + eps) * (1 + scale), in f32, cast back to x's dtype.
+  no offset (Llama, Qwen): normalised in f32, cast to x's dtype, then times scale (as transformers does).
 
   Gemma stores `scale` around 0 (the +1 is applied here); llama.cpp's GGUF stores 1 + scale.
   """
 
   eps: float = 1e-6
+  offset: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],), jnp.float32)
+    init = nn.initializers.zeros_init() if self.offset else nn.initializers.ones_init()
+    scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    if not self.offset:
+      return y.astype(x.dtype) * scale.astype(x.dtype)
     return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-def rope_inv_freq(head_dim: int, base: float, scale: float = 1.0) -> np.ndarray:
-  """float32[H/2] inverse frequencies; linear position scaling divides them by `scale`."""
+def llama3_inv_freq(inv: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:
+  """float32[H/2] inverse frequencies under Llama-3 RoPE scaling: unchanged for short wavelengths
+  (< original / high), divided by `factor` for long ones (> original / low), a smooth blend in between
+  (the rule of transformers' `_compute_llama3_parameters`, in f32 like it)."""
+  inv = inv.astype(np.float32)
+  wavelen = np.float32(2 * np.pi) / inv
+  low_wavelen, high_wavelen = np.float32(original / low), np.float32(original / high)
+  scaled = np.where(wavelen > low_wavelen, inv / np.float32(factor), inv)
+  smooth = (np.float32(original) / wavelen - np.float32(low)) / np.float32(high - low)
+  smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def llama3_factors(inv: np.ndarray, *llama3) -> np.ndarray:
+  """float32[H/2] divisors inv / llama3_inv_freq(inv): what llama.cpp stores as the `rope_freqs` tensor."""
+  return (inv.astype(np.float32) / llama3_inv_freq(inv, *llama3)).astype(np.float32)
+
+
+def rope_inv_freq(head_dim: int, base: float, scale: float = 1.0, llama3=None) -> np.ndarray:
+  """float32[H/2] inverse frequencies; linear position scaling divides them by `scale`; `llama3`
+  (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) applies Llama-3 scaling."""
   exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
   inv = np.float32(1.0) / (np.float32(base) ** exponent)
+  if llama3 is not None:
+    inv = llama3_inv_freq(inv, *llama3)
   return (inv / np.float32(scale)).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, *, base: float = 10_000.0, scale: float = 1.0,
+               inv_freq=None) -> jax.Array:
   """Split-half (NEOX) rotary embedding over the full head dim.
 
   Args:
     x: [B, T, N, H]; positions: int[B, T] or int[T] absolute positions.
+    inv_freq: optional float32[H/2] inverse frequencies (e.g. `GemmaConfig.rope_inv_freq`); else from
+      base and scale.
   Returns:
     [B, T, N, H] in x's dtype (angles, cos and sin computed in f32, then cast like the reference).
   """
   h = x.shape[-1]
-  inv = jnp.asarray(rope_inv_freq(h, base, scale))
+  inv = jnp.asarray(rope_inv_freq(h, base, scale) if inv_freq is None else inv_freq, jnp.float32)
   pos = jnp.asarray(positions).astype(jnp.float32)
   if pos.ndim == 1:
     pos = pos[None, :]
@@ -58,30 +89,38 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float 
 
 
 class Embedder(nn.Module):
-  """Token embedding (tied with the output projection).
+  """Token embedding, tied with the output projection unless `tied=False` (then `output_embedding`
+  [V, D] is the lm_head).
 
-  encode: int[B, T] -> [B, T, D] scaled by sqrt(D) *in the parameter dtype* (as the reference does);
+  encode: int[B, T] -> [B, T, D], scaled by sqrt(D) *in the parameter dtype* when `scale` (Gemma);
   decode: [B, T, D] -> float32[B, T, V] logits.
   """
 
   vocab_size: int
   embed_dim: int
   dtype: jnp.dtype = jnp.float32
+  scale: bool = True
+  tied: bool = True
 
   def setup(self):
-    self.input_embedding = self.param(
-        "input_embedding", nn.initializers.normal(0.02), (self.vocab_size, self.embed_dim), self.dtype)
+    shape = (self.vocab_size, self.embed_dim)
+    self.input_embedding = self.param("input_embedding", nn.initializers.normal(0.02), shape, self.dtype)
+    if not self.tied:
+      self.output_embedding = self.param("output_embedding", nn.initializers.normal(0.02), shape, self.dtype)
 
   def encode(self, tokens: jax.Array) -> jax.Array:
     x = jnp.take(self.input_embedding, tokens, axis=0)
+    if not self.scale:
+      return x
     return x * jnp.asarray(np.sqrt(self.embed_dim), dtype=x.dtype)
 
   def decode(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("...d,vd->...v", x, self.input_embedding, preferred_element_type=jnp.float32)
+    w = self.input_embedding if self.tied else self.output_embedding
+    return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
 
 
 class FeedForward(nn.Module):
-  """GeGLU: linear(gelu_tanh(x W_gate) * (x W_up)).
+  """Gated MLP: linear(act(x W_gate) * (x W_up)); act = tanh-GELU (GeGLU, Gemma) or SiLU (SwiGLU).
 
   gating_einsum: [2, F, D] (gate, up); linear: [F, D].
   """
@@ -89,6 +128,7 @@ class FeedForward(nn.Module):
   embed_dim: int
   hidden_dim: int
   dtype: jnp.dtype = jnp.float32
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -97,4 +137,5 @@ class FeedForward(nn.Module):
     w_linear = self.param("linear", init, (self.hidden_dim, self.embed_dim), self.dtype)
     gate = jnp.einsum("btd,fd->btf", x, w_gating[0])
     up = jnp.einsum("btd,fd->btf", x, w_gating[1])
-    return jnp.einsum("btf,fd->btd", jax.nn.gelu(gate, approximate=True) * up, w_linear)
+    act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return jnp.einsum("btf,fd->btd", act * up, w_linear)

@@ -21,6 +21,16 @@ NORMS = {
     "pre_feedforward_layernorm": "pre_ffw_norm",
     "post_feedforward_layernorm": "post_ffw_norm",
 }
+# Llama / Qwen: pre-norms only, and HF calls the norm before the MLP `post_attention_layernorm`.
+PRE_NORMS = {
+    "input_layernorm": "pre_attention_norm",
+    "post_attention_layernorm": "pre_ffw_norm",
+}
+
+
+def norm_names(config: GemmaConfig) -> dict[str, str]:
+  """HF layer-norm name -> Flax norm module name, for the config's family."""
+  return NORMS if config.post_norms else PRE_NORMS
 
 
 class ShapeMismatchError(ValueError):
@@ -39,13 +49,19 @@ def hf_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
   c = config
   d, f, n, k, h = c.embed_dim, c.hidden_dim, c.num_heads, c.num_kv_heads, c.head_dim
   out = {"embed_tokens.weight": (c.vocab_size, d), "norm.weight": (d,)}
+  if not c.tie_embeddings:
+    out["lm_head.weight"] = (c.vocab_size, d)
   for i in range(c.num_layers):
     p = f"layers.{i}."
-    for name in NORMS:
+    for name in norm_names(c):
       out[p + name + ".weight"] = (d,)
     out[p + "self_attn.q_proj.weight"] = (n * h, d)
     out[p + "self_attn.k_proj.weight"] = (k * h, d)
     out[p + "self_attn.v_proj.weight"] = (k * h, d)
+    if c.qkv_bias:
+      out[p + "self_attn.q_proj.bias"] = (n * h,)
+      out[p + "self_attn.k_proj.bias"] = (k * h,)
+      out[p + "self_attn.v_proj.bias"] = (k * h,)
     out[p + "self_attn.o_proj.weight"] = (d, n * h)
     if c.use_qk_norm:
       out[p + "self_attn.q_norm.weight"] = (h,)
@@ -91,7 +107,8 @@ def params_from_hf(config: GemmaConfig, get: Callable[[str], np.ndarray], names:
   for name in (progress(order) if progress else order):
     x = get(name)
     shape = tuple(x.shape)
-    if name == "embed_tokens.weight" and shape == (want[name][0] + 64,) + want[name][1:]:
+    if (c.is_gemma and name == "embed_tokens.weight"
+        and shape == (want[name][0] + 64,) + want[name][1:]):
       x = x[: want[name][0]]  # Gemma 3 4B+: 64 unused extra rows
       shape = tuple(x.shape)
     check_shape(name, shape, want[name], source)
@@ -105,15 +122,21 @@ def assemble(c: GemmaConfig, t: dict) -> dict:
   n, k, h, d = c.num_heads, c.num_kv_heads, c.head_dim, c.embed_dim
   params = {"embedder": {"input_embedding": t["embed_tokens.weight"]},
             "final_norm": {"scale": t["norm.weight"]}}
+  if not c.tie_embeddings:
+    params["embedder"]["output_embedding"] = t["lm_head.weight"]
   for i in range(c.num_layers):
     p = f"layers.{i}."
-    layer = {flax: {"scale": t[p + hf + ".weight"]} for hf, flax in NORMS.items()}
+    layer = {flax: {"scale": t[p + hf + ".weight"]} for hf, flax in norm_names(c).items()}
     q = t[p + "self_attn.q_proj.weight"].reshape(n, h, d).transpose(0, 2, 1)  # [N, D, H]
     kk = t[p + "self_attn.k_proj.weight"].reshape(k, h, d).transpose(0, 2, 1)
     vv = t[p + "self_attn.v_proj.weight"].reshape(k, h, d).transpose(0, 2, 1)
     o = t[p + "self_attn.o_proj.weight"].reshape(d, n, h).transpose(1, 2, 0)  # [N, H, D]
     attn = {"q_einsum": {"w": q}, "kv_einsum": {"w": jnp.stack([kk, vv])},
             "attn_vec_einsum": {"w": o}}
+    if c.qkv_bias:
+      attn["q_einsum"]["b"] = t[p + "self_attn.q_proj.bias"].reshape(n, h)
+      attn["kv_einsum"]["b"] = jnp.stack([t[p + "self_attn.k_proj.bias"].reshape(k, h),
+                                          t[p + "self_attn.v_proj.bias"].reshape(k, h)])
     if c.use_qk_norm:
       attn["query_norm"] = {"scale": t[p + "self_attn.q_norm.weight"]}
       attn["key_norm"] = {"scale": t[p + "self_attn.k_norm.weight"]}
@@ -126,12 +149,13 @@ def assemble(c: GemmaConfig, t: dict) -> dict:
 
 def init_params(config: GemmaConfig, dtype=jnp.float32, seed: int = 0, scale: float = 0.02) -> dict:
   """Random parameters of the right shapes (for speed/memory benchmarks and tests), without tracing
-  the model: normal(0, scale) weights, normal(0, 0.1) norm scales."""
+  the model: normal(0, scale) weights and biases, normal(0, 0.1) norm scales (around 1 where the norm has
+  no +1 offset)."""
   rng = np.random.default_rng(seed)
   t = {}
   for name, shape in hf_shapes(config).items():
     if name.endswith("norm.weight"):
-      t[name] = jnp.asarray(rng.normal(0, 0.1, shape), jnp.float32)
+      t[name] = jnp.asarray(rng.normal(0, 0.1, shape) + (0.0 if config.norm_offset else 1.0), jnp.float32)
     else:
       t[name] = jnp.asarray(rng.normal(0, scale, shape), dtype)
   return {"params": assemble(config, t)}

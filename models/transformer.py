@@ -1,4 +1,7 @@
-"""Gemma 2 / Gemma 3 text decoder in Flax linen, with the attention implementation chosen per call.
+"""Gemma 2 / Gemma 3 / Llama / Qwen2 / Qwen3 text decoder in Flax linen, with the attention implementation
+chosen per call. One module for every family: the config's switches select the norm offset, post-norms,
+embedding scale, MLP activation, lm_head, q/k/v biases and QK-norm; attention always goes through the same
+`attend` / plans / trace.
 
 Parameter tree (shapes; names follow google-deepmind/gemma):
   embedder/input_embedding [V, D]            final_norm/scale [D]
@@ -7,6 +10,8 @@ Parameter tree (shapes; names follow google-deepmind/gemma):
   layer_{i}/attn/q_einsum/w [N, D, H]        layer_{i}/attn/kv_einsum/w [2, K, D, H]
   layer_{i}/attn/attn_vec_einsum/w [N, H, D] layer_{i}/attn/{query,key}_norm/scale [H]  (Gemma 3)
   layer_{i}/mlp/gating_einsum [2, F, D]      layer_{i}/mlp/linear [F, D]
+Other families: no post_attention_norm / post_ffw_norm (pre-norms only); layer_{i}/attn/q_einsum/b [N, H]
+and kv_einsum/b [2, K, H] (Qwen2 biases); embedder/output_embedding [V, D] (untied lm_head).
 Norm scales are f32 (the `(1 + w)` is applied in f32); everything else has the model dtype.
 """
 
@@ -37,15 +42,25 @@ def check_dtype(dtype) -> jnp.dtype:
 
 
 class Einsum(nn.Module):
-  """A weight `w` of a given shape used through one einsum."""
+  """A weight `w` of a given shape used through one einsum, plus an optional bias `b` of shape
+  `bias_shape` spanning the output axes `bias_axes` (e.g. [2, K, H] on axes (0, 3, 4) of [2, B, T, K, H])."""
 
   shape: tuple[int, ...]
   dtype: jnp.dtype = jnp.float32
+  bias_shape: Optional[tuple[int, ...]] = None
+  bias_axes: tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
     w = self.param("w", nn.initializers.normal(0.02), self.shape, self.dtype)
-    return jnp.einsum(eqn, x, w)
+    y = jnp.einsum(eqn, x, w)
+    if self.bias_shape is not None:
+      b = self.param("b", nn.initializers.zeros_init(), self.bias_shape, self.dtype)
+      full = [1] * y.ndim
+      for axis, size in zip(self.bias_axes, self.bias_shape):
+        full[axis] = size
+      y = y + b.reshape(full)
+    return y
 
 
 class SelfAttention(nn.Module):
@@ -58,12 +73,13 @@ class SelfAttention(nn.Module):
   def setup(self):
     c = self.config
     d, n, k, h = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
-    self.q_einsum = Einsum((n, d, h), self.dtype)
-    self.kv_einsum = Einsum((2, k, d, h), self.dtype)
+    bias = c.qkv_bias
+    self.q_einsum = Einsum((n, d, h), self.dtype, (n, h) if bias else None, (2, 3))  # btnh
+    self.kv_einsum = Einsum((2, k, d, h), self.dtype, (2, k, h) if bias else None, (0, 3, 4))  # cbtkh
     self.attn_vec_einsum = Einsum((n, h, d), self.dtype)
     if c.use_qk_norm:
-      self.query_norm = RMSNorm(c.rms_eps)
-      self.key_norm = RMSNorm(c.rms_eps)
+      self.query_norm = RMSNorm(c.rms_eps, c.norm_offset)
+      self.key_norm = RMSNorm(c.rms_eps, c.norm_offset)
 
   def qkv(self, x: jax.Array, positions: jax.Array):
     """x [B, T, D], positions int[T] -> q [B, T, N, H], k, v [B, T, K, H] (normed, RoPE'd)."""
@@ -73,9 +89,9 @@ class SelfAttention(nn.Module):
     k, v = kv[0], kv[1]
     if c.use_qk_norm:
       q, k = self.query_norm(q), self.key_norm(k)
-    base, scale = c.rope(self.layer)
-    q = apply_rope(q, positions, base=base, scale=scale)
-    k = apply_rope(k, positions, base=base, scale=scale)
+    inv = c.rope_inv_freq(self.layer)
+    q = apply_rope(q, positions, inv_freq=inv)
+    k = apply_rope(k, positions, inv_freq=inv)
     return q, k, v
 
   def __call__(self, x: jax.Array, plan: LayerPlan):
@@ -105,7 +121,7 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre/post-normed attention and feed-forward with residuals (Gemma 2 and 3 share it)."""
+  """Pre(/post)-normed attention and feed-forward with residuals (post-norms: Gemma only)."""
 
   config: GemmaConfig
   layer: int
@@ -113,24 +129,28 @@ class Block(nn.Module):
 
   def setup(self):
     c = self.config
-    self.pre_attention_norm = RMSNorm(c.rms_eps)
-    self.post_attention_norm = RMSNorm(c.rms_eps)
-    self.pre_ffw_norm = RMSNorm(c.rms_eps)
-    self.post_ffw_norm = RMSNorm(c.rms_eps)
+    self.pre_attention_norm = RMSNorm(c.rms_eps, c.norm_offset)
+    self.pre_ffw_norm = RMSNorm(c.rms_eps, c.norm_offset)
+    if c.post_norms:
+      self.post_attention_norm = RMSNorm(c.rms_eps, c.norm_offset)
+      self.post_ffw_norm = RMSNorm(c.rms_eps, c.norm_offset)
     self.attn = SelfAttention(c, self.layer, self.dtype)
-    self.mlp = FeedForward(c.embed_dim, c.hidden_dim, self.dtype)
+    self.mlp = FeedForward(c.embed_dim, c.hidden_dim, self.dtype, c.activation)
+
+  def _post(self, norm: str, x):
+    return getattr(self, norm)(x) if self.config.post_norms else x
 
   def _ffw(self, x):
-    return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+    return x + self._post("post_ffw_norm", self.mlp(self.pre_ffw_norm(x)))
 
   def __call__(self, x: jax.Array, plan: LayerPlan):
     a, trace, kv = self.attn(self.pre_attention_norm(x), plan)
-    x = x + self.post_attention_norm(a)
+    x = x + self._post("post_attention_norm", a)
     return self._ffw(x), trace, kv
 
   def extend(self, x, start, cache):
     a, cache = self.attn.extend(self.pre_attention_norm(x), start, cache)
-    x = x + self.post_attention_norm(a)
+    x = x + self._post("post_attention_norm", a)
     return self._ffw(x), cache
 
 
@@ -146,9 +166,9 @@ class Gemma(nn.Module):
 
   def setup(self):
     c = self.config
-    self.embedder = Embedder(c.vocab_size, c.embed_dim, self.dtype)
+    self.embedder = Embedder(c.vocab_size, c.embed_dim, self.dtype, c.embed_scale, c.tie_embeddings)
     self.blocks = [Block(c, i, self.dtype, name=f"layer_{i}") for i in range(c.num_layers)]
-    self.final_norm = RMSNorm(c.rms_eps)
+    self.final_norm = RMSNorm(c.rms_eps, c.norm_offset)
 
   def logits(self, x):
     """Residual states [..., D] -> float32 logits [..., V] (final norm, unembedding, final soft-cap)."""

@@ -262,13 +262,15 @@ def test_error_truncated_gguf_and_unsupported(tmp_path, monkeypatch):
   cut.write_bytes(data[:64])  # cut inside the metadata
   with pytest.raises(GGUFError, match="truncated or corrupt"):
     load_model(str(cut), tokenizer=False, progress=False)
-  llama = tmp_path / "llama.gguf"
-  w = gguf.GGUFWriter(str(llama), "llama")
-  w.add_block_count(1)
-  w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
-  w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-  with pytest.raises(GGUFError, match="unsupported architecture 'llama'"):
-    load_model(str(llama), tokenizer=False, progress=False)
+  for arch, error in (("falcon", "unsupported architecture 'falcon'"),  # llama is supported since issue 15
+                      ("llama", "metadata key llama.embedding_length is missing")):
+    other = tmp_path / f"{arch}.gguf"
+    w = gguf.GGUFWriter(str(other), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(GGUFError, match=error):
+      load_model(str(other), tokenizer=False, progress=False)
   Q = gguf.GGMLQuantizationType
   odd = tmp_path / "q8k.gguf"
   real_quantize = gguf.quants.quantize
@@ -298,10 +300,12 @@ def test_error_shape_mismatch_names_tensor_and_shapes(tmp_path):
   with pytest.raises(ShapeMismatchError, match=r"'layers.0.mlp.gate_proj.weight'.*\(64, 32\).*\(48, 32\)"):
     load_model(str(tmp_path), tokenizer=False, progress=False)
   cfg["intermediate_size"] = 64
-  cfg["model_type"] = "llama"
-  (tmp_path / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(ValueError, match="unsupported architecture"):
-    load_model(str(tmp_path), tokenizer=False, progress=False)
+  # llama is supported since issue 15: a Gemma config relabelled llama names the foreign field
+  for model_type, error in (("mistral", "unsupported architecture"), ("llama", "llama config field '")):
+    cfg["model_type"] = model_type
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=error):
+      load_model(str(tmp_path), tokenizer=False, progress=False)
 
 
 def test_error_bad_safetensors(tmp_path):
