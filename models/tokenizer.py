@@ -1,4 +1,5 @@
-"""Tokenizers via `transformers.AutoTokenizer`, offline.
+"""Tokenizers via `transformers.AutoTokenizer`, offline; chat templates and the `<think>` span of reasoning
+models in token space.
 
 For a GGUF file the tokenizer is converted from the file's vocabulary by transformers (about 30 s), then
 saved as `tokenizer.json` in the cache next to the converted parameters; later loads read that.
@@ -44,3 +45,49 @@ def hf_tokenizer(directory: str):
   if not any(os.path.exists(os.path.join(directory, n)) for n in names):
     return None
   return _auto().from_pretrained(directory, local_files_only=True)
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def _tag_ids(tokenizer, tag: str) -> list[int]:
+  """The token ids of a tag: one id when the vocabulary has it (Qwen3, R1-Distill), else its encoding."""
+  tid = tokenizer.convert_tokens_to_ids(tag)
+  if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+    return [tid]
+  return list(tokenizer.encode(tag, add_special_tokens=False))
+
+
+def _find(ids: list[int], pattern: list[int], start: int = 0) -> int:
+  n = len(pattern)
+  for i in range(start, len(ids) - n + 1):
+    if ids[i:i + n] == pattern:
+      return i
+  return -1
+
+
+def think_span(tokenizer, ids) -> tuple[int, int]:
+  """Token range [start, end) of the chain of thought in `ids`: the tokens strictly between `<think>` and
+  `</think>`, so thought anchors analyse the reasoning and neither the prompt nor the final answer.
+
+  The opening tag may sit in the prompt (R1-Distill and Qwen3 chat templates end the generation prompt with
+  `<think>\\n`); a missing closing tag (a chain cut off by max_new_tokens) ends the span at len(ids); with
+  neither tag the whole sequence is the chain (as `stream_jax.analysis.anchors.reasoning_region` does
+  in character space).
+  """
+  ids = [int(i) for i in ids]
+  opening, closing = _tag_ids(tokenizer, THINK_OPEN), _tag_ids(tokenizer, THINK_CLOSE)
+  i = _find(ids, opening) if opening else -1
+  start = 0 if i < 0 else i + len(opening)
+  j = _find(ids, closing, start) if closing else -1
+  end = len(ids) if j < 0 else j
+  return start, end
+
+
+def chat_prompt(tokenizer, messages, *, add_generation_prompt: bool = True, **kw) -> str:
+  """The model's own chat template applied to messages ([{"role": "user", "content": ...}, ...]) as text
+  (e.g. Qwen3's `enable_thinking=True` goes through **kw); a tokenizer without a template is an error."""
+  if not getattr(tokenizer, "chat_template", None):
+    raise ValueError("this tokenizer has no chat template; pass the prompt text as it is")
+  return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                       **kw)

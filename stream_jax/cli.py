@@ -191,7 +191,10 @@ def load(args):
 
 
 def context_length(config) -> int:
-  """Trained context: Gemma 2 8k; Gemma 3 128k where global RoPE is scaled (4B+), else 32k (270M, 1B)."""
+  """Trained context: the config's own (Llama / Qwen max_position_embeddings); Gemma 2 8k; Gemma 3 128k
+  where global RoPE is scaled (4B+), else 32k (270M, 1B)."""
+  if getattr(config, "context_length", None):
+    return config.context_length
   if config.family == "gemma2":
     return 8_192
   return 131_072 if config.rope_global_scale > 1 else 32_768
