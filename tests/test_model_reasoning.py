@@ -102,6 +102,21 @@ def test_stream_keeping_everything_equals_dense(hf_dir):
   assert np.abs(np.asarray(pruned) - np.asarray(dense)).max() > 1e-4
 
 
+def test_greedy_generation_matches_transformers(hf_dir):
+  """The KV-cache path (biases, QK-norm, Llama-3 RoPE at positions past the prompt) agrees with greedy
+  decoding by transformers' forward."""
+  from stream_jax.models import generate
+  family, path, model = hf_dir
+  loaded = load_model(path, jnp.float32, progress=False, tokenizer=False)
+  ids = token_ids(30, 4)
+  got = generate(loaded, loaded.params, ids, max_new_tokens=8, stop_ids=())
+  seq = ids.tolist()
+  for _ in range(8):  # greedy by hand: transformers' generate would stop at (or suppress) EOS
+    seq.append(int(reference_logits(model, np.asarray(seq))[-1].argmax()))
+  want = np.asarray(seq[30:])
+  np.testing.assert_array_equal(np.asarray(got.ids).reshape(-1), want)
+
+
 @pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith("gemma")])
 def test_presets_init_shapes(name):
   c = PRESETS[name]
@@ -343,3 +358,19 @@ def test_cli_anchors_on_tiny_qwen2(qwen2_with_tokenizer, tmp_path, capsys):
   report = json.loads(next((tmp_path / "anchors").glob("*.json")).read_text())
   sents = report.get("report", report).get("sentences") or report["sentences"]
   assert sents[0].startswith("The problem asks") and not any("answer is 408" in s for s in sents)
+
+
+def test_gguf_cache_and_header_peek(gguf_files, tmp_path, monkeypatch):
+  """The converted-parameter cache restores the family switches (tuples included); the header-only reader
+  gives the same config as the full reader (Llama-3 factor aside: it is read from the rope_freqs data)."""
+  from stream_jax.models.load import peek_config
+  monkeypatch.setenv("STREAM_JAX_CACHE", str(tmp_path / "cache"))
+  for family in sorted(FAMILIES):
+    path, _ = gguf_files[family]
+    first = load_model(path, jnp.float32, progress=False, tokenizer=False)
+    again = load_model(path, jnp.float32, progress=False, tokenizer=False)
+    assert again.config == first.config and hash(again.config) == hash(first.config)
+    ids = token_ids(12)
+    np.testing.assert_array_equal(np.asarray(forward(again, again.params, ids)[0]),
+                                  np.asarray(forward(first, first.params, ids)[0]))
+    assert peek_config(path) == first.config
