@@ -117,6 +117,18 @@ def test_greedy_generation_matches_transformers(hf_dir):
   np.testing.assert_array_equal(np.asarray(got.ids).reshape(-1), want)
 
 
+def test_bfloat16_close_to_float32(hf_dir):
+  """bf16 parameters run (norm scales stay f32, Llama/Qwen norms scale in the activation dtype) and stay
+  near the f32 logits."""
+  family, path, _ = hf_dir
+  f32 = load_model(path, jnp.float32, progress=False, tokenizer=False)
+  b16 = f32.astype(jnp.bfloat16)
+  ids = token_ids(24, 5)
+  a = np.asarray(forward(f32, f32.params, ids)[0])
+  b = np.asarray(forward(b16, b16.params, ids)[0])
+  assert rel_err(b, a) < 0.05, family
+
+
 @pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith("gemma")])
 def test_presets_init_shapes(name):
   c = PRESETS[name]
@@ -140,6 +152,43 @@ def test_tiny_random_params_run():
                                     num_kv_heads=2, head_dim=16, layer_kinds=("global",) * 2)
   logits, _ = forward(c, init_params(c, seed=0), token_ids(20))
   assert logits.shape == (20, VOCAB) and np.isfinite(np.asarray(logits)).all()
+
+
+# config.json of the published checkpoints (transformers 4.x style: rope_theta / rope_scaling, torch_dtype).
+R1_QWEN_1_5B = dict(architectures=["Qwen2ForCausalLM"], attention_dropout=0.0, bos_token_id=151643,
+                    eos_token_id=151643, hidden_act="silu", hidden_size=1536, initializer_range=0.02,
+                    intermediate_size=8960, max_position_embeddings=131072, max_window_layers=21,
+                    model_type="qwen2", num_attention_heads=12, num_hidden_layers=28, num_key_value_heads=2,
+                    rms_norm_eps=1e-06, rope_theta=10000, sliding_window=4096, tie_word_embeddings=False,
+                    torch_dtype="bfloat16", transformers_version="4.44.0", use_cache=True, use_mrope=False,
+                    use_sliding_window=False, vocab_size=151936)
+R1_LLAMA_8B = dict(architectures=["LlamaForCausalLM"], attention_bias=False, attention_dropout=0.0,
+                   bos_token_id=128000, eos_token_id=128001, hidden_act="silu", hidden_size=4096,
+                   initializer_range=0.02, intermediate_size=14336, max_position_embeddings=131072,
+                   mlp_bias=False, model_type="llama", num_attention_heads=32, num_hidden_layers=32,
+                   num_key_value_heads=8, pretraining_tp=1, rms_norm_eps=1e-05,
+                   rope_scaling=dict(factor=8.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                                     original_max_position_embeddings=8192, rope_type="llama3"),
+                   rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16",
+                   transformers_version="4.43.0.dev0", use_cache=True, vocab_size=128256)
+QWEN3_0_6B = dict(architectures=["Qwen3ForCausalLM"], attention_bias=False, attention_dropout=0.0,
+                  bos_token_id=151643, eos_token_id=151645, head_dim=128, hidden_act="silu", hidden_size=1024,
+                  initializer_range=0.02, intermediate_size=3072, max_position_embeddings=40960,
+                  max_window_layers=28, model_type="qwen3", num_attention_heads=16, num_hidden_layers=28,
+                  num_key_value_heads=8, rms_norm_eps=1e-06, rope_scaling=None, rope_theta=1000000,
+                  sliding_window=None, tie_word_embeddings=True, torch_dtype="bfloat16",
+                  transformers_version="4.51.0", use_cache=True, use_sliding_window=False, vocab_size=151936)
+
+
+@pytest.mark.parametrize("hf,preset", [(R1_QWEN_1_5B, "r1-distill-qwen-1.5b"), (R1_LLAMA_8B, "r1-distill-llama-8b"),
+                                       (QWEN3_0_6B, "qwen3-0.6b")])
+def test_published_configs_give_the_presets(hf, preset):
+  got = from_hf_config(hf)
+  want = get_config(preset)
+  skip = {"name", "bos_id", "pad_id"}  # token ids: the tokenizer's business; name: informative
+  diff = {f: (getattr(got, f), getattr(want, f)) for f in want.__dataclass_fields__
+          if f not in skip and getattr(got, f) != getattr(want, f)}
+  assert not diff, diff
 
 
 def _hf_dict(family, **changes):
