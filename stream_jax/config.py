@@ -160,4 +160,8 @@ class StreamConfig:
     return self.sink_blocks + self.top_k + self.window_blocks
 
   def replace(self, **changes) -> "StreamConfig":
+    """A copy with `changes`; changing `coverage` without naming `score` re-derives the score (so
+    `StreamConfig().replace(coverage=0.9)` is adaptive with mass scores, and back with coverage=None)."""
+    if "coverage" in changes and "score" not in changes:
+      changes["score"] = None
     return dataclasses.replace(self, **changes)

@@ -313,3 +313,11 @@ def test_exact_trace_round_trips_and_plots_coverage(tmp_path):
   _, sparse = forward(cfg, params, _tokens(1, 120), attention=sc)
   with pytest.raises(ValueError, match="no coverage"):
     plots.plot_coverage(sparse, str(tmp_path / "e.png"))
+
+
+def test_replace_rederives_the_score_when_coverage_changes():
+  a = C().replace(coverage=0.9)
+  assert a.score == "mass" and a.coverage == 0.9
+  b = a.replace(coverage=None)
+  assert b.score == "max" and not b.adaptive
+  assert a.replace(coverage=None, score="mass").score == "mass"
