@@ -27,8 +27,10 @@ $(STAMP): $(DEMO_STAMP)
 	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
 	touch $(STAMP)
 
+# Two pytest workers (pytest-xdist), one per core, each test file on one worker so module fixtures (the
+# real model) load once: XLA compilation is single-threaded, so this halves the suite's wall time.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -13,25 +13,14 @@ import pytest
 import stream_jax as sj
 from stream_jax.attention import dense_block_mass
 from stream_jax.models import forward
-from stream_jax.models.config import GemmaConfig, gemma3_layer_kinds
 from stream_jax.models.params import init_params
+from tiny_models import tiny_config, tokens
 
 C = sj.StreamConfig
 
 
-def tiny_config(family="gemma3", layers=6, window=16, **kw):
-  base = dict(family=family, vocab_size=97, num_layers=layers, embed_dim=32, hidden_dim=64, num_heads=4,
-              num_kv_heads=2, head_dim=24, query_pre_attn_scalar=20.0, sliding_window=window,
-              layer_kinds=gemma3_layer_kinds(layers), rope_global_scale=8.0)
-  if family == "gemma2":
-    base.update(layer_kinds=tuple("local" if i % 2 == 0 else "global" for i in range(layers)),
-                attn_softcap=5.0, final_softcap=3.0, use_qk_norm=False, rope_global_base=10_000.0)
-  base.update(kw)
-  return GemmaConfig(**base)
-
-
 def _tokens(b, t, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).integers(3, 97, size=(b, t)), jnp.int32)
+  return tokens(b, t, seed=seed)
 
 
 def _qk(t=512, n=4, kv=2, h=32, seed=0, spread=1.5):

@@ -7,7 +7,7 @@ import pytest
 
 from stream_jax import StreamConfig
 from stream_jax.models import forward, init_params, logits_from_hidden
-from test_model_numerics import tiny_config, tokens
+from tiny_models import tiny_config, tokens
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma2"])

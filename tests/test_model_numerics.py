@@ -9,27 +9,12 @@ import numpy as np
 import pytest
 
 from stream_jax import StreamConfig
-from stream_jax.models import Gemma, GemmaConfig, PRESETS, forward, generate, init_params
+from stream_jax.models import Gemma, PRESETS, forward, generate, init_params
 from stream_jax.models.attention import dense_attention, make_plans
-from stream_jax.models.config import gemma3_layer_kinds
 from stream_jax.models.layers import Embedder, RMSNorm, apply_rope
+from tiny_models import tiny_config, tokens  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="torch (the numerics reference) is not installed")
-
-
-def tiny_config(family="gemma3", layers=6, window=16, **kw):
-  base = dict(family=family, vocab_size=97, num_layers=layers, embed_dim=32, hidden_dim=64, num_heads=4,
-              num_kv_heads=2, head_dim=24, query_pre_attn_scalar=20.0, sliding_window=window,
-              layer_kinds=gemma3_layer_kinds(layers), rope_global_scale=8.0)
-  if family == "gemma2":
-    base.update(layer_kinds=tuple("local" if i % 2 == 0 else "global" for i in range(layers)),
-                attn_softcap=5.0, final_softcap=3.0, use_qk_norm=False, rope_global_base=10_000.0)
-  base.update(kw)
-  return GemmaConfig(**base)
-
-
-def tokens(b, t, vocab=97, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).integers(3, vocab, size=(b, t)), jnp.int32)
 
 
 # ---------------------------------------------------------------- embedding scale, norm, RoPE, window
