@@ -282,9 +282,12 @@ def plot(rows: list[dict], path: str) -> str:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  # One point per (source, T, config): float32 where both dtypes ran (no bf16 noise floor), else the latest.
   latest = {}
   for r in rows:
-    latest[(r["source"], r["T"], r["config"], r.get("dtype"), r.get("model"))] = r
+    key = (r["source"], r["T"], r["config"], r.get("model"))
+    if key not in latest or r.get("dtype") == "float32" or latest[key].get("dtype") != "float32":
+      latest[key] = r
   rows = [r for r in latest.values() if r.get("kl_mean") is not None and r.get("kept") is not None]
   sources = sorted({r["source"] for r in rows})
   lengths = sorted({r["T"] for r in rows})
