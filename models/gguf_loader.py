@@ -193,6 +193,23 @@ def _field(reader, key, default=None):
   return v
 
 
+def _shape_fields(get) -> tuple[int, int, int, int, int]:
+  """(layers, D, N, K, H) from the architecture's metadata (K may be stored per layer: the first)."""
+  layers = int(get("block_count"))
+  d = int(get("embedding_length"))
+  n = int(get("attention.head_count"))
+  kv = get("attention.head_count_kv", n)
+  kv = int(kv[0] if isinstance(kv, list) else kv)
+  return layers, d, n, kv, int(get("attention.key_length", d // n))
+
+
+def _embedding_tensor(reader, path: str):
+  emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+  if emb is None:
+    raise GGUFError(f"{path}: tensor token_embd.weight is missing")
+  return emb
+
+
 def config_from_reader(reader, path: str = "") -> GemmaConfig:
   """Architecture from GGUF metadata; what the file lacks from the matching preset / llama.cpp rules."""
   arch = _field(reader, "general.architecture")
@@ -208,15 +225,8 @@ def config_from_reader(reader, path: str = "") -> GemmaConfig:
 
   if arch in REASONING_ARCHS:
     return _reasoning_config(reader, arch, get, path)
-  layers = int(get("block_count"))
-  d = int(get("embedding_length"))
-  n = int(get("attention.head_count"))
-  kv = get("attention.head_count_kv", n)
-  kv = int(kv[0] if isinstance(kv, list) else kv)
-  h = int(get("attention.key_length", d // n))
-  emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-  if emb is None:
-    raise GGUFError(f"{path}: tensor token_embd.weight is missing")
+  layers, d, n, kv, h = _shape_fields(get)
+  emb = _embedding_tensor(reader, path)
   vocab = int(emb.shape[-1])  # ggml order: [D, V]
   preset = match_preset(arch, layers, d)
   if preset is not None:
@@ -265,15 +275,8 @@ def _reasoning_config(reader, arch: str, get, path: str) -> GemmaConfig:
   """Llama / Qwen2 / Qwen3 config from GGUF metadata (every layer global, SwiGLU, plain RMSNorm)."""
   from stream_jax.models.config import reasoning_config  # pylint: disable=import-outside-toplevel
   names = {t.name: t for t in reader.tensors}
-  emb = names.get("token_embd.weight")
-  if emb is None:
-    raise GGUFError(f"{path}: tensor token_embd.weight is missing")
-  layers = int(get("block_count"))
-  d = int(get("embedding_length"))
-  n = int(get("attention.head_count"))
-  kv = get("attention.head_count_kv", n)
-  kv = int(kv[0] if isinstance(kv, list) else kv)
-  h = int(get("attention.key_length", d // n))
+  emb = _embedding_tensor(reader, path)
+  layers, d, n, kv, h = _shape_fields(get)
   scale_type = get("rope.scaling.type", None, required=False)
   factor = float(get("rope.scaling.factor", 1.0))
   if scale_type not in (None, "none", "linear"):
