@@ -86,16 +86,22 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Arra
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                    window: Optional[int] = None) -> jax.Array:
+                    window: Optional[int] = None, return_lse: bool = False):
   """Causal (sliding-window) attention through `jax.nn.dot_product_attention`: cuDNN on GPU.
 
-  q [B, T, N, H], k, v [B, T, K, H] (GQA handled by the op) -> [B, T, N, H]. No soft-cap support: the
-  caller refuses it (Gemma 2) before getting here.
+  q [B, T, N, H], k, v [B, T, K, H] (GQA handled by the op) -> [B, T, N, H] (and, with return_lse, the
+  per-query log-sum-exp float32[B, N, T], cuDNN's softmax residual). No soft-cap support: the caller
+  refuses it (Gemma 2) before getting here.
   """
   impl = "cudnn" if jax.default_backend() == "gpu" else None
   local = None if window is None else (window - 1, 0)
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
-                                      implementation=impl)
+  out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
+                                     implementation=impl, return_residual=return_lse)
+  if not return_lse:
+    return out
+  out, lse = out
+  b, t, n, _ = q.shape
+  return out, jnp.swapaxes(lse.astype(jnp.float32).reshape(b, t, n), 1, 2)
 
 
 def captured_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, cap: Optional[float],
@@ -127,14 +133,9 @@ def dense_with_lse(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *,
   """Dense attention of the layer and its per-query log-sum-exp [B, N, T], in one flash-style pass
   (cuDNN's on a GPU with dense_impl="cudnn" and 16-bit inputs, the chunked XLA pass otherwise: float32
   models take the XLA pass). Nothing T x T."""
-  b, t, n, _ = q.shape
   if plan.dense_impl == "cudnn" and q.dtype != jnp.float32:  # cuDNN's flash attention is 16-bit only
-    impl = "cudnn" if jax.default_backend() == "gpu" else None
-    local = None if plan.window is None else (plan.window - 1, 0)
-    out, lse = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
-                                            implementation=impl, return_residual=True)
-    return out, jnp.swapaxes(lse.astype(jnp.float32).reshape(b, t, n), 1, 2)
-  pos = jnp.arange(t, dtype=jnp.int32)
+    return cudnn_attention(q, k, v, scale=scale, window=plan.window, return_lse=True)
+  pos = jnp.arange(q.shape[1], dtype=jnp.int32)
   return dense_lib.dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, softcap=cap,
                                    window=plan.window, return_lse=True)
 

@@ -253,20 +253,20 @@ def _select_by_mass(q_rows, q_pos, k_blocks, *, diag, lo, hi, n, config: StreamC
       logits = softcap * jnp.tanh(logits / softcap)
     k_pos = ids[:, None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [m, bk]
     visible = (k_pos[:, None, :] <= q_pos[None, :, None]) & (ids >= 0)[:, None, None]
-    return _lse(jnp.where(visible, logits, NEG_INF), axis=-1)
+    return jax.nn.logsumexp(jnp.where(visible, logits, NEG_INF), axis=-1)
 
   # Blocks kept by rule (a window block that is also a sink counts once).
   sink = jnp.arange(config.sink_blocks, dtype=jnp.int32)
   window = diag - jnp.arange(config.window_blocks, dtype=jnp.int32)
   rule_ids = jnp.concatenate([jnp.where(sink <= diag, sink, -1),
                               jnp.where(window >= config.sink_blocks, window, -1)])
-  rule_lse = _lse(row_lse(rule_ids), axis=0)  # [R]
+  rule_lse = jax.nn.logsumexp(row_lse(rule_ids), axis=0)  # [R]
 
   if config.representative == "oracle":
     all_ids = jnp.arange(n_k, dtype=jnp.int32)
     in_range = (all_ids >= lo) & (all_ids < hi)
     all_lse = jnp.where(in_range[:, None], row_lse(all_ids), NEG_INF)  # [nK, R]
-    search_lse = _lse(all_lse, axis=0)
+    search_lse = jax.nn.logsumexp(all_lse, axis=0)
   else:
     branches = config.branches
     b = jnp.arange(branches, dtype=jnp.int32)
@@ -274,14 +274,14 @@ def _select_by_mass(q_rows, q_pos, k_blocks, *, diag, lo, hi, n, config: StreamC
     size0 = lo + ((b + 1) * n) // branches - start0
     rep0 = start0 if config.representative == "first" else start0 + (size0 - 1) // 2
     rep_lse = jnp.where((size0 > 0)[:, None], row_lse(jnp.where(size0 > 0, rep0, -1)), NEG_INF)
-    search_lse = _lse(rep_lse + jnp.log(jnp.maximum(size0, 1).astype(jnp.float32))[:, None], axis=0)
+    search_lse = jax.nn.logsumexp(rep_lse + jnp.log(jnp.maximum(size0, 1).astype(jnp.float32))[:, None], axis=0)
   z = jnp.logaddexp(rule_lse, search_lse)  # [R] estimated log softmax denominators
   z = jnp.where(row_ok & jnp.isfinite(z), z, 0.0)
 
   def share(lse_rows):
     """[m, R] -> [m] log of the mean over scoring rows of exp(lse - Z): a block's estimated share."""
     rel = jnp.where(row_ok[None, :], lse_rows - z[None, :], NEG_INF)
-    return _lse(rel, axis=-1) - jnp.log(n_rows)
+    return jax.nn.logsumexp(rel, axis=-1) - jnp.log(n_rows)
 
   if config.representative == "oracle":
     all_share = share(all_lse)
@@ -328,11 +328,3 @@ def _coverage_budget(scores, ok, *, rule_share, rest_share, target):
   before = rule_share + jnp.cumsum(sorted_mass) - sorted_mass
   keep_sorted = (before < target * total) & (sorted_mass > 0)
   return jnp.zeros_like(ok).at[order].set(keep_sorted)
-
-
-def _lse(x, axis):
-  """log-sum-exp that returns -inf (not NaN) where every entry is -inf."""
-  m = x.max(axis, keepdims=True)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-  out = jnp.log(jnp.sum(jnp.exp(x - m_safe), axis, keepdims=True)) + m_safe
-  return jnp.squeeze(out, axis)
