@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import stream_jax as sj
-from stream_jax.estimate import num_rounds
+from stream_jax.numerics import num_rounds
 from stream_jax.kernels import attention as kattention
 from stream_jax.kernels import estimate as kestimate
 

@@ -14,9 +14,9 @@ from stream_jax.mask import (
     to_dense,
     window_mask,
 )
+from stream_jax.numerics import AttentionStats
 from stream_jax.estimate import estimate_mask
 from stream_jax.attention import (
-    AttentionStats,
     block_coverage,
     dense_attention,
     dense_block_mass,

@@ -1,7 +1,14 @@
-"""Input validation shared by the public functions.
+"""Input validation shared by the public functions: each op entry (estimate_mask, sparse_attention,
+dense_attention) validates here once; the XLA references and Pallas kernels below it check nothing.
 
 Shapes are static under `jit`, so every check here runs at trace time and fails with the parameter's name
 and the allowed range instead of an XLA shape error.
+
+Why not chex at the entries: `chex.assert_rank` / `assert_equal_shape` raise AssertionError with positional
+wording ("input 0 has rank 3 ... expected {4}"), while these name the argument, its layout in the einsum
+letters (q [B, T, N, H]) and the rule broken (N a multiple of K, T <= S), and raise ValueError / TypeError,
+which is the public contract the tests pin. The shapes are also in the entries' signatures (jaxtyping
+annotations, for readers and type checkers).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Hierarchical top-k block-mask estimation (XLA reference and CPU path).
+"""Hierarchical top-k block-mask estimation: the op entry `estimate_mask` and its XLA reference (the CPU
+path and the oracle of the Pallas kernel in stream_jax/kernels/estimate.py).
 
 For each query head and query block the search range (key blocks strictly between the sink and the window)
 is split into `branches` contiguous nodes; every round splits each kept node into halves and keeps the
@@ -13,37 +14,35 @@ the max, not to every logit.
 from __future__ import annotations
 
 import functools
-import math
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stream_jax import checks
-from stream_jax.backend import resolve_backend
+from stream_jax import checks, numerics
+from stream_jax.backend import use_kernel
 from stream_jax.config import StreamConfig
+from stream_jax.kernels import estimate as kernel
 from stream_jax.mask import BlockMask, from_candidates, num_blocks, to_blocks
+from stream_jax.numerics import DEFAULT_Q_CHUNK, NEG_INF, num_rounds
 
-NEG_INF = float("-inf")
-# Query blocks scored per step of the sequential map: bounds the per-round logits buffer
-# (q_chunk x 2 top_k x block_q x block_k floats per head) whatever T is.
-DEFAULT_Q_CHUNK = 64
+if TYPE_CHECKING:  # shapes for readers and type checkers (no runtime dependency); enforced by checks
+  from jaxtyping import Array, Float
 
-
-def num_rounds(num_k_blocks: int, branches: int) -> int:
-  """Refinement rounds until the widest first-level node is one block."""
-  widest = -(-num_k_blocks // branches)
-  return max(0, math.ceil(math.log2(widest))) if widest > 1 else 0
+__all__ = ["estimate_mask", "num_rounds"]
 
 
-def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfig(), *,
-                  scale: Optional[float] = None, softcap: Optional[float] = None,
-                  q_chunk: Optional[int] = DEFAULT_Q_CHUNK, backend: str = "xla") -> BlockMask:
+def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
+                  config: StreamConfig = StreamConfig(), *, scale: Optional[float] = None,
+                  softcap: Optional[float] = None, q_chunk: Optional[int] = DEFAULT_Q_CHUNK,
+                  backend: str = "xla") -> BlockMask:
   """Per-head top-k key-block mask by hierarchical refinement.
 
-  NaN/inf in q or k are refused (ValueError) when the arrays are concrete; under jit they cannot be
-  checked and give a mask that looks normal but is arbitrary.
+  The one entry of the op: validates once, then runs the XLA reference below or the Pallas kernel
+  (stream_jax.kernels.estimate), which assume valid inputs. NaN/inf in q or k are refused (ValueError)
+  when the arrays are concrete; under jit they cannot be checked and give a mask that looks normal but
+  is arbitrary.
 
   Args:
     q: [T, N, H] or [B, T, N, H] queries (RoPE already applied), the last T of S positions.
@@ -51,33 +50,36 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfi
     config: StreamConfig.
     scale: logit scale (the model's; default H ** -0.5); positive and finite.
     softcap: optional logit soft-cap `c * tanh(x / c)`, as the model applies it.
-    q_chunk: query blocks scored per sequential step (memory bound); None = all at once.
-    backend: "xla" (this reference), "pallas" (GPU kernel, stream_jax.kernels) or "auto" (the kernel on
-      a GPU when it supports the config: score="max"; else this reference).
+    q_chunk: query blocks scored per sequential step (memory bound, XLA path); None = all at once.
+    backend: "xla" (the reference), "pallas" (the GPU kernel; interpreted off the GPU) or "auto" (the
+      kernel on a GPU when it supports the config: score="max", block_k >= 16; else the reference).
 
   Returns:
     BlockMask with indices int32[..., N, nQ, C] and counts int32[..., N, nQ], C = config.capacity.
   """
   if not isinstance(config, StreamConfig):
     raise TypeError(f"config must be a StreamConfig, got {type(config).__name__}")
-  t, s, _, _, h = checks.check_qkv(q, k)
+  _, _, _, _, h = checks.check_qkv(q, k)
   checks.check_finite("q", q)  # concrete arrays only; under jit NaN/inf are not detected
   checks.check_finite("k", k)
   checks.check_positive("scale", scale)
   checks.check_positive("softcap", softcap)
   checks.check_chunk(q_chunk)
-  scale = h ** -0.5 if scale is None else float(scale)
-  if resolve_backend(backend) == "pallas":
-    from stream_jax.kernels import estimate as pallas_estimate  # pylint: disable=import-outside-toplevel
-    if backend == "pallas" or pallas_estimate.supported(config):  # "auto" falls back to XLA
-      return pallas_estimate.estimate_mask(q, k, config, scale=scale, softcap=softcap)
+  scale = numerics.resolve_scale(scale, h)
+  if use_kernel(backend, lambda: kernel.unsupported(config)):
+    return kernel.estimate_mask(q, k, config, scale=scale, softcap=softcap)
+  return _estimate_xla(q, k, config, scale=scale, softcap=softcap, q_chunk=q_chunk)
+
+
+def _estimate_xla(q, k, config: StreamConfig, *, scale: float, softcap, q_chunk) -> BlockMask:
+  """The XLA reference (and CPU path) on validated inputs."""
   fn = functools.partial(_estimate, config=config, scale=scale, softcap=softcap, q_chunk=q_chunk)
   if q.ndim == 4:
     candidates, valid = jax.vmap(fn)(q, k)
   else:
     candidates, valid = fn(q, k)
   return from_candidates(candidates, valid, block_q=config.block_q, block_k=config.block_k,
-                         q_len=t, k_len=s, config=config)
+                         q_len=q.shape[-3], k_len=k.shape[-3], config=config)
 
 
 def _estimate(q, k, *, config, scale, softcap, q_chunk):
@@ -141,9 +143,7 @@ def _estimate_block(j, q_block, k_blocks, *, config: StreamConfig, scale, softca
     k_pos = ids[:, None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [m, bk]
     visible = k_pos[:, None, :] <= q_pos[None, :, None]
     best = jnp.where(visible, logits, NEG_INF).max((1, 2)) * scale  # scale > 0: max commutes
-    if softcap is not None:
-      best = softcap * jnp.tanh(best / softcap)
-    return best
+    return numerics.softcap(best, softcap)
 
   if config.representative == "oracle":
     all_scores = score(jnp.arange(n_k, dtype=jnp.int32))  # [nK]: O(T) per query block, tests only
@@ -248,9 +248,8 @@ def _select_by_mass(q_rows, q_pos, k_blocks, *, diag, lo, hi, n, config: StreamC
   def row_lse(ids):
     """[m] block ids -> [m, R] per-row log-sum-exp over the block's visible keys (-inf if none)."""
     kb = k_blocks[jnp.clip(ids, 0, n_k - 1)]  # [m, bk, H]
-    logits = jnp.einsum("rh,mkh->mrk", q_rows, kb, preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-      logits = softcap * jnp.tanh(logits / softcap)
+    logits = jnp.einsum("rh,mkh->mrk", q_rows, kb, preferred_element_type=jnp.float32)
+    logits = numerics.softcap(logits * scale, softcap)
     k_pos = ids[:, None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [m, bk]
     visible = (k_pos[:, None, :] <= q_pos[None, :, None]) & (ids >= 0)[:, None, None]
     return jax.nn.logsumexp(jnp.where(visible, logits, NEG_INF), axis=-1)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 import stream_jax as sj
-from stream_jax.estimate import num_rounds
+from stream_jax.numerics import num_rounds
 from reference import mask_lists, oracle_mask, block_max_logits
 
 

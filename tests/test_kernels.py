@@ -156,13 +156,17 @@ def test_attention_backend_switch_uses_kernel():
   _close(gs.mass, rs.mass, 1e-5)
 
 
-def test_unsupported_block_sizes_are_refused():
+def test_unsupported_block_sizes_are_refused_by_pallas_and_fall_back_with_auto():
+  """The op entry asks the kernel (`unsupported`): backend="pallas" refuses, "auto" runs the reference."""
   q, k, v = _normal_qkv(0, 64, 64, 1, 1, 16)
+  cfg = C(block_q=16, block_k=8, top_k=2)
   with pytest.raises(ValueError, match="block_k >= 16"):
-    kestimate.estimate_mask(q, k, C(block_q=16, block_k=8, top_k=2), interpret=True)
+    sj.estimate_mask(q, k, cfg, backend="pallas")
+  _assert_same_mask(sj.estimate_mask(q, k, cfg, backend="auto"), sj.estimate_mask(q, k, cfg))
   mask = sj.window_mask(1, 64, 64, block_q=8, block_k=16)
   with pytest.raises(ValueError, match="block_q, block_k >= 16"):
-    kattention.sparse_attention(q, k, v, mask, interpret=True)
+    sj.sparse_attention(q, k, v, mask, backend="pallas")
+  _close(sj.sparse_attention(q, k, v, mask, backend="auto")[0], sj.sparse_attention(q, k, v, mask)[0], 0)
 
 
 # ---- the real GPU (Triton) lowering, on the CPU ----

@@ -1,5 +1,5 @@
-"""Pallas (Triton) kernel of block-sparse attention with block-level attention mass; same contract as
-`stream_jax.attention.sparse_attention` (the XLA reference and oracle).
+"""Pallas (Triton) kernel of block-sparse attention with block-level attention mass: a private peer of the
+XLA reference behind `stream_jax.sparse_attention(..., backend="pallas")`, same contract, tested against it.
 
 Grid (query block, head, batch), last query block first. A program loads its query block once, then
 loops over its kept key blocks only (the count bounds the loop, so -1 padding is never touched):
@@ -23,11 +23,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from stream_jax import checks
-from stream_jax.attention import AttentionStats
+from stream_jax import numerics
 from stream_jax.kernels import common
-from stream_jax.kernels.common import NEG_INF, SQ, iota
+from stream_jax.kernels.common import SQ, iota
 from stream_jax.mask import BlockMask, num_blocks
+from stream_jax.numerics import NEG_INF, AttentionStats
 
 # Best of {4, 8} warps x {2, 3} stages on an H100 at T=32k, H=256, 64 x 64 blocks (benchmarks/kernels.py).
 DEFAULT_NUM_WARPS = 4
@@ -35,9 +35,12 @@ DEFAULT_NUM_STAGES = 3
 F32_NUM_STAGES = 1
 
 
-def supported(mask: BlockMask) -> bool:
-  """Whether the kernel handles this layout (Triton dots need both block sizes >= 16)."""
-  return mask.block_q >= common.MIN_DOT and mask.block_k >= common.MIN_DOT
+def unsupported(mask: BlockMask) -> Optional[str]:
+  """Why the kernel cannot run this mask layout, or None (Triton dots need both block sizes >= 16)."""
+  if mask.block_q >= common.MIN_DOT and mask.block_k >= common.MIN_DOT:
+    return None
+  return (f"the Pallas attention kernel needs block_q, block_k >= {common.MIN_DOT}, got "
+          f"{mask.block_q}, {mask.block_k}")
 
 
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, *,
@@ -47,6 +50,10 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
                      num_stages: Optional[int] = None,
                      lse_ref: Optional[jax.Array] = None) -> tuple[jax.Array, AttentionStats]:
   """Exact softmax attention over the token set a BlockMask keeps (Pallas kernel).
+
+  A private peer of the XLA reference: `stream_jax.sparse_attention(..., backend="pallas")` validates the
+  inputs (and `unsupported(mask)`) and calls this. Call it directly only to set launch parameters (tests,
+  benchmarks); it checks nothing.
 
   Args:
     q: [T, N, H] or [B, T, N, H]; k: [S, K, H] / [B, S, K, H]; v: [S, K, Hv] / [B, S, K, Hv].
@@ -62,26 +69,13 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
   Returns:
     out [..., T, N, Hv] in q's dtype, and AttentionStats (mass [..., N, nQ, C], lse [..., N, T]).
   """
-  t, s, n, _, h = checks.check_qkv(q, k, v)
-  checks.check_positive("scale", scale)
-  checks.check_positive("softcap", softcap)
-  checks.check_window(window)
-  if not isinstance(mask, BlockMask):
-    raise TypeError(f"mask must be a BlockMask, got {type(mask).__name__}")
-  want = tuple(q.shape[:-3]) + (n, num_blocks(t, mask.block_q))
-  if (mask.q_len, mask.k_len) != (t, s) or tuple(mask.indices.shape[:-1]) != want:
-    raise ValueError(f"mask (q_len={mask.q_len}, k_len={mask.k_len}, indices {mask.indices.shape}) "
-                     f"does not fit q, k with T={t}, S={s}: indices must be {want} + (C,)")
-  if not supported(mask):
-    raise ValueError(f"the Pallas attention kernel needs block_q, block_k >= {common.MIN_DOT}, got "
-                     f"{mask.block_q}, {mask.block_k}; use backend='xla'")
-  scale = h ** -0.5 if scale is None else float(scale)
+  t, n, h = q.shape[-3:]
   if lse_ref is None:
     lse_ref = jnp.full(q.shape[:-3] + (n, t), jnp.nan, jnp.float32)
   num_warps, num_stages = launch_params(q.dtype, num_warps, num_stages)
   out, mass, lse = _attention(
-      q, k, v, mask.indices, mask.counts, lse_ref, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
-      softcap=None if softcap is None else float(softcap),
+      q, k, v, mask.indices, mask.counts, lse_ref, block_q=mask.block_q, block_k=mask.block_k,
+      scale=numerics.resolve_scale(scale, h), softcap=None if softcap is None else float(softcap),
       window=None if window is None else int(window), interpret=common.resolve_interpret(interpret),
       num_warps=num_warps, num_stages=num_stages)
   return out, AttentionStats(mass=mass, lse=lse)
@@ -172,10 +166,8 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, ref_ref, o_ref, mass_ref, lse_ref, *
     blk = table_ref[c]
     kb = k_ref[pl.ds(blk * block_k, block_k), :]
     vb = v_ref[pl.ds(blk * block_k, block_k), :]
-    x = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
-                        preferred_element_type=jnp.float32) * scale  # [bq, bk]
-    if softcap is not None:
-      x = softcap * jnp.tanh(x / softcap)
+    x = numerics.softcap(lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
+                                         preferred_element_type=jnp.float32) * scale, softcap)  # [bq, bk]
     k_pos = blk * block_k + iota(block_k)
     visible = k_pos[None, :] <= q_pos[:, None]
     if window is not None:

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-NEG_INF = float("-inf")
 # A block dimension squeezed out of the kernel's view (`None` before pl.squeezed existed).
 SQ = getattr(__import__("jax.experimental.pallas", fromlist=["squeezed"]), "squeezed", None)
 # Triton's tl.dot needs every dimension >= 16.

@@ -1,5 +1,5 @@
-"""Pallas (Triton) kernel of hierarchical top-k mask estimation; same contract as
-`stream_jax.estimate.estimate_mask` (the XLA reference and oracle).
+"""Pallas (Triton) kernel of hierarchical top-k mask estimation: a private peer of the XLA reference
+behind `stream_jax.estimate_mask(..., backend="pallas")`, same contract, tested against it.
 
 One program per (query head, query block), launched last query block first (the causal search is
 longest there, so the long programs start early). A program loads its (strided) query block once and
@@ -26,12 +26,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from stream_jax import checks
+from stream_jax import numerics
 from stream_jax.config import StreamConfig
-from stream_jax.estimate import num_rounds
 from stream_jax.kernels import common
-from stream_jax.kernels.common import NEG_INF, SQ, count_true, gather, iota, take
+from stream_jax.kernels.common import SQ, count_true, gather, iota, take
 from stream_jax.mask import BlockMask, num_blocks
+from stream_jax.numerics import NEG_INF, num_rounds
 
 # Best of {4, 8} warps on an H100 at T=32k, H=256, 64 x 64 blocks (benchmarks/kernels.py).
 DEFAULT_NUM_WARPS = 4
@@ -39,22 +39,28 @@ DEFAULT_NUM_STAGES = 2
 F32_NUM_STAGES = 1
 
 
-def supported(config: StreamConfig) -> bool:
-  """Whether the kernel handles this config: Triton dots need block_k >= 16, and the kernel scores by max
-  logit (score="mass" and adaptive coverage run on the XLA path)."""
-  return config.block_k >= common.MIN_DOT and config.score == "max"
+def unsupported(config: StreamConfig) -> Optional[str]:
+  """Why the kernel cannot run this config, or None: Triton dots need block_k >= 16, and the kernel scores
+  by max logit (score="mass" and adaptive coverage run on the XLA path)."""
+  if config.block_k >= common.MIN_DOT and config.score == "max":
+    return None
+  return (f"the Pallas estimate kernel needs block_k >= {common.MIN_DOT} and score='max', got "
+          f"block_k={config.block_k}, score={config.score!r}")
 
 
-def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfig(), *,
-                  scale: Optional[float] = None, softcap: Optional[float] = None,
-                  interpret: Optional[bool] = None, num_warps: Optional[int] = None,
-                  num_stages: Optional[int] = None) -> BlockMask:
+def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Optional[float] = None,
+                  softcap: Optional[float] = None, interpret: Optional[bool] = None,
+                  num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> BlockMask:
   """Per-head top-k key-block mask by hierarchical refinement (Pallas kernel).
+
+  A private peer of the XLA reference: `stream_jax.estimate_mask(..., backend="pallas")` validates the
+  inputs (and `unsupported(config)`) and calls this. Call it directly only to set launch parameters
+  (tests, benchmarks); it checks nothing.
 
   Args:
     q: [T, N, H] or [B, T, N, H] queries, the last T of S positions.
     k: [S, K, H] or [B, S, K, H] keys; query head n reads kv head n // (N / K).
-    config: StreamConfig (block_k >= 16).
+    config: StreamConfig the kernel supports (see `unsupported`).
     scale: logit scale (default H ** -0.5); softcap: optional `c * tanh(x / c)`.
     interpret: run the kernel in Pallas interpret mode; None = interpret unless the default
       backend is a GPU (so the CPU tests and backend='pallas' off the GPU run it interpreted).
@@ -64,19 +70,11 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig = StreamConfi
   Returns:
     BlockMask with indices int32[..., N, nQ, C] (ascending, -1 padded) and counts int32[..., N, nQ].
   """
-  if not isinstance(config, StreamConfig):
-    raise TypeError(f"config must be a StreamConfig, got {type(config).__name__}")
-  t, s, _, _, h = checks.check_qkv(q, k)
-  checks.check_positive("scale", scale)
-  checks.check_positive("softcap", softcap)
-  if not supported(config):
-    raise ValueError(f"the Pallas estimate kernel needs block_k >= {common.MIN_DOT} and score='max', got "
-                     f"block_k={config.block_k}, score={config.score!r}; use backend='xla' (or 'auto')")
-  scale = h ** -0.5 if scale is None else float(scale)
+  t, s, h = q.shape[-3], k.shape[-3], q.shape[-1]
   num_warps = DEFAULT_NUM_WARPS if num_warps is None else num_warps
   if num_stages is None:
     num_stages = F32_NUM_STAGES if jnp.dtype(q.dtype).itemsize >= 4 else DEFAULT_NUM_STAGES
-  indices, counts = _estimate(q, k, config=config, scale=scale,
+  indices, counts = _estimate(q, k, config=config, scale=numerics.resolve_scale(scale, h),
                               softcap=None if softcap is None else float(softcap),
                               interpret=common.resolve_interpret(interpret), num_warps=num_warps,
                               num_stages=num_stages)
@@ -172,10 +170,7 @@ def _kernel(q_ref, pos_ref, k_ref, o_ref, *, config: StreamConfig, n_k, scale, s
                              preferred_element_type=jnp.float32)  # [RB, bk]
     k_pos = blk * bk + iota(bk)
     visible = k_pos[None, :] <= q_pos[:, None]
-    best = jnp.max(jnp.where(visible, logits, NEG_INF)) * scale
-    if softcap is not None:
-      best = softcap * jnp.tanh(best / softcap)
-    return best
+    return numerics.softcap(jnp.max(jnp.where(visible, logits, NEG_INF)) * scale, softcap)
 
   if rep == "oracle":
     nkp = common.next_pow2(n_k)
