@@ -1,4 +1,6 @@
-"""Block-sparse attention over a BlockMask, block-level attention mass, and the dense references.
+"""Block-sparse attention over a BlockMask: the op entry `sparse_attention` and its XLA reference (the CPU
+path and the oracle of the Pallas kernel in stream_jax/kernels/attention.py); block-level attention mass;
+the small-input dense references built on stream_jax.dense.
 
 Each query block attends to its C kept key blocks only: the C x block_k keys are gathered and one exact
 softmax runs over them in fp32 (the one-step case of the online softmax: C is small and static), so memory
@@ -8,62 +10,34 @@ summed over the block's queries, is the sparse "attention pattern" the analysis 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stream_jax import checks
-from stream_jax.backend import resolve_backend
-from stream_jax.estimate import DEFAULT_Q_CHUNK, NEG_INF
+from stream_jax import checks, dense, numerics
+from stream_jax.backend import use_kernel
+from stream_jax.kernels import attention as kernel
 from stream_jax.mask import DENSE_LIMIT, BlockMask, num_blocks, query_positions, to_blocks
+from stream_jax.numerics import DEFAULT_Q_CHUNK, NEG_INF, AttentionStats
+
+if TYPE_CHECKING:  # shapes for readers and type checkers (no runtime dependency); enforced by checks
+  from jaxtyping import Array, Bool, Float
+
+__all__ = ["AttentionStats", "block_coverage", "dense_attention", "dense_block_mass", "sparse_attention"]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class AttentionStats:
-  """What sparse attention reports besides its output.
-
-  mass: float32[..., N, nQ, C] attention probability per kept key block summed over the block's queries
-    (a row sums to the number of valid queries of the block; 0 at padding slots). With `lse_ref` the
-    probability is the reference softmax's (e.g. dense attention's), so a row sums to what the kept
-    blocks hold of it.
-  lse: float32[..., N, T] log-sum-exp of each query's kept logits (the softmax normaliser).
-  """
-
-  mass: jax.Array
-  lse: jax.Array
-
-
-def _logits(q, k, scale, softcap):
-  x = jnp.einsum("...qh,...kh->...qk", q, k, preferred_element_type=jnp.float32) * scale
-  if softcap is not None:
-    x = softcap * jnp.tanh(x / softcap)
-  return x
-
-
-def _softmax(logits, visible, axes):
-  """Softmax over `axes` restricted to `visible`; rows that see nothing get zeros, lse -inf."""
-  logits = jnp.where(visible, logits, NEG_INF)
-  m = logits.max(axes, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.where(visible, jnp.exp(logits - m), 0.0)
-  denom = p.sum(axes, keepdims=True)
-  probs = p / jnp.where(denom > 0, denom, 1.0)
-  lse = jnp.where(denom > 0, jnp.log(jnp.where(denom > 0, denom, 1.0)) + m, NEG_INF)
-  return probs, lse
-
-
-def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, *,
-                     scale: Optional[float] = None, softcap: Optional[float] = None,
-                     window: Optional[int] = None,
-                     q_chunk: Optional[int] = DEFAULT_Q_CHUNK,
-                     backend: str = "xla",
-                     lse_ref: Optional[jax.Array] = None) -> tuple[jax.Array, AttentionStats]:
+def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v: Float[Array, "*B S K Hv"],
+                     mask: BlockMask, *, scale: Optional[float] = None, softcap: Optional[float] = None,
+                     window: Optional[int] = None, q_chunk: Optional[int] = DEFAULT_Q_CHUNK,
+                     backend: str = "xla", lse_ref: Optional[Float[Array, "*B N T"]] = None
+                     ) -> tuple[Float[Array, "*B T N Hv"], AttentionStats]:
   """Exact softmax attention over the token set a BlockMask keeps.
+
+  The one entry of the op: validates once, then runs the XLA reference below or the Pallas kernel
+  (stream_jax.kernels.attention), which assume valid inputs.
 
   Args:
     q: [T, N, H] or [B, T, N, H]; k: [S, K, H] / [B, S, K, H]; v: [S, K, Hv] / [B, S, K, Hv].
@@ -73,7 +47,8 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
     scale: logit scale (default H ** -0.5); softcap: optional `c * tanh(x / c)` on logits.
     window: sliding window W (query sees keys with pos(q) - pos(k) < W), None = global causal.
     q_chunk: query blocks per sequential step (memory bound); None = all at once.
-    backend: "xla" (this reference), "pallas" (GPU kernel, stream_jax.kernels) or "auto".
+    backend: "xla" (the reference), "pallas" (the GPU kernel; interpreted off the GPU) or "auto" (the
+      kernel on a GPU when it supports the mask: block sizes >= 16; else the reference).
     lse_ref: optional float32[..., N, T] log softmax denominators of a reference attention over the
       same logits (dense attention's, for an exact trace): block mass becomes exp(logit - lse_ref)
       summed, the reference's probability, instead of the kept softmax's. The output is unchanged.
@@ -93,11 +68,17 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
   checks.check_positive("softcap", softcap)
   checks.check_window(window)
   checks.check_chunk(q_chunk)
-  scale = h ** -0.5 if scale is None else float(scale)
-  if resolve_backend(backend) == "pallas":
-    from stream_jax.kernels import attention as pallas_attention  # pylint: disable=import-outside-toplevel
-    return pallas_attention.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
-                                             lse_ref=lse_ref)
+  scale = numerics.resolve_scale(scale, h)
+  if use_kernel(backend, lambda: kernel.unsupported(mask)):
+    return kernel.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
+                                   lse_ref=lse_ref)
+  return _sparse_xla(q, k, v, mask, scale=scale, softcap=softcap, window=window, q_chunk=q_chunk,
+                     lse_ref=lse_ref)
+
+
+def _sparse_xla(q, k, v, mask: BlockMask, *, scale: float, softcap, window, q_chunk, lse_ref):
+  """The XLA reference (and CPU path) on validated inputs."""
+  t, n = q.shape[-3], q.shape[-2]
   fn = functools.partial(_sparse, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
                          softcap=softcap, window=window, q_chunk=q_chunk)
   if lse_ref is None:
@@ -142,12 +123,13 @@ def _sparse(q, k, v, indices, lse_ref, *, block_q, block_k, scale, softcap, wind
     lse [bq]."""
     safe = jnp.maximum(ids, 0)
     keys, vals = kb[safe], vb[safe]  # [C, bk, *]
-    logits = _logits(qb, keys, scale, softcap)  # [C, bq, bk]
+    logits = jnp.einsum("qh,ckh->cqk", qb, keys, preferred_element_type=jnp.float32)
+    logits = numerics.softcap(logits * scale, softcap)  # [C, bq, bk]
     k_pos = safe[:, None] * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [C, bk]
     visible = (ids[:, None, None] >= 0) & (k_pos[:, None, :] <= pos[None, :, None])
     if window is not None:
       visible &= pos[None, :, None] - k_pos[:, None, :] < window
-    probs, lse = _softmax(logits, visible, axes=(0, 2))
+    probs, lse = numerics.masked_softmax(logits, visible, axes=(0, 2))
     out = jnp.einsum("cqk,ckh->qh", probs, vals.astype(jnp.float32))
     # Reference probabilities where a reference normaliser is given (finite), else the kept softmax's.
     has_ref = jnp.isfinite(ref_row)[None, :, None]
@@ -194,40 +176,38 @@ def block_coverage(lse_kept: jax.Array, lse_ref: jax.Array, block_q: int) -> jax
   return share.sum(-1) / jnp.maximum(rows.sum(-1), 1)
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: Optional[float] = None,
-                    softcap: Optional[float] = None, window: Optional[int] = None,
-                    token_mask: Optional[jax.Array] = None, return_probs: bool = False):
-  """Reference causal attention with the full [N, T, S] logits (small inputs only).
+def dense_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v: Float[Array, "*B S K Hv"], *,
+                    scale: Optional[float] = None, softcap: Optional[float] = None,
+                    window: Optional[int] = None, token_mask: Optional[Bool[Array, "*B N T S"]] = None,
+                    return_probs: bool = False):
+  """Dense reference of `sparse_attention` (same inputs; small T only): `stream_jax.dense.dense_attention`
+  in float32 on its T x S path, with the queries the last T of the S positions.
 
   `token_mask` bool[..., N, T, S] further restricts the keys (e.g. `to_dense(mask)`), which makes this the
-  dense reference of `sparse_attention`. Returns out [..., T, N, Hv] (and probs [..., N, T, S]).
+  dense reference of a given mask. Returns out [..., T, N, Hv] in q's dtype (and probs float32[..., N, T, S]).
   """
-  t, s, n, kv, h = checks.check_qkv(q, k, v)
+  t, s, n, _, h = checks.check_qkv(q, k, v)
   checks.check_positive("scale", scale)
-  checks.check_positive("softcap", softcap)
-  checks.check_window(window)
   if n * t * s > 4 * DENSE_LIMIT:
     raise ValueError(f"dense_attention builds N x T x S = {n} x {t} x {s} logits, above the reference "
                      f"limit {4 * DENSE_LIMIT}; use sparse_attention for long inputs")
-  scale = h ** -0.5 if scale is None else float(scale)
-  g = n // kv
-  k_rep = jnp.repeat(k, g, axis=-2)  # [..., S, N, H]
-  v_rep = jnp.repeat(v, g, axis=-2)
-  logits = _logits(jnp.swapaxes(q, -3, -2), jnp.swapaxes(k_rep, -3, -2), scale, softcap)  # [.., N, T, S]
-  pos = jnp.arange(t) + (s - t)
-  visible = jnp.arange(s)[None, :] <= pos[:, None]
-  if window is not None:
-    visible &= pos[:, None] - jnp.arange(s)[None, :] < window
+  batch = q.shape[:-3]
+  b = batch[0] if batch else 1
+  f32 = lambda x: x.astype(jnp.float32).reshape((b,) + x.shape[-3:])  # the reference computes in f32
   if token_mask is not None:
-    visible = visible & token_mask
-  probs, _ = _softmax(logits, visible, axes=-1)
-  out = jnp.einsum("...nts,...snh->...tnh", probs, v_rep.astype(jnp.float32)).astype(q.dtype)
+    token_mask = jnp.broadcast_to(jnp.asarray(token_mask, bool), (b, n, t, s))
+  out, probs = dense.dense_attention(
+      f32(q), f32(k), f32(v), q_pos=jnp.arange(t) + (s - t), k_pos=jnp.arange(s),
+      scale=numerics.resolve_scale(scale, h), softcap=softcap, window=window, token_mask=token_mask,
+      return_probs=True)
+  out = out.astype(q.dtype).reshape(batch + out.shape[1:])
+  probs = probs.reshape(batch + probs.shape[1:])
   return (out, probs) if return_probs else out
 
 
-def dense_block_mass(q: jax.Array, k: jax.Array, *, block_q: int, block_k: int,
-                     scale: Optional[float] = None, softcap: Optional[float] = None,
-                     window: Optional[int] = None) -> jax.Array:
+def dense_block_mass(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], *, block_q: int,
+                     block_k: int, scale: Optional[float] = None, softcap: Optional[float] = None,
+                     window: Optional[int] = None) -> Float[Array, "*B N nQ nK"]:
   """Exact dense attention mass per (query block, key block): float32[..., N, nQ, nK] (small inputs)."""
   t, s, _, _, _ = checks.check_qkv(q, k)
   v = jnp.zeros(k.shape[:-1] + (1,), k.dtype)

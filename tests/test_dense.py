@@ -8,8 +8,8 @@ import pytest
 from stream_jax.dense import dense_attention
 
 
-def reference(q, k, v, q_pos, k_pos, scale, softcap=None, window=None, k_valid=None):
-  """Brute force in float64: (out [B, T, N, Hv], lse [B, N, T]) with the full [B, N, T, S] logits."""
+def reference(q, k, v, q_pos, k_pos, scale, softcap=None, window=None, k_valid=None, return_p=False):
+  """Brute force in float64: (out [B, T, N, Hv], lse [B, N, T][, p [B, N, T, S]]) with the full logits."""
   q, k, v = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (q, k, v))
   g = q.shape[2] // k.shape[2]
   k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
@@ -29,7 +29,8 @@ def reference(q, k, v, q_pos, k_pos, scale, softcap=None, window=None, k_valid=N
   p = np.exp(x - m)
   denom = p.sum(-1, keepdims=True)
   p = p / np.where(denom > 0, denom, 1.0)
-  return np.einsum("bnts,bsnh->btnh", p, v), lse
+  out = np.einsum("bnts,bsnh->btnh", p, v)
+  return (out, lse, p) if return_p else (out, lse)
 
 
 def inputs(b, t, s, n, kv, h, hv, dtype, seed=0):
@@ -88,6 +89,69 @@ def test_equals_brute_force(case, dtype):
   one = run(q, k, v, q_pos=q_pos, k_pos=k_pos, scale=0.3, softcap=cap, window=window, k_valid=k_valid,
             q_chunk=t, k_chunk=s)
   np.testing.assert_allclose(np.asarray(one, np.float64), np.asarray(out, np.float64), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("case", ["softcap_gqa", "kv_cache_window", "sees_nothing"])
+def test_probs_path_equals_brute_force(case):
+  """return_probs=True (the T x S path): the same out and lse as the flash path, and the probabilities."""
+  b, t, s, n, kv, h, hv, window, cap, off, valid = CASES[case]
+  q, k, v = inputs(b, t, s, n, kv, h, hv, jnp.float32)
+  q_pos = off + jnp.arange(t, dtype=jnp.int32)
+  k_pos = jnp.arange(s, dtype=jnp.int32)
+  k_valid = jnp.broadcast_to(k_pos < off + t if valid == "filled" else k_pos >= 12, (b, s))
+  want, want_lse, want_p = reference(q, k, v, q_pos, k_pos, 0.3, cap, window, k_valid, return_p=True)
+  out, lse, p = dense_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, scale=0.3, softcap=cap, window=window,
+                                k_valid=k_valid, return_lse=True, return_probs=True)
+  assert p.shape == (b, n, t, s) and p.dtype == q.dtype
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  np.testing.assert_allclose(lse, want_lse, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(p, want_p, atol=1e-6)
+  assert np.isfinite(np.asarray(out)).all() and np.isfinite(np.asarray(p)).all()  # rows that see nothing
+
+
+def _captured_attention(q, k, v, *, scale, cap, window=None):
+  """models.attention.captured_attention as it was before it called stream_jax.dense: the numerics the
+  capture benchmark measured (f32 softmax, probabilities rounded to q's dtype before the PV product)."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, n // kv, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  if cap is not None:
+    logits = cap * jnp.tanh(logits / cap)
+  pos = jnp.arange(t)
+  visible = pos[None, :] <= pos[:, None]
+  if window is not None:
+    visible &= pos[:, None] - pos[None, :] < window
+  probs = jax.nn.softmax(jnp.where(visible, logits, -1e30), axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype), probs.reshape(b, n, t, t)
+
+
+@pytest.mark.parametrize("dtype,cap,window", [(jnp.float32, None, None), (jnp.float32, 2.0, 9),
+                                              (jnp.bfloat16, 2.0, None)])
+def test_probs_path_is_the_capture(dtype, cap, window):
+  q, k, v = inputs(2, 29, 29, 4, 2, 8, 8, dtype, seed=6)
+  pos = jnp.arange(29)
+  out, p = dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=0.3, softcap=cap, window=window,
+                           return_probs=True)
+  want, want_p = _captured_attention(q, k, v, scale=0.3, cap=cap, window=window)
+  assert out.dtype == want.dtype and p.dtype == want_p.dtype and p.shape == want_p.shape
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(p, np.float32), np.asarray(want_p, np.float32), atol=tol)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), atol=tol)
+
+
+def test_bad_shapes_fail_with_names():
+  q, k, v = inputs(1, 8, 8, 2, 1, 8, 8, jnp.float32)
+  pos = jnp.arange(8)
+  with pytest.raises(ValueError, match="B, T, N, H"):
+    dense_attention(q[0], k[0], v[0], q_pos=pos, k_pos=pos, scale=0.3)
+  with pytest.raises(ValueError, match="q_pos"):
+    dense_attention(q, k, v, q_pos=pos[:4], k_pos=pos, scale=0.3)
+  with pytest.raises(ValueError, match="token_mask"):
+    dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=0.3, token_mask=jnp.ones((2, 8, 8), bool))
+  with pytest.raises(ValueError, match="scale"):
+    dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=None)
 
 
 def test_arbitrary_positions_visit_every_needed_chunk():
