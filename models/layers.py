@@ -4,6 +4,10 @@ Numerics follow the reference (transformers' Gemma2/Gemma3/Llama/Qwen modules) b
 checkpoints were trained with: Gemma norms in f32 with a `(1 + w)` scale, Llama/Qwen norms normalised in
 f32 then scaled by `w` in the activation dtype, RoPE angles in f32 (Llama-3 frequency scaling computed like
 transformers), the Gemma embedding scale rounded to the parameter dtype (bf16: sqrt(640) = 25.25).
+
+Long sequences: per-position work whose intermediates are wider than the residual stream (the gated MLP's
+[T, F] gate / up / product, the [T, V] logits) runs over chunks of POSITION_CHUNK positions through
+`map_positions`, so a forward's activation memory stays a few copies of [T, D] plus one [chunk, F].
 """
 
 from __future__ import annotations
@@ -12,6 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# Positions per chunk of the per-position work (`map_positions`): a sequence longer than this runs its MLP
+# (with the norms around it) and its full-length logits chunk by chunk. 8192 keeps one chunk's MLP
+# intermediates small (Gemma 3 27B, F = 21504: 8192 x 21504 x 2 bytes = 336 MiB each in bf16) while the
+# matmuls stay large enough to run at full speed; shorter sequences take the plain path unchanged.
+POSITION_CHUNK = 8192
 
 
 class RMSNorm(nn.Module):
@@ -139,3 +149,30 @@ class FeedForward(nn.Module):
     up = jnp.einsum("btd,fd->btf", x, w_gating[1])
     act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
     return jnp.einsum("btf,fd->btd", act * up, w_linear)
+
+
+def map_positions(fn, module, x: jax.Array, *, out_tail=None, out_dtype=None, chunk=None) -> jax.Array:
+  """`fn(module, x)` for a per-position `fn` ([B, t, ...] -> [B, t, *out_tail], every position computed
+  from its own row alone), run over chunks of `chunk` positions (default POSITION_CHUNK) when x is longer.
+
+  A Flax lifted scan (parameters broadcast, not copied) walks the chunk starts; each step slices
+  [B, chunk, ...] from x and writes fn's result into the output buffer in place, so the peak holds x, the
+  output and one chunk's intermediates. T need not be a multiple of `chunk`: the last chunk starts at
+  T - chunk and recomputes a few positions of the one before (the same values). out_tail / out_dtype: the
+  output's trailing shape / dtype (default: x's).
+  """
+  chunk = POSITION_CHUNK if chunk is None else int(chunk)
+  t = x.shape[1]
+  if t <= chunk or module.is_initializing():
+    return fn(module, x)
+  out_tail = tuple(x.shape[2:]) if out_tail is None else tuple(out_tail)
+  out_dtype = x.dtype if out_dtype is None else out_dtype
+  starts = np.minimum(np.arange(-(-t // chunk)) * chunk, t - chunk).astype(np.int32)
+
+  def body(mdl, out, start):
+    y = fn(mdl, jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1))
+    return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out_dtype), start, axis=1), None
+
+  scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})
+  out, _ = scan(module, jnp.zeros(x.shape[:2] + out_tail, out_dtype), jnp.asarray(starts))
+  return out
