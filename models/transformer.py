@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from stream_jax.models.attention import Attention, LayerPlan, attend, dense_attention, make_plans
 from stream_jax.models.config import GemmaConfig
-from stream_jax.models.layers import Embedder, FeedForward, RMSNorm, apply_rope
+from stream_jax.models.layers import Embedder, FeedForward, RMSNorm, apply_rope, map_positions
 from stream_jax.trace import Trace
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
@@ -141,7 +141,10 @@ class Block(nn.Module):
     return getattr(self, norm)(x) if self.config.post_norms else x
 
   def _ffw(self, x):
-    return x + self._post("post_ffw_norm", self.mlp(self.pre_ffw_norm(x)))
+    """x + post_norm(mlp(pre_norm(x))), over chunks of positions on long inputs (`map_positions`): no
+    [T, F] intermediate."""
+    return map_positions(lambda blk, xc: xc + blk._post("post_ffw_norm", blk.mlp(blk.pre_ffw_norm(xc))),
+                         self, x)
 
   def __call__(self, x: jax.Array, plan: LayerPlan):
     a, trace, kv = self.attn(self.pre_attention_norm(x), plan)
@@ -171,10 +174,15 @@ class Gemma(nn.Module):
     self.final_norm = RMSNorm(c.rms_eps, c.norm_offset)
 
   def logits(self, x):
-    """Residual states [..., D] -> float32 logits [..., V] (final norm, unembedding, final soft-cap)."""
-    logits = self.embedder.decode(self.final_norm(x))
-    cap = self.config.final_softcap
-    return logits if cap is None else cap * jnp.tanh(logits / cap)
+    """Residual states [..., D] -> float32 logits [..., V] (final norm, unembedding, final soft-cap);
+    [B, T, D] inputs longer than POSITION_CHUNK run chunk by chunk: the output is the only [T, V] buffer."""
+    def one(mdl, xc):
+      logits = mdl.embedder.decode(mdl.final_norm(xc))
+      cap = mdl.config.final_softcap
+      return logits if cap is None else cap * jnp.tanh(logits / cap)
+    if x.ndim != 3:
+      return one(self, x)
+    return map_positions(one, self, x, out_tail=(self.config.vocab_size,), out_dtype=jnp.float32)
 
   def __call__(self, tokens: jax.Array, attention: Attention = "dense", *, dense_layers=(),
                prune_local: bool = False, backend: str = "xla", last_only: bool = False,
