@@ -1,7 +1,11 @@
-"""Matplotlib figures (PNG, Agg backend) of masks, thought-anchor scores, needle routes and faithfulness.
+"""Matplotlib figures of masks, thought-anchor scores, needle routes, coverage and faithfulness.
 
-Each function takes arrays (or an analysis result), writes one PNG and returns its path. Block-level pictures
-only (nQ x nK at most): nothing here draws T x T.
+Each function takes arrays (or an analysis result) and returns a `matplotlib.figure.Figure`; saving is the
+caller's choice (`save(fig, "mask.png")`, or `fig.savefig(...)`). Figures are made without pyplot, so no
+backend is selected or forced: they save headless, and show in notebooks (`%matplotlib inline`, Colab's
+default) when displayed. Block-level pictures only (nQ x nK at most): nothing here draws T x T.
+
+Needs matplotlib: `pip install 'stream-jax[viz]'`.
 """
 
 from __future__ import annotations
@@ -10,18 +14,23 @@ import os
 import textwrap
 from typing import Mapping, Optional, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
+from stream_jax.extras import require
 
-from matplotlib.lines import Line2D  # pylint: disable=wrong-import-position
-from matplotlib.patches import Patch  # pylint: disable=wrong-import-position
-from matplotlib.ticker import MaxNLocator  # pylint: disable=wrong-import-position
+require("matplotlib", "stream_jax.plots")
+# pylint: disable=wrong-import-position,wrong-import-order
+import matplotlib.colors
+import matplotlib.patches
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
-from stream_jax import checks  # pylint: disable=wrong-import-position
-from stream_jax.mask import BlockMask  # pylint: disable=wrong-import-position
+from stream_jax import checks
+from stream_jax.mask import BlockMask
+
+DPI = 110
 
 CATEGORY_COLORS = {
     "problem_setup": "#4c72b0", "plan_generation": "#dd8452", "fact_retrieval": "#55a868",
@@ -43,12 +52,24 @@ def _int_ticks(ax, x: bool = True, y: bool = True) -> None:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _save(fig, path: str) -> str:
+def save(fig: Figure, path: str | os.PathLike) -> str:
+  """Writes `fig` to `path` (PNG, or the format its suffix names), making parent folders; returns the
+  path. bbox_inches="tight": titles and outside legends are never cut off."""
+  path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110, bbox_inches="tight")  # titles and outside legends are never cut off
-  plt.close(fig)
+  fig.savefig(path, dpi=DPI, bbox_inches="tight")
   return path
+
+
+def _figure(nrows: int = 1, ncols: int = 1, **kw):
+  """(Figure, axes) without pyplot: no backend, no global figure registry to close."""
+  fig = Figure(figsize=kw.pop("figsize", None))
+  return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def _done(fig: Figure) -> Figure:
+  fig.tight_layout()
+  return fig
 
 
 def block_matrix(mask: BlockMask, mass=None, head: Optional[int] = None) -> np.ndarray:
@@ -67,12 +88,12 @@ def block_matrix(mask: BlockMask, mass=None, head: Optional[int] = None) -> np.n
   return out / idx.shape[0]
 
 
-def plot_block_mask(mask: BlockMask, path: str, mass=None, head: Optional[int] = None,
-                    title: str = "") -> str:
+def plot_block_mask(mask: BlockMask, mass=None, head: Optional[int] = None,
+                    title: str = "") -> Figure:
   """Heatmap query blocks x key blocks of the kept blocks (coloured by mass when given), one head or the
   mean over heads (then a cell is coloured if any head keeps the block). White cells: not kept."""
   mat = block_matrix(mask, mass, head)
-  fig, ax = plt.subplots(figsize=(5.8, 5.2))
+  fig, ax = _figure(figsize=(5.8, 5.2))
   shown = np.where(mat > 0, mat, np.nan)
   finite = shown[np.isfinite(shown)]
   im = ax.imshow(shown, cmap="viridis", interpolation="nearest", aspect="auto",
@@ -86,16 +107,16 @@ def plot_block_mask(mask: BlockMask, path: str, mass=None, head: Optional[int] =
   ax.set_ylabel(f"query block ({mask.block_q} tokens each)")
   _int_ticks(ax)
   _title(ax, title or f"kept key blocks per query block, {which}")
-  return _save(fig, path)
+  return _done(fig)
 
 
-def plot_block_mask_heads(mask: BlockMask, path: str, mass=None, title: str = "", max_heads: int = 8) -> str:
+def plot_block_mask_heads(mask: BlockMask, mass=None, title: str = "", max_heads: int = 8) -> Figure:
   """One heatmap per head (the first `max_heads`): the mean over heads hides which head keeps what."""
   n = int(np.asarray(mask.indices).shape[0])
   shown = min(n, max_heads)
   cols = min(shown, 4)
   rows = -(-shown // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1, 3 * rows + 0.6), squeeze=False)
+  fig, axes = _figure(rows, cols, figsize=(3.2 * cols + 1, 3 * rows + 0.6), squeeze=False)
   mats = [block_matrix(mask, mass, h) for h in range(shown)]
   vals = np.concatenate([m[m > 0] for m in mats]) if mass is not None else np.ones(1)
   norm = (matplotlib.colors.LogNorm(vals.min(), vals.max()) if mass is not None and vals.size
@@ -116,15 +137,12 @@ def plot_block_mask_heads(mask: BlockMask, path: str, mass=None, title: str = ""
                  else "kept")
   fig.suptitle((title or "kept key blocks per head") + "; white = not kept"
                + (f" (first {shown} of {n} heads)" if shown < n else ""), fontsize=10)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110, bbox_inches="tight")  # no tight_layout: the shared colour bar spans the axes
-  plt.close(fig)
-  return path
+  return fig  # no tight_layout: the shared colour bar spans the axes
 
 
-def plot_vertical_scores(scores, labels: Sequence[str], path: str, title: str = "sentence importance",
+def plot_vertical_scores(scores, labels: Sequence[str], title: str = "sentence importance",
                          texts: Optional[Sequence[str]] = None, annotate: int = 3,
-                         sink: Sequence[int] = ()) -> str:
+                         sink: Sequence[int] = ()) -> Figure:
   """Bar chart of one score per sentence (e.g. AnchorReport.importance), coloured by category; the top
   `annotate` sentences are labelled with their first words. `sink` sentences (sharing the BOS block, see
   AnchorReport.sink_sentences) are hatched and left out of the y range: their score is the attention sink."""
@@ -132,7 +150,7 @@ def plot_vertical_scores(scores, labels: Sequence[str], path: str, title: str = 
   if len(labels) != len(scores):
     raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
   sink = [checks.check_index("sink sentence", i, len(scores)) for i in sink]
-  fig, ax = plt.subplots(figsize=(max(6, len(scores) * 0.12), 3.8))
+  fig, ax = _figure(figsize=(max(6, len(scores) * 0.12), 3.8))
   colors = [CATEGORY_COLORS.get(l, "#333333") for l in labels]
   bars = ax.bar(np.arange(len(scores)), np.nan_to_num(scores), color=colors)
   for i in sink:
@@ -162,17 +180,17 @@ def plot_vertical_scores(scores, labels: Sequence[str], path: str, title: str = 
   ax.set_ylabel("importance (vertical score)")
   _int_ticks(ax, y=False)
   _title(ax, title)
-  return _save(fig, path)
+  return _done(fig)
 
 
-def plot_kurtosis_grid(kurtosis, path: str, heads=None, title: str = "kurtosis of vertical scores",
-                       label: str = "kurtosis of vertical scores") -> str:
+def plot_kurtosis_grid(kurtosis, heads=None, title: str = "kurtosis of vertical scores",
+                       label: str = "kurtosis of vertical scores") -> Figure:
   """Layers x heads grid of a value (kurtosis by default; `label` names the colour bar); receiver heads
   (int[k, 2] (layer, head)) are outlined."""
   k = np.asarray(kurtosis, np.float64)
   if k.ndim != 2:
     raise ValueError(f"the grid needs a [layers, heads] array, got shape {k.shape}")
-  fig, ax = plt.subplots(figsize=(max(4.5, k.shape[1] * 0.5 + 3), max(3.2, k.shape[0] * 0.3 + 1.2)))
+  fig, ax = _figure(figsize=(max(4.5, k.shape[1] * 0.5 + 3), max(3.2, k.shape[0] * 0.3 + 1.2)))
   im = ax.imshow(k, cmap="magma", aspect="auto", interpolation="nearest")
   fig.colorbar(im, ax=ax, label=label)
   if heads is not None:
@@ -188,10 +206,10 @@ def plot_kurtosis_grid(kurtosis, path: str, heads=None, title: str = "kurtosis o
   ax.set_ylabel("layer")
   _int_ticks(ax)
   _title(ax, title, width=45)
-  return _save(fig, path)
+  return _done(fig)
 
 
-def plot_coverage(trace, path: str, start_block: int = 0, title: str = "coverage") -> str:
+def plot_coverage(trace, start_block: int = 0, title: str = "coverage") -> Figure:
   """Coverage of every traced layer that prunes (rows) and head (columns), mean over query blocks from
   `start_block` (the pruned regime), beside the mean over heads along the sequence: where the kept blocks
   explain little of a head's dense attention, the sparse picture of that head is incomplete."""
@@ -204,7 +222,7 @@ def plot_coverage(trace, path: str, start_block: int = 0, title: str = "coverage
   if not 0 <= start_block < cov[0].shape[-1]:
     raise ValueError(f"start_block must be in [0, {cov[0].shape[-1]}), got {start_block}")
   grid = np.stack([c[:, start_block:].mean(-1) for c in cov])  # [L', N]
-  fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, max(3.0, len(layers) * 0.45 + 1.6)),
+  fig, (a0, a1) = _figure(1, 2, figsize=(11, max(3.0, len(layers) * 0.45 + 1.6)),
                                gridspec_kw=dict(width_ratios=[1, 1.6]))
   im = a0.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
   fig.colorbar(im, ax=a0, label="share of dense attention in kept blocks")
@@ -223,17 +241,17 @@ def plot_coverage(trace, path: str, start_block: int = 0, title: str = "coverage
   _int_ticks(a1, y=False)
   _title(a1, title, width=50)
   fig.tight_layout()
-  return _save(fig, path)
+  return _done(fig)
 
 
-def plot_route(route, path: str, needle_blocks: Optional[Sequence[int]] = None, min_weight: float = 1e-3,
-               max_edges: int = 300, title: str = "needle route") -> str:
+def plot_route(route, needle_blocks: Optional[Sequence[int]] = None, min_weight: float = 1e-3,
+               max_edges: int = 300, title: str = "needle route") -> Figure:
   """Layered diagram: x = block, y = layer (input of layer l at y = l); node size ~ flow; route edges (on a
   path from a needle block) in red, other kept edges in grey; needle blocks marked at the bottom, block 0
   (BOS, the attention sink) marked too. Every mark has a legend entry."""
   flow = np.asarray(route.flow)
   n_levels, n_b = flow.shape
-  fig, ax = plt.subplots(figsize=(max(6, n_b * 0.12), max(4, n_levels * 0.35)))
+  fig, ax = _figure(figsize=(max(6, n_b * 0.12), max(4, n_levels * 0.35)))
   edges = route.edge_list(min_weight=min_weight, only_route=False)[:max_edges]
   on = {(l, k, q) for l, _, k, q, _ in route.edge_list(min_weight=min_weight, only_route=True)}
   wmax = max([e[-1] for e in edges], default=1.0)
@@ -260,16 +278,16 @@ def plot_route(route, path: str, needle_blocks: Optional[Sequence[int]] = None, 
   ax.set_ylabel("layer (input of layer l at y = l; top = output)")
   _int_ticks(ax)
   _title(ax, title, width=max(40, int(fig.get_size_inches()[0] * 7)))
-  return _save(fig, path)
+  return _done(fig)
 
 
-def plot_success_failure(success, failure, path: str, title: str = "needle mass at the final block",
-                         ylabel: str = "needle mass") -> str:
+def plot_success_failure(success, failure, title: str = "needle mass at the final block",
+                         ylabel: str = "needle mass") -> Figure:
   """Per-layer curves (float[L] each; or [L, N] arrays, shown as per-layer means plus a heads heatmap of
   the difference)."""
   s, f = np.asarray(success, np.float64), np.asarray(failure, np.float64)
   two_d = s.ndim == 2
-  fig, axes = plt.subplots(1, 2 if two_d else 1, figsize=(11 if two_d else 6, 3.8))
+  fig, axes = _figure(1, 2 if two_d else 1, figsize=(11 if two_d else 6, 3.8))
   ax = axes[0] if two_d else axes
   ls, lf = (s.mean(-1), f.mean(-1)) if two_d else (s, f)
   ax.plot(ls, "o-", color="tab:green", label="success")
@@ -288,15 +306,15 @@ def plot_success_failure(success, failure, path: str, title: str = "needle mass 
     axes[1].set_ylabel("layer")
     _int_ticks(axes[1])
     axes[1].set_title("per head: success - failure", fontsize=10)
-  return _save(fig, path)
+  return _done(fig)
 
 
-def plot_faithfulness(rows: Sequence[Mapping[str, float]], path: str, x: str = "kept_stream",
-                      title: str = "faithfulness vs kept fraction") -> str:
+def plot_faithfulness(rows: Sequence[Mapping[str, float]], x: str = "kept_stream",
+                      title: str = "faithfulness vs kept fraction") -> Figure:
   """KL (log scale, left) and top-1 agreement (right) against the kept fraction, one point per report
   summary (e.g. per length); points are labelled with their 'length' when present."""
   xs = np.array([r[x] for r in rows])
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _figure(figsize=(6, 4))
   kl = np.maximum(np.array([r["kl_mean"] for r in rows]), 1e-8)
   ax.plot(xs, kl, "o-", color="tab:blue", label="KL mean")
   if "kl_last" in rows[0]:
@@ -316,4 +334,4 @@ def plot_faithfulness(rows: Sequence[Mapping[str, float]], path: str, x: str = "
   h2, l2 = ax2.get_legend_handles_labels()
   ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
   ax.set_title(title)
-  return _save(fig, path)
+  return _done(fig)

@@ -20,18 +20,19 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 
-from stream_jax.config import StreamConfig
-from stream_jax.mask import BlockMask
-from stream_jax.trace import LayerTrace, Trace
+from stream_jax.trace import Trace
+# Trace I/O lives beside Trace; re-exported here, where it was, so `from stream_jax.report import load_trace`
+# keeps working.
+from stream_jax.trace_io import (TRACE_DIR, TRACE_META, _layer_meta, load_trace,  # pylint: disable=W0611
+                                 save_trace)
 
-TRACE_DIR = "trace"
-TRACE_META = "trace.json"
 MARKER = ".stream_jax_report"
 
 
@@ -55,91 +56,6 @@ def to_jsonable(x: Any) -> Any:
   if isinstance(x, (str, int, float, bool)) or x is None:
     return x
   return str(x)
-
-
-# ----------------------------------------------------------------------------------------------- trace io
-
-
-def _layer_meta(layer: LayerTrace) -> dict:
-  m = layer.mask
-  return dict(layer=layer.layer, kind=layer.kind, mode=layer.mode, window=layer.window,
-              block_q=m.block_q, block_k=m.block_k, q_len=m.q_len, k_len=m.k_len,
-              config=None if m.config is None else dataclasses.asdict(m.config))
-
-
-def save_trace(path: str | os.PathLike, trace: Trace) -> None:
-  """Saves a Trace: arrays with orbax under `path/trace`, the static structure in `path/trace.json`."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  (slow import)
-
-  path = pathlib.Path(path).absolute()
-  path.mkdir(parents=True, exist_ok=True)
-  arrays = {"layers": [dict(indices=l.mask.indices, counts=l.mask.counts, mass=l.mass,
-                            **({} if l.coverage is None else {"coverage": l.coverage}))
-                       for l in trace.layers]}
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(path / TRACE_DIR, arrays, force=True)
-  ckpt.wait_until_finished()
-  (path / TRACE_META).write_text(json.dumps({"layers": [_layer_meta(l) for l in trace.layers]}, indent=1))
-
-
-def load_trace(path: str | os.PathLike) -> Trace:
-  """Restores what `save_trace` wrote into the same Trace pytree (bit-identical arrays).
-
-  The layout in trace.json (block sizes, lengths) is checked against the saved arrays, and unreadable or
-  truncated files raise a ValueError naming the folder.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-  path = pathlib.Path(path).absolute()
-  meta_file = path / TRACE_META
-  if not meta_file.exists():
-    raise FileNotFoundError(f"no saved trace at {path} (missing {TRACE_META})")
-  try:
-    meta = json.loads(meta_file.read_text())["layers"]
-    if not isinstance(meta, list):
-      raise TypeError("'layers' is not a list")
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"trace at {path}: {TRACE_META} is unreadable or truncated ({type(e).__name__}: {e})"
-                     ) from None
-  if not (path / TRACE_DIR).is_dir():
-    raise ValueError(f"trace at {path}: the arrays folder {TRACE_DIR}/ is missing")
-  try:
-    arrays = ocp.StandardCheckpointer().restore(path / TRACE_DIR)["layers"]
-  except Exception as e:  # orbax/TensorStore raise many kinds on cut or edited files
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    raise ValueError(f"trace at {path}: the saved arrays in {TRACE_DIR}/ cannot be read (truncated or "
-                     f"corrupt?): {type(e).__name__}: {first}") from None
-  if len(arrays) != len(meta):
-    raise ValueError(f"trace at {path} is inconsistent: {len(meta)} layers described, {len(arrays)} saved")
-  layers = []
-  for i, (m, a) in enumerate(zip(meta, arrays)):
-    try:
-      cfg = None if m["config"] is None else StreamConfig(**m["config"])
-      bq, bk, q_len, k_len = (int(m[k]) for k in ("block_q", "block_k", "q_len", "k_len"))
-      layer, kind, mode, window = m["layer"], m["kind"], m["mode"], m["window"]
-    except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"trace at {path}: layer {i} of {TRACE_META} is malformed ({type(e).__name__}: {e})"
-                       ) from None
-    idx, counts, mass = (np.asarray(a[k]) for k in ("indices", "counts", "mass"))
-    n_q, n_k = -(-q_len // max(bq, 1)), -(-k_len // max(bk, 1))
-    problems = []
-    if bq < 1 or bk < 1 or (cfg is not None and (cfg.block_q, cfg.block_k) != (bq, bk)):
-      problems.append(f"block sizes {bq}x{bk} disagree with the config")
-    if idx.ndim < 3 or idx.shape[-2] != n_q:
-      problems.append(f"indices {idx.shape} do not have nQ={n_q} query blocks (q_len={q_len}, block_q={bq})")
-    if mass.shape != idx.shape or counts.shape != idx.shape[:-1]:
-      problems.append(f"mass {mass.shape} / counts {counts.shape} do not match indices {idx.shape}")
-    if idx.size and (idx.min() < -1 or idx.max() >= n_k):
-      problems.append(f"block ids outside [-1, {n_k - 1}] (k_len={k_len}, block_k={bk})")
-    coverage = a.get("coverage") if isinstance(a, dict) else None
-    if coverage is not None and np.asarray(coverage).shape != idx.shape[:-1]:
-      problems.append(f"coverage {np.asarray(coverage).shape} does not match counts {idx.shape[:-1]}")
-    if problems:
-      raise ValueError(f"trace at {path}: layer {i}: saved layout and arrays disagree: {'; '.join(problems)}")
-    mask = BlockMask(jax.numpy.asarray(idx), jax.numpy.asarray(counts), bq, bk, q_len, k_len, cfg)
-    layers.append(LayerTrace(mask, jax.numpy.asarray(mass), layer, kind, mode, window,
-                             None if coverage is None else jax.numpy.asarray(coverage)))
-  return Trace(tuple(layers))
 
 
 # ---------------------------------------------------------------------------------------------- the folder
@@ -221,7 +137,7 @@ figure{{margin:1.5em 0}}pre{{background:#f6f6f6;padding:1em;overflow-x:auto}}</s
 <body><h1>{e(title)}</h1>
 <p>Written {datetime.datetime.now().isoformat(timespec="seconds")} by stream_jax.
 Full numbers: <a href="report.json">report.json</a>; the trace restores with
-<code>stream_jax.report.load_trace(&lt;this folder&gt;)</code>.</p>
+<code>stream_jax.trace_io.load_trace(&lt;this folder&gt;)</code>.</p>
 <table>{head}</table>
 {note}
 <h2>Key numbers</h2>
@@ -231,6 +147,14 @@ Full numbers: <a href="report.json">report.json</a>; the trace restores with
 {"".join(figs)}
 </body></html>
 """
+
+
+def _close(fig) -> None:
+  """Closes a figure pyplot made (it keeps them open until closed); others need nothing. pyplot is not
+  imported here: figures from stream_jax.plots never touch it, so no backend is selected."""
+  plt = sys.modules.get("matplotlib.pyplot")
+  if plt is not None:
+    plt.close(fig)
 
 
 def _fmt(v: Any) -> str:
@@ -312,9 +236,9 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
   Args:
     report: everything worth keeping (JSON-able after `to_jsonable`).
     summary: the key numbers shown at the top of index.html.
-    figures: name -> a matplotlib Figure (saved as name.png and closed) or a callable that writes the PNG
-      to the path it is given (the stream_jax.plots functions).
-    trace: saved with orbax (restore with `load_trace(out_dir)`).
+    figures: name -> a matplotlib Figure (the stream_jax.plots functions return them; saved as name.png,
+      and closed if pyplot made it) or a callable that writes the PNG to the path it is given.
+    trace: saved with orbax (restore with `stream_jax.trace_io.load_trace(out_dir)`).
     sections: title -> preformatted text (tables) shown in index.html.
     force: replace a previous stream_jax report at `out_dir` (never a file, a folder stream_jax did not
       write, or a report a user added files to: see `check_out_dir`).
@@ -322,8 +246,6 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
     notes: notices shown above the numbers (e.g. "pruning does nothing at these settings").
     captions: figure name -> what the figure shows and how to read it.
   """
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
   out = check_out_dir(out_dir, force=force)
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -342,7 +264,7 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
       png = tmp / f"{name}.png"
       if hasattr(fig, "savefig"):
         fig.savefig(png, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        _close(fig)
       else:
         fig(str(png))
       names.append(png.name)
