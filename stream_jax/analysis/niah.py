@@ -159,6 +159,19 @@ class NiahSample:
   def queried_needles(self) -> tuple[Needle, ...]:
     return tuple(n for n in self.needles if n.queried)
 
+  @property
+  def value_spans(self) -> np.ndarray:
+    """int32[k, 2]: [start, end) token spans of the asked needles' values (what routes and needle mass
+    measure)."""
+    return np.asarray([n.value_token_span for n in self.queried_needles], np.int32).reshape(-1, 2)
+
+  def needle_blocks(self, block_k: int) -> tuple[int, ...]:
+    """Sorted key blocks of `block_k` tokens that hold a token of an asked value."""
+    if not isinstance(block_k, (int, np.integer)) or block_k < 1:
+      raise ValueError(f"block_k must be a positive integer, got {block_k!r}")
+    return tuple(sorted({int(b) for s, e in self.value_spans if e > s
+                         for b in range(s // block_k, (e - 1) // block_k + 1)}))
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer adapter
