@@ -23,49 +23,33 @@ import json
 import os
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from stream_jax import StreamConfig, plots
-from stream_jax.analysis import faithfulness, niah, routes
-
-
-def logits_fn_for(model):
-  """The model's own final norm + unembedding, applied to residual states [..., T, D]."""
-  from stream_jax.models.forward import logits_from_hidden  # pylint: disable=import-outside-toplevel
-  return lambda h: logits_from_hidden(model, model.params, h)
+from stream_jax import experiments as ex
+from stream_jax.analysis import faithfulness, niah
 
 
 def run_niah(model, length, n, seed, cfg, dense_check):
-  """Samples of one length, answered in one batch with Stream (and dense), traced, scored."""
+  """Samples of one length, answered in one batch with Stream (and dense), traced, scored, routed."""
   # Depths on a grid over 15-95%: a needle in the first block would share it with the attention sink (BOS),
   # whose mass would then count as needle mass at block resolution.
   depths = [15 + 80 * (i + 0.5) / n for i in range(n)]
   samples = [niah.generate_sample(model.tokenizer, length, niah.NiahTask(depths=(d,)), seed=seed + i)
              for i, d in enumerate(depths)]
-  ids = np.stack([s.ids for s in samples])
   t = time.time()
-  gen = model.generate(ids, max_new_tokens=10, attention=cfg)
-  t_stream = time.time() - t
-  texts = gen.text if isinstance(gen.text, list) else [gen.text]
-  dense_texts = None
-  if dense_check:
-    dense_texts = model.generate(ids, max_new_tokens=10).text
-    dense_texts = dense_texts if isinstance(dense_texts, list) else [dense_texts]
-  rows = []
-  for b, s in enumerate(samples):
-    tr = routes.select_batch(gen.trace, b)
-    spans = np.array([n_.value_token_span for n_ in s.queried_needles])
-    nm = np.asarray(routes.trace_needle_mass(tr, spans))  # [L, N]
-    rt = routes.route(tr, spans, residual=0.5, threshold=1e-4)
-    in_sink = int(spans[:, 0].min()) < cfg.sink_blocks * cfg.block_k
-    rows.append(dict(sample=s, pred=texts[b], score=niah.match_all(texts[b], s.answers), in_sink=in_sink,
-                     dense_pred=None if dense_texts is None else dense_texts[b],
-                     dense_score=None if dense_texts is None else niah.match_all(dense_texts[b], s.answers),
-                     needle_mass=nm, route=rt, trace=tr,
-                     depth=s.queried_needles[0].token_span[0] / s.length))
-  return rows, t_stream
+  rows = ex.answer_niah(model, samples, ex.Settings(cfg, backend="xla"), max_new_tokens=10, batch_size=n,
+                        dense=dense_check, route=dict(residual=0.5, threshold=1e-4), depths=depths,
+                        seeds=[seed + i for i in range(n)])
+  return rows, time.time() - t
+
+
+def in_sink(row, cfg):
+  return min(row.needle_blocks) < cfg.sink_blocks
+
+
+def token_depth(row):
+  return row.sample.queried_needles[0].token_span[0] / row.length
 
 
 # The question comes first, as in a real prompt: the first key block (BOS, the attention sink) then holds no
@@ -92,40 +76,28 @@ computation order is fine. Therefore Sara has 21 apples left. Let me double-chec
 def run_anchors(model, cfg, out):
   """The thought-anchor pipeline end to end on the real model (a short chain: Stream keeps every block
   below ~1k tokens, so this shows the pipeline, not pruning)."""
-  from stream_jax.analysis import anchors  # pylint: disable=import-outside-toplevel
-  ids, offsets = niah.encode(model.tokenizer, COT)
-  sents = anchors.sentences(COT, offsets)
-  _, trace = model.forward(jnp.asarray(ids)[None], attention=cfg.replace(block_q=16, block_k=16),
-                           last_only=True)
-  rep = anchors.thought_anchors(trace, sents, batch_index=0)
-  print(f"\n== thought anchors: {len(sents)} sentences, {len(ids)} tokens, blocks of 16; receiver heads "
-        + " ".join(f"L{l}H{h}" for l, h in np.asarray(rep.heads)[:8]) + " ... ==")
+  res = ex.anchors_for_text(model, COT, ex.Settings(cfg.replace(block_q=16, block_k=16), backend="xla"))
+  rep = res.report
+  print(f"\n== thought anchors: {len(res.sentences)} sentences, {len(res.ids)} tokens, blocks of 16; "
+        "receiver heads " + " ".join(f"L{l}H{h}" for l, h in np.asarray(rep.heads)[:8]) + " ... ==")
   for i, score, label, text in rep.top(5):
     print(f"  #{i:2d} {score:.4f} {label:24s} {text[:60]!r}")
   print("  by category: " + ", ".join(f"{k} {v[0]:.4f} (n={v[1]})" for k, v in rep.categories.items()))
-  return [plots.plot_vertical_scores(rep.importance, rep.labels, os.path.join(out, "anchors_importance.png"),
-                                     texts=sents.texts),
-          plots.plot_kurtosis_grid(rep.kurtosis, os.path.join(out, "anchors_kurtosis.png"), heads=rep.heads)]
+  return [plots.save(plots.plot_vertical_scores(rep.importance, rep.labels, texts=res.sentences.texts),
+                     os.path.join(out, "anchors_importance.png")),
+          plots.save(plots.plot_kurtosis_grid(rep.kurtosis, heads=rep.heads),
+                     os.path.join(out, "anchors_kurtosis.png"))]
 
 
 def faithfulness_rows(model, lengths, cfg, oracle, seed):
-  logits_fn = logits_fn_for(model)
   out, reports = [], []
   for length in lengths:
     s = niah.generate_sample(model.tokenizer, length, seed=seed + length)
-    tokens = jnp.asarray(s.ids)[None]
     t = time.time()
-    _, _, h_dense = model.forward(tokens, return_hidden=True, last_only=True)
-    _, trace, h_stream = model.forward(tokens, attention=cfg, return_hidden=True, last_only=True)
-    oracle_masks = None
-    if oracle:
-      _, o_trace = model.forward(tokens, attention=cfg.replace(representative="oracle"), last_only=True)
-      oracle_masks = faithfulness.oracle_masks(trace, o_trace)
-    rep = faithfulness.faithfulness_report_from_hidden(list(h_dense[1:]), list(h_stream[1:]), logits_fn,
-                                                       trace=trace, oracle_masks=oracle_masks)
-    row = dict(length=float(length), **rep.summary(), seconds=time.time() - t)
+    pair = ex.faithfulness_pair(model, s.ids, ex.Settings(cfg, backend="xla"), oracle=oracle)
+    row = dict(length=float(length), **pair.report.summary(), seconds=time.time() - t)
     out.append(row)
-    reports.append(rep)
+    reports.append(pair.report)
     print(f"  faithfulness at {length} tokens: {row['seconds']:.0f} s", flush=True)
   return out, reports
 
@@ -153,71 +125,68 @@ def main(argv=None):
   for length in [int(x) for x in args.lengths.split(",")]:
     rows, secs = run_niah(model, length, args.n, args.seed, cfg, args.dense_check)
     all_rows += rows
-    ok = [r["score"] == 1.0 for r in rows]
-    dense = [r["dense_score"] for r in rows if r["dense_score"] is not None]
-    kept = float(rows[0]["trace"].kept_fraction())
+    ok = [r.success for r in rows]
+    dense = [r.dense_score for r in rows if r.dense_score is not None]
+    kept = rows[0].kept_fraction
     print(f"\n== NIAH single_1 at {length} tokens: Stream {sum(ok)}/{len(ok)} "
-          f"(string_match_all {100 * np.mean([r['score'] for r in rows]):.0f})"
+          f"(string_match_all {100 * np.mean([r.score for r in rows]):.0f})"
           + (f", dense {int(sum(dense))}/{len(dense)}" if dense else "")
           + f"; kept fraction (global layers) {kept:.3f}; Stream generate {secs:.0f} s")
     print("  depth  success  needle-mass@final(max head, global layers)  needle-flow@L0  prediction")
     glob = [i for i, k in enumerate(kinds) if k == "global"]
     for r in rows:
-      nm_g = r["needle_mass"][glob].max(-1)
-      print(f"  {r['depth']:5.2f}  {str(r['score'] == 1.0):7s}  "
+      nm_g = r.needle_mass[glob].max(-1)
+      print(f"  {token_depth(r):5.2f}  {str(r.success):7s}  "
             + " ".join(f"L{i}:{v:.3f}" for i, v in zip(glob, nm_g))
-            + f"   {float(r['route'].needle_flow[0]):.4f}   {r['pred'][:40]!r}"
-            + ("" if r["dense_pred"] is None else f"  dense: {r['dense_pred'][:24]!r}"))
+            + f"   {float(r.route.needle_flow[0]):.4f}   {r.prediction[:40]!r}"
+            + ("" if r.dense_prediction is None else f"  dense: {r.dense_prediction[:24]!r}"))
 
-  sink = [r for r in all_rows if r["in_sink"]]
+  sink = [r for r in all_rows if in_sink(r, cfg)]
   if sink:
     print(f"\n{len(sink)} sample(s) with the needle in the sink block are left out of the comparison")
-  all_rows = [r for r in all_rows if not r["in_sink"]]
-  success = [r["score"] == 1.0 for r in all_rows]
-  comp = routes.compare([r["needle_mass"] for r in all_rows], success)
+  all_rows = [r for r in all_rows if not in_sink(r, cfg)]
+  success = [r.success for r in all_rows]
+  comp = ex.compare(all_rows)
   print("\n== needle mass at the final query block, successes vs failures (all lengths) ==")
   print(comp.format())
-  for length in sorted({r["sample"].length for r in all_rows}):
-    rows = [r for r in all_rows if r["sample"].length == length]
-    ok = [r["score"] == 1.0 for r in rows]
+  for length in sorted({r.length for r in all_rows}):
+    rows = [r for r in all_rows if r.length == length]
+    ok = [r.success for r in rows]
     if any(ok) and not all(ok):  # within one length: no confound with the haystack size
       print(f"\n== the same at {length} tokens only ==")
-      print(routes.compare([r["needle_mass"] for r in rows], ok).format())
-  long_rows = [r for r in all_rows if r["sample"].length == max(x["sample"].length for x in all_rows)]
+      print(ex.compare(rows).format())
+  long_rows = [r for r in all_rows if r.length == max(x.length for x in all_rows)]
   glob = [i for i, k in enumerate(kinds) if k == "global"]
-  for length in sorted({r["sample"].length for r in all_rows}):
+  for length in sorted({r.length for r in all_rows}):
     for want in (True, False):
-      nm = [r["needle_mass"][glob] for r in all_rows if r["sample"].length == length and
-            (r["score"] == 1.0) == want]
+      nm = [r.needle_mass[glob] for r in all_rows if r.length == length and r.success == want]
       if nm:
         print(f"global layers {glob}, {length} tokens, {'successes' if want else 'failures'} ({len(nm)}): "
               "needle mass mean over heads " + " ".join(f"{v:.3f}" for v in np.mean(nm, 0).mean(-1))
               + ", max head " + " ".join(f"{v:.3f}" for v in np.mean(nm, 0).max(-1)))
-  flow_s = [float(r["route"].needle_flow[0]) for r, o in zip(all_rows, success) if o]
-  flow_f = [float(r["route"].needle_flow[0]) for r, o in zip(all_rows, success) if not o]
+  flow_s = [float(r.route.needle_flow[0]) for r, o in zip(all_rows, success) if o]
+  flow_f = [float(r.route.needle_flow[0]) for r, o in zip(all_rows, success) if not o]
   print(f"\nrollout needle flow at layer 0 (share of the final block's information on needle blocks): "
         f"successes {np.mean(flow_s) if flow_s else float('nan'):.4f}, "
         f"failures {np.mean(flow_f) if flow_f else float('nan'):.4f}")
 
   # plots of routes
-  files = [plots.plot_success_failure(comp.success, comp.failure, os.path.join(args.out, "needle_mass.png"))]
+  out = lambda name: os.path.join(args.out, name)  # pylint: disable=unnecessary-lambda-assignment
+  files = [plots.save(plots.plot_success_failure(comp.success, comp.failure), out("needle_mass.png"))]
   for tag, want in (("success", True), ("failure", False)):
-    pick = [r for r in long_rows if (r["score"] == 1.0) == want] or [
-        r for r in all_rows if (r["score"] == 1.0) == want]
+    pick = [r for r in long_rows if r.success == want] or [r for r in all_rows if r.success == want]
     if pick:
       r = pick[0]
-      s = r["sample"]
-      bk = r["trace"].layers[0].mask.block_k
-      nb = sorted({t // bk for n_ in s.queried_needles for t in range(*n_.value_token_span)})
-      files.append(plots.plot_route(r["route"], os.path.join(args.out, f"route_{tag}.png"), needle_blocks=nb,
-                                    title=f"route ({tag}, {s.length} tokens, needle depth {r['depth']:.2f})"))
-      g = [l for l in r["trace"].layers if l.kind == "global"][-1]
-      files.append(plots.plot_block_mask(g.mask, os.path.join(args.out, f"mask_{tag}.png"), mass=g.mass,
-                                         title=f"layer {g.layer} (global), mean over heads, {tag}"))
+      title = f"route ({tag}, {r.length} tokens, needle depth {token_depth(r):.2f})"
+      files.append(plots.save(plots.plot_route(r.route, needle_blocks=r.needle_blocks, title=title),
+                              out(f"route_{tag}.png")))
+      g = [l for l in r.trace.layers if l.kind == "global"][-1]
+      title = f"layer {g.layer} (global), mean over heads, {tag}"
+      files.append(plots.save(plots.plot_block_mask(g.mask, mass=g.mass, title=title), out(f"mask_{tag}.png")))
 
-  with open(os.path.join(args.out, "niah.json"), "w") as f:
-    json.dump([dict(length=r["sample"].length, depth=r["depth"], success=r["score"] == 1.0, pred=r["pred"],
-                    dense_pred=r["dense_pred"], needle_mass=np.asarray(r["needle_mass"]).tolist())
+  with open(out("niah.json"), "w") as f:
+    json.dump([dict(length=r.length, depth=token_depth(r), success=r.success, pred=r.prediction,
+                    dense_pred=r.dense_prediction, needle_mass=np.asarray(r.needle_mass).tolist())
                for r in all_rows], f, indent=1)
 
   # ---- 2b. thought anchors on a short hand-written chain of thought --------------------------------------
@@ -235,7 +204,7 @@ def main(argv=None):
           "top5_mean", "resid_err_last_layer"] + (["oracle_recall"] if args.oracle else [])
   print(faithfulness.format_rows(frows, keys))
   print(faithfulness.format_report(reports[-1], f"per layer at {int(frows[-1]['length'])} tokens"))
-  files.append(plots.plot_faithfulness(frows, os.path.join(args.out, "faithfulness.png")))
+  files.append(plots.save(plots.plot_faithfulness(frows), os.path.join(args.out, "faithfulness.png")))
   with open(os.path.join(args.out, "faithfulness.json"), "w") as f:
     json.dump(frows, f, indent=1)
   print("\nwrote " + ", ".join(files))
