@@ -75,7 +75,7 @@ def main(argv=None):
     for name in variants:
       attention = "dense" if name == "dense" else sj.StreamConfig()
       first, warm = timed(lambda: forward(model, model.params, tokens, attention=attention,
-                                          last_only=True)[0], args.reps)
+                                          last_only=True).logits, args.reps)
       cells[name] = (first, warm)
       print(f"T={t} {name}: first {first:.1f} s, warm {warm:.1f} s (load average {os.getloadavg()[0]:.1f})",
             flush=True)

@@ -204,8 +204,9 @@ def measure(model, params, tokens: np.ndarray, variant: Variant, dense_final, *,
   elif api["coverage_pass"]:
     kw["coverage"] = True
   t0 = time.perf_counter()
-  _, trace, hidden = forward(model, params, jnp.asarray(tokens)[None], attention=cfg, return_hidden=True,
+  _run = forward(model, params, jnp.asarray(tokens)[None], attention=cfg, return_hidden=True,
                              last_only=True, backend=backend, **kw)
+  trace, hidden = _run.trace, _run.hidden
   stream_final = hidden[-1, 0]
   stream_final.block_until_ready()
   seconds = time.perf_counter() - t0
@@ -230,8 +231,8 @@ def dense_final_state(model, params, tokens: np.ndarray, dense_impl: str):
   """float[T, D]: the dense model's last residual state (before the final norm), and the seconds it took."""
   from stream_jax.models import forward  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
-  _, _, hidden = forward(model, params, jnp.asarray(tokens)[None], attention="dense", return_hidden=True,
-                         last_only=True, dense_impl=dense_impl)
+  hidden = forward(model, params, jnp.asarray(tokens)[None], attention="dense", return_hidden=True,
+                         last_only=True, dense_impl=dense_impl).hidden
   final = hidden[-1, 0]
   final.block_until_ready()
   return final, time.perf_counter() - t0

@@ -67,11 +67,12 @@ def check_exact_forward(t=4096):
                                name="gemma3-1b-6layers")
   params = init_params(config, dtype=jnp.float32, seed=0)
   x = jnp.asarray(np.random.default_rng(0).integers(3, 4096, size=(1, t)), jnp.int32)
-  dense_logits, _ = forward(config, params, x, dense_impl="xla")
+  dense_logits = forward(config, params, x, dense_impl="xla").logits
   for impl in ("cudnn", "xla"):
     for backend in ("pallas", "xla"):
-      exact, trace = forward(config, params, x, attention=sj.StreamConfig(), output="exact", dense_impl=impl,
+      _run = forward(config, params, x, attention=sj.StreamConfig(), output="exact", dense_impl=impl,
                              backend=backend)
+      exact, trace = _run.logits, _run.trace
       rel = float(jnp.abs(exact - dense_logits).max() / jnp.abs(dense_logits).max())
       print(f"exact (dense_impl={impl}, backend={backend}) vs dense logits: max rel diff {rel:.2e}; "
             f"coverage {float(trace.coverage()):.4f}, kept {float(trace.kept_fraction()):.4f}")

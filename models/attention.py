@@ -13,7 +13,6 @@ from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from stream_jax import dense as dense_lib
 from stream_jax.attention import block_coverage, sparse_attention
@@ -23,9 +22,6 @@ from stream_jax.mask import BlockMask, window_mask
 from stream_jax.trace import LayerTrace
 
 Attention = Union[str, StreamConfig]
-NEG_INF = -1e30  # finite: a fully masked (padding) row stays NaN-free
-# Queries per step of the dense path (stream_jax.dense tiles).
-DENSE_Q_CHUNK = dense_lib.Q_CHUNK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,29 +58,6 @@ def check_attention(attention: Attention) -> Optional[StreamConfig]:
   raise ValueError(f"attention must be 'dense' or a stream_jax.StreamConfig, got {attention!r}")
 
 
-def softcap(x: jax.Array, cap: Optional[float]) -> jax.Array:
-  return x if cap is None else cap * jnp.tanh(x / cap)
-
-
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array, k_pos: jax.Array,
-                    scale: float, cap: Optional[float] = None, window: Optional[int] = None,
-                    k_valid: Optional[jax.Array] = None,
-                    q_chunk: int = DENSE_Q_CHUNK) -> jax.Array:
-  """Causal (sliding-window) softmax attention, exact: `stream_jax.dense.dense_attention` (flash style,
-  nothing T x S; local layers touch only their window), under the model's argument names.
-
-  Args:
-    q: [B, T, N, H]; k, v: [B, S, K, H]; q_pos: int[T], k_pos: int[S] absolute positions.
-    scale, cap: logit scale and optional softcap (applied before the mask, as the reference does).
-    window: W, a key is visible iff q_pos - k_pos < W (None: global).
-    k_valid: optional bool[B, S] (e.g. the filled part of a KV cache).
-  Returns:
-    [B, T, N, H] in q's dtype (a row that sees no key: 0). Memory: B x N x q_chunk x k_chunk logits.
-  """
-  return dense_lib.dense_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, scale=scale, softcap=cap,
-                                   window=window, k_valid=k_valid, q_chunk=q_chunk)
-
-
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                     window: Optional[int] = None, return_lse: bool = False):
   """Causal (sliding-window) attention through `jax.nn.dot_product_attention`: cuDNN on GPU.
@@ -104,23 +77,6 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   return out, jnp.swapaxes(lse.astype(jnp.float32).reshape(b, t, n), 1, 2)
 
 
-def captured_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, cap: Optional[float],
-                       window: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
-  """Exact attention that also returns the probabilities [B, N, T, S] in q's dtype (T x S per head: the
-  dense capture that Stream replaces; for measurements)."""
-  b, t, n, h = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, t, kv, n // kv, h)
-  logits = softcap(jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale, cap)
-  pos = jnp.arange(t)
-  visible = pos[None, :] <= pos[:, None]
-  if window is not None:
-    visible &= pos[:, None] - pos[None, :] < window
-  probs = jax.nn.softmax(jnp.where(visible, logits, NEG_INF), axis=-1).astype(q.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h).astype(q.dtype), probs.reshape(b, n, t, t)
-
-
 def _band(plan: LayerPlan, cfg: StreamConfig, b: int, n: int, t: int) -> BlockMask:
   """The exact block band of the layer's window (all causal blocks if global), batched [B, N, nQ, C]."""
   m = window_mask(n, t, t, block_q=cfg.block_q, block_k=cfg.block_k, window=plan.window)
@@ -129,46 +85,60 @@ def _band(plan: LayerPlan, cfg: StreamConfig, b: int, n: int, t: int) -> BlockMa
 
 
 def dense_with_lse(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                   cap: Optional[float]) -> tuple[jax.Array, jax.Array]:
+                   cap: Optional[float], visible: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """Dense attention of the layer and its per-query log-sum-exp [B, N, T], in one flash-style pass
   (cuDNN's on a GPU with dense_impl="cudnn" and 16-bit inputs, the chunked XLA pass otherwise: float32
-  models take the XLA pass). Nothing T x T."""
-  if plan.dense_impl == "cudnn" and q.dtype != jnp.float32:  # cuDNN's flash attention is 16-bit only
+  models and suppressed keys take the XLA pass). Nothing T x T."""
+  if plan.dense_impl == "cudnn" and q.dtype != jnp.float32 and visible is None:  # cuDNN: 16-bit only
     return cudnn_attention(q, k, v, scale=scale, window=plan.window, return_lse=True)
   pos = jnp.arange(q.shape[1], dtype=jnp.int32)
   return dense_lib.dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, softcap=cap,
-                                   window=plan.window, return_lse=True)
+                                   window=plan.window, k_valid=visible, return_lse=True)
 
 
 def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-           cap: Optional[float]) -> tuple[jax.Array, Optional[LayerTrace]]:
+           cap: Optional[float], suppress: Optional[jax.Array] = None,
+           forced: Optional[BlockMask] = None) -> tuple[jax.Array, Optional[LayerTrace]]:
   """One layer's attention over a whole sequence (positions 0..T-1).
 
   q: [B, T, N, H] (post QK-norm and RoPE), k, v: [B, T, K, H] -> out [B, T, N, H] and, on the Stream
   path, a LayerTrace (mask indices [B, N, nQ, C], mass float32[B, N, nQ, C], coverage [B, N, nQ] when
   the output is exact or coverage was asked for).
+  suppress: bool[B|1, N, T] keys given zero probability per head (an Intervention's; see
+    stream_jax.intervene); the mask is still estimated from the unsuppressed logits, so the trace shows
+    where the layer would look and how much mass the suppression leaves there.
+  forced: a BlockMask [B, N, nQ, C] to attend through instead of the estimated / band mask.
   """
   b, t, n, _ = q.shape
   pos = jnp.arange(t, dtype=jnp.int32)
   cfg = plan.stream
+  visible = None if suppress is None else jnp.broadcast_to(~suppress, (b, n, t))
   if cfg is None:
-    if plan.dense_impl == "cudnn":
+    if plan.dense_impl == "cudnn" and visible is None:
       return cudnn_attention(q, k, v, scale=scale, window=plan.window), None
     if plan.dense_impl == "capture":
-      return captured_attention(q, k, v, scale=scale, cap=cap, window=plan.window)
-    return dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, cap=cap, window=plan.window), None
+      out, probs = dense_lib.dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, softcap=cap,
+                                             window=plan.window, k_valid=visible, return_probs=True)
+      return out, probs
+    return dense_lib.dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, softcap=cap,
+                                     window=plan.window, k_valid=visible), None
   exact = plan.output == "exact"
-  if plan.prune:
+  if forced is not None:
+    mask = forced
+    mode = "exact" if exact else "stream"
+  elif plan.prune:
     mask = estimate_mask(q, k, cfg, scale=scale, softcap=cap, backend=plan.backend)
     mode = "exact" if exact else "stream"
   else:  # local layer kept exact: its window as a block band
     mask = _band(plan, cfg, b, n, t)
     mode = "window"
+  estimated = forced is not None or plan.prune
   dense_out = lse_dense = None
-  if plan.prune and (exact or plan.coverage):
-    dense_out, lse_dense = dense_with_lse(plan, q, k, v, scale=scale, cap=cap)
+  if estimated and (exact or plan.coverage):
+    dense_out, lse_dense = dense_with_lse(plan, q, k, v, scale=scale, cap=cap, visible=visible)
   out, stats = sparse_attention(q, k, v, mask, scale=scale, softcap=cap, window=plan.window,
-                                backend=plan.backend, lse_ref=lse_dense if exact else None)
+                                backend=plan.backend, lse_ref=lse_dense if exact else None,
+                                key_mask=visible)
   coverage = None
   if lse_dense is not None:
     coverage = block_coverage(stats.lse, lse_dense, cfg.block_q)
@@ -177,7 +147,8 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
   if exact and dense_out is not None:
     out = dense_out.astype(q.dtype)
   elif plan.dense and not exact:
-    out = dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, cap=cap, window=plan.window)
+    out = dense_lib.dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, softcap=cap,
+                                    window=plan.window, k_valid=visible)
     mode = "dense"
   trace = LayerTrace(mask=mask, mass=stats.mass, layer=plan.layer, kind=plan.kind, mode=mode,
                      window=plan.window, coverage=coverage)

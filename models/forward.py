@@ -1,4 +1,4 @@
-"""The one forward entry point: token ids -> logits (+ Stream trace, + residual stream).
+"""The one forward entry point: token ids -> TracedRun (logits, Stream trace, residual stream).
 
 jit-compiled with the architecture and the attention plan as static arguments, so a dense call and a
 Stream call of the same model are two cached executables over the same parameters.
@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from stream_jax import checks
 from stream_jax.models.attention import Attention, make_plans
 from stream_jax.models.config import GemmaConfig
-from stream_jax.models.transformer import Gemma, check_dtype
-from stream_jax.trace import Trace
+from stream_jax.models.transformer import Gemma, check_dtype, traced_run
+from stream_jax.intervene import Intervention
+from stream_jax.trace import TracedRun
 
 
 def model_config(model) -> GemmaConfig:
@@ -39,21 +40,22 @@ def params_dtype(params) -> jnp.dtype:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "plans", "last_only", "return_hidden"))
-def _forward(params, tokens, *, config, dtype, plans, last_only, return_hidden):
+def _forward(params, tokens, intervention, *, config, dtype, plans, last_only, return_hidden):
   return Gemma(config, dtype).apply(params, tokens, plans, last_only=last_only, return_hidden=return_hidden,
-                                    method=Gemma.run)
+                                    intervention=intervention, method=Gemma.run)
 
 
 def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
             dense_layers: Sequence[int] = (), prune_local: bool = False, backend: str = "xla",
             return_hidden: bool = False, last_only: bool = False, dense_impl: Optional[str] = None,
-            output: str = "sparse", coverage: bool = False):
+            output: str = "sparse", coverage: bool = False,
+            intervention: Optional[Intervention] = None) -> TracedRun:
   """Run the decoder on token ids.
 
   Args:
     model: GemmaConfig or LoadedModel (from `load_model`).
     params: the parameter tree ({"params": ...} or bare).
-    tokens: int[B, T] (or int[T]: outputs then lose their batch axis). Position 0 should be BOS.
+    tokens: int[B, T] (int[T] is a batch of one: outputs keep B = 1). Position 0 should be BOS.
     attention: "dense" (exact causal / sliding-window softmax) or a StreamConfig: global layers attend
       through a mask estimated by hierarchical top-k search; local layers stay exact (their window as a
       block band) unless prune_local=True.
@@ -61,8 +63,8 @@ def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
       holds the estimated mask and the mass attention through it would give, mode "dense").
     prune_local: Stream mode only: estimate masks on local layers too (inside their window).
     backend: "xla" | "pallas" | "auto" for mask estimation and sparse attention.
-    return_hidden: also return the residual stream float[L + 1, B, T, D]: the scaled embeddings, then the
-      output of every layer (before the final norm) — for per-layer dense vs Stream error.
+    return_hidden: also return the residual stream [L, B, T, D]: the output of every layer (before the
+      final norm) — for per-layer dense vs Stream error.
     last_only: logits at the last position only ([B, V]), saving the [B, T, V] buffer.
     dense_impl: how dense attention runs: "xla" (exact, flash-style chunks; the default of dense calls),
       "cudnn" (jax.nn.dot_product_attention, the fast path on GPU; no soft-cap) or "capture" (dense calls
@@ -76,39 +78,44 @@ def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
     coverage: Stream calls: also record each layer's coverage (share of the dense attention inside the
       kept blocks) in a sparse trace; costs one dense log-sum-exp pass per pruned layer. Always on with
       output="exact".
+    intervention: per-layer overrides (stream_jax.intervene): attention to chosen keys suppressed in
+      chosen layers / heads (any mode), forced block masks (Stream calls). A pytree argument of the
+      compiled function: new values of the same shapes reuse the executable.
 
   Returns:
-    (logits, trace) or (logits, trace, hidden). logits: float32[B, T, V] ([B, V] if last_only).
-    trace: None for dense attention; else a stream_jax.trace.Trace with one LayerTrace per layer, in
-    layer order: mask (BlockMask, indices int32[B, N, nQ, C]) and mass float32[B, N, nQ, C], static
-    layer/kind ("global"|"local")/mode ("stream"|"window"|"dense")/window. With dense_impl="capture"
-    the second output is instead the tuple of per-layer probabilities [B, N, T, T].
+    TracedRun (stream_jax.trace): logits float32[B, T, V] ([B, V] if last_only); trace, a Trace with one
+    LayerTrace per layer in layer order (mask indices int32[B, N, nQ, C], mass float32[B, N, nQ, C],
+    static layer / kind / mode / window; None for attention="dense"); hidden [L, B, T, D] or None;
+    probs, per-layer probabilities [B, N, T, T] with dense_impl="capture", else None.
   """
   config = model_config(model)
   params = wrap_params(params)
   dtype = params_dtype(params)
   tokens = jnp.asarray(checks.token_ids(tokens, config.vocab_size))  # ids checked when concrete
   checks.check_dense_layers(attention, dense_layers)
-  squeeze = tokens.ndim == 1
-  if squeeze:
+  if tokens.ndim == 1:
     tokens = tokens[None]
   if tokens.ndim != 2 or tokens.shape[1] < 1:
     raise ValueError(f"tokens must have shape [B, T] or [T] with T >= 1, got {tokens.shape}")
   plans = make_plans(config, attention, dense_layers, prune_local, backend, dense_impl, output, coverage)
-  out = _forward(params, tokens.astype(jnp.int32), config=config, dtype=dtype, plans=plans,
+  check_intervention(intervention, config, plans, tokens.shape)
+  out = _forward(params, tokens.astype(jnp.int32), intervention, config=config, dtype=dtype, plans=plans,
                  last_only=bool(last_only), return_hidden=bool(return_hidden))
-  logits = out["logits"]
-  trace: Optional[Trace] = None
-  if plans[0].stream is not None:
-    trace = Trace(layers=tuple(out["traces"]))
-  elif dense_impl == "capture":
-    trace = tuple(out["traces"])
-  hidden = out.get("hidden")
-  if squeeze:
-    logits = logits[0]
-    trace = None if trace is None else jax.tree_util.tree_map(lambda x: x[0], trace)
-    hidden = None if hidden is None else hidden[:, 0]
-  return (logits, trace, hidden) if return_hidden else (logits, trace)
+  return traced_run(out, plans)
+
+
+def check_intervention(intervention: Optional[Intervention], config: GemmaConfig, plans, shape) -> None:
+  """An Intervention (or None) that fits this model, call and token shape [B, T]."""
+  if intervention is None:
+    return
+  if not isinstance(intervention, Intervention):
+    raise TypeError("intervention must be a stream_jax.intervene.Intervention (e.g. from suppress_spans), "
+                    f"got {type(intervention).__name__}")
+  intervention.check(num_layers=config.num_layers, num_heads=config.num_heads, batch=shape[0],
+                     length=shape[1])
+  if intervention.masks is not None and plans[0].stream is None:
+    raise ValueError("intervention.masks (forced block masks) needs a Stream call (attention=StreamConfig())"
+                     "; a dense call has no mask to replace")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))

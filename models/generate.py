@@ -18,57 +18,68 @@ import numpy as np
 
 from stream_jax import checks
 from stream_jax.models.attention import Attention, make_plans
-from stream_jax.models.forward import model_config, params_dtype, wrap_params
-from stream_jax.models.transformer import Gemma
-from stream_jax.trace import Trace
+from stream_jax.intervene import Intervention
+from stream_jax.models.forward import check_intervention, model_config, params_dtype, wrap_params
+from stream_jax.models.transformer import Gemma, traced_run
+from stream_jax.trace import Trace, TracedRun
 
 CACHE_BUCKET = 128
 
 
 @dataclasses.dataclass
 class Generation:
-  """text: decoded new tokens (EOS excluded; per row for a batch); ids: int32[B, n] new tokens (EOS
-  included if hit, then padded with EOS); prompt_ids: int32[B, T]; trace: the prefill's Trace (Stream)."""
+  """Always batched, like TracedRun. text: per row, the decoded new tokens (EOS excluded); ids:
+  int32[B, n] new tokens (EOS included if hit, then padded with EOS); prompt_ids: int32[B, T]; prefill:
+  the prompt's TracedRun (last-position logits [B, V] and, for a Stream call, its Trace)."""
 
-  text: list[str] | str
+  text: list[str]
   ids: np.ndarray
   prompt_ids: np.ndarray
-  trace: Optional[Trace] = None
+  prefill: TracedRun
+
+  @property
+  def trace(self) -> Optional[Trace]:
+    """The prefill's Trace (None for a dense prefill)."""
+    return self.prefill.trace
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "plans", "cache_len"))
-def _prefill(params, tokens, *, config, dtype, plans, cache_len):
-  out = Gemma(config, dtype).apply(params, tokens, plans, last_only=True, return_kv=True, method=Gemma.run)
+def _prefill(params, tokens, intervention, *, config, dtype, plans, cache_len):
+  out = Gemma(config, dtype).apply(params, tokens, plans, last_only=True, return_kv=True,
+                                   intervention=intervention, method=Gemma.run)
   pad = cache_len - tokens.shape[1]
   cache = tuple((jnp.pad(k, [(0, 0), (0, pad), (0, 0), (0, 0)]),
                  jnp.pad(v, [(0, 0), (0, pad), (0, 0), (0, 0)])) for k, v in out["kv"])
-  return out["logits"], out["traces"], cache
+  return out, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
-def _step(params, token, start, cache, *, config, dtype):
-  logits, cache = Gemma(config, dtype).apply(params, token, start, cache, method=Gemma.extend)
+def _step(params, token, start, cache, intervention, *, config, dtype):
+  logits, cache = Gemma(config, dtype).apply(params, token, start, cache, intervention=intervention,
+                                             method=Gemma.extend)
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
 
 
 def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Attention = "dense",
              dense_layers: Sequence[int] = (), prune_local: bool = False, backend: str = "xla",
              tokenizer=None, stop_ids: Optional[Sequence[int]] = None, output: str = "sparse",
-             coverage: bool = False) -> Generation:
+             coverage: bool = False, intervention: Optional[Intervention] = None) -> Generation:
   """Greedy continuation of a prompt.
 
   Args:
     model: GemmaConfig or LoadedModel (then its tokenizer is used by default).
     params: parameters.
-    prompt: a string (needs a tokenizer; BOS is added by it), or token ids int[T] / int[B, T] (rows of a
-      batch have the same length; include BOS yourself).
+    prompt: a string (needs a tokenizer; BOS is added by it; a batch of one), or token ids int[T] (a
+      batch of one) / int[B, T] (rows of a batch have the same length; include BOS yourself).
     max_new_tokens: upper bound of generated tokens.
     attention, dense_layers, prune_local, backend, output, coverage: attention of the prefill (see
       `forward`; with output="exact" the prefill is the dense model's and the trace observes it). Decoding
       steps after the prompt are dense.
+    intervention: per-layer overrides of the prefill (see `forward`); its key suppression also holds in
+      every decoding step (the suppressed prompt keys stay invisible to the generated tokens).
     stop_ids: token ids that end a row (default: the config's EOS and the tokenizer's <end_of_turn>).
   Returns:
-    Generation (text, ids, prompt_ids, trace).
+    Generation (text list, ids, prompt_ids, prefill TracedRun), always batched.
   """
   config = model_config(model)
   params = wrap_params(params)
@@ -80,7 +91,6 @@ def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Atte
       raise ValueError("a string prompt needs a tokenizer (pass tokenizer= or token ids)")
     prompt = tokenizer(prompt)["input_ids"]
   ids = np.asarray(checks.token_ids(prompt, config.vocab_size, "prompt"), dtype=np.int32)
-  single = is_text or ids.ndim == 1
   checks.check_dense_layers(attention, dense_layers)
   if ids.ndim == 1:
     ids = ids[None]
@@ -96,9 +106,13 @@ def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Atte
   b, t = ids.shape
   cache_len = -(-(t + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
   plans = make_plans(config, attention, dense_layers, prune_local, backend, None, output, coverage)
-  logits, traces, cache = _prefill(params, jnp.asarray(ids), config=config, dtype=dtype, plans=plans,
-                                   cache_len=cache_len)
-  token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  check_intervention(intervention, config, plans, ids.shape)
+  step_iv = None if intervention is None or not intervention.suppresses else Intervention(
+      keys=intervention.pad_keys(cache_len).keys, heads=intervention.heads)
+  res, cache = _prefill(params, jnp.asarray(ids), intervention, config=config, dtype=dtype, plans=plans,
+                        cache_len=cache_len)
+  prefill = traced_run(res, plans)
+  token = jnp.argmax(prefill.logits, axis=-1).astype(jnp.int32)
   out, done = [], np.zeros(b, bool)
   stop_arr = np.asarray(sorted(stops), dtype=np.int32)
   pad = config.eos_id
@@ -108,16 +122,12 @@ def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Atte
     done |= np.isin(tok, stop_arr)
     if done.all() or i == max_new_tokens - 1:
       break
-    token, cache = _step(params, jnp.asarray(tok)[:, None], jnp.int32(t + i), cache, config=config,
-                         dtype=dtype)
+    token, cache = _step(params, jnp.asarray(tok)[:, None], jnp.int32(t + i), cache, step_iv,
+                         config=config, dtype=dtype)
   new = np.stack(out, axis=1)
   texts = []
   for row in new:
     hit = np.nonzero(np.isin(row, stop_arr))[0]
     kept = row[: hit[0]] if hit.size else row
     texts.append(tokenizer.decode(kept.tolist()) if tokenizer is not None else "")
-  trace = Trace(layers=tuple(traces)) if plans[0].stream is not None else None
-  if single and trace is not None:
-    trace = jax.tree_util.tree_map(lambda x: x[0], trace)
-  return Generation(text=texts[0] if single else texts, ids=new[0] if single else new,
-                    prompt_ids=ids[0] if single else ids, trace=trace)
+  return Generation(text=texts, ids=new, prompt_ids=ids, prefill=prefill)

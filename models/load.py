@@ -27,6 +27,7 @@ from stream_jax.models.forward import forward
 from stream_jax.models.generate import Generation, generate
 from stream_jax.models.params import cast_params
 from stream_jax.models.transformer import check_dtype
+from stream_jax.trace import TracedRun
 
 EMBEDDED = ("gemma3-270m", "gemma-3-270m", "default", "embedded")
 
@@ -60,13 +61,14 @@ class LoadedModel:
   def forward(self, tokens, *, attention: Attention = "dense", dense_layers: Sequence[int] = (),
               prune_local: bool = False, backend: str = "xla", return_hidden: bool = False,
               last_only: bool = False, dense_impl: Optional[str] = None, output: str = "sparse",
-              coverage: bool = False):
+              coverage: bool = False, intervention=None) -> TracedRun:
     """`stream_jax.models.forward(self, self.params, tokens, ...)`; tokens may be a string."""
     if isinstance(tokens, str):
       tokens = self.encode(tokens)
     return forward(self, self.params, tokens, attention=attention, dense_layers=dense_layers,
                    prune_local=prune_local, backend=backend, return_hidden=return_hidden,
-                   last_only=last_only, dense_impl=dense_impl, output=output, coverage=coverage)
+                   last_only=last_only, dense_impl=dense_impl, output=output, coverage=coverage,
+                   intervention=intervention)
 
   def generate(self, prompt, max_new_tokens: int = 32, **kw) -> Generation:
     return generate(self, self.params, prompt, max_new_tokens=max_new_tokens, **kw)

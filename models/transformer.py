@@ -23,10 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stream_jax.models.attention import Attention, LayerPlan, attend, dense_attention, make_plans
+from stream_jax import dense as dense_lib
+from stream_jax.intervene import Intervention
+from stream_jax.models.attention import Attention, LayerPlan, attend, make_plans
 from stream_jax.models.config import GemmaConfig
 from stream_jax.models.layers import Embedder, FeedForward, RMSNorm, apply_rope, map_positions
-from stream_jax.trace import Trace
+from stream_jax.trace import Trace, TracedRun
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -94,18 +96,21 @@ class SelfAttention(nn.Module):
     k = apply_rope(k, positions, inv_freq=inv)
     return q, k, v
 
-  def __call__(self, x: jax.Array, plan: LayerPlan):
-    """Whole sequence: x [B, T, D] -> (out [B, T, D], LayerTrace | None, (k, v))."""
+  def __call__(self, x: jax.Array, plan: LayerPlan, suppress=None, forced=None):
+    """Whole sequence: x [B, T, D] -> (out [B, T, D], LayerTrace | None, (k, v)); suppress / forced: this
+    layer's intervention (see `attend`)."""
     c = self.config
     t = x.shape[1]
     q, k, v = self.qkv(x, jnp.arange(t, dtype=jnp.int32))
-    out, trace = attend(plan, q, k, v, scale=c.attn_scale, cap=c.attn_softcap)
+    out, trace = attend(plan, q, k, v, scale=c.attn_scale, cap=c.attn_softcap, suppress=suppress,
+                        forced=forced)
     return self.attn_vec_einsum("btnh,nhd->btd", out), trace, (k, v)
 
-  def extend(self, x: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]):
+  def extend(self, x: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array], suppress=None):
     """Cached step: x [B, T, D] at positions start..start+T-1; cache k, v [B, S, K, H] (S static).
 
-    Writes the new keys/values into the cache and attends densely to the filled part.
+    Writes the new keys/values into the cache and attends densely to the filled part (minus the keys an
+    intervention suppresses: bool[B|1, N, S]).
     Returns (out [B, T, D], new cache).
     """
     c = self.config
@@ -115,8 +120,9 @@ class SelfAttention(nn.Module):
     k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
     k_pos = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
-    out = dense_attention(q, k_cache, v_cache, q_pos=q_pos, k_pos=k_pos, scale=c.attn_scale,
-                          cap=c.attn_softcap, window=c.window(self.layer))
+    visible = None if suppress is None else jnp.broadcast_to(~suppress, (x.shape[0],) + suppress.shape[1:])
+    out = dense_lib.dense_attention(q, k_cache, v_cache, q_pos=q_pos, k_pos=k_pos, scale=c.attn_scale,
+                                    softcap=c.attn_softcap, window=c.window(self.layer), k_valid=visible)
     return self.attn_vec_einsum("btnh,nhd->btd", out), (k_cache, v_cache)
 
 
@@ -146,13 +152,13 @@ class Block(nn.Module):
     return map_positions(lambda blk, xc: xc + blk._post("post_ffw_norm", blk.mlp(blk.pre_ffw_norm(xc))),
                          self, x)
 
-  def __call__(self, x: jax.Array, plan: LayerPlan):
-    a, trace, kv = self.attn(self.pre_attention_norm(x), plan)
+  def __call__(self, x: jax.Array, plan: LayerPlan, suppress=None, forced=None):
+    a, trace, kv = self.attn(self.pre_attention_norm(x), plan, suppress, forced)
     x = x + self._post("post_attention_norm", a)
     return self._ffw(x), trace, kv
 
-  def extend(self, x, start, cache):
-    a, cache = self.attn.extend(self.pre_attention_norm(x), start, cache)
+  def extend(self, x, start, cache, suppress=None):
+    a, cache = self.attn.extend(self.pre_attention_norm(x), start, cache, suppress)
     x = x + self._post("post_attention_norm", a)
     return self._ffw(x), cache
 
@@ -186,24 +192,24 @@ class Gemma(nn.Module):
 
   def __call__(self, tokens: jax.Array, attention: Attention = "dense", *, dense_layers=(),
                prune_local: bool = False, backend: str = "xla", last_only: bool = False,
-               return_hidden: bool = False, output: str = "sparse", coverage: bool = False):
-    """`Gemma(config).apply(params, tokens [B, T], attention="dense" | StreamConfig, ...)` ->
-    (logits, trace) or (logits, trace, hidden); the same contract as `stream_jax.models.forward`
-    (which adds jit and input checks)."""
+               return_hidden: bool = False, output: str = "sparse", coverage: bool = False) -> TracedRun:
+    """`Gemma(config).apply(params, tokens [B, T], attention="dense" | StreamConfig, ...)` -> TracedRun;
+    the same contract as `stream_jax.models.forward` (which adds jit and input checks)."""
     plans = make_plans(self.config, attention, dense_layers, prune_local, backend, None, output, coverage)
-    out = self.run(tokens, plans, last_only=last_only, return_hidden=return_hidden)
-    trace = Trace(layers=out["traces"]) if plans[0].stream is not None else None
-    return (out["logits"], trace, out["hidden"]) if return_hidden else (out["logits"], trace)
+    return traced_run(self.run(tokens, plans, last_only=last_only, return_hidden=return_hidden), plans)
 
   def run(self, tokens: jax.Array, plans: tuple[LayerPlan, ...], *, last_only: bool = False,
-          return_hidden: bool = False, return_kv: bool = False):
+          return_hidden: bool = False, return_kv: bool = False,
+          intervention: Optional[Intervention] = None):
     """tokens int[B, T] -> dict(logits float32[B, T, V] (or [B, V] if last_only), traces (per layer,
-    None on dense layers of a dense call), hidden [L + 1, B, T, D] (embeddings, then the residual stream
-    after each layer, before the final norm), kv (per layer (k, v) [B, T, K, H]))."""
+    None on dense layers of a dense call; the probabilities with dense_impl="capture"), hidden
+    [L, B, T, D] (the residual stream after each layer, before the final norm), kv (per layer (k, v)
+    [B, T, K, H]))."""
     x = self.embedder.encode(tokens)
-    hidden, traces, kvs = [x], [], []
-    for block, plan in zip(self.blocks, plans):
-      x, trace, kv = block(x, plan)
+    hidden, traces, kvs = [], [], []
+    for i, (block, plan) in enumerate(zip(self.blocks, plans)):
+      suppress, forced = (None, None) if intervention is None else intervention.layer(i)
+      x, trace, kv = block(x, plan, suppress, forced)
       traces.append(trace)
       if return_hidden:
         hidden.append(x)
@@ -217,13 +223,24 @@ class Gemma(nn.Module):
       out["kv"] = tuple(kvs)
     return out
 
-  def extend(self, tokens: jax.Array, start: jax.Array, cache, *, last_only: bool = True):
+  def extend(self, tokens: jax.Array, start: jax.Array, cache, *, last_only: bool = True,
+             intervention: Optional[Intervention] = None):
     """tokens int[B, T] at positions start.. with cache (per layer (k, v) [B, S, K, H]) ->
-    (logits float32[B, V] or [B, T, V], new cache)."""
+    (logits float32[B, V] or [B, T, V], new cache). An intervention's keys span the cache (S)."""
     x = self.embedder.encode(tokens)
     new = []
-    for block, kv in zip(self.blocks, cache):
-      x, kv = block.extend(x, start, kv)
+    for i, (block, kv) in enumerate(zip(self.blocks, cache)):
+      suppress = None if intervention is None else intervention.layer(i)[0]
+      x, kv = block.extend(x, start, kv, suppress)
       new.append(kv)
     logits = self.logits(x[:, -1:])[:, 0] if last_only else self.logits(x)
     return logits, tuple(new)
+
+
+def traced_run(out: dict, plans: tuple[LayerPlan, ...]) -> TracedRun:
+  """The TracedRun of `Gemma.run`'s outputs under `plans`."""
+  traces = tuple(out["traces"])
+  stream = plans[0].stream is not None
+  capture = not stream and plans[0].dense_impl == "capture"
+  return TracedRun(logits=out["logits"], trace=Trace(layers=traces) if stream else None,
+                   hidden=out.get("hidden"), probs=traces if capture else None)

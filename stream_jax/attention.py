@@ -32,7 +32,8 @@ __all__ = ["AttentionStats", "block_coverage", "dense_attention", "dense_block_m
 def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v: Float[Array, "*B S K Hv"],
                      mask: BlockMask, *, scale: Optional[float] = None, softcap: Optional[float] = None,
                      window: Optional[int] = None, q_chunk: Optional[int] = DEFAULT_Q_CHUNK,
-                     backend: str = "xla", lse_ref: Optional[Float[Array, "*B N T"]] = None
+                     backend: str = "xla", lse_ref: Optional[Float[Array, "*B N T"]] = None,
+                     key_mask: Optional[Bool[Array, "*B N S"]] = None
                      ) -> tuple[Float[Array, "*B T N Hv"], AttentionStats]:
   """Exact softmax attention over the token set a BlockMask keeps.
 
@@ -52,6 +53,9 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
     lse_ref: optional float32[..., N, T] log softmax denominators of a reference attention over the
       same logits (dense attention's, for an exact trace): block mass becomes exp(logit - lse_ref)
       summed, the reference's probability, instead of the kept softmax's. The output is unchanged.
+    key_mask: optional bool[..., N, S], False where head n may not see key s inside its kept blocks
+      (an intervention's attention suppression; the rest renormalise). A query left with no visible key
+      gets output 0, mass 0 and lse -inf. Runs on the XLA path (the kernel takes no key mask).
 
   Returns:
     out [..., T, N, Hv] in q's dtype, and AttentionStats (mass [..., N, nQ, C], lse [..., N, T]).
@@ -64,19 +68,26 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
       raise ValueError(f"lse_ref must have shape {want} ([batch,] heads, queries), got "
                        f"{getattr(lse_ref, 'shape', type(lse_ref).__name__)}")
     lse_ref = jnp.asarray(lse_ref, jnp.float32)
+  if key_mask is not None:
+    want = tuple(q.shape[:-3]) + (n, s)
+    if tuple(getattr(key_mask, "shape", ())) != want:
+      raise ValueError(f"key_mask must have shape {want} ([batch,] heads, keys), got "
+                       f"{getattr(key_mask, 'shape', type(key_mask).__name__)}")
+    key_mask = jnp.asarray(key_mask, bool)
   checks.check_positive("scale", scale)
   checks.check_positive("softcap", softcap)
   checks.check_window(window)
   checks.check_chunk(q_chunk)
   scale = numerics.resolve_scale(scale, h)
-  if use_kernel(backend, lambda: kernel.unsupported(mask)):
+  if key_mask is None and use_kernel(backend, lambda: kernel.unsupported(mask)):
     return kernel.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
                                    lse_ref=lse_ref)
   return _sparse_xla(q, k, v, mask, scale=scale, softcap=softcap, window=window, q_chunk=q_chunk,
-                     lse_ref=lse_ref)
+                     lse_ref=lse_ref, key_mask=key_mask)
 
 
-def _sparse_xla(q, k, v, mask: BlockMask, *, scale: float, softcap, window, q_chunk, lse_ref):
+def _sparse_xla(q, k, v, mask: BlockMask, *, scale: float, softcap, window, q_chunk, lse_ref,
+                key_mask=None):
   """The XLA reference (and CPU path) on validated inputs."""
   t, n = q.shape[-3], q.shape[-2]
   fn = functools.partial(_sparse, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
@@ -84,9 +95,9 @@ def _sparse_xla(q, k, v, mask: BlockMask, *, scale: float, softcap, window, q_ch
   if lse_ref is None:
     lse_ref = jnp.full(q.shape[:-3] + (n, t), jnp.nan, jnp.float32)  # NaN: use the kept softmax's
   if q.ndim == 4:
-    out, mass, lse = jax.vmap(fn)(q, k, v, mask.indices, lse_ref)
+    out, mass, lse = jax.vmap(fn)(q, k, v, mask.indices, lse_ref, key_mask)
   else:
-    out, mass, lse = fn(q, k, v, mask.indices, lse_ref)
+    out, mass, lse = fn(q, k, v, mask.indices, lse_ref, key_mask)
   return out, AttentionStats(mass=mass, lse=lse)
 
 
@@ -103,9 +114,9 @@ def _check_mask(mask, t, s, n, batch):
   checks.check_block_ids(mask.indices, mask.num_k_blocks)  # concrete masks; under jit ids are not checked
 
 
-def _sparse(q, k, v, indices, lse_ref, *, block_q, block_k, scale, softcap, window, q_chunk):
-  """q [T, N, H], k/v [S, K, *], indices [N, nQ, C], lse_ref [N, T] (NaN: none) -> out [T, N, Hv],
-  mass [N, nQ, C], lse [N, T]."""
+def _sparse(q, k, v, indices, lse_ref, key_mask, *, block_q, block_k, scale, softcap, window, q_chunk):
+  """q [T, N, H], k/v [S, K, *], indices [N, nQ, C], lse_ref [N, T] (NaN: none), key_mask bool[N, S] or
+  None -> out [T, N, Hv], mass [N, nQ, C], lse [N, T]."""
   t, n, h = q.shape
   s, kv, hv = v.shape
   g = n // kv
@@ -113,14 +124,16 @@ def _sparse(q, k, v, indices, lse_ref, *, block_q, block_k, scale, softcap, wind
   q_blocks = to_blocks(q, block_q).reshape(n_q, block_q, kv, g, h)
   k_blocks = to_blocks(k, block_k)  # [nK, bk, K, H]
   v_blocks = to_blocks(v, block_k)
+  # [nK, bk, K, G] (padding keys come out False; the causal rule hides them anyway)
+  km_blocks = None if key_mask is None else to_blocks(key_mask.T, block_k).reshape(-1, block_k, kv, g)
   idx = indices.reshape(kv, g, n_q, -1).transpose(2, 0, 1, 3)  # [nQ, K, G, C]
   q_pos = query_positions(t, s, block_q)  # [nQ, bq]
   ref = jnp.pad(lse_ref, [(0, 0), (0, n_q * block_q - t)], constant_values=jnp.nan)
   ref = ref.reshape(kv, g, n_q, block_q).transpose(2, 0, 1, 3)  # [nQ, K, G, bq]
 
-  def one(qb, ids, ref_row, pos, kb, vb):
-    """qb [bq, H], ids [C], ref_row [bq], pos [bq], kb/vb [nK, bk, *] -> out [bq, Hv], mass [C],
-    lse [bq]."""
+  def one(qb, ids, ref_row, pos, kb, vb, km):
+    """qb [bq, H], ids [C], ref_row [bq], pos [bq], kb/vb [nK, bk, *], km bool[nK, bk] or None -> out
+    [bq, Hv], mass [C], lse [bq]."""
     safe = jnp.maximum(ids, 0)
     keys, vals = kb[safe], vb[safe]  # [C, bk, *]
     logits = jnp.einsum("qh,ckh->cqk", qb, keys, preferred_element_type=jnp.float32)
@@ -129,6 +142,8 @@ def _sparse(q, k, v, indices, lse_ref, *, block_q, block_k, scale, softcap, wind
     visible = (ids[:, None, None] >= 0) & (k_pos[:, None, :] <= pos[None, :, None])
     if window is not None:
       visible &= pos[None, :, None] - k_pos[:, None, :] < window
+    if km is not None:
+      visible &= km[safe][:, None, :]
     probs, lse = numerics.masked_softmax(logits, visible, axes=(0, 2))
     out = jnp.einsum("cqk,ckh->qh", probs, vals.astype(jnp.float32))
     # Reference probabilities where a reference normaliser is given (finite), else the kept softmax's.
@@ -138,12 +153,12 @@ def _sparse(q, k, v, indices, lse_ref, *, block_q, block_k, scale, softcap, wind
     probs = jnp.where(jnp.isnan(ref_row)[None, :, None], probs, ref_probs)
     return out.astype(q.dtype), probs.sum((1, 2)), lse[0, :, 0]
 
-  per_head = jax.vmap(one, in_axes=(1, 0, 0, None, None, None), out_axes=(1, 0, 0))  # G
-  per_head = jax.vmap(per_head, in_axes=(1, 0, 0, None, 2, 2), out_axes=(1, 0, 0))  # K
+  per_head = jax.vmap(one, in_axes=(1, 0, 0, None, None, None, 2), out_axes=(1, 0, 0))  # G
+  per_head = jax.vmap(per_head, in_axes=(1, 0, 0, None, 2, 2, 2), out_axes=(1, 0, 0))  # K
 
   def block_fn(args):
     qb, ids, ref_b, pos = args
-    return per_head(qb, ids, ref_b, pos, k_blocks, v_blocks)
+    return per_head(qb, ids, ref_b, pos, k_blocks, v_blocks, km_blocks)
 
   if q_chunk is None or q_chunk >= n_q:
     out, mass, lse = jax.vmap(block_fn)((q_blocks, idx, ref, q_pos))

@@ -40,7 +40,7 @@ _I32_MIN = jnp.iinfo(jnp.int32).min
 def dense_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K Hv"], *,
                     q_pos: Int[Array, "T"], k_pos: Int[Array, "S"], scale: float,
                     softcap: Optional[float] = None, window: Optional[int] = None,
-                    k_valid: Optional[Bool[Array, "B S"]] = None,
+                    k_valid: Optional[Bool[Array, "B S"] | Bool[Array, "B N S"]] = None,
                     token_mask: Optional[Bool[Array, "B N T S"]] = None, return_lse: bool = False,
                     return_probs: bool = False, q_chunk: int = Q_CHUNK, k_chunk: int = K_CHUNK):
   """Causal (sliding-window) softmax attention, exact.
@@ -50,7 +50,8 @@ def dense_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: F
     q_pos: int[T], k_pos: int[S] absolute positions; key s is visible to query t iff
       k_pos[s] <= q_pos[t] and, with `window` W, q_pos[t] - k_pos[s] < W (W keys including itself).
     scale, softcap: logits are x = (q . k) * scale in f32, then softcap * tanh(x / softcap) if given.
-    k_valid: optional bool[B, S] (e.g. the filled part of a KV cache).
+    k_valid: optional bool[B, S] (e.g. the filled part of a KV cache) or bool[B, N, S] per query head
+      (an intervention's attention suppression: the other keys renormalise).
     token_mask: optional bool[B, N, T, S] further restricting the keys (e.g. `to_dense(mask)`, to make
       this the dense reference of sparse attention). T x S itself, so it takes the T x S path.
     return_lse: also return the natural-log softmax denominator over visible keys.
@@ -84,8 +85,9 @@ def _check(q, k, v, q_pos, k_pos, k_valid, token_mask) -> None:
   b = q.shape[0]
   if q_pos.shape != (t,) or k_pos.shape != (s,):
     raise ValueError(f"q_pos {q_pos.shape} / k_pos {k_pos.shape} must be int[T] / int[S] = [{t}] / [{s}]")
-  if k_valid is not None and k_valid.shape != (b, s):
-    raise ValueError(f"k_valid must have shape [B, S] = {(b, s)}, got {k_valid.shape}")
+  if k_valid is not None and k_valid.shape not in ((b, s), (b, n, s)):
+    raise ValueError(f"k_valid must have shape [B, S] = {(b, s)} or [B, N, S] = {(b, n, s)}, got "
+                     f"{k_valid.shape}")
   if token_mask is not None and token_mask.shape != (b, n, t, s):
     raise ValueError(f"token_mask must have shape [B, N, T, S] = {(b, n, t, s)}, got {token_mask.shape}")
 
@@ -103,7 +105,7 @@ def _dense_probs(q, k, v, q_pos, k_pos, *, scale, softcap, window, k_valid, toke
     visible &= q_pos[:, None] - k_pos[None, :] < window
   visible = visible[None, None, None]
   if k_valid is not None:
-    visible = visible & k_valid.astype(bool)[:, None, None, None, :]
+    visible = visible & _per_head(k_valid, n, kv)[:, :, :, None, :]
   if token_mask is not None:
     visible = visible & token_mask.astype(bool).reshape(b, kv, g, t, s)
   probs, lse = numerics.masked_softmax(logits, visible, axes=-1)
@@ -111,6 +113,14 @@ def _dense_probs(q, k, v, q_pos, k_pos, *, scale, softcap, window, k_valid, toke
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
   return (out.reshape(b, t, n, hv).astype(q.dtype), lse.reshape(b, n, t),
           probs.reshape(b, n, t, s))
+
+
+def _per_head(k_valid: jax.Array, n: int, kv: int) -> jax.Array:
+  """bool[B, S] -> [B, 1, 1, S]; bool[B, N, S] -> [B, K, G, S] (query head n = k * G + g)."""
+  k_valid = k_valid.astype(bool)
+  if k_valid.ndim == 2:
+    return k_valid[:, None, None, :]
+  return k_valid.reshape(k_valid.shape[0], kv, n // kv, k_valid.shape[-1])
 
 
 def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
@@ -140,7 +150,9 @@ def _dense_flash(q, k, v, q_pos, k_pos, *, scale, softcap, window, k_valid, q_ch
   vs = _pad_to(v, 1, nk * ck).transpose(0, 2, 1, 3)
   kp = _pad_to(k_pos, 0, nk * ck, _I32_MAX)
   k_ok = _pad_to(jnp.ones((s,), bool), 0, nk * ck, False)
-  kvalid = k_ok[None] if k_valid is None else _pad_to(k_valid.astype(bool), 1, nk * ck, False) & k_ok
+  # [B|1, K, G|1, S']: per kv head and group, so per-head masks (interventions) index like the logits
+  kvalid = k_ok[None, None, None] if k_valid is None else _pad_to(_per_head(k_valid, n, kv), 3, nk * ck,
+                                                                   False) & k_ok
   k_lo = jnp.where(k_ok, kp, _I32_MAX).reshape(nk, ck).min(1)
   k_hi = jnp.where(k_ok, kp, _I32_MIN).reshape(nk, ck).max(1)
   chunks = jnp.arange(nk, dtype=jnp.int32)
@@ -165,8 +177,8 @@ def _dense_flash(q, k, v, q_pos, k_pos, *, scale, softcap, window, k_valid, q_ch
       vis = kpc[None, :] <= qpc[:, None]  # [cq, ck]
       if window is not None:
         vis &= qpc[:, None] - kpc[None, :] < window
-      vis = vis[None, None, :, None, :] & lax.dynamic_slice_in_dim(kvalid, j * ck, ck, axis=1)[
-          :, None, None, None, :]  # [B|1, 1, cq, 1, ck]
+      vis = vis[None, None, :, None, :] & lax.dynamic_slice_in_dim(kvalid, j * ck, ck, axis=3)[
+          :, :, None, :, :]  # [B|1, K|1, cq, G|1, ck]
       x = jnp.where(vis, x.reshape(b, kv, cq, g, ck), NEG_INF).reshape(b, kv, cq * g, ck)
       m_new = jnp.maximum(m, x.max(-1))
       m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)  # a row with nothing visible yet stays 0

@@ -75,3 +75,41 @@ class Trace:
     the trace carries no coverage)."""
     cov = [l.coverage[..., start_block:] for l in self.select(kind=kind) if l.coverage is not None]
     return jnp.mean(jnp.stack([jnp.mean(c) for c in cov])) if cov else None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TracedRun:
+  """What one forward pass returns: the same pytree whatever the flags, always with a batch axis B.
+
+  logits: float32[B, T, V] ([B, V] with last_only).
+  trace: the Trace of a Stream call (None for attention="dense").
+  hidden: the residual stream after each layer, before the final norm, [L, B, T, D] in the model dtype
+    (None unless return_hidden): layer l's output is hidden[l]; the embeddings are not included.
+  probs: dense_impl="capture" only: per layer the attention probabilities [B, N, T, S] (T x S per head:
+    the dense capture Stream replaces, kept for measurements); None otherwise.
+
+  A pytree, so a TracedRun crosses jit / vmap / device_put; `row(b)` drops the batch axis for
+  single-prompt analysis.
+  """
+
+  logits: jax.Array
+  trace: Optional[Trace] = None
+  hidden: Optional[jax.Array] = None
+  probs: Optional[tuple[jax.Array, ...]] = None
+
+  @property
+  def batch_size(self) -> int:
+    return int(self.logits.shape[0])
+
+  def row(self, b: int) -> "TracedRun":
+    """Batch row b with the batch axis removed (hidden [L, T, D], trace arrays [N, ...])."""
+    size = self.batch_size
+    if not -size <= b < size:
+      raise IndexError(f"row index b={b} out of range for a batch of {size}")
+    take = lambda x: x[b]
+    return TracedRun(
+        logits=self.logits[b],
+        trace=None if self.trace is None else jax.tree_util.tree_map(take, self.trace),
+        hidden=None if self.hidden is None else self.hidden[:, b],
+        probs=None if self.probs is None else tuple(p[b] for p in self.probs))

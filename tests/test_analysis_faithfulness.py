@@ -8,7 +8,7 @@ import pytest
 from stream_jax import (StreamConfig, dense_block_mass, estimate_mask, sparse_attention, to_block_dense,
                         to_dense)
 from stream_jax.mask import BlockMask, window_mask
-from stream_jax.trace import LayerTrace, Trace
+from stream_jax.trace import LayerTrace, Trace, TracedRun
 from stream_jax.analysis import faithfulness as F
 
 
@@ -158,7 +158,8 @@ def test_run_faithfulness_with_a_forward_callable():
     else:
       m = estimate_mask(q, k, attention)
     out, st = sparse_attention(q, k, v, m)
-    return out.reshape(t, 16), Trace((LayerTrace(m, st.mass, 0, "global", "stream"),)), [out]
+    return TracedRun(logits=out.reshape(t, 16), trace=Trace((LayerTrace(m, st.mass, 0, "global", "stream"),)),
+                     hidden=out[None])
 
   cfg = StreamConfig(block_q=8, block_k=8, top_k=1)
   rep = F.run_faithfulness(forward, jnp.zeros((t,), jnp.int32), cfg, oracle=True)

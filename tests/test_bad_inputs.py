@@ -87,10 +87,10 @@ CASES = {
         lambda: anchors.thought_anchors(_trace(), _sentences([[0, 10], [10, 200]])), ValueError,
         "sentence token spans"),
     "describe(None)": (lambda: sj.describe(None), TypeError, "BlockMask"),
-    "plot_block_mask(head=99)": (lambda: plots.plot_block_mask(_mask(), "/tmp/never.png", head=99), ValueError,
+    "plot_block_mask(head=99)": (lambda: plots.plot_block_mask(_mask(), head=99), ValueError,
                                  "head must be an integer in"),
     "plot_kurtosis_grid: head out of range": (
-        lambda: plots.plot_kurtosis_grid(np.ones((3, 4)), "/tmp/never.png", heads=[[1, 7]]), ValueError,
+        lambda: plots.plot_kurtosis_grid(np.ones((3, 4)), heads=[[1, 7]]), ValueError,
         "receiver head"),
 }
 
@@ -122,8 +122,8 @@ def test_checks_skip_traced_values_under_jit():
   mask = jax.jit(sj.estimate_mask, static_argnums=2)(Q, K, SCFG)
   out, _ = jax.jit(sj.sparse_attention)(Q, K, K, mask)
   assert np.isfinite(np.asarray(out)).all()
-  logits, _ = jax.jit(lambda t: forward(CFG, PARAMS, t))(IDS)
-  assert logits.shape == (len(IDS), 97)
+  logits = jax.jit(lambda t: forward(CFG, PARAMS, t))(IDS).logits
+  assert logits.shape == (1, len(IDS), 97)  # int[T] is a batch of one
 
 
 def test_load_trace_checks_layout_and_truncation(tmp_path):

@@ -38,12 +38,15 @@ def test_exact_output_equals_dense_and_mass_is_dense_probability(family):
   cfg = tiny_config(family, window=24)
   params = init_params(cfg, seed=3, scale=0.3)
   x = _tokens(2, 150)
-  dense, _, hidden = forward(cfg, params, x, return_hidden=True)
+  _run = forward(cfg, params, x, return_hidden=True)
+  dense, hidden = _run.logits, _run.hidden
   sc = C(block_q=8, block_k=8, top_k=2, sink_blocks=1, window_blocks=1)
-  exact, trace = forward(cfg, params, x, attention=sc, output="exact")
+  _run = forward(cfg, params, x, attention=sc, output="exact")
+  exact, trace = _run.logits, _run.trace
   rel = np.abs(np.asarray(exact) - np.asarray(dense)).max() / np.abs(np.asarray(dense)).max()
   assert rel <= 1e-5
-  sparse, strace = forward(cfg, params, x, attention=sc)
+  _run = forward(cfg, params, x, attention=sc)
+  sparse, strace = _run.logits, _run.trace
   assert np.abs(np.asarray(sparse) - np.asarray(dense)).max() > 1e-3  # the sparse model really differs
   assert all(l.coverage is None for l in strace.layers)
 
@@ -62,7 +65,8 @@ def test_exact_output_equals_dense_and_mass_is_dense_probability(family):
       block = mdl.blocks[i]
       return block.attn.qkv(block.pre_attention_norm(h), jnp.arange(h.shape[1]))
 
-    q, k, _ = model.apply(params, hidden[lt.layer], method=qk)
+    assert lt.layer > 0  # its input is the previous layer's output (hidden holds each layer's output)
+    q, k, _ = model.apply(params, hidden[lt.layer - 1], method=qk)
     bm = np.asarray(dense_block_mass(q, k, block_q=8, block_k=8, scale=cfg.attn_scale,
                                      softcap=cfg.attn_softcap))  # [B, N, nQ, nK]
     idx = np.asarray(lt.mask.indices)
@@ -78,8 +82,10 @@ def test_sparse_trace_with_coverage_keeps_its_logits():
   params = init_params(cfg, seed=4, scale=0.3)
   x = _tokens(1, 120)
   sc = C(block_q=8, block_k=8, top_k=2, window_blocks=1)
-  a, ta = forward(cfg, params, x, attention=sc)
-  b, tb = forward(cfg, params, x, attention=sc, coverage=True)
+  _run = forward(cfg, params, x, attention=sc)
+  a, ta = _run.logits, _run.trace
+  _run = forward(cfg, params, x, attention=sc, coverage=True)
+  b, tb = _run.logits, _run.trace
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for la, lb in zip(ta.layers, tb.layers):
     np.testing.assert_array_equal(np.asarray(la.mass), np.asarray(lb.mass))  # still the kept softmax's
@@ -264,8 +270,10 @@ def test_report_summarises_the_pruned_regime_and_coverage():
   params = init_params(cfg, seed=5, scale=0.3)
   x = _tokens(1, 160)
   sc = C(block_q=8, block_k=8, top_k=2, window_blocks=1)
-  d, _, dh = forward(cfg, params, x, return_hidden=True)
-  s, tr, sh = forward(cfg, params, x, attention=sc, coverage=True, return_hidden=True)
+  _run = forward(cfg, params, x, return_hidden=True)
+  d, dh = _run.logits, _run.hidden
+  _run = forward(cfg, params, x, attention=sc, coverage=True, return_hidden=True)
+  s, tr, sh = _run.logits, _run.trace, _run.hidden
   start = faithfulness.pruned_start(160, sc)
   rep = faithfulness.faithfulness_report(d, s, trace=tr, pruned_from=start)
   summ = rep.summary()
@@ -283,7 +291,7 @@ def test_exact_trace_round_trips_and_plots_coverage(tmp_path):
   cfg = tiny_config()
   params = init_params(cfg, seed=1, scale=0.3)
   sc = C.faithful(block_q=8, block_k=8, top_k=4)
-  _, tr = forward(cfg, params, _tokens(1, 120), attention=sc, output="exact")
+  tr = forward(cfg, params, _tokens(1, 120), attention=sc, output="exact").trace
   save_trace(tmp_path / "t", tr)
   back = load_trace(tmp_path / "t")
   assert [l.mode for l in back.layers] == [l.mode for l in tr.layers]
@@ -295,13 +303,13 @@ def test_exact_trace_round_trips_and_plots_coverage(tmp_path):
   assert float(kept_fractions(tr).stream) == pytest.approx(float(np.mean(tr.layers[5].kept_fraction())))
   assert float(kept_fractions(tr).stream) < 1.0
   assert (tmp_path / "c.png").exists() is False
-  plots.plot_coverage(tr, str(tmp_path / "c.png"), start_block=2)
+  plots.save(plots.plot_coverage(tr, start_block=2), tmp_path / "c.png")
   assert (tmp_path / "c.png").stat().st_size > 0
   with pytest.raises(ValueError, match="start_block"):
-    plots.plot_coverage(tr, str(tmp_path / "d.png"), start_block=99)
-  _, sparse = forward(cfg, params, _tokens(1, 120), attention=sc)
+    plots.plot_coverage(tr, start_block=99)
+  sparse = forward(cfg, params, _tokens(1, 120), attention=sc).trace
   with pytest.raises(ValueError, match="no coverage"):
-    plots.plot_coverage(sparse, str(tmp_path / "e.png"))
+    plots.plot_coverage(sparse)
 
 
 def test_replace_rederives_the_score_when_coverage_changes():

@@ -15,8 +15,9 @@ def test_capture_returns_the_probabilities_of_the_dense_forward(family):
   cfg = tiny_config(family, window=8)
   params = init_params(cfg, jnp.float32, seed=1)
   x = tokens(2, 40)
-  ref, _ = forward(cfg, params, x)
-  logits, probs = forward(cfg, params, x, dense_impl="capture")
+  ref = forward(cfg, params, x).logits
+  _run = forward(cfg, params, x, dense_impl="capture")
+  logits, probs = _run.logits, _run.probs
   np.testing.assert_allclose(logits, ref, atol=1e-5)
   assert len(probs) == cfg.num_layers and probs[0].shape == (2, cfg.num_heads, 40, 40)
   p = np.asarray(probs[0])
@@ -31,8 +32,9 @@ def test_cudnn_impl_equals_xla_and_refuses_softcap():
   cfg = tiny_config("gemma3", window=8)
   params = init_params(cfg, jnp.float32, seed=2)
   x = tokens(1, 33)
-  ref, _ = forward(cfg, params, x)
-  fast, trace = forward(cfg, params, x, dense_impl="cudnn")  # XLA's implementation off GPU
+  ref = forward(cfg, params, x).logits
+  _run = forward(cfg, params, x, dense_impl="cudnn")
+  fast, trace = _run.logits, _run.trace  # XLA's implementation off GPU
   assert trace is None
   np.testing.assert_allclose(fast, ref, atol=1e-4)
   with pytest.raises(ValueError, match="soft-cap"):
@@ -47,10 +49,11 @@ def test_logits_from_hidden_equal_the_forward_logits():
   cfg = tiny_config("gemma2")
   params = init_params(cfg, jnp.float32, seed=3)
   x = tokens(2, 20)
-  logits, _, hidden = forward(cfg, params, x, return_hidden=True)
+  _run = forward(cfg, params, x, return_hidden=True)
+  logits, hidden = _run.logits, _run.hidden
   np.testing.assert_allclose(logits_from_hidden(cfg, params, hidden[-1]), logits, atol=1e-5)
   np.testing.assert_allclose(logits_from_hidden(cfg, params, hidden[-1, 0, 3]), logits[0, 3], atol=1e-5)
-  last, _ = forward(cfg, params, x, last_only=True)
+  last = forward(cfg, params, x, last_only=True).logits
   np.testing.assert_allclose(last, logits[:, -1], atol=1e-5)
 
 
@@ -60,8 +63,10 @@ def test_pallas_backend_in_the_model_equals_xla():
   params = init_params(cfg, jnp.float32, seed=1)
   x = tokens(1, 150)
   sc = StreamConfig(block_q=16, block_k=16, top_k=2)
-  a, ta = forward(cfg, params, x, attention=sc)
-  b, tb = forward(cfg, params, x, attention=sc, backend="pallas")
+  _run = forward(cfg, params, x, attention=sc)
+  a, ta = _run.logits, _run.trace
+  _run = forward(cfg, params, x, attention=sc, backend="pallas")
+  b, tb = _run.logits, _run.trace
   np.testing.assert_allclose(a, b, atol=1e-5)
   for la, lb in zip(ta.layers, tb.layers):
     np.testing.assert_array_equal(la.mask.indices, lb.mask.indices)

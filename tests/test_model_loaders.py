@@ -63,7 +63,7 @@ def torch_logits(model, x):
 
 
 def assert_parity(loaded, model, x, vocab=None):
-  got = np.asarray(forward(loaded, loaded.params, jnp.asarray(x, jnp.int32))[0])
+  got = np.asarray(forward(loaded, loaded.params, jnp.asarray(x, jnp.int32)).logits)
   want = torch_logits(model, x)
   if vocab is not None:
     want = want[..., :vocab]

@@ -10,7 +10,8 @@ import pytest
 
 from stream_jax import StreamConfig
 from stream_jax.models import Gemma, PRESETS, forward, generate, init_params
-from stream_jax.models.attention import dense_attention, make_plans
+from stream_jax.dense import dense_attention
+from stream_jax.models.attention import make_plans
 from stream_jax.models.layers import Embedder, RMSNorm, apply_rope
 from tiny_models import tiny_config, tokens  # noqa: E402
 
@@ -111,7 +112,7 @@ def test_dense_sliding_window_beyond_window(cap):
   v = rng.normal(size=(b, t, kv, h)).astype(np.float32)
   pos = jnp.arange(t)
   got = dense_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_pos=pos, k_pos=pos, scale=0.3,
-                        cap=cap, window=w, q_chunk=32)
+                        softcap=cap, window=w, q_chunk=32)
   want = np.zeros_like(q)
   for bi in range(b):
     for i in range(t):
@@ -144,10 +145,12 @@ def test_stream_keeping_everything_equals_dense(family, prune_local):
   cfg = tiny_config(family)
   params = init_params(cfg, seed=1, scale=0.2)
   x = tokens(2, 90)
-  dense, tr = forward(cfg, params, x)
+  _run = forward(cfg, params, x)
+  dense, tr = _run.logits, _run.trace
   assert tr is None
   keep_all = StreamConfig(block_q=16, block_k=16, top_k=8)  # nK = 6 <= top_k: every block is kept
-  sparse, trace = forward(cfg, params, x, attention=keep_all, prune_local=prune_local)
+  _run = forward(cfg, params, x, attention=keep_all, prune_local=prune_local)
+  sparse, trace = _run.logits, _run.trace
   np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), atol=1e-5, rtol=1e-5)
   assert len(trace) == cfg.num_layers
   for i, lt in enumerate(trace.layers):
@@ -160,8 +163,9 @@ def test_stream_keeping_everything_equals_dense(family, prune_local):
     np.testing.assert_allclose(np.asarray(lt.mass).sum(-1)[..., :-1], 16.0, rtol=1e-5)
   assert float(trace.kept_fraction(None)) == pytest.approx(1.0)
   # a mask that really prunes changes the output (the switch is live)
-  pruned, ptrace = forward(cfg, params, x, attention=StreamConfig(block_q=16, block_k=16, top_k=1,
+  _run = forward(cfg, params, x, attention=StreamConfig(block_q=16, block_k=16, top_k=1,
                                                                   window_blocks=1, sink_blocks=0))
+  pruned, ptrace = _run.logits, _run.trace
   assert float(ptrace.kept_fraction("global")) < 0.6
   assert np.abs(np.asarray(pruned) - np.asarray(dense)).max() > 1e-3
 
@@ -171,26 +175,32 @@ def test_dense_layers_hidden_and_batch():
   params = init_params(cfg, seed=2, scale=0.2)
   x = tokens(2, 40)
   sc = StreamConfig(block_q=8, block_k=8, top_k=1, window_blocks=1, sink_blocks=0)
-  dense, _, hd = forward(cfg, params, x, return_hidden=True)
-  assert hd.shape == (cfg.num_layers + 1, 2, 40, cfg.embed_dim)
+  _run = forward(cfg, params, x, return_hidden=True)
+  dense, hd = _run.logits, _run.hidden
+  assert hd.shape == (cfg.num_layers, 2, 40, cfg.embed_dim)  # each layer's output, no embeddings
   # every layer dense on the Stream path == dense forward; traces say "dense"
-  all_dense, tr, hs = forward(cfg, params, x, attention=sc, dense_layers=range(cfg.num_layers),
+  _run = forward(cfg, params, x, attention=sc, dense_layers=range(cfg.num_layers),
                               return_hidden=True)
+  all_dense, tr, hs = _run.logits, _run.trace, _run.hidden
   np.testing.assert_allclose(np.asarray(all_dense), np.asarray(dense), atol=1e-5)
   np.testing.assert_allclose(np.asarray(hs), np.asarray(hd), atol=1e-5, rtol=1e-5)
   assert all(l.mode == "dense" for l in tr.layers)
   # pruning only the last global layer: hidden states agree up to it, differ after
-  _, tr5, h5 = forward(cfg, params, x, attention=sc, dense_layers=range(5), return_hidden=True)
+  _run = forward(cfg, params, x, attention=sc, dense_layers=range(5), return_hidden=True)
+  tr5, h5 = _run.trace, _run.hidden
   assert [l.mode for l in tr5.layers] == ["dense"] * 5 + ["stream"]
-  np.testing.assert_allclose(np.asarray(h5[:6]), np.asarray(hd[:6]), atol=1e-5, rtol=1e-5)
-  assert np.abs(np.asarray(h5[6]) - np.asarray(hd[6])).max() > 1e-4
+  np.testing.assert_allclose(np.asarray(h5[:5]), np.asarray(hd[:5]), atol=1e-5, rtol=1e-5)
+  assert np.abs(np.asarray(h5[5]) - np.asarray(hd[5])).max() > 1e-4
   # batch rows are independent: row-wise == batched
-  single, t1 = forward(cfg, params, x[1], attention=sc)
-  batched, tb = forward(cfg, params, x, attention=sc)
-  np.testing.assert_allclose(np.asarray(single), np.asarray(batched[1]), atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(t1.layers[5].mask.indices),
+  _run = forward(cfg, params, x[1], attention=sc)
+  single, t1 = _run.logits, _run.trace
+  _run = forward(cfg, params, x, attention=sc)
+  batched, tb = _run.logits, _run.trace
+  assert single.shape == (1,) + batched.shape[1:]  # int[T] is a batch of one: always batched
+  np.testing.assert_allclose(np.asarray(single[0]), np.asarray(batched[1]), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(t1.layers[5].mask.indices[0]),
                                 np.asarray(tb.layers[5].mask.indices[1]))
-  last, _ = forward(cfg, params, x, last_only=True)
+  last = forward(cfg, params, x, last_only=True).logits
   np.testing.assert_allclose(np.asarray(last), np.asarray(dense[:, -1]), atol=1e-5)
   with pytest.raises(ValueError, match="dense_layers"):
     forward(cfg, params, x, attention=sc, dense_layers=[6])
@@ -203,8 +213,8 @@ def test_bf16_forward_close_to_f32():
   params = init_params(cfg, seed=3, scale=0.2)
   pb = jax.tree_util.tree_map(lambda a: a if a.ndim == 1 else a.astype(jnp.bfloat16), params)
   x = tokens(1, 32)
-  f32, _ = forward(cfg, params, x)
-  b16, _ = forward(cfg, pb, x)
+  f32 = forward(cfg, params, x).logits
+  b16 = forward(cfg, pb, x).logits
   assert b16.dtype == jnp.float32
   err = np.abs(np.asarray(b16) - np.asarray(f32)).max() / np.abs(np.asarray(f32)).max()
   assert err < 0.05
@@ -221,7 +231,7 @@ def test_kv_cache_generation_equals_full_forward():
     g = generate(cfg, params, prompt, max_new_tokens=8, stop_ids=[])
     assert g.ids.shape == (2, 8)
     seq = np.concatenate([prompt, g.ids], axis=1)
-    full, _ = forward(cfg, params, seq)
+    full = forward(cfg, params, seq).logits
     np.testing.assert_array_equal(np.asarray(full).argmax(-1)[:, 11:-1], g.ids)
     if family == "gemma3":  # Stream prefill with a keep-everything mask: the same continuation
       gs = generate(cfg, params, prompt, max_new_tokens=8, stop_ids=[],
@@ -240,7 +250,7 @@ def test_stream_path_allocates_nothing_quadratic():
 
   def temp(att, t):
     x = jax.ShapeDtypeStruct((1, t), jnp.int32)
-    c = _forward.lower(params, x, config=cfg, dtype=jnp.dtype(jnp.float32), plans=make_plans(cfg, att),
+    c = _forward.lower(params, x, None, config=cfg, dtype=jnp.dtype(jnp.float32), plans=make_plans(cfg, att),
                        last_only=True, return_hidden=False).compile()
     return c.memory_analysis().temp_size_in_bytes
 
@@ -258,10 +268,12 @@ def test_pure_apply_entry_equals_forward():
   params = init_params(cfg, seed=6, scale=0.2)
   x = tokens(2, 24)
   sc = StreamConfig(block_q=8, block_k=8, top_k=1, window_blocks=1, sink_blocks=0)
-  logits, trace = jax.jit(lambda p, t: Gemma(cfg).apply(p, t, attention=sc))(params, x)
-  ref, ref_trace = forward(cfg, params, x, attention=sc)
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5, rtol=1e-5)
-  np.testing.assert_array_equal(np.asarray(trace.layers[5].mask.indices),
-                                np.asarray(ref_trace.layers[5].mask.indices))
-  logits_d, none = Gemma(cfg).apply(params, x)
-  assert none is None and logits_d.shape == (2, 24, cfg.vocab_size)
+  run = jax.jit(lambda p, t: Gemma(cfg).apply(p, t, attention=sc))(params, x)  # a TracedRun crosses jit
+  ref = forward(cfg, params, x, attention=sc)
+  np.testing.assert_allclose(np.asarray(run.logits), np.asarray(ref.logits), atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(run.trace.layers[5].mask.indices),
+                                np.asarray(ref.trace.layers[5].mask.indices))
+  dense = Gemma(cfg).apply(params, x)
+  # the same pytree whatever the flags: a dense call has trace / hidden / probs None
+  assert dense.trace is None and dense.hidden is None and dense.probs is None
+  assert dense.logits.shape == (2, 24, cfg.vocab_size)

@@ -79,7 +79,7 @@ def test_hf_directory_matches_transformers(hf_dir):
   assert (c.rope_llama3 is not None) == (family == "llama")
   ids = token_ids()
   want = reference_logits(model, ids)
-  got, _ = forward(loaded, loaded.params, ids)
+  got = forward(loaded, loaded.params, ids).logits[0]
   err = rel_err(got, want)
   print(f"{family}: HF safetensors vs transformers, max relative logit error {err:.2e}")
   assert err <= 1e-4
@@ -90,14 +90,16 @@ def test_stream_keeping_everything_equals_dense(hf_dir):
   family, path, _ = hf_dir
   loaded = load_model(path, jnp.float32, progress=False, tokenizer=False)
   x = jnp.asarray(np.stack([token_ids(90, 1), token_ids(90, 2)]))
-  dense, _ = forward(loaded, loaded.params, x)
+  dense = forward(loaded, loaded.params, x).logits
   keep_all = StreamConfig(block_q=16, block_k=16, top_k=8)  # nK = 6 <= top_k: every block is kept
-  sparse, trace = forward(loaded, loaded.params, x, attention=keep_all)
+  _run = forward(loaded, loaded.params, x, attention=keep_all)
+  sparse, trace = _run.logits, _run.trace
   np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), atol=1e-5, rtol=1e-5)
   assert len(trace) == 3 and all(lt.mode == "stream" for lt in trace.layers)
   assert float(trace.kept_fraction(None)) == pytest.approx(1.0)
-  pruned, ptrace = forward(loaded, loaded.params, x, attention=StreamConfig(
+  _run = forward(loaded, loaded.params, x, attention=StreamConfig(
       block_q=16, block_k=16, top_k=1, window_blocks=1, sink_blocks=0))
+  pruned, ptrace = _run.logits, _run.trace
   assert float(ptrace.kept_fraction("global")) < 0.6
   assert np.abs(np.asarray(pruned) - np.asarray(dense)).max() > 1e-4
 
@@ -124,8 +126,8 @@ def test_bfloat16_close_to_float32(hf_dir):
   f32 = load_model(path, jnp.float32, progress=False, tokenizer=False)
   b16 = f32.astype(jnp.bfloat16)
   ids = token_ids(24, 5)
-  a = np.asarray(forward(f32, f32.params, ids)[0])
-  b = np.asarray(forward(b16, b16.params, ids)[0])
+  a = np.asarray(forward(f32, f32.params, ids).logits)
+  b = np.asarray(forward(b16, b16.params, ids).logits)
   assert rel_err(b, a) < 0.05, family
 
 
@@ -150,7 +152,7 @@ def test_presets_param_counts():
 def test_tiny_random_params_run():
   c = PRESETS["qwen3-0.6b"].replace(vocab_size=VOCAB, num_layers=2, embed_dim=32, hidden_dim=64, num_heads=4,
                                     num_kv_heads=2, head_dim=16, layer_kinds=("global",) * 2)
-  logits, _ = forward(c, init_params(c, seed=0), token_ids(20))
+  logits = forward(c, init_params(c, seed=0), token_ids(20)).logits[0]
   assert logits.shape == (20, VOCAB) and np.isfinite(np.asarray(logits)).all()
 
 
@@ -299,7 +301,7 @@ def test_gguf_matches_transformers(family, gguf_files):
     assert c.rope_llama3 == (8.0, 1.0, 4.0, 64)
   ids = token_ids()
   want = reference_logits(model, ids)
-  got, _ = forward(loaded, loaded.params, ids)
+  got = forward(loaded, loaded.params, ids).logits[0]
   err = rel_err(got, want)
   print(f"{family}: GGUF vs transformers (PyTorch model), max relative logit error {err:.2e}")
   assert err <= 1e-4
@@ -420,6 +422,6 @@ def test_gguf_cache_and_header_peek(gguf_files, tmp_path, monkeypatch):
     again = load_model(path, jnp.float32, progress=False, tokenizer=False)
     assert again.config == first.config and hash(again.config) == hash(first.config)
     ids = token_ids(12)
-    np.testing.assert_array_equal(np.asarray(forward(again, again.params, ids)[0]),
-                                  np.asarray(forward(first, first.params, ids)[0]))
+    np.testing.assert_array_equal(np.asarray(forward(again, again.params, ids).logits),
+                                  np.asarray(forward(first, first.params, ids).logits))
     assert peek_config(path) == first.config

@@ -23,7 +23,7 @@ import numpy as np
 from stream_jax.config import StreamConfig
 from stream_jax.mask import (BlockMask, causal_interactions, diagonal_blocks, kept_interactions,
                              take_blocks)
-from stream_jax.trace import Trace
+from stream_jax.trace import Trace, TracedRun
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -354,9 +354,10 @@ def format_rows(rows: Sequence[dict], keys: Sequence[str]) -> str:
 # Driving a model
 # ---------------------------------------------------------------------------------------------------------
 
-# forward(tokens, attention) -> (logits [..., T, V], trace or None, hidden states (sequence of [..., T, D]) or
-# None); attention is "dense" or a StreamConfig. Any model port fits through a small adapter.
-Forward = Callable[[jax.Array, object], tuple]
+# forward(tokens, attention) -> TracedRun (stream_jax.trace: logits [B, T, V], trace or None, hidden
+# [L, B, T, D] or None); attention is "dense" or a StreamConfig. The models' own entry fits directly:
+# `lambda t, a: model.forward(t, attention=a, return_hidden=True)`; any other port returns a TracedRun.
+Forward = Callable[[jax.Array, object], TracedRun]
 
 
 def oracle_masks(trace: Trace, oracle_trace: Trace) -> list[Optional[BlockMask]]:
@@ -374,11 +375,16 @@ def run_faithfulness(forward: Forward, tokens: jax.Array, config: StreamConfig =
   masks serve as the recall reference. Its later layers see slightly different inputs than the Stream run
   (their predecessors attended through other masks); layer 0's comparison is exact.
   """
-  d_logits, _, d_hidden = forward(tokens, "dense")
-  s_logits, s_trace, s_hidden = forward(tokens, config)
+  dense, stream = forward(tokens, "dense"), forward(tokens, config)
   masks = None
-  if oracle and s_trace is not None:
-    _, o_trace, _ = forward(tokens, config.replace(representative="oracle"))
-    masks = oracle_masks(s_trace, o_trace)
-  return faithfulness_report(d_logits, s_logits, trace=s_trace, dense_hidden=d_hidden,
-                             stream_hidden=s_hidden, oracle_masks=masks, top_k=top_k)
+  if oracle and stream.trace is not None:
+    masks = oracle_masks(stream.trace, forward(tokens, config.replace(representative="oracle")).trace)
+  return compare_runs(dense, stream, oracle_masks=masks, top_k=top_k)
+
+
+def compare_runs(dense: TracedRun, stream: TracedRun, *, oracle_masks=None, top_k: int = 5,
+                 pruned_from: Optional[int] = None) -> FaithfulnessReport:
+  """The faithfulness report of two TracedRuns of the same tokens (dense, then Stream)."""
+  return faithfulness_report(dense.logits, stream.logits, trace=stream.trace, dense_hidden=dense.hidden,
+                             stream_hidden=stream.hidden, oracle_masks=oracle_masks, top_k=top_k,
+                             pruned_from=pruned_from)
