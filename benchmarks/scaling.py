@@ -337,7 +337,8 @@ def main(argv=None):
     variants = [v for v in variants if not v.endswith("_pallas")]
     stream_cfg = sj.StreamConfig(block_q=32, block_k=32, top_k=4)
     dtype = jnp.float32  # bf16 matmuls are slow on CPUs
-  elif not args.isolate and jax.default_backend() != "gpu":  # (an isolating parent leaves the device alone)
+  elif not (args.isolate or args.worker) and jax.default_backend() != "gpu":
+    # (an isolating parent leaves the device alone; its workers run what they are given)
     variants = [v for v in variants if not v.endswith("_pallas")]
 
   if args.worker:  # one point, in a process of its own (see run_isolated)
