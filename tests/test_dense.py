@@ -169,16 +169,6 @@ def test_arbitrary_positions_visit_every_needed_chunk():
     np.testing.assert_allclose(lse, want_lse, atol=1e-5)
 
 
-def test_model_dense_attention_is_this_one():
-  """models.attention.dense_attention (argument `cap`) runs this implementation: same numbers."""
-  from stream_jax.models.attention import dense_attention as model_dense
-  q, k, v = inputs(2, 33, 33, 4, 2, 8, 8, jnp.float32, seed=5)
-  pos = jnp.arange(33)
-  want = dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=0.3, softcap=2.0, window=10)
-  got = model_dense(q, k, v, q_pos=pos, k_pos=pos, scale=0.3, cap=2.0, window=10)
-  np.testing.assert_allclose(got, want, atol=1e-6)
-
-
 @pytest.mark.parametrize("window", [None, 512])
 def test_memory_is_far_below_t_by_s(window):
   """At T = S = 16k the compiled temporaries stay a few MiB, not the 1 GiB of one [T, S] f32 matrix."""
