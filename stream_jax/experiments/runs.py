@@ -494,8 +494,9 @@ class AnchorsResult:
     rep = self.report
     lines = [f"{len(self.sentences.texts)} sentences, {len(self.ids)} tokens; receiver heads (layer, head): "
              + ", ".join(f"L{l}H{h}" for l, h in np.asarray(rep.heads)[:10])]
-    lines += [f"  #{i:3d} {s:8.4f} {lab:24s} {t[:90]!r}"
-              f"{'  <- attention sink (BOS block)' if i in self.sink else ''}" for i, s, lab, t in rep.top(show)]
+    sink = "  <- attention sink (BOS block)"
+    lines += [f"  #{i:3d} {s:8.4f} {lab:24s} {t[:90]!r}{sink if i in self.sink else ''}"
+              for i, s, lab, t in rep.top(show)]
     if self.sink:
       lines.append(f"sentence(s) {', '.join(map(str, self.sink))} share key block 0 with BOS, the attention "
                    "sink where most heads park attention: their score is the sink's, not an anchor's.")
