@@ -309,6 +309,51 @@ def plot_success_failure(success, failure, title: str = "needle mass at the fina
   return _done(fig)
 
 
+def plot_suppression(result, receiver=None, title: str = "attention suppression") -> Figure:
+  """A SuppressionMatrix (stream_jax.analysis.causal): the sentence x sentence matrix (row k: effect on
+  sentence k of suppressing column j, mean log KL; blank above the diagonal) and, with `receiver` (float[S]
+  receiver-head importance), a rank scatter of suppression importance against it, Spearman in the title."""
+  m = np.asarray(result.matrix, np.float64)
+  fig, axes = _figure(1, 2 if receiver is not None else 1, figsize=(11 if receiver is not None else 5.5, 4.4))
+  ax = axes[0] if receiver is not None else axes
+  im = ax.imshow(np.ma.masked_invalid(m), cmap="magma", aspect="auto", interpolation="nearest")
+  fig.colorbar(im, ax=ax, label="mean log KL (nats)")
+  ax.set_xlabel("suppressed sentence j")
+  ax.set_ylabel("affected sentence k")
+  _int_ticks(ax)
+  _title(ax, f"{title}: effect of suppressing j on k (temperature {result.temperature:g})")
+  if receiver is not None:
+    a, b = np.asarray(result.importance, np.float64), np.asarray(receiver, np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
+    axes[1].scatter(rank(b[ok]), rank(a[ok]), s=14, color="tab:blue")
+    axes[1].set_xlabel("rank by receiver-head importance (trace)")
+    axes[1].set_ylabel("rank by suppression importance (causal)")
+    _int_ticks(axes[1])
+    _title(axes[1], f"per sentence: Spearman {result.correlation(receiver):+.2f} over {int(ok.sum())} sentences")
+  return _done(fig)
+
+
+def plot_ablation(counts: Mapping[str, int], title: str = "route ablation") -> Figure:
+  """Answer-flip rates of `RouteVerification.counts()`: route, random kept blocks in the same heads and
+  (when run) the needle in every head, with n over each bar."""
+  arms = [("route heads: needle blocks", counts["route_flips"], counts["with_route"]),
+          ("same heads: random kept blocks", counts["random_flips"], counts["random_runs"])]
+  if counts.get("everywhere_runs"):
+    arms.append(("every head: needle blocks", counts["everywhere_flips"], counts["everywhere_runs"]))
+  fig, ax = _figure(figsize=(6.5, 3.6))
+  rates = [k / n if n else np.nan for _, k, n in arms]
+  bars = ax.bar(range(len(arms)), rates, color=["tab:red", "tab:gray", "tab:purple"][: len(arms)])
+  for bar, (_, k, n) in zip(bars, arms):
+    ax.annotate(f"{k}/{n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                va="bottom", fontsize=9)
+  ax.set_xticks(range(len(arms)), [a for a, _, _ in arms], fontsize=8)
+  ax.set_ylim(0, 1.1)
+  ax.set_ylabel("answer flip rate")
+  _title(ax, f"{title} ({counts['answered']} of {counts['samples']} samples answered)")
+  return _done(fig)
+
+
 def plot_faithfulness(rows: Sequence[Mapping[str, float]], x: str = "kept_stream",
                       title: str = "faithfulness vs kept fraction") -> Figure:
   """KL (log scale, left) and top-1 agreement (right) against the kept fraction, one point per report
