@@ -8,7 +8,14 @@ safetensors, the embedded Gemma 3 270M), tokenizer and greedy generation.
     logits, trace = forward(m, m.params, m.encode("..."), attention=StreamConfig())
 """
 
-from stream_jax.models.config import PRESETS, REASONING_PRESETS, GemmaConfig, from_hf_config, get_config
+try:  # the [models] extra: a clear message instead of a bare ModuleNotFoundError deep in an import chain
+  import flax  # noqa: F401  pylint: disable=unused-import
+except ModuleNotFoundError as _e:
+  from stream_jax.extras import missing_extra
+  raise missing_extra(_e, "stream_jax.models") from _e
+
+from stream_jax.models.config import PRESETS, REASONING_PRESETS, GemmaConfig, get_config
+from stream_jax.models.families import from_hf_config
 from stream_jax.models.transformer import Gemma, check_dtype
 from stream_jax.models.params import ShapeMismatchError, MissingTensorError, init_params
 from stream_jax.models.forward import forward, logits_from_hidden

@@ -260,12 +260,9 @@ def match_preset(family: str, num_layers: int, embed_dim: int) -> Optional[Gemma
   return None
 
 
-def from_hf_config(hf: dict) -> GemmaConfig:
-  """GemmaConfig from a Hugging Face `config.json` dict (Gemma 2, Gemma 3 text or multimodal, Llama, Qwen2,
-  Qwen3)."""
-  if isinstance(hf, dict) and hf.get("model_type") in ("llama", "qwen2", "qwen3"):
-    from stream_jax.models.families import from_hf_reasoning  # pylint: disable=import-outside-toplevel
-    return from_hf_reasoning(hf)
+def from_hf_gemma(hf: dict) -> GemmaConfig:
+  """GemmaConfig from a Gemma 2 / Gemma 3 (text or multimodal) Hugging Face `config.json` dict; any family:
+  `stream_jax.models.families.from_hf_config`."""
   if "text_config" in hf and hf.get("model_type") in ("gemma3", "gemma3n"):
     if hf.get("model_type") != "gemma3":
       raise ValueError(f"unsupported architecture: model_type {hf.get('model_type')!r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stream_jax.models.config import GemmaConfig
+from stream_jax.models.config import GemmaConfig, from_hf_gemma
 
 # Keys of a config.json that do not change the decoder's forward pass (generic PretrainedConfig keys,
 # generation defaults, bookkeeping). Anything outside this set and the family's own keys is refused.
@@ -136,3 +136,11 @@ def from_hf_reasoning(hf: dict) -> GemmaConfig:
       norm_offset=False, post_norms=False, embed_scale=False, activation="silu",
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # transformers' default for all three
       qkv_bias=family == "qwen2", context_length=ctx)
+
+
+def from_hf_config(hf: dict) -> GemmaConfig:
+  """GemmaConfig from a Hugging Face `config.json` dict (Gemma 2, Gemma 3 text or multimodal, Llama, Qwen2,
+  Qwen3)."""
+  if isinstance(hf, dict) and hf.get("model_type") in ("llama", "qwen2", "qwen3"):
+    return from_hf_reasoning(hf)
+  return from_hf_gemma(hf)

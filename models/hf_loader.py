@@ -14,7 +14,8 @@ import json
 import os
 import struct
 
-from stream_jax.models.config import GemmaConfig, from_hf_config
+from stream_jax.models.config import GemmaConfig
+from stream_jax.models.families import from_hf_config
 
 
 class SafetensorsError(ValueError):

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stream_jax import dense as dense_lib
+from stream_jax import dense as dense_lib, numerics
 from stream_jax.intervene import Intervention
 from stream_jax.models.attention import Attention, LayerPlan, attend, make_plans
 from stream_jax.models.config import GemmaConfig
@@ -184,8 +184,7 @@ class Gemma(nn.Module):
     [B, T, D] inputs longer than POSITION_CHUNK run chunk by chunk: the output is the only [T, V] buffer."""
     def one(mdl, xc):
       logits = mdl.embedder.decode(mdl.final_norm(xc))
-      cap = mdl.config.final_softcap
-      return logits if cap is None else cap * jnp.tanh(logits / cap)
+      return numerics.softcap(logits, mdl.config.final_softcap)
     if x.ndim != 3:
       return one(self, x)
     return map_positions(one, self, x, out_tail=(self.config.vocab_size,), out_dtype=jnp.float32)

@@ -261,7 +261,7 @@ def save_trace(path: str | os.PathLike, trace: Trace) -> None:
   one host), plus each layer's coverage when the trace has one. Every process must call it (on a pod, with
   a path all hosts can write)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  (slow import)
-  from stream_jax.report import _layer_meta  # pylint: disable=import-outside-toplevel
+  from stream_jax.trace_io import _layer_meta  # pylint: disable=import-outside-toplevel
 
   if not isinstance(trace, Trace):
     raise TypeError(f"trace must be a stream_jax.trace.Trace, got {type(trace).__name__}")

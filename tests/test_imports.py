@@ -96,8 +96,6 @@ def test_no_import_cycles_in_the_library():
   assert not cycle, "import cycle: " + " -> ".join(cycle)
 
 
-@pytest.mark.xfail(reason="models/config.py imports models/families.py lazily, which imports config",
-                   strict=False)
 def test_no_import_cycles_with_the_models():
   cycle = _cycle(set(GRAPH))
   assert not cycle, "import cycle: " + " -> ".join(cycle)
