@@ -152,3 +152,32 @@ def test_faithfulness_config_names():
   else:
     with pytest.raises(faithfulness.Unsupported):
       faithfulness.make_variant("adaptive95", base, api)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mosaic.py (Pallas backends table; the GPU rows run on the lent GPU only)
+# ---------------------------------------------------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+import mosaic  # noqa: E402
+
+
+def test_mosaic_arguments_and_dry_run(tmp_path, capsys):
+  args = mosaic.parse_args(["--seq", "8192,32768", "--head-dims", "128", "--kv-heads", "8,1"])
+  assert mosaic.shapes(args) == [(1, 8, 8, 128, 8192), (1, 8, 8, 128, 32768), (1, 8, 1, 128, 8192),
+                                 (1, 8, 1, 128, 32768)]
+  assert args.kernels == list(mosaic.KERNELS)
+  for bad in (["--kv-heads", "3"], ["--seq", "1000"], ["--kernels", "flash3"]):
+    with pytest.raises(SystemExit):
+      mosaic.parse_args(bad)
+  res = mosaic.main(["--dry-run", "--dry-skip-kernel", "--out", str(tmp_path)])
+  out = capsys.readouterr().out
+  assert "attention_mgpu" in out and "| H | K | T | dtype | kernel | ms | TFLOP/s |" in out
+  assert "n/a: dry run (no GPU)" in out
+  assert json.loads((tmp_path / "mosaic.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
+  rows = [dict(kernel=k, B=1, N=8, K=8, H=128, T=8192, ms=ms, config="", diff=None, na=None, tflops=1.0)
+          for k, ms in (("sparse_full", 2.2), ("mosaic_flash", 2.0), ("cudnn", 1.0))]
+  assert "sparse_full/mosaic 1.10x" in mosaic.headline(rows)
+  assert "| 1.10 | 2.20 |" in mosaic.markdown(rows)
+  assert mosaic.parse_args(["--dtype", "float16"]).dtype == "float16"
