@@ -11,7 +11,7 @@
    every head. Prints flip counts and the success-vs-failure needle mass at that same length.
 
     .venv/bin/python benchmarks/causal.py --out reports/causal              # both parts
-    .venv/bin/python benchmarks/causal.py --part routes --length 1500 --n 24
+    .venv/bin/python benchmarks/causal.py --part routes --lengths 1200,2000 --n 24
 """
 
 from __future__ import annotations
@@ -69,19 +69,20 @@ def anchors_part(model, args, cfg, out):
               top5_suppression=top_s.tolist(), top5_receiver=top_r.tolist())
 
 
-def routes_part(model, args, cfg, out):
+def routes_part(model, args, cfg, out, length):
   depths = [10 + 80 * (i + 0.5) / args.n for i in range(args.n)]
-  samples = [niah.generate_sample(model.tokenizer, args.length, niah.NiahTask(depths=(d,)), seed=args.seed + i)
+  samples = [niah.generate_sample(model.tokenizer, length, niah.NiahTask(depths=(d,)), seed=args.seed + i)
              for i, d in enumerate(depths)]
   t0 = time.time()
   ver = causal.verify_routes(model, model.params, samples, cfg, n_random=args.random, seed=args.seed,
                              tokenizer=model.tokenizer, everywhere=True, max_new_tokens=12)
   secs = time.time() - t0
-  print(f"\n== route ablation: {args.n} samples of {args.length} tokens ==")
+  print(f"\n== route ablation: {args.n} samples of {length} tokens ==")
   print(ver.format())
   ok = [s.answered for s in ver.samples]
   comp = routes.compare([s.needle_mass for s in ver.samples], ok)
   print(comp.format())
+  print(f"answered {sum(ok)}/{len(ok)} at {length} tokens")
   for s in ver.samples:
     print(f"  depth {s.depth:5.1f}% answered={s.answered} route_heads={s.route_heads} "
           f"needle_blocks={list(s.needle_blocks)} route_flip={s.route_flipped} "
@@ -89,9 +90,9 @@ def routes_part(model, args, cfg, out):
           f"pred={s.prediction.strip()[:20]!r} after_route={s.route_prediction.strip()[:20]!r}")
   print(f"{secs:.0f} s")
   from stream_jax import plots  # pylint: disable=import-outside-toplevel
-  plots.save(plots.plot_ablation(ver.counts(), title=f"route ablation at {args.length} tokens"),
-             os.path.join(out, "route_ablation.png"))
-  return dict(length=args.length, counts=ver.counts(), seconds=secs,
+  plots.save(plots.plot_ablation(ver.counts(), title=f"route ablation at {length} tokens"),
+             os.path.join(out, f"route_ablation_{length}.png"))
+  return dict(length=length, counts=ver.counts(), seconds=secs,
               samples=[dict(depth=s.depth, answered=s.answered, route_heads=s.route_heads,
                             needle_blocks=list(s.needle_blocks), route_flipped=s.route_flipped,
                             random_flipped=s.random_flipped, random_runs=s.random_runs,
@@ -106,21 +107,24 @@ def main(argv=None):
   ap.add_argument("--tokens", type=int, default=2048)
   ap.add_argument("--max-sentences", type=int, default=0)
   ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--length", type=int, default=1500)
+  ap.add_argument("--lengths", default="1500", help="comma-separated prompt lengths (route ablation per length)")
   ap.add_argument("--n", type=int, default=16)
   ap.add_argument("--random", type=int, default=3)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--block", type=int, default=16)
+  ap.add_argument("--gguf", default=None, help="GGUF file (default: the embedded Gemma 3 270M)")
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   args = ap.parse_args(argv)
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from stream_jax.models import load_model  # pylint: disable=import-outside-toplevel
   os.makedirs(args.out, exist_ok=True)
-  model = load_model("gemma3-270m")
+  model = load_model(args.gguf or "gemma3-270m", getattr(jnp, args.dtype), progress=False)
   cfg = StreamConfig(block_q=args.block, block_k=args.block)
   result = dict(config=dict(block=args.block, top_k=cfg.top_k))
   if args.part in ("anchors", "all"):
     result["anchors"] = anchors_part(model, args, cfg, args.out)
   if args.part in ("routes", "all"):
-    result["routes"] = routes_part(model, args, cfg, args.out)
+    result["routes"] = [routes_part(model, args, cfg, args.out, int(n)) for n in args.lengths.split(",")]
   with open(os.path.join(args.out, f"causal_{args.part}.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1, default=float)
 

@@ -34,15 +34,15 @@ STREAM_OPTIONS = (  # --flag, type, help; defaults: StreamConfig's
      "estimated attention mass (default with --coverage)"))
 
 
-def _int_arg(name, many=False):
+def _int_arg(name, many=False, lo=1):
   def parse(text):
     try:
       values = tuple(int(x) for x in text.split(",") if x.strip()) if many else int(text)
     except ValueError:
       kind = "comma-separated integers" if many else "an integer"
       raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
-    if not many and values < 1:
-      raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {values}")
+    if not many and values < lo:
+      raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {values}")
     return values
   return parse
 
@@ -127,8 +127,9 @@ def cmd_demo(args, st, model):
 def cmd_niah(args, st, model):
   res = runs.niah_sweep(model, args.lengths, st, variant=args.variant, depths=args.depths, seed=args.seed,
                         samples=args.samples, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
-                        progress=True)
-  _print(text := res.table() + "\n\n" + res.comparison.format(), notes=res.notes)
+                        verify_routes=args.verify_routes, progress=True)
+  abl = "" if res.ablation is None else "\n\n" + res.ablation.format()
+  _print(text := res.table() + "\n\n" + res.comparison.format() + abl, notes=res.notes)
   task = (f"RULER {args.variant}: {args.samples} sample(s) per length{' and depth' if args.depths else ''}; "
           f"lengths {', '.join(map(str, args.lengths))}")
   return reports.write_niah(res, model, args.out, force=args.force, task=task, text=text)
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
   n.add_argument("--haystack-file", default=None, help="UTF-8 prose for the essay variants' haystack "
                  "(default: READMEs of installed packages)")
   n.add_argument("--seed", type=int, default=0, help="seed of the first sample (then seed + 1, ...)")
+  n.add_argument("--verify-routes", type=_int_arg("--verify-routes", lo=0), default=0, metavar="R",
+                 help="causal test: suppress each answered prompt's route needle blocks, and R draws of random "
+                 "kept blocks in the same heads; report answer flips (0: off)")
   a = sub.add_parser("anchors", help="thought anchors of a chain-of-thought text file")
   a.add_argument("--file", required=True, help="UTF-8 chain of thought (text inside <think>...</think> is "
                  "used when present)")

@@ -317,7 +317,7 @@ def plot_suppression(result, receiver=None, title: str = "attention suppression"
   fig, axes = _figure(1, 2 if receiver is not None else 1, figsize=(11 if receiver is not None else 5.5, 4.4))
   ax = axes[0] if receiver is not None else axes
   im = ax.imshow(np.ma.masked_invalid(m), cmap="magma", aspect="auto", interpolation="nearest")
-  fig.colorbar(im, ax=ax, label="mean log KL (nats)")
+  fig.colorbar(im, ax=ax, label="mean log(KL)")
   ax.set_xlabel("suppressed sentence j")
   ax.set_ylabel("affected sentence k")
   _int_ticks(ax)

@@ -118,3 +118,20 @@ def test_anchors_for_text():
   assert "receiver heads" in res.format(3)
   with pytest.raises(ex.InputError, match="thought anchors need >= 6"):
     ex.anchors_for_text(tiny_model(), "<think>One sentence only here.</think>", SETTINGS)
+
+
+def test_niah_sweep_verifies_routes_and_reports_flips(tmp_path, monkeypatch):
+  """The causal arm end to end (the random tiny model answers nothing, so every prompt counts as answered
+  here: the ablations run, and nothing can flip a string match that always holds)."""
+  from stream_jax.experiments import reports
+  monkeypatch.setattr(niah, "match_all", lambda pred, answers: 1.0)
+  res = ex.niah_sweep(tiny_model(), [160], SETTINGS, samples=2, seed=5, max_new_tokens=2, verify_routes=2)
+  c = res.ablation.counts()
+  assert c["samples"] == c["answered"] == 2 and c["route_flips"] == c["random_flips"] == 0
+  assert c["with_route"] >= 1 and c["everywhere_runs"] == c["with_route"]
+  assert all(s.route_heads > 0 and s.needle_blocks for s in res.ablation.tested)
+  out = reports.write_niah(res, tiny_model(), tmp_path / "niah", text=res.ablation.format())
+  assert (out / "route_ablation.png").exists()
+  import json
+  rep = json.loads((out / "report.json").read_text())
+  assert rep["ablation"]["counts"]["answered"] == 2

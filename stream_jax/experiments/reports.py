@@ -7,6 +7,8 @@ what stream_jax did not write). Figures need matplotlib (`pip install 'stream-ja
 
 from __future__ import annotations
 
+import dataclasses
+
 import pathlib
 from typing import Mapping, Optional
 
@@ -140,15 +142,27 @@ def write_niah(res: NiahSweep, model, out, *, force: bool = False, task: str = "
   figures = {}
   if cmp.n_success and cmp.n_failure:
     figures["success_vs_failure"] = _plots().plot_success_failure(cmp.success, cmp.failure)
+  summary = {f"success@{n}": v for n, v in res.success_rates().items()}
+  extra = {}
+  if res.ablation is not None:
+    counts = res.ablation.counts()
+    figures["route_ablation"] = _plots().plot_ablation(counts)
+    summary.update({f"ablation_{k}": v for k, v in counts.items()})
+    extra["ablation"] = dict(counts=counts, samples=[dataclasses.asdict(a) for a in res.ablation.samples])
   return write_report(
       out, title=f"stream-jax niah ({res.variant})", sections={"results": text}, figures=figures,
       force=force, notes=notes, intro={"task": task, "Stream settings": res.settings.describe()},
       captions={"success_vs_failure": "Needle share of the final query block's attention per layer, mean "
                 "over samples that retrieved the needle (green) and that missed it (red); right: the "
-                "difference per head."},
-      summary={f"success@{n}": v for n, v in res.success_rates().items()},
+                "difference per head.",
+                "route_ablation": "Causal test of the routes (dense model, traced exactly): share of answered "
+                "prompts whose answer no longer matches after suppressing the needle blocks in the heads the "
+                "route reads them with (red), after suppressing as many random kept blocks in the same heads "
+                "(grey; sink, needle and the question's window excluded), and after suppressing the needle in "
+                "every head (purple); counts above the bars."},
+      summary=summary,
       report=dict(command="niah", model=model.source, variant=res.variant, stream=res.settings.to_dict(),
-                  samples=[r.to_json() for r in res.rows], comparison=cmp))
+                  samples=[r.to_json() for r in res.rows], comparison=cmp, **extra))
 
 
 def write_anchors(res: AnchorsResult, model, out, *, force: bool = False, text: str = "",

@@ -341,6 +341,7 @@ class NiahSweep:
   rows: tuple[NiahRow, ...]
   comparison: RouteComparison
   settings: Settings
+  ablation: Optional[Any] = None  # causal.RouteVerification when the sweep verified routes
 
   def by_length(self) -> dict[int, list[float]]:
     out: dict[int, list[float]] = {}
@@ -448,10 +449,14 @@ def niah_sweep(model, lengths: Sequence[int], settings: Settings = Settings(), *
                variant: Union[str, NiahTask] = "single_1", depths: Sequence[float] = (), samples: int = 4,
                seed: int = 0, haystack: Optional[str] = None, max_new_tokens: int = 12,
                batch_size: int = 1, dense: bool = False, route: Optional[Mapping[str, Any]] = None,
-               progress: bool = False) -> NiahSweep:
+               verify_routes: int = 0, progress: bool = False) -> NiahSweep:
   """RULER needle prompts fitted to each length (per length, per depth if given, `samples` seeds
   seed, seed + 1, ...), answered after a Stream prefill (`answer_niah`), scored by string match, with the
-  needle mass of each prefill's trace and its comparison between successes and failures."""
+  needle mass of each prefill's trace and its comparison between successes and failures.
+
+  verify_routes=R > 0 also runs the causal test on the same prompts (`causal.verify_routes`, the dense
+  model traced exactly): for each answered prompt, the needle blocks suppressed in the route's heads vs R
+  draws of as many random kept blocks in the same heads vs the needle in every head; answer flips counted."""
   task = niah_task(variant, lengths, depths)
   for n in lengths:
     check_length(model, n, f"--lengths entry {n}")
@@ -465,7 +470,15 @@ def niah_sweep(model, lengths: Sequence[int], settings: Settings = Settings(), *
                      dense=dense, route=route, depths=[d for _, d, _ in jobs],
                      seeds=[seed + s for _, _, s in jobs], progress=progress)
   name = variant if isinstance(variant, str) else "custom"
-  return NiahSweep(name, rows, compare(rows), settings)
+  ablation = None
+  if verify_routes:
+    from stream_jax.analysis import causal  # pylint: disable=import-outside-toplevel
+    kw = dict(route or {})
+    ablation = causal.verify_routes(model, model.params, prompts, settings.config, n_random=int(verify_routes),
+                                    seed=seed, max_new_tokens=max_new_tokens, tokenizer=model.tokenizer,
+                                    everywhere=True, progress=progress, backend=settings.backend,
+                                    residual=kw.get("residual", 0.5), threshold=kw.get("threshold", 1e-3))
+  return NiahSweep(name, rows, compare(rows), settings, ablation)
 
 
 # ------------------------------------------------------------------------------------------------- anchors
