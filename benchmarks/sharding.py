@@ -93,7 +93,7 @@ def measure(config, mesh, tokens_batches, kwargs, repeats, seed=0):
     outs = [compiled(params, x) for x in placed]  # dispatched back to back, synchronised once
     jax.block_until_ready(outs)
     times.append(time.perf_counter() - t0)
-  trace = outs[-1][1]
+  trace = outs[-1].trace
   spec = str(jax.tree_util.tree_leaves(trace)[0].sharding.spec) if trace is not None else "-"
   row = dict(compile_s=compile_s, time_s=statistics.median(times), memory_bytes=memory,
              peak_bytes=peak_bytes(mesh), trace_spec=spec)

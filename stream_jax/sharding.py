@@ -6,7 +6,7 @@ Several GPUs of one host: build a mesh and call `sharded_forward` instead of `fo
     from stream_jax.models import load_model
     m = load_model("gemma3-270m")
     mesh = sharding.make_mesh(data=2, model=1)           # 2 GPUs, one prompt batch shard each
-    logits, trace = sharding.sharded_forward(m, m.params, tokens, mesh, attention=StreamConfig())
+    run = sharding.sharded_forward(m, m.params, tokens, mesh, attention=StreamConfig())  # a TracedRun
     sharding.save_trace("out/run", trace)                # each device writes its own shards (orbax)
 
 `data` splits the batch B (a sweep of many prompts traced as one batch: NIAH samples, faithfulness
@@ -50,7 +50,7 @@ from stream_jax import checks
 from stream_jax.backend import resolve_backend
 from stream_jax.config import StreamConfig
 from stream_jax.mask import BlockMask
-from stream_jax.trace import LayerTrace, Trace
+from stream_jax.trace import LayerTrace, Trace, TracedRun
 
 AXES = ("data", "model")
 FORCE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
@@ -181,15 +181,16 @@ def _compiled(config, mesh: Mesh, frozen: tuple, pallas: bool):
     return forward(config, params, tokens, **kwargs)
 
   if pallas:  # each device runs the one-device program (and its Pallas kernels) on its batch shard
-    out_specs = (P("data"), P("data")) + ((P(None, "data"),) if kwargs.get("return_hidden") else ())
-    body = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")), out_specs=out_specs, check_vma=False)
+    specs = TracedRun(logits=P("data"), trace=P("data"),
+                      hidden=P(None, "data") if kwargs.get("return_hidden") else None)
+    body = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")), out_specs=specs, check_vma=False)
 
   def constrained(params, tokens):
     out = body(params, tokens)
-    logits = jax.lax.with_sharding_constraint(out[0], batch)
-    trace = jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, traced), out[1])
-    rest = tuple(jax.lax.with_sharding_constraint(h, hidden) for h in out[2:])
-    return (logits, trace) + rest
+    put = lambda s: (lambda x: jax.lax.with_sharding_constraint(x, s))  # noqa: E731
+    return TracedRun(logits=put(batch)(out.logits),
+                     trace=jax.tree_util.tree_map(put(traced), out.trace),
+                     hidden=None if out.hidden is None else put(hidden)(out.hidden))
 
   return jax.jit(constrained)
 
@@ -216,9 +217,9 @@ def sharded_forward(model, params, tokens, mesh: Mesh, **forward_kwargs):
   """`stream_jax.models.forward` on a mesh: same arguments and results, placed and sharded.
 
   tokens int[B, T] (B divisible by the mesh's data axis); params are placed by `shard_params` (pass them
-  placed already to avoid the copy on every call). Returns (logits, trace) or (logits, trace, hidden):
-  logits [B, ...] over "data", trace arrays [B, N, ...] over ("data", "model"), hidden [L + 1, B, ...]
-  over "data". Compiled once per (config, mesh, arguments, shapes).
+  placed already to avoid the copy on every call). Returns the TracedRun of `forward`: logits [B, ...]
+  over "data", trace arrays [B, N, ...] over ("data", "model"), hidden [L, B, ...] over "data". Compiled
+  once per (config, mesh, arguments, shapes).
   """
   from stream_jax.models.forward import model_config, wrap_params  # pylint: disable=import-outside-toplevel
 

@@ -32,14 +32,14 @@ def check_equal(ref, out, what: str):
   """Logits allclose (1e-5 relative to their scale), masks equal, mass / coverage equal up to f32
   rounding (the all-reduces of model > 1 sum in another order, and XLA:CPU's dots round differently for
   another batch size)."""
-  scale = float(np.abs(np.asarray(ref[0])).max())
-  np.testing.assert_allclose(np.asarray(out[0]), np.asarray(ref[0]), rtol=0, atol=1e-5 * max(scale, 1.0),
+  scale = float(np.abs(np.asarray(ref.logits)).max())
+  np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), rtol=0, atol=1e-5 * max(scale, 1.0),
                              err_msg=what)
-  if ref[1] is None:
-    assert out[1] is None, what
+  if ref.trace is None:
+    assert out.trace is None, what
     return
-  assert jax.tree_util.tree_structure(ref[1]) == jax.tree_util.tree_structure(out[1]), what
-  a, b = leaves(ref[1]), leaves(out[1])
+  assert jax.tree_util.tree_structure(ref.trace) == jax.tree_util.tree_structure(out.trace), what
+  a, b = leaves(ref.trace), leaves(out.trace)
   for k in a:
     if "indices" in k or "counts" in k:
       np.testing.assert_array_equal(np.asarray(b[k]), np.asarray(a[k]), err_msg=f"{what} {k}")
@@ -49,10 +49,10 @@ def check_equal(ref, out, what: str):
 
 def check_sharded(out, mesh, what: str):
   data, model = sharding.axis_sizes(mesh)
-  assert out[0].sharding.is_equivalent_to(sharding.batch_sharding(mesh), out[0].ndim), what
-  if out[1] is None:
+  assert out.logits.sharding.is_equivalent_to(sharding.batch_sharding(mesh), out.logits.ndim), what
+  if out.trace is None:
     return
-  for k, x in leaves(out[1]).items():
+  for k, x in leaves(out.trace).items():
     assert x.sharding.is_equivalent_to(sharding.trace_sharding(mesh), x.ndim), f"{what} {k}: {x.sharding}"
     shard = x.addressable_shards[0].data.shape
     assert shard[:2] == (x.shape[0] // data, x.shape[1] // model), f"{what} {k}: shard {shard} of {x.shape}"
@@ -145,7 +145,7 @@ def main():
   tokens = jnp.asarray(np.random.default_rng(0).integers(3, 97, size=(4, 64)), jnp.int32)
   bad_meshes(params, tokens)
   out, mesh = forwards(params, tokens)  # the last one: exact, model=4
-  orbax_roundtrip(out[1], mesh)
+  orbax_roundtrip(out.trace, mesh)
   pallas(params, tokens)
   print("ALL OK")
 
