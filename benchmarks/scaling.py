@@ -95,7 +95,7 @@ def device_random_params(config, dtype, seed: int = 0, scale: float = 0.02) -> d
     if name.endswith("norm.weight"):
       t[name] = jax.random.normal(k, shape, jnp.float32) * 0.1 + (0.0 if config.norm_offset else 1.0)
     else:
-      t[name] = (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype)
+      t[name] = jax.random.normal(k, shape, dtype) * jnp.asarray(scale, dtype)  # no f32 copy on the device
   return {"params": assemble(config, t)}
 
 

@@ -155,24 +155,34 @@ def map_positions(fn, module, x: jax.Array, *, out_tail=None, out_dtype=None, ch
   """`fn(module, x)` for a per-position `fn` ([B, t, ...] -> [B, t, *out_tail], every position computed
   from its own row alone), run over chunks of `chunk` positions (default POSITION_CHUNK) when x is longer.
 
-  A Flax lifted scan (parameters broadcast, not copied) walks the chunk starts; each step slices
-  [B, chunk, ...] from x and writes fn's result into the output buffer in place, so the peak holds x, the
-  output and one chunk's intermediates. T need not be a multiple of `chunk`: the last chunk starts at
-  T - chunk and recomputes a few positions of the one before (the same values). out_tail / out_dtype: the
-  output's trailing shape / dtype (default: x's).
+  A Flax lifted scan (parameters broadcast, not copied) walks the chunks; each step reads [B, chunk, ...]
+  and writes fn's result in place with a dynamic-update-slice. When fn keeps x's shape and dtype (the MLP
+  block) the loop reads and writes one buffer, a copy of x: nothing else of size T is live; otherwise
+  (logits) it writes into a fresh output buffer, made after x (an optimisation barrier keeps XLA from
+  building every layer's buffer up front). T need not be a multiple of `chunk`: the last T mod chunk
+  positions run as one short piece. out_tail / out_dtype: the output's trailing shape / dtype (default x's).
   """
   chunk = POSITION_CHUNK if chunk is None else int(chunk)
   t = x.shape[1]
   if t <= chunk or module.is_initializing():
     return fn(module, x)
   out_tail = tuple(x.shape[2:]) if out_tail is None else tuple(out_tail)
-  out_dtype = x.dtype if out_dtype is None else out_dtype
-  starts = np.minimum(np.arange(-(-t // chunk)) * chunk, t - chunk).astype(np.int32)
+  out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+  n, rest = divmod(t, chunk)
+  in_place = out_tail == tuple(x.shape[2:]) and out_dtype == x.dtype
+  if in_place:
+    buf = x  # read chunk i, write chunk i: the chunks are disjoint, so each is read before it is written
+  else:
+    buf, x = jax.lax.optimization_barrier((jnp.zeros(x.shape[:2] + out_tail, out_dtype), x))
 
   def body(mdl, out, start):
-    y = fn(mdl, jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1))
+    src = out if in_place else x
+    y = fn(mdl, jax.lax.dynamic_slice_in_dim(src, start, chunk, axis=1))
     return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out_dtype), start, axis=1), None
 
   scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})
-  out, _ = scan(module, jnp.zeros(x.shape[:2] + out_tail, out_dtype), jnp.asarray(starts))
+  out, _ = scan(module, buf, jnp.arange(n, dtype=jnp.int32) * chunk)
+  if rest:
+    tail = fn(module, jax.lax.slice_in_dim(x, n * chunk, t, axis=1)).astype(out_dtype)
+    out = jax.lax.dynamic_update_slice_in_dim(out, tail, n * chunk, axis=1)
   return out

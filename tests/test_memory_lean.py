@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 
 from stream_jax import StreamConfig
 from stream_jax.models import Gemma, init_params
@@ -23,7 +24,7 @@ def _run(cfg, params, tok, attention, chunk, monkeypatch, **kw):
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma2"])
 def test_chunked_forward_equals_whole_sequence(family, monkeypatch):
-  # T = 200 is no multiple of the 48-position chunk: the last chunk overlaps the one before
+  # T = 200 is no multiple of the 48-position chunk: four chunks and an 8-position remainder
   cfg = tiny_config(family, layers=2, layer_kinds=("local", "global"))
   params = init_params(cfg, jnp.float32, seed=1)
   tok = tokens(2, 200)
@@ -44,7 +45,7 @@ def test_chunk_constant_and_short_inputs(monkeypatch):
   cfg = tiny_config(layers=2)
   params = init_params(cfg, jnp.float32)
   tok = tokens(1, 40)
-  # T <= chunk takes the plain path; T = chunk + 1 one full chunk plus an overlapping one
+  # T <= chunk takes the plain path; T = 33 with chunk 32: one chunk and a one-position remainder
   for t in (40, 33):
     a = _run(cfg, params, tok[:, :t], "dense", UNCHUNKED, monkeypatch, last_only=True)
     b = _run(cfg, params, tok[:, :t], "dense", 32, monkeypatch, last_only=True)
@@ -77,3 +78,32 @@ def test_compiled_memory_has_no_t_by_f_buffer(monkeypatch):
   # full-length logits: the [T, V] output is the only buffer of that size (no temporary copy of it)
   full = _temp_bytes(cfg, t, 1024, monkeypatch, last_only=False)
   assert full < chunked + 0.5 * t * cfg.vocab_size * 4
+
+
+class _Stack(nn.Module):
+  """`depth` MLP blocks with residuals, each over position chunks: like the decoder's layers."""
+
+  depth: int
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.depth):
+      mlp = layers.FeedForward(x.shape[-1], 4 * x.shape[-1], name=f"mlp_{i}")
+      x = layers.map_positions(lambda m, xc: xc + m(xc), mlp, x, chunk=256)
+    return x
+
+
+def test_chunk_buffers_are_not_made_up_front():
+  # each layer's loop works in place on its input: no per-layer [T, D] output buffer that XLA could build
+  # ahead for every layer at once (what a zero-initialised buffer per layer did: 34 x [T, D] for Gemma 3 4B)
+  x = jax.ShapeDtypeStruct((1, 8192, 64), jnp.float32)
+
+  def temp(depth):
+    model = _Stack(depth)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 64))))
+    return jax.jit(model.apply).lower(params, x).compile().memory_analysis().temp_size_in_bytes
+
+  t_by_d = 8192 * 64 * 4
+  shallow, deep = temp(2), temp(8)
+  print(f"temp bytes: 2 layers {shallow:,}  8 layers {deep:,}  one [T, D] {t_by_d:,}")
+  assert deep < shallow + t_by_d
