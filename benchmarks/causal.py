@@ -114,11 +114,21 @@ def main(argv=None):
   ap.add_argument("--block", type=int, default=16)
   ap.add_argument("--gguf", default=None, help="GGUF file (default: the embedded Gemma 3 270M)")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--tokenizer", default=None, help="a tokenizer directory (tokenizer.json ...) to use instead "
+                  "of the model's (e.g. the cached conversion of the GGUF's, carried to another machine)")
   args = ap.parse_args(argv)
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from stream_jax.models import load_model  # pylint: disable=import-outside-toplevel
   os.makedirs(args.out, exist_ok=True)
-  model = load_model(args.gguf or "gemma3-270m", getattr(jnp, args.dtype), progress=False)
+  model = load_model(args.gguf or "gemma3-270m", getattr(jnp, args.dtype), progress=False,
+                     tokenizer=args.tokenizer is None)
+  if args.tokenizer:
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+    model = dataclasses.replace(model, tokenizer=AutoTokenizer.from_pretrained(args.tokenizer,
+                                                                             local_files_only=True))
+  probe = "The special magic number is 1234567."
+  print(f"tokenizer: {len(model.encode(probe))} tokens for {len(probe)} characters", flush=True)
   cfg = StreamConfig(block_q=args.block, block_k=args.block)
   result = dict(config=dict(block=args.block, top_k=cfg.top_k))
   if args.part in ("anchors", "all"):
