@@ -26,6 +26,7 @@ def gguf_tokenizer(path: str, use_cache: bool = True):
     return _auto().from_pretrained(target, local_files_only=True)
   directory, name = os.path.split(os.path.realpath(path))
   tok = _auto().from_pretrained(directory, gguf_file=name, local_files_only=True)
+  check_not_char_level(tok, path)
   if use_cache:
     tmp = tempfile.mkdtemp(dir=cache_root(), suffix=".tmp")
     try:
@@ -37,6 +38,19 @@ def gguf_tokenizer(path: str, use_cache: bool = True):
       if os.path.exists(tmp):
         shutil.rmtree(tmp)
   return tok
+
+
+PROBE = "The special magic number for the long-context question is hidden in the text below."
+
+
+def check_not_char_level(tok, source: str) -> None:
+  """A conversion that silently fell back to one token per character (seen with some transformers builds
+  converting a GGUF vocabulary) would shift every span and length: refuse it by name."""
+  n = len(tok(PROBE, add_special_tokens=False)["input_ids"])
+  if n >= 0.8 * len(PROBE):
+    raise ValueError(f"the tokenizer converted from {source} encodes {len(PROBE)} characters of English into {n} "
+                     "tokens (a character-level fallback): this transformers build cannot convert the GGUF "
+                     "vocabulary; load the tokenizer from a tokenizer.json (e.g. a cached conversion) instead")
 
 
 def hf_tokenizer(directory: str):

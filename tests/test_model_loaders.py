@@ -343,3 +343,14 @@ def test_header_reader_gives_the_same_config_fast(tmp_path, arch):
   path.write_bytes(data[:200])  # cut inside the metadata
   with pytest.raises(GGUFError, match="truncated or corrupt"):
     peek_config(str(path))
+
+
+def test_a_character_level_tokenizer_conversion_is_refused():
+  from stream_jax.models.tokenizer import check_not_char_level
+
+  class CharLevel:
+    def __call__(self, text, add_special_tokens=False):
+      return {"input_ids": [ord(c) for c in text]}
+
+  with pytest.raises(ValueError, match="character-level"):
+    check_not_char_level(CharLevel(), "model.gguf")
