@@ -113,15 +113,14 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
   pos = jnp.arange(t, dtype=jnp.int32)
   cfg = plan.stream
   visible = None if suppress is None else jnp.broadcast_to(~suppress, (b, n, t))
+  dense = lambda **kw: dense_lib.dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale,  # noqa: E731
+                                                 softcap=cap, window=plan.window, k_valid=visible, **kw)
   if cfg is None:
     if plan.dense_impl == "cudnn" and visible is None:
       return cudnn_attention(q, k, v, scale=scale, window=plan.window), None
     if plan.dense_impl == "capture":
-      out, probs = dense_lib.dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, softcap=cap,
-                                             window=plan.window, k_valid=visible, return_probs=True)
-      return out, probs
-    return dense_lib.dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, softcap=cap,
-                                     window=plan.window, k_valid=visible), None
+      return dense(return_probs=True)  # (out, probs)
+    return dense(), None
   exact = plan.output == "exact"
   if forced is not None:
     mask = forced
@@ -147,8 +146,7 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
   if exact and dense_out is not None:
     out = dense_out.astype(q.dtype)
   elif plan.dense and not exact:
-    out = dense_lib.dense_attention(q, k, v, q_pos=pos, k_pos=pos, scale=scale, softcap=cap,
-                                    window=plan.window, k_valid=visible)
+    out = dense()
     mode = "dense"
   trace = LayerTrace(mask=mask, mass=stats.mass, layer=plan.layer, kind=plan.kind, mode=mode,
                      window=plan.window, coverage=coverage)

@@ -104,27 +104,24 @@ def _where(num_layers: int, num_heads: int, layers, heads) -> np.ndarray:
     if layers is not None:
       raise ValueError("pass either layers + heads ids or heads as a bool[L, N] array, not both")
     return where
-  rows = np.zeros(num_layers, bool)
-  cols = np.zeros(num_heads, bool)
-  if layers is None:
-    rows[:] = True
-  else:
-    ids = np.asarray(list(layers) if not np.isscalar(layers) else [layers])
-    if ids.size == 0:
-      raise ValueError("layers is empty: name at least one layer (or None for all)")
-    for i in ids:
-      checks.check_index("layers entry", int(i), num_layers, " (a layer of the model)")
-    rows[ids.astype(int)] = True
-  if heads is None:
-    cols[:] = True
-  else:
-    ids = np.asarray(list(heads) if not np.isscalar(heads) else [heads])
-    if ids.size == 0:
-      raise ValueError("heads is empty: name at least one head (or None for all)")
-    for i in ids:
-      checks.check_index("heads entry", int(i), num_heads, " (a query head)")
-    cols[ids.astype(int)] = True
+  rows = _selection(layers, num_layers, "layers", " (a layer of the model)", "layer")
+  cols = _selection(heads, num_heads, "heads", " (a query head)", "head")
   return rows[:, None] & cols[None, :]
+
+
+def _selection(ids, size: int, name: str, what: str, noun: str) -> np.ndarray:
+  """bool[size]: every entry for ids None, else the given ids (checked, at least one)."""
+  out = np.zeros(size, bool)
+  if ids is None:
+    out[:] = True
+    return out
+  ids = np.asarray(list(ids) if not np.isscalar(ids) else [ids])
+  if ids.size == 0:
+    raise ValueError(f"{name} is empty: name at least one {noun} (or None for all)")
+  for i in ids:
+    checks.check_index(f"{name} entry", int(i), size, what)
+  out[ids.astype(int)] = True
+  return out
 
 
 def _span_keys(spans, length: int, name: str) -> np.ndarray:

@@ -121,10 +121,9 @@ def suppression_matrix(model, params, tokens, spans, *, attention="dense", batch
   kl_fn = _kl_chunks(lambda h: logits_from_hidden(model, params, h), temperature, chunk)
   s = len(spans)
   kl = np.zeros((s, t), np.float32)
-  order = list(range(s))
   bar = _progress(progress, s)
   for lo in range(0, s, batch):
-    ids = order[lo:lo + batch]
+    ids = list(range(lo, min(lo + batch, s)))
     rows = ids + [ids[-1]] * (batch - len(ids))  # same shapes for every batch: one executable
     iv = intervene.suppress_spans([[spans[j]] for j in rows], length=t, num_layers=cfg.num_layers,
                                   num_heads=cfg.num_heads, layers=layers, heads=heads)
@@ -278,7 +277,7 @@ def verify_routes(model, params, samples: Sequence[niah.NiahSample], config, *, 
     pred = gen.text[0]
     answered = niah.match_all(pred, sample.answers) == 1
     trace = gen.prefill.row(0).trace
-    spans = np.asarray([nd.value_token_span for nd in sample.queried_needles])
+    spans = sample.value_spans
     nm = np.asarray(routes.trace_needle_mass(trace, spans))
     depth = 100.0 * sample.queried_needles[0].token_span[0] / t  # where the needle sits, % of the prompt
     base = dict(length=t, depth=depth, answered=answered, prediction=pred, needle_mass=nm)

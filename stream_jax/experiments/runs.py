@@ -252,8 +252,20 @@ def faithfulness_pair(model, ids, settings: Settings = Settings(), *, output: st
   return FaithfulnessPair(run.trace, report, timings, len(ids))
 
 
+class _FromPair:
+  """Results holding a FaithfulnessPair (`pair`): its trace and report read through."""
+
+  @property
+  def trace(self) -> Trace:
+    return self.pair.trace  # pylint: disable=no-member
+
+  @property
+  def report(self) -> FaithfulnessReport:
+    return self.pair.report  # pylint: disable=no-member
+
+
 @dataclasses.dataclass(frozen=True)
-class TextTrace:
+class TextTrace(_FromPair):
   """`trace_text`: a text traced with Stream and compared with dense."""
 
   text: str
@@ -261,14 +273,6 @@ class TextTrace:
   pair: FaithfulnessPair
   settings: Settings
   output: str
-
-  @property
-  def trace(self) -> Trace:
-    return self.pair.trace
-
-  @property
-  def report(self) -> FaithfulnessReport:
-    return self.pair.report
 
   @property
   def notes(self) -> dict[str, str]:
@@ -539,7 +543,7 @@ def anchors_for_text(model, text: str, settings: Settings = Settings(), *,
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoResult:
+class DemoResult(_FromPair):
   """`demo`: one needle prompt traced dense vs Stream (faithfulness, coverage), answered with a dense
   and a Stream prefill, with the needle's mass and route in the Stream trace."""
 
@@ -552,14 +556,6 @@ class DemoResult:
   route: Route
   needle_blocks: tuple[int, ...]
   settings: Settings
-
-  @property
-  def trace(self) -> Trace:
-    return self.pair.trace
-
-  @property
-  def report(self) -> FaithfulnessReport:
-    return self.pair.report
 
   @property
   def needle_in_sink(self) -> bool:
