@@ -4,7 +4,9 @@
    exact XLA pass's (natural log, scaled logits), causal and sliding-window.
 2. The Pallas kernels compile and run in float32 (shared memory), and their masks / attention match XLA.
 3. Mass under a reference normaliser (`lse_ref`) from the Pallas kernel equals the XLA reference's.
-4. A random-weight Gemma 3 config: output="exact" logits equal attention="dense" (cuDNN and XLA).
+4. Dense-density masks (more kept slots than the fused accumulator takes): the second mass pass equals the
+   fused accumulator and the XLA reference, with and without `lse_ref`.
+5. A random-weight Gemma 3 config: output="exact" logits equal attention="dense" (cuDNN and XLA).
 
   python3 benchmarks/gpu_checks.py
 """
@@ -61,6 +63,23 @@ def check_pallas_f32(t=8192, n=8, kv=4, h=256):
           f"{float(sj.block_coverage(sp.lse, lse_ref[0], 64).mean()):.4f}")
 
 
+def check_second_mass_pass(t=8192, n=8, kv=4, h=128):
+  from stream_jax.kernels import attention as kattention  # pylint: disable=import-outside-toplevel
+  for dtype in (jnp.bfloat16, jnp.float32):
+    q, k, v = (_rand((t, x, h), 20 + i, dtype) for i, x in enumerate((n, kv, kv)))
+    mask = sj.window_mask(n, t, t, block_q=64, block_k=64, window=None)  # every causal block: C = t / 64
+    _, lse_ref = dense.dense_attention(q[None], k[None], v[None], q_pos=jnp.arange(t), k_pos=jnp.arange(t),
+                                       scale=h ** -0.5, return_lse=True)
+    for ref in (None, lse_ref[0]):
+      _, sx = sj.sparse_attention(q, k, v, mask, backend="xla", lse_ref=ref)
+      o2, s2 = kattention.sparse_attention(q, k, v, mask, lse_ref=ref, fused_mass=False)
+      o1, s1 = kattention.sparse_attention(q, k, v, mask, lse_ref=ref, fused_mass=True)
+      print(f"{jnp.dtype(dtype).name} C={mask.indices.shape[-1]} lse_ref={ref is not None}: second-pass mass "
+            f"vs fused max |diff| {float(jnp.abs(s2.mass - s1.mass).max()):.2e}, vs xla "
+            f"{float(jnp.abs(s2.mass - sx.mass).max()):.2e}; out identical "
+            f"{bool(jnp.array_equal(o1, o2))}; lse max |diff| {float(jnp.abs(s1.lse - s2.lse).max()):.2e}")
+
+
 def check_exact_forward(t=4096):
   base = get_config("gemma3-1b")
   config = dataclasses.replace(base, num_layers=6, layer_kinds=base.layer_kinds[:6], vocab_size=4096,
@@ -82,4 +101,5 @@ if __name__ == "__main__":
   print(jax.devices()[0].device_kind, jax.__version__)
   check_cudnn_lse()
   check_pallas_f32()
+  check_second_mass_pass()
   check_exact_forward()

@@ -9,7 +9,10 @@ Rows per shape (B=1, N query heads, K kv heads, head dim H, T = S, bf16, causal,
 kernel runs with scale 1):
   sparse_full    our Triton kernel, `stream_jax.sparse_attention(..., backend="pallas")`, on the mask that
                  keeps every causal block (`window_mask(window=None)`): dense work through the sparse kernel
-                 (it also returns block mass and lse). Best of num_warps {4, 8}.
+                 (it also returns block mass and lse). Best of num_warps {4, 8}. Above 64 kept slots
+                 the block mass comes from a second kernel pass.
+  sparse_full_fused  the same, block mass forced into the fused block_q x C register accumulator (the
+                 kernel before the second pass existed; it spills at C = 512).
   sparse_stream  the same kernel on the default `StreamConfig` mask from `estimate_mask` (the density a
                  trace runs at); its TFLOP/s count kept blocks only. The estimate kernel's time is its own
                  column.
@@ -47,9 +50,10 @@ import numpy as np
 
 import stream_jax as sj
 
-KERNELS = ("sparse_full", "sparse_stream", "triton_mha", "mosaic_flash", "cudnn")
+KERNELS = ("sparse_full", "sparse_full_fused", "sparse_stream", "triton_mha", "mosaic_flash", "cudnn")
 LABELS = {
     "sparse_full": "ours: Triton block-sparse, all causal blocks",
+    "sparse_full_fused": "ours, all causal blocks, mass forced into the fused register accumulator",
     "sparse_stream": "ours: Triton block-sparse, Stream mask",
     "triton_mha": "JAX Pallas Triton flash (ops.gpu.attention.mha)",
     "mosaic_flash": "JAX Pallas Mosaic GPU flash (ops.gpu.attention_mgpu)",
@@ -174,16 +178,17 @@ def first(x):
 
 # ---- the kernels (each returns (fn, args, config text) or raises) ----
 
-def sparse_fn(mask, num_warps=None):
-  """Our kernel through the public entry (num_warps=None) or the kernel module (a launch sweep)."""
+def sparse_fn(mask, num_warps=None, fused_mass=None):
+  """Our kernel through the public entry (defaults) or the kernel module (a launch sweep, a forced mass
+  path)."""
   from stream_jax.kernels import attention as kattention  # pylint: disable=import-outside-toplevel
 
   def f(q, k, v, idx, cnt):
     m = sj.BlockMask(idx, cnt, mask.block_q, mask.block_k, mask.q_len, mask.k_len, mask.config)
-    if num_warps is None:
+    if num_warps is None and fused_mass is None:
       out, st = sj.sparse_attention(q, k, v, m, scale=1.0, backend="pallas")
     else:
-      out, st = kattention.sparse_attention(q, k, v, m, scale=1.0, num_warps=num_warps)
+      out, st = kattention.sparse_attention(q, k, v, m, scale=1.0, num_warps=num_warps, fused_mass=fused_mass)
     return out, st.mass, st.lse
   return jax.jit(f)
 
@@ -263,7 +268,7 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
     return r
 
   ref = None
-  if "cudnn" in kernels or any(x in kernels for x in ("sparse_full", "triton_mha", "mosaic_flash")):
+  if "cudnn" in kernels or any(x in kernels for x in ("sparse_full", "sparse_full_fused", "triton_mha", "mosaic_flash")):
     try:
       fn = cudnn_fn()
       ref = fn(q, k, v)
@@ -304,19 +309,21 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
       log(f"  triton_mha {rows['triton_mha']['na']}")
 
   q3, k3, v3 = q[0], k[0], v[0]  # our kernels take [T, N, H] too; B = 1 here
-  if "sparse_full" in kernels:
+  for name, fused in (("sparse_full", None), ("sparse_full_fused", True)):
+    if name not in kernels:
+      continue
     try:
       mask = sj.window_mask(n, t, t, block_q=64, block_k=64, window=None)
-      cands = [(sparse_fn(mask), "64x64 blocks, default launch (4 warps, 3 stages)"),
-               (sparse_fn(mask, num_warps=8), "64x64 blocks, 8 warps, 3 stages")]
+      cands = [(sparse_fn(mask, fused_mass=fused), "64x64 blocks, default launch (4 warps, 3 stages)"),
+               (sparse_fn(mask, num_warps=8, fused_mass=fused), "64x64 blocks, 8 warps, 3 stages")]
       best, tried = best_of(cands, (q3, k3, v3, mask.indices, mask.counts), reps, burst_ms,
-                            None if ref is None else ref[0], "sparse_full")
-      row("sparse_full", *(best or (None, "", None)), tried=tried,
+                            None if ref is None else ref[0], name)
+      row(name, *(best or (None, "", None)), tried=tried,
           na=None if best else "n/a: every config failed: " + "; ".join(tried)[:300])
       del mask
     except Exception as e:  # pylint: disable=broad-except
-      row("sparse_full", na=f"n/a: {type(e).__name__}: {str(e)[:200]}")
-      log(f"  sparse_full {rows['sparse_full']['na']}")
+      row(name, na=f"n/a: {type(e).__name__}: {str(e)[:200]}")
+      log(f"  {name} {rows[name]['na']}")
 
   if "sparse_stream" in kernels:
     try:
@@ -386,7 +393,7 @@ def headline(rows):
     if "mosaic_flash" not in ms:
       out.append(f"H={h} K={kv} T={t}: no Mosaic time")
       continue
-    parts = [f"{k}/mosaic {ms[k] / ms['mosaic_flash']:.2f}x" for k in ("sparse_full", "triton_mha", "cudnn")
+    parts = [f"{k}/mosaic {ms[k] / ms['mosaic_flash']:.2f}x" for k in ("sparse_full", "sparse_full_fused", "triton_mha", "cudnn")
              if k in ms]
     out.append(f"H={h} K={kv} T={t}: " + ", ".join(parts))
   return "\n".join(out)

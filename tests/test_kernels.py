@@ -129,6 +129,30 @@ def test_attention_matches_reference(t, s, n, kv, h, hv, batch, bq, bk, top_k, s
     assert (row_sums <= n_valid + 1e-3).all()
 
 
+@pytest.mark.parametrize("case", [0, 1, 3])
+def test_attention_second_pass_mass_matches_reference(case):
+  """Block mass from the second pass (taken above FUSED_MASS_SLOTS kept slots) equals the reference, with
+  and without a reference normaliser; the output and lse come from the same flash loop."""
+  t, s, n, kv, h, hv, batch, bq, bk, top_k, softcap, window = ATTENTION_CASES[case]
+  q, k, v = _normal_qkv(t + s + 7, t, s, n, kv, h, hv, batch)
+  mask = sj.estimate_mask(q, k, C(block_q=bq, block_k=bk, top_k=top_k))
+  ro, rs = sj.sparse_attention(q, k, v, mask, softcap=softcap, window=window)
+  go, gs = kattention.sparse_attention(q, k, v, mask, softcap=softcap, window=window, interpret=True,
+                                       fused_mass=False)
+  _close(go, ro, 1e-5)
+  _close(gs.mass, rs.mass, 1e-5)
+  np.testing.assert_array_equal(np.asarray(gs.lse), np.asarray(
+      kattention.sparse_attention(q, k, v, mask, softcap=softcap, window=window, interpret=True)[1].lse))
+  # under a reference normaliser (above the kept one; -inf rows get no mass; NaN rows use the kept one)
+  ref = np.asarray(rs.lse) + np.random.default_rng(case).uniform(0, 1, rs.lse.shape)
+  ref[..., 0, :5] = -np.inf
+  ref[..., -1, -5:] = np.nan
+  _, a = sj.sparse_attention(q, k, v, mask, softcap=softcap, window=window, lse_ref=ref)
+  _, b = kattention.sparse_attention(q, k, v, mask, softcap=softcap, window=window, interpret=True,
+                                     lse_ref=ref, fused_mass=False)
+  np.testing.assert_allclose(np.asarray(b.mass), np.asarray(a.mass), rtol=1e-5, atol=1e-6)
+
+
 def test_attention_full_mask_equals_dense_and_bf16():
   q, k, v = _normal_qkv(3, 300, 300, 2, 1, 32)
   mask = sj.window_mask(2, 300, 300, block_q=32, block_k=16)  # every causal block
@@ -232,6 +256,20 @@ def test_attention_lowers_for_cuda(dtype, softcap, window):
                         _sds((1100, 4, 256), dtype), _sds((8, 16, 19), jnp.int32),
                         _sds((8, 16), jnp.int32))
   assert "triton" in text
+
+
+@pytest.mark.parametrize("slots,second_pass", [(19, False), (64, False), (65, True), (512, True)])
+def test_attention_lowering_takes_the_second_mass_pass_above_the_fused_slots(slots, second_pass):
+  """Dense-density masks (many kept slots) lower to flash attention plus a mass kernel, Stream masks to one
+  fused kernel: the fused accumulator is block_q x C registers updated every step (it spilled at C = 512)."""
+  def fn(q, k, v, idx, cnt):
+    mask = BlockMask(idx, cnt, 64, 64, 1000, 1100)
+    out, stats = kattention.sparse_attention(q, k, v, mask, interpret=False)
+    return out, stats.mass
+  text = lower_for_cuda(fn, _sds((1000, 8, 256)), _sds((1100, 4, 256)), _sds((1100, 4, 256)),
+                        _sds((8, 16, slots), jnp.int32), _sds((8, 16), jnp.int32))
+  assert ("stream_sparse_attention_mass" in text) == second_pass
+  assert kattention.FUSED_MASS_SLOTS == 64
 
 
 @pytest.mark.parametrize("dtype,stages", [(jnp.float32, 1), (jnp.bfloat16, 3)])

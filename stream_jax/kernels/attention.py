@@ -6,11 +6,16 @@ loops over its kept key blocks only (the count bounds the loop, so -1 padding is
 each block is loaded from HBM by id, logits are scaled, soft-capped, masked causally (and by the sliding
 window), and folded into an fp32 online softmax (running max m, normaliser l, output accumulator).
 
-Block mass without atomics or a second pass: besides the output accumulator the program keeps
-u[r, c] = sum over the keys of block c of exp(logit - m_r) for each query row r, rescaled with the
-same correction as the accumulator whenever m_r grows. At the end mass[c] = sum_r u[r, c] / l_r, the
-probability that block c receives summed over the block's queries. u is block_q x C floats in
-registers; every output element is written by exactly one program (deterministic).
+Block mass without atomics, two ways chosen by the number of kept slots C:
+- fused (C <= FUSED_MASS_SLOTS, every Stream mask): besides the output accumulator the program keeps
+  u[r, c] = sum over the keys of block c of exp(logit - m_r) for each query row r, rescaled with the
+  same correction as the accumulator whenever m_r grows. At the end mass[c] = sum_r u[r, c] / l_r. u is
+  block_q x C floats in registers and every step touches all of it, so the cost grows with C: at C = 512
+  (every causal block at 32k) it spills and the kernel ran 12-14x slower than flash attention.
+- second pass (larger C, dense-density masks): the first kernel is plain flash attention (out, lse); a
+  second kernel recomputes each kept block's logits and, the normaliser now known, adds the block's
+  probability sum straight into mass[c] (a C-vector, O(C) per step). One more QK product, no spill.
+Either way every output element is written by exactly one program (deterministic).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from stream_jax.numerics import NEG_INF, AttentionStats
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 3
 F32_NUM_STAGES = 1
+# Above this many kept slots per query block the block mass comes from a second pass (see the docstring).
+FUSED_MASS_SLOTS = 64
 
 
 def unsupported(mask: BlockMask) -> Optional[str]:
@@ -48,7 +55,8 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
                      window: Optional[int] = None, interpret: Optional[bool] = None,
                      num_warps: Optional[int] = None,
                      num_stages: Optional[int] = None,
-                     lse_ref: Optional[jax.Array] = None) -> tuple[jax.Array, AttentionStats]:
+                     lse_ref: Optional[jax.Array] = None,
+                     fused_mass: Optional[bool] = None) -> tuple[jax.Array, AttentionStats]:
   """Exact softmax attention over the token set a BlockMask keeps (Pallas kernel).
 
   A private peer of the XLA reference: `stream_jax.sparse_attention(..., backend="pallas")` validates the
@@ -65,6 +73,8 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
     num_warps, num_stages: Triton launch parameters (None: tuned defaults for q's dtype).
     lse_ref: optional float32[..., N, T] reference log softmax denominators (see
       `stream_jax.sparse_attention`): mass becomes the reference's probability; NaN rows use the kept one.
+    fused_mass: accumulate block mass in the attention kernel (True) or in a second pass (False);
+      None: fused up to FUSED_MASS_SLOTS kept slots.
 
   Returns:
     out [..., T, N, Hv] in q's dtype, and AttentionStats (mass [..., N, nQ, C], lse [..., N, T]).
@@ -77,7 +87,8 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
       q, k, v, mask.indices, mask.counts, lse_ref, block_q=mask.block_q, block_k=mask.block_k,
       scale=numerics.resolve_scale(scale, h), softcap=None if softcap is None else float(softcap),
       window=None if window is None else int(window), interpret=common.resolve_interpret(interpret),
-      num_warps=num_warps, num_stages=num_stages)
+      num_warps=num_warps, num_stages=num_stages,
+      fused_mass=(mask.indices.shape[-1] <= FUSED_MASS_SLOTS) if fused_mass is None else bool(fused_mass))
   return out, AttentionStats(mass=mass, lse=lse)
 
 
@@ -91,9 +102,10 @@ def launch_params(dtype, num_warps: Optional[int], num_stages: Optional[int]) ->
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "scale", "softcap", "window",
-                                             "interpret", "num_warps", "num_stages"))
+                                             "interpret", "num_warps", "num_stages",
+                                             "fused_mass"))
 def _attention(q, k, v, indices, counts, lse_ref, *, block_q, block_k, scale, softcap, window, interpret,
-               num_warps, num_stages):
+               num_warps, num_stages, fused_mass):
   (q, k, v, indices, counts, lse_ref), batched = common.as_batched(q, k, v, indices, counts, lse_ref)
   b, t, n, h = q.shape
   s, kv, hv = v.shape[1], v.shape[2], v.shape[3]
@@ -115,35 +127,40 @@ def _attention(q, k, v, indices, counts, lse_ref, *, block_q, block_k, scale, so
   mass_len = common.next_pow2(cap)
   lse_ref = common.pad_axis(lse_ref.astype(jnp.float32), 2, n_q * block_q)
 
-  kernel = functools.partial(
-      _kernel, block_q=block_q, block_k=block_k, q_len=t, k_len=s, n_q=n_q, scale=scale,
-      softcap=softcap, window=window, mass_len=mass_len, table_len=table_len,
-      precision=common.dot_precision(q.dtype))
   last = n_q - 1
-  out, mass, lse = pl.pallas_call(
-      kernel,
-      grid=(n_q, n, b),
-      in_specs=[
-          pl.BlockSpec((SQ, SQ, SQ, table_len), lambda i, hq, bb: (bb, hq, last - i, 0)),
-          pl.BlockSpec((SQ, block_q, SQ, hp), lambda i, hq, bb: (bb, last - i, hq, 0)),
-          pl.BlockSpec((SQ, n_k * block_k, SQ, hp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
-          pl.BlockSpec((SQ, n_k * block_k, SQ, hvp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
-          pl.BlockSpec((SQ, SQ, block_q), lambda i, hq, bb: (bb, hq, last - i)),
-      ],
-      out_specs=[
-          pl.BlockSpec((SQ, block_q, SQ, hvp), lambda i, hq, bb: (bb, last - i, hq, 0)),
-          pl.BlockSpec((SQ, SQ, SQ, mass_len), lambda i, hq, bb: (bb, hq, last - i, 0)),
-          pl.BlockSpec((SQ, SQ, block_q), lambda i, hq, bb: (bb, hq, last - i)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((b, n_q * block_q, n, hvp), q.dtype),
-          jax.ShapeDtypeStruct((b, n, n_q, mass_len), jnp.float32),
-          jax.ShapeDtypeStruct((b, n, n_q * block_q), jnp.float32),
-      ],
-      compiler_params=common.triton_params(num_warps, num_stages),
-      interpret=interpret,
-      name="stream_sparse_attention",
-  )(table, q, k, v, lse_ref)
+  common_kw = dict(block_q=block_q, block_k=block_k, q_len=t, k_len=s, n_q=n_q, scale=scale,
+                   softcap=softcap, window=window, table_len=table_len,
+                   precision=common.dot_precision(q.dtype))
+  table_spec = pl.BlockSpec((SQ, SQ, SQ, table_len), lambda i, hq, bb: (bb, hq, last - i, 0))
+  q_spec = pl.BlockSpec((SQ, block_q, SQ, hp), lambda i, hq, bb: (bb, last - i, hq, 0))
+  k_spec = pl.BlockSpec((SQ, n_k * block_k, SQ, hp), lambda i, hq, bb: (bb, 0, hq // g, 0))
+  v_spec = pl.BlockSpec((SQ, n_k * block_k, SQ, hvp), lambda i, hq, bb: (bb, 0, hq // g, 0))
+  row_spec = pl.BlockSpec((SQ, SQ, block_q), lambda i, hq, bb: (bb, hq, last - i))
+  mass_spec = pl.BlockSpec((SQ, SQ, SQ, mass_len), lambda i, hq, bb: (bb, hq, last - i, 0))
+  out_sds = jax.ShapeDtypeStruct((b, n_q * block_q, n, hvp), q.dtype)
+  row_sds = jax.ShapeDtypeStruct((b, n, n_q * block_q), jnp.float32)
+  mass_sds = jax.ShapeDtypeStruct((b, n, n_q, mass_len), jnp.float32)
+  call = functools.partial(pl.pallas_call, grid=(n_q, n, b),
+                           compiler_params=common.triton_params(num_warps, num_stages), interpret=interpret)
+  out_spec = pl.BlockSpec((SQ, block_q, SQ, hvp), lambda i, hq, bb: (bb, last - i, hq, 0))
+  if fused_mass:
+    out, mass, lse = call(
+        functools.partial(_kernel, mass_len=mass_len, **common_kw),
+        in_specs=[table_spec, q_spec, k_spec, v_spec, row_spec],
+        out_specs=[out_spec, mass_spec, row_spec], out_shape=[out_sds, mass_sds, row_sds],
+        name="stream_sparse_attention")(table, q, k, v, lse_ref)
+  else:
+    out, lse = call(
+        functools.partial(_kernel, mass_len=None, **common_kw),
+        in_specs=[table_spec, q_spec, k_spec, v_spec],
+        out_specs=[out_spec, row_spec], out_shape=[out_sds, row_sds],
+        name="stream_sparse_attention")(table, q, k, v)
+    # Normaliser per row: the reference where one is given (-inf: the row gets no mass), else the kept.
+    norm = jnp.where(jnp.isnan(lse_ref), lse, lse_ref)
+    mass = call(
+        functools.partial(_mass_kernel, mass_len=mass_len, **common_kw),
+        in_specs=[table_spec, q_spec, k_spec, row_spec], out_specs=mass_spec, out_shape=mass_sds,
+        name="stream_sparse_attention_mass")(table, q, k, norm)
   out = out[:, :t, :, :hv]
   mass = mass[..., :cap]
   lse = lse[..., :t]
@@ -152,27 +169,24 @@ def _attention(q, k, v, indices, counts, lse_ref, *, block_q, block_k, scale, so
   return out, mass, lse
 
 
-def _kernel(table_ref, q_ref, k_ref, v_ref, ref_ref, o_ref, mass_ref, lse_ref, *, block_q, block_k, q_len,
-            k_len, n_q, scale, softcap, window, mass_len, table_len, precision):
-  j = n_q - 1 - pl.program_id(0)
+def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, q_len, k_len, n_q, scale, softcap,
+            window, mass_len, table_len, precision):
+  """Online-softmax attention over the kept blocks; with `mass_len`, also the fused block mass (refs:
+  lse_ref in, then out, mass, lse); without, refs are out, lse."""
+  if mass_len is None:
+    o_ref, lse_ref = refs
+  else:
+    ref_ref, o_ref, mass_ref, lse_ref = refs
   q = q_ref[...]  # [bq, Hp]
-  rows = j * block_q + iota(block_q)
-  q_pos = jnp.where(rows < q_len, rows + (k_len - q_len), -1)  # padding rows see nothing
+  q_pos = _query_positions(block_q, q_len, k_len, n_q)
   count = table_ref[table_len - 1]
-  slots = iota(mass_len)
 
   def body(c, carry):
     acc, m, l, u = carry
     blk = table_ref[c]
-    kb = k_ref[pl.ds(blk * block_k, block_k), :]
+    x = _block_logits(q, k_ref, blk, q_pos, block_k=block_k, scale=scale, softcap=softcap, window=window,
+                      precision=precision)
     vb = v_ref[pl.ds(blk * block_k, block_k), :]
-    x = numerics.softcap(lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
-                                         preferred_element_type=jnp.float32) * scale, softcap)  # [bq, bk]
-    k_pos = blk * block_k + iota(block_k)
-    visible = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-      visible &= q_pos[:, None] - k_pos[None, :] < window
-    x = jnp.where(visible, x, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(x, axis=1))
     m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)  # rows that saw nothing yet
     corr = jnp.exp(m - m_safe)
@@ -182,21 +196,63 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, ref_ref, o_ref, mass_ref, lse_ref, *
     pv = lax.dot_general(p.astype(vb.dtype), vb, (((1,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=jnp.float32)
     acc = acc * corr[:, None] + pv
-    u = u * corr[:, None] + jnp.where(slots[None, :] == c, row_sum[:, None], 0.0)
+    if u is not None:
+      u = u * corr[:, None] + jnp.where(iota(mass_len)[None, :] == c, row_sum[:, None], 0.0)
     return acc, m_new, l, u
 
   init = (jnp.zeros((block_q, o_ref.shape[-1]), jnp.float32),
           jnp.full((block_q,), NEG_INF, jnp.float32),
           jnp.zeros((block_q,), jnp.float32),
-          jnp.zeros((block_q, mass_len), jnp.float32))
+          None if mass_len is None else jnp.zeros((block_q, mass_len), jnp.float32))
   acc, m, l, u = lax.fori_loop(0, count, body, init)
   seen = l > 0
   inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
   o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
-  # Mass under a reference normaliser where one is given: u / l -> u * exp(m - lse_ref).
-  ref = ref_ref[...]
-  has_ref = ref == ref  # not NaN
-  ref_ok = seen & (ref > NEG_INF)
-  to_ref = jnp.where(ref_ok, jnp.exp(jnp.minimum(m - jnp.where(ref_ok, ref, 0.0), 0.0)), 0.0)
-  mass_ref[...] = jnp.sum(u * jnp.where(has_ref, to_ref, inv)[:, None], axis=0)
   lse_ref[...] = jnp.where(seen, jnp.log(jnp.where(seen, l, 1.0)) + m, NEG_INF)
+  if mass_len is not None:
+    # Mass under a reference normaliser where one is given: u / l -> u * exp(m - lse_ref).
+    ref = ref_ref[...]
+    has_ref = ref == ref  # not NaN
+    ref_ok = seen & (ref > NEG_INF)
+    to_ref = jnp.where(ref_ok, jnp.exp(jnp.minimum(m - jnp.where(ref_ok, ref, 0.0), 0.0)), 0.0)
+    mass_ref[...] = jnp.sum(u * jnp.where(has_ref, to_ref, inv)[:, None], axis=0)
+
+
+def _mass_kernel(table_ref, q_ref, k_ref, norm_ref, mass_ref, *, block_q, block_k, q_len, k_len, n_q, scale,
+                 softcap, window, mass_len, table_len, precision):
+  """Block mass once the per-row normaliser is known: mass[c] = sum over the block's visible logits of
+  exp(min(logit - norm, 0)), added into a C-vector (O(C) per step, no per-row state)."""
+  q = q_ref[...]
+  q_pos = _query_positions(block_q, q_len, k_len, n_q)
+  count = table_ref[table_len - 1]
+  norm = norm_ref[...]
+  ok = norm > NEG_INF  # -inf: this row gets no mass (a reference that saw nothing, or nothing kept)
+  norm = jnp.where(ok, norm, 0.0)
+
+  def body(c, mass):
+    x = _block_logits(q, k_ref, table_ref[c], q_pos, block_k=block_k, scale=scale, softcap=softcap,
+                      window=window, precision=precision)
+    p = jnp.where(ok[:, None], jnp.exp(jnp.minimum(x - norm[:, None], 0.0)), 0.0)  # 0 where invisible
+    return mass + jnp.where(iota(mass_len) == c, jnp.sum(jnp.sum(p, axis=1)), 0.0)
+
+  mass_ref[...] = lax.fori_loop(0, count, body, jnp.zeros((mass_len,), jnp.float32))
+
+
+def _query_positions(block_q, q_len, k_len, n_q):
+  """Key-axis positions of this program's query rows (queries are the last q_len of k_len); -1 for
+  padding rows, which see nothing."""
+  rows = (n_q - 1 - pl.program_id(0)) * block_q + iota(block_q)
+  return jnp.where(rows < q_len, rows + (k_len - q_len), -1)
+
+
+def _block_logits(q, k_ref, blk, q_pos, *, block_k, scale, softcap, window, precision):
+  """Scaled, soft-capped logits [bq, bk] of kept key block `blk`; NEG_INF where causality (or the sliding
+  window) hides a key. Both kernels compute them identically, so the two passes agree bit for bit."""
+  kb = k_ref[pl.ds(blk * block_k, block_k), :]
+  x = numerics.softcap(lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
+                                       preferred_element_type=jnp.float32) * scale, softcap)
+  k_pos = blk * block_k + iota(block_k)
+  visible = k_pos[None, :] <= q_pos[:, None]
+  if window is not None:
+    visible &= q_pos[:, None] - k_pos[None, :] < window
+  return jnp.where(visible, x, NEG_INF)
