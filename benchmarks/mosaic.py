@@ -9,8 +9,8 @@ Rows per shape (B=1, N query heads, K kv heads, head dim H, T = S, bf16, causal,
 kernel runs with scale 1):
   sparse_full    our Triton kernel, `stream_jax.sparse_attention(..., backend="pallas")`, on the mask that
                  keeps every causal block (`window_mask(window=None)`): dense work through the sparse kernel
-                 (it also returns block mass and lse). Best of num_warps {4, 8}. Above 64 kept slots
-                 the block mass comes from a second kernel pass.
+                 (it also returns block mass and lse). Best of num_warps {4, 8}. Above the register budget
+                 the block mass comes from a second kernel pass (`fuses_mass`).
   sparse_full_fused  the same, block mass forced into the fused block_q x C register accumulator (the
                  kernel before the second pass existed; it spills at C = 512).
   sparse_stream  the same kernel on the default `StreamConfig` mask from `estimate_mask` (the density a

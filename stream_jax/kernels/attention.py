@@ -7,12 +7,13 @@ each block is loaded from HBM by id, logits are scaled, soft-capped, masked caus
 window), and folded into an fp32 online softmax (running max m, normaliser l, output accumulator).
 
 Block mass without atomics, two ways chosen by the number of kept slots C:
-- fused (C <= FUSED_MASS_SLOTS, every Stream mask): besides the output accumulator the program keeps
+- fused (every Stream mask; the rule is `fuses_mass`): besides the output accumulator the program keeps
   u[r, c] = sum over the keys of block c of exp(logit - m_r) for each query row r, rescaled with the
   same correction as the accumulator whenever m_r grows. At the end mass[c] = sum_r u[r, c] / l_r. u is
-  block_q x C floats in registers and every step touches all of it, so the cost grows with C: at C = 512
-  (every causal block at 32k) it spills and the kernel ran 12-14x slower than flash attention.
-- second pass (larger C, dense-density masks): the first kernel is plain flash attention (out, lse); a
+  block_q x C floats in registers next to the block_q x Hv output accumulator, and every step touches
+  all of it: at C = 512 (every causal block at 32k) it spilled and the kernel ran 12-14x slower than
+  flash attention (H100, benchmarks/mosaic.py).
+- second pass (larger C x Hv, dense-density masks): the first kernel is plain flash attention (out, lse); a
   second kernel recomputes each kept block's logits and, the normaliser now known, adds the block's
   probability sum straight into mass[c] (a C-vector, O(C) per step). One more QK product, no spill.
 Either way every output element is written by exactly one program (deterministic).
@@ -38,8 +39,11 @@ from stream_jax.numerics import NEG_INF, AttentionStats
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 3
 F32_NUM_STAGES = 1
-# Above this many kept slots per query block the block mass comes from a second pass (see the docstring).
-FUSED_MASS_SLOTS = 64
+# The fused mass accumulator is used while block_q x (C + Hv) fp32 values (both accumulators, padded to
+# powers of two) stay within this. Measured on an H100 (fp16, 64 x 64 blocks, every causal block, fused /
+# second-pass ms): C=128 Hv=128 0.58/0.92, Hv=256 0.98/1.36; C=256 Hv=128 2.53/2.83, Hv=256 6.97/5.34;
+# C=512 Hv=128 29.1/6.4, Hv=256 53.1/11.1 (benchmarks/RESULTS.md). Stream masks (C = 32) always fuse.
+FUSED_MASS_FLOATS = 64 * (128 + 256)
 
 
 def unsupported(mask: BlockMask) -> Optional[str]:
@@ -74,7 +78,7 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
     lse_ref: optional float32[..., N, T] reference log softmax denominators (see
       `stream_jax.sparse_attention`): mass becomes the reference's probability; NaN rows use the kept one.
     fused_mass: accumulate block mass in the attention kernel (True) or in a second pass (False);
-      None: fused up to FUSED_MASS_SLOTS kept slots.
+      None: `fuses_mass`.
 
   Returns:
     out [..., T, N, Hv] in q's dtype, and AttentionStats (mass [..., N, nQ, C], lse [..., N, T]).
@@ -88,8 +92,16 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
       scale=numerics.resolve_scale(scale, h), softcap=None if softcap is None else float(softcap),
       window=None if window is None else int(window), interpret=common.resolve_interpret(interpret),
       num_warps=num_warps, num_stages=num_stages,
-      fused_mass=(mask.indices.shape[-1] <= FUSED_MASS_SLOTS) if fused_mass is None else bool(fused_mass))
+      fused_mass=(fuses_mass(mask.block_q, mask.indices.shape[-1], v.shape[-1]) if fused_mass is None
+                  else bool(fused_mass)))
   return out, AttentionStats(mass=mass, lse=lse)
+
+
+def fuses_mass(block_q: int, slots: int, head_dim_v: int) -> bool:
+  """Whether the block mass is accumulated inside the attention kernel (else a second pass computes it):
+  while both in-register accumulators, block_q x (C + Hv) padded, fit FUSED_MASS_FLOATS."""
+  hvp = max(common.next_pow2(head_dim_v), common.MIN_DOT)
+  return block_q * (common.next_pow2(slots) + hvp) <= FUSED_MASS_FLOATS
 
 
 def launch_params(dtype, num_warps: Optional[int], num_stages: Optional[int]) -> tuple[int, int]:
