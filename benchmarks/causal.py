@@ -11,7 +11,7 @@
    every head. Prints flip counts and the success-vs-failure needle mass at that same length.
 
     .venv/bin/python benchmarks/causal.py --out reports/causal              # both parts
-    .venv/bin/python benchmarks/causal.py --part routes --lengths 1200,2000 --n 24
+    .venv/bin/python benchmarks/causal.py --part routes --lengths 1501,2001 --n 24
 """
 
 from __future__ import annotations
