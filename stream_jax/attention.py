@@ -91,7 +91,7 @@ def _sparse_xla(q, k, v, mask: BlockMask, *, scale: float, softcap, window, q_ch
   """The XLA reference (and CPU path) on validated inputs."""
   t, n = q.shape[-3], q.shape[-2]
   fn = functools.partial(_sparse, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
-                         softcap=softcap, window=window, q_chunk=q_chunk)
+                         softcap=softcap, window=window, q_chunk=q_chunk, has_ref=lse_ref is not None)
   if lse_ref is None:
     lse_ref = jnp.full(q.shape[:-3] + (n, t), jnp.nan, jnp.float32)  # NaN: use the kept softmax's
   if q.ndim == 4:
@@ -114,9 +114,11 @@ def _check_mask(mask, t, s, n, batch):
   checks.check_block_ids(mask.indices, mask.num_k_blocks)  # concrete masks; under jit ids are not checked
 
 
-def _sparse(q, k, v, indices, lse_ref, key_mask, *, block_q, block_k, scale, softcap, window, q_chunk):
+def _sparse(q, k, v, indices, lse_ref, key_mask, *, block_q, block_k, scale, softcap, window, q_chunk,
+            has_ref=True):
   """q [T, N, H], k/v [S, K, *], indices [N, nQ, C], lse_ref [N, T] (NaN: none), key_mask bool[N, S] or
-  None -> out [T, N, Hv], mass [N, nQ, C], lse [N, T]."""
+  None -> out [T, N, Hv], mass [N, nQ, C], lse [N, T]. has_ref=False: lse_ref is all NaN (statically),
+  so the reference probabilities are not computed (one exp per kept logit saved)."""
   t, n, h = q.shape
   s, kv, hv = v.shape
   g = n // kv
@@ -146,10 +148,12 @@ def _sparse(q, k, v, indices, lse_ref, key_mask, *, block_q, block_k, scale, sof
       visible &= km[safe][:, None, :]
     probs, lse = numerics.masked_softmax(logits, visible, axes=(0, 2))
     out = jnp.einsum("cqk,ckh->qh", probs, vals.astype(jnp.float32))
+    if not has_ref:
+      return out.astype(q.dtype), probs.sum((1, 2)), lse[0, :, 0]
     # Reference probabilities where a reference normaliser is given (finite), else the kept softmax's.
-    has_ref = jnp.isfinite(ref_row)[None, :, None]
-    ref_probs = jnp.where(visible & has_ref, jnp.exp(jnp.minimum(
-        jnp.where(visible, logits, 0.0) - jnp.where(has_ref, ref_row[None, :, None], 0.0), 0.0)), 0.0)
+    finite = jnp.isfinite(ref_row)[None, :, None]
+    ref_probs = jnp.where(visible & finite, jnp.exp(jnp.minimum(
+        jnp.where(visible, logits, 0.0) - jnp.where(finite, ref_row[None, :, None], 0.0), 0.0)), 0.0)
     probs = jnp.where(jnp.isnan(ref_row)[None, :, None], probs, ref_probs)
     return out.astype(q.dtype), probs.sum((1, 2)), lse[0, :, 0]
 

@@ -10,21 +10,12 @@ import numpy as np
 import pytest
 
 from stream_jax.analysis import niah as N
+from tiny_models import tiny_bpe
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_tokenizer():
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-  tok = Tokenizer(models.BPE(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Sequence(
-      [pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)])
-  tok.decoder = decoders.Metaspace()
-  corpus = [N.NOISE, N.TEMPLATE, N.ANSWER_PREFIX, N.NEEDLE, " ".join(N.ADJECTIVES), " ".join(N.NOUNS),
-            "0123456789 abcdef-"] * 5
-  tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<unk>"],
-                                                      show_progress=False))
-  tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
-  return tok
+  return tiny_bpe()
 
 
 @pytest.mark.parametrize("name", sorted(N.VARIANTS))

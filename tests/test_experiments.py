@@ -14,7 +14,7 @@ from stream_jax.experiments import reports
 from stream_jax.models import LoadedModel, init_params
 from stream_jax.trace import Trace
 from stream_jax.trace_io import load_trace
-from tiny_models import tiny_config
+from tiny_models import tiny_bpe, tiny_config
 
 COT = ("<think>We need 17 * 23. First, 17 * 20 = 340. Then 17 * 3 = 51. Adding gives 391. Let me "
        "double-check this. 23 * 17 = 23 * 10 + 23 * 7. That is 230 + 161 = 391. That matches the first way. "
@@ -24,19 +24,8 @@ SETTINGS = ex.Settings(sj.StreamConfig(block_q=16, block_k=16, top_k=1), backend
 
 @functools.lru_cache(maxsize=None)
 def tiny_model():
-  # pylint: disable=import-outside-toplevel
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-  from transformers import PreTrainedTokenizerFast
-  tok = Tokenizer(models.BPE(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Sequence(
-      [pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)])
-  tok.decoder = decoders.Metaspace()
-  corpus = [niah.NOISE, niah.TEMPLATE, niah.ANSWER_PREFIX, niah.NEEDLE, " ".join(niah.ADJECTIVES),
-            " ".join(niah.NOUNS), COT, "0123456789 abcdef-"] * 5
-  special = ["<bos>", "<unk>", "<eos>"]
-  tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=special,
-                                                      show_progress=False))
-  tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+  tok = tiny_bpe([COT], special=("<bos>", "<unk>", "<eos>"))
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>",
                                  eos_token="<eos>")
   config = tiny_config(vocab_size=len(tok.get_vocab()) + 4, window=32)

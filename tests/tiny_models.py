@@ -23,3 +23,21 @@ def tiny_config(family="gemma3", layers=6, window=16, **kw):
 
 def tokens(b, t, vocab=97, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(3, vocab, size=(b, t)), jnp.int32)
+
+
+def tiny_bpe(extra_texts=(), special=("<bos>", "<unk>")):
+  """A small SentencePiece-like BPE (Metaspace, digits split) trained in-process on the NIAH task's own
+  vocabulary plus `extra_texts`: offline, seconds, with offsets like the real fast tokenizers; BOS first."""
+  # pylint: disable=import-outside-toplevel
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  from stream_jax.analysis import niah
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+      [pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)])
+  tok.decoder = decoders.Metaspace()
+  corpus = [niah.NOISE, niah.TEMPLATE, niah.ANSWER_PREFIX, niah.NEEDLE, " ".join(niah.ADJECTIVES),
+            " ".join(niah.NOUNS), *extra_texts, "0123456789 abcdef-"] * 5
+  tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=list(special),
+                                                      show_progress=False))
+  tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+  return tok
