@@ -89,11 +89,8 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
 def _sparse_xla(q, k, v, mask: BlockMask, *, scale: float, softcap, window, q_chunk, lse_ref,
                 key_mask=None):
   """The XLA reference (and CPU path) on validated inputs."""
-  t, n = q.shape[-3], q.shape[-2]
   fn = functools.partial(_sparse, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
-                         softcap=softcap, window=window, q_chunk=q_chunk, has_ref=lse_ref is not None)
-  if lse_ref is None:
-    lse_ref = jnp.full(q.shape[:-3] + (n, t), jnp.nan, jnp.float32)  # NaN: use the kept softmax's
+                         softcap=softcap, window=window, q_chunk=q_chunk)
   if q.ndim == 4:
     out, mass, lse = jax.vmap(fn)(q, k, v, mask.indices, lse_ref, key_mask)
   else:
@@ -114,11 +111,10 @@ def _check_mask(mask, t, s, n, batch):
   checks.check_block_ids(mask.indices, mask.num_k_blocks)  # concrete masks; under jit ids are not checked
 
 
-def _sparse(q, k, v, indices, lse_ref, key_mask, *, block_q, block_k, scale, softcap, window, q_chunk,
-            has_ref=True):
-  """q [T, N, H], k/v [S, K, *], indices [N, nQ, C], lse_ref [N, T] (NaN: none), key_mask bool[N, S] or
-  None -> out [T, N, Hv], mass [N, nQ, C], lse [N, T]. has_ref=False: lse_ref is all NaN (statically),
-  so the reference probabilities are not computed (one exp per kept logit saved)."""
+def _sparse(q, k, v, indices, lse_ref, key_mask, *, block_q, block_k, scale, softcap, window, q_chunk):
+  """q [T, N, H], k/v [S, K, *], indices [N, nQ, C], lse_ref [N, T] (NaN rows: none) or None, key_mask
+  bool[N, S] or None -> out [T, N, Hv], mass [N, nQ, C], lse [N, T]. Without lse_ref the reference
+  probabilities are not computed (one exp per kept logit saved)."""
   t, n, h = q.shape
   s, kv, hv = v.shape
   g = n // kv
@@ -130,11 +126,13 @@ def _sparse(q, k, v, indices, lse_ref, key_mask, *, block_q, block_k, scale, sof
   km_blocks = None if key_mask is None else to_blocks(key_mask.T, block_k).reshape(-1, block_k, kv, g)
   idx = indices.reshape(kv, g, n_q, -1).transpose(2, 0, 1, 3)  # [nQ, K, G, C]
   q_pos = query_positions(t, s, block_q)  # [nQ, bq]
-  ref = jnp.pad(lse_ref, [(0, 0), (0, n_q * block_q - t)], constant_values=jnp.nan)
-  ref = ref.reshape(kv, g, n_q, block_q).transpose(2, 0, 1, 3)  # [nQ, K, G, bq]
+  ref = None
+  if lse_ref is not None:
+    ref = jnp.pad(lse_ref, [(0, 0), (0, n_q * block_q - t)], constant_values=jnp.nan)
+    ref = ref.reshape(kv, g, n_q, block_q).transpose(2, 0, 1, 3)  # [nQ, K, G, bq]
 
   def one(qb, ids, ref_row, pos, kb, vb, km):
-    """qb [bq, H], ids [C], ref_row [bq], pos [bq], kb/vb [nK, bk, *], km bool[nK, bk] or None -> out
+    """qb [bq, H], ids [C], ref_row [bq] or None, pos [bq], kb/vb [nK, bk, *], km bool[nK, bk] or None -> out
     [bq, Hv], mass [C], lse [bq]."""
     safe = jnp.maximum(ids, 0)
     keys, vals = kb[safe], vb[safe]  # [C, bk, *]
@@ -148,7 +146,7 @@ def _sparse(q, k, v, indices, lse_ref, key_mask, *, block_q, block_k, scale, sof
       visible &= km[safe][:, None, :]
     probs, lse = numerics.masked_softmax(logits, visible, axes=(0, 2))
     out = jnp.einsum("cqk,ckh->qh", probs, vals.astype(jnp.float32))
-    if not has_ref:
+    if ref_row is None:
       return out.astype(q.dtype), probs.sum((1, 2)), lse[0, :, 0]
     # Reference probabilities where a reference normaliser is given (finite), else the kept softmax's.
     finite = jnp.isfinite(ref_row)[None, :, None]

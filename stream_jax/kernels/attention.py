@@ -192,6 +192,7 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, q_len, k_le
   q = q_ref[...]  # [bq, Hp]
   q_pos = _query_positions(block_q, q_len, k_len, n_q)
   count = table_ref[table_len - 1]
+  slots = None if mass_len is None else iota(mass_len)
 
   def body(c, carry):
     acc, m, l, u = carry
@@ -209,7 +210,7 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, q_len, k_le
                          preferred_element_type=jnp.float32)
     acc = acc * corr[:, None] + pv
     if u is not None:
-      u = u * corr[:, None] + jnp.where(iota(mass_len)[None, :] == c, row_sum[:, None], 0.0)
+      u = u * corr[:, None] + jnp.where(slots[None, :] == c, row_sum[:, None], 0.0)
     return acc, m_new, l, u
 
   init = (jnp.zeros((block_q, o_ref.shape[-1]), jnp.float32),
@@ -240,12 +241,13 @@ def _mass_kernel(table_ref, q_ref, k_ref, norm_ref, mass_ref, *, block_q, block_
   norm = norm_ref[...]
   ok = norm > NEG_INF  # -inf: this row gets no mass (a reference that saw nothing, or nothing kept)
   norm = jnp.where(ok, norm, 0.0)
+  slots = iota(mass_len)
 
   def body(c, mass):
     x = _block_logits(q, k_ref, table_ref[c], q_pos, block_k=block_k, scale=scale, softcap=softcap,
                       window=window, precision=precision)
     p = jnp.where(ok[:, None], jnp.exp(jnp.minimum(x - norm[:, None], 0.0)), 0.0)  # 0 where invisible
-    return mass + jnp.where(iota(mass_len) == c, jnp.sum(jnp.sum(p, axis=1)), 0.0)
+    return mass + jnp.where(slots == c, jnp.sum(jnp.sum(p, axis=1)), 0.0)
 
   mass_ref[...] = lax.fori_loop(0, count, body, jnp.zeros((mass_len,), jnp.float32))
 
