@@ -16,6 +16,8 @@ import jax.numpy as jnp
 
 from stream_jax import dense as dense_lib
 from stream_jax.attention import block_coverage, sparse_attention
+from stream_jax.backend import resolve_backend
+from stream_jax.band import window_attention
 from stream_jax.config import StreamConfig
 from stream_jax.estimate import estimate_mask
 from stream_jax.mask import BlockMask, window_mask
@@ -135,9 +137,14 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
   dense_out = lse_dense = None
   if estimated and (exact or plan.coverage):
     dense_out, lse_dense = dense_with_lse(plan, q, k, v, scale=scale, cap=cap, visible=visible)
-  out, stats = sparse_attention(q, k, v, mask, scale=scale, softcap=cap, window=plan.window,
-                                backend=plan.backend, lse_ref=lse_dense if exact else None,
-                                key_mask=visible)
+  if mode == "window" and (visible is not None or resolve_backend(plan.backend) == "xla"):
+    # The band's contiguous XLA path: the same numbers as the gathered one at ~half its time.
+    out, stats = window_attention(q, k, v, window=plan.window, block_q=cfg.block_q, block_k=cfg.block_k,
+                                  scale=scale, softcap=cap, key_mask=visible)
+  else:
+    out, stats = sparse_attention(q, k, v, mask, scale=scale, softcap=cap, window=plan.window,
+                                  backend=plan.backend, lse_ref=lse_dense if exact else None,
+                                  key_mask=visible)
   coverage = None
   if lse_dense is not None:
     coverage = block_coverage(stats.lse, lse_dense, cfg.block_q)

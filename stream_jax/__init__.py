@@ -33,5 +33,6 @@ from stream_jax.attention import (
     dense_block_mass,
     sparse_attention,
 )
+from stream_jax.band import window_attention
 
 __version__ = "0.1.0"

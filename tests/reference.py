@@ -65,3 +65,23 @@ def mask_lists(mask):
   idx = np.asarray(mask.indices)
   cnt = np.asarray(mask.counts)
   return [[idx[h, j, :cnt[h, j]].tolist() for j in range(idx.shape[1])] for h in range(idx.shape[0])]
+
+
+def numpy_attention(q, k, v, allowed, scale, softcap=None):
+  """float64 attention: softmax over `allowed` [N, T, S] keys of q [T, N, H], k/v [S, K, *] (GQA).
+
+  Returns out [T, N, Hv] and probs [N, T, S]; a row with no allowed key comes out NaN."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  g = q.shape[1] // k.shape[1]
+  out = np.zeros(q.shape[:2] + v.shape[-1:])
+  probs = np.zeros((q.shape[1], q.shape[0], k.shape[0]))
+  for h in range(q.shape[1]):
+    logits = q[:, h] @ k[:, h // g].T * scale
+    if softcap is not None:
+      logits = softcap * np.tanh(logits / softcap)
+    logits = np.where(allowed[h], logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    probs[h] = p
+    out[:, h] = p @ v[:, h // g]
+  return out, probs

@@ -6,30 +6,13 @@ import numpy as np
 import pytest
 
 import stream_jax as sj
+from reference import numpy_attention
 
 
 def _qkv(seed, t, s, n, kv, h, dtype=jnp.float32):
   a, b, c = jax.random.split(jax.random.PRNGKey(seed), 3)
   return (jax.random.normal(a, (t, n, h), dtype), jax.random.normal(b, (s, kv, h), dtype),
           jax.random.normal(c, (s, kv, h), dtype))
-
-
-def _numpy_attention(q, k, v, allowed, scale, softcap=None):
-  """float64 reference: softmax over `allowed` [N, T, S] keys."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  g = q.shape[1] // k.shape[1]
-  out = np.zeros(q.shape[:2] + v.shape[-1:])
-  probs = np.zeros((q.shape[1], q.shape[0], k.shape[0]))
-  for h in range(q.shape[1]):
-    logits = q[:, h] @ k[:, h // g].T * scale
-    if softcap is not None:
-      logits = softcap * np.tanh(logits / softcap)
-    logits = np.where(allowed[h], logits, -np.inf)
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    probs[h] = p
-    out[:, h] = p @ v[:, h // g]
-  return out, probs
 
 
 CASES = [
@@ -59,7 +42,7 @@ def test_full_mask_equals_dense_and_mass_equals_block_mass(case):
   allowed = np.arange(s)[None, :] <= pos[:, None]
   if window is not None:
     allowed &= pos[:, None] - np.arange(s)[None, :] < window
-  ref64, _ = _numpy_attention(q, k, v, np.broadcast_to(allowed, (n, t, s)), h ** -0.5, softcap)
+  ref64, _ = numpy_attention(q, k, v, np.broadcast_to(allowed, (n, t, s)), h ** -0.5, softcap)
   np.testing.assert_allclose(out, ref64, atol=2e-5)
 
 
@@ -72,7 +55,7 @@ def test_sparse_mask_equals_dense_restricted_to_the_same_tokens(rep):
   out, stats = sj.sparse_attention(q, k, v, mask)
   allowed = np.asarray(sj.to_dense(mask))
   assert allowed.mean() < 0.5, "the test needs a really sparse mask"
-  ref64, probs = _numpy_attention(q, k, v, allowed, h ** -0.5)
+  ref64, probs = numpy_attention(q, k, v, allowed, h ** -0.5)
   np.testing.assert_allclose(out, ref64, atol=2e-5)
   np.testing.assert_allclose(out, sj.dense_attention(q, k, v, token_mask=allowed), atol=1e-5)
   # mass: the restricted probabilities summed per kept block
