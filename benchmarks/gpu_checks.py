@@ -7,6 +7,8 @@
 4. Dense-density masks (more kept slots than the fused accumulator takes): the second mass pass equals the
    fused accumulator and the XLA reference, with and without `lse_ref`.
 5. A random-weight Gemma 3 config: output="exact" logits equal attention="dense" (cuDNN and XLA).
+6. The Mosaic GPU attention kernel (kernels/attention_mgpu.py, no interpret mode) equals the XLA reference:
+   out, block mass and lse, float16 / bfloat16, GQA, ragged T, soft-cap, sliding window, lse_ref.
 
   python3 benchmarks/gpu_checks.py
 """
@@ -80,6 +82,50 @@ def check_second_mass_pass(t=8192, n=8, kv=4, h=128):
             f"{bool(jnp.array_equal(o1, o2))}; lse max |diff| {float(jnp.abs(s1.lse - s2.lse).max()):.2e}")
 
 
+MGPU_CASES = (
+    # t, n, kv, h, dtype, softcap, window, lse_ref, config
+    (512, 2, 1, 64, "float16", None, None, False, dict(top_k=2)),
+    (1000, 4, 2, 128, "bfloat16", None, None, False, dict(top_k=4)),  # ragged T, GQA
+    (2048, 4, 1, 256, "bfloat16", 30.0, None, True, dict()),  # soft-cap, reference normaliser
+    (1536, 2, 2, 128, "float16", None, 300, False, dict(top_k=3)),  # sliding window
+    (4096, 8, 4, 256, "bfloat16", None, None, True, dict(top_k=16)),
+)
+
+
+def check_mgpu_attention(cases=MGPU_CASES):
+  """Returns the number of failed cases (an exception or a difference above the tolerance)."""
+  from stream_jax.kernels import attention_mgpu  # pylint: disable=import-outside-toplevel
+  failed = 0
+  for t, n, kv, h, dtype, cap, win, with_ref, cfg in cases:
+    label = f"mgpu T={t} N={n} K={kv} H={h} {dtype} softcap={cap} window={win} lse_ref={with_ref}"
+    try:
+      q, k, v = (_rand((t, x, h), 30 + i, dtype) for i, x in enumerate((n, kv, kv)))
+      mask = sj.estimate_mask(q, k, sj.StreamConfig(**cfg), softcap=cap)
+      ref = None
+      if with_ref:
+        _, ref = dense.dense_attention(q[None], k[None], v[None], q_pos=jnp.arange(t), k_pos=jnp.arange(t),
+                                       scale=h ** -0.5, softcap=cap, window=win, return_lse=True)
+        ref = ref[0]
+      why = attention_mgpu.unsupported(q, v, mask)
+      if why:
+        raise ValueError(why)
+      ox, sx = sj.sparse_attention(q, k, v, mask, softcap=cap, window=win, backend="xla", lse_ref=ref)
+      om, sm = attention_mgpu.sparse_attention(q, k, v, mask, softcap=cap, window=win, lse_ref=ref)
+      d_out = float(jnp.abs(om.astype(jnp.float32) - ox.astype(jnp.float32)).max())
+      d_mass = float(jnp.abs(sm.mass - sx.mass).max())
+      finite = jnp.isfinite(sx.lse)
+      d_lse = float(jnp.where(finite, jnp.abs(sm.lse - sx.lse), 0.0).max())
+      same_inf = bool(jnp.array_equal(finite, jnp.isfinite(sm.lse)))
+      ok = d_out < 3e-2 and d_mass < 2e-3 and d_lse < 2e-3 and same_inf
+      failed += not ok
+      print(f"{'ok  ' if ok else 'FAIL'} {label}: out {d_out:.2e} mass {d_mass:.2e} lse {d_lse:.2e} "
+            f"(-inf rows agree: {same_inf})", flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      failed += 1
+      print(f"FAIL {label}: {type(e).__name__}: {str(e)[:600]}", flush=True)
+  return failed
+
+
 def check_exact_forward(t=4096):
   base = get_config("gemma3-1b")
   config = dataclasses.replace(base, num_layers=6, layer_kinds=base.layer_kinds[:6], vocab_size=4096,
@@ -103,3 +149,4 @@ if __name__ == "__main__":
   check_pallas_f32()
   check_second_mass_pass()
   check_exact_forward()
+  check_mgpu_attention()

@@ -50,12 +50,14 @@ import numpy as np
 
 import stream_jax as sj
 
-KERNELS = ("sparse_full", "sparse_full_fused", "sparse_stream", "triton_mha", "mosaic_flash", "cudnn")
+KERNELS = ("sparse_full", "sparse_full_fused", "sparse_stream", "sparse_stream_mgpu", "triton_mha",
+           "mosaic_flash", "cudnn")
 DENSE_WORK = ("sparse_full", "sparse_full_fused", "triton_mha", "mosaic_flash")  # rows checked vs cuDNN
 LABELS = {
     "sparse_full": "ours: Triton block-sparse, all causal blocks",
     "sparse_full_fused": "ours, all causal blocks, mass forced into the fused register accumulator",
     "sparse_stream": "ours: Triton block-sparse, Stream mask",
+    "sparse_stream_mgpu": "ours: Mosaic GPU block-sparse, Stream mask",
     "triton_mha": "JAX Pallas Triton flash (ops.gpu.attention.mha)",
     "mosaic_flash": "JAX Pallas Mosaic GPU flash (ops.gpu.attention_mgpu)",
     "cudnn": "cuDNN (jax.nn.dot_product_attention)",
@@ -180,17 +182,24 @@ def first(x):
 # ---- the kernels (each returns (fn, args, config text) or raises) ----
 
 def sparse_fn(mask, num_warps=None, fused_mass=None):
-  """Our kernel through the public entry (defaults) or the kernel module (a launch sweep, a forced mass
-  path)."""
+  """Our Triton kernel (the kernel module itself: on a Hopper GPU the public entry now runs the Mosaic
+  port), default launch or a launch sweep / a forced mass path."""
   from stream_jax.kernels import attention as kattention  # pylint: disable=import-outside-toplevel
 
   def f(q, k, v, idx, cnt):
     m = sj.BlockMask(idx, cnt, mask.block_q, mask.block_k, mask.q_len, mask.k_len, mask.config)
-    if num_warps is None and fused_mass is None:
-      out, st = sj.sparse_attention(q, k, v, m, scale=1.0, backend="pallas")
-    else:
-      out, st = kattention.sparse_attention(q, k, v, m, scale=1.0, num_warps=num_warps,
-                                            fused_mass=fused_mass)
+    out, st = kattention.sparse_attention(q, k, v, m, scale=1.0, num_warps=num_warps, fused_mass=fused_mass)
+    return out, st.mass, st.lse
+  return jax.jit(f)
+
+
+def mgpu_fn(mask, stages=None, order="qblk_last"):
+  """The Mosaic GPU port of our kernel (kernels/attention_mgpu.py) on the same mask."""
+  from stream_jax.kernels import attention_mgpu  # pylint: disable=import-outside-toplevel
+
+  def f(q, k, v, idx, cnt):
+    m = sj.BlockMask(idx, cnt, mask.block_q, mask.block_k, mask.q_len, mask.k_len, mask.config)
+    out, st = attention_mgpu.sparse_attention(q, k, v, m, scale=1.0, stages=stages, order=order)
     return out, st.mass, st.lse
   return jax.jit(f)
 
@@ -342,6 +351,21 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
       row("sparse_stream", ms, f"StreamConfig() mask, density {density:.4f}",
           flops_=kept * 4 * cfg.block_q * cfg.block_k * h, density=density, estimate_ms=est_ms)
       log(f"  sparse_stream {ms:.3f} ms (density {density:.4f}); estimate kernel {est_ms:.3f} ms")
+      if "sparse_stream_mgpu" in kernels:
+        by_stages = {}
+        for stages, order in (((2, 2), "heads_last"), ((2, 2), "qblk_last")):  # (key, value buffers)
+          try:
+            by_stages[stages, order] = timeit(mgpu_fn(mask, stages, order), q3, k3, v3, idx, cnt,
+                                              reps=reps, burst_ms=burst_ms)
+          except Exception as e:  # pylint: disable=broad-except
+            log(f"  sparse_stream_mgpu stages={stages} {order}: {type(e).__name__}: {str(e)[:200]}")
+        best = min(by_stages, key=by_stages.get)
+        diff = max_diff(first(mgpu_fn(mask, *best)(q3, k3, v3, idx, cnt)), first(fn(q3, k3, v3, idx, cnt)))
+        tried = ", ".join(f"stages {k_} {v_:.3f} ms" for k_, v_ in by_stages.items())
+        row("sparse_stream_mgpu", by_stages[best], f"StreamConfig() mask, Mosaic GPU kernel ({tried}); "
+            f"max |out diff| vs Triton {diff:.2e}", flops_=kept * 4 * cfg.block_q * cfg.block_k * h,
+            density=density, diff=diff)
+        log(f"  sparse_stream_mgpu {tried} (Triton {ms:.3f} ms), out diff {diff:.2e}")
       del mask, idx, cnt
     except Exception as e:  # pylint: disable=broad-except
       row("sparse_stream", na=f"n/a: {type(e).__name__}: {str(e)[:200]}")
@@ -376,7 +400,7 @@ def markdown(rows):
         continue
       ratio = lambda base: None if base is None else r["ms"] / base
       conf = r["config"]
-      if name == "sparse_stream":
+      if name in ("sparse_stream", "sparse_stream_mgpu") and r.get("estimate_ms") is not None:
         conf += f"; estimate kernel {r['estimate_ms']:.2f} ms more; TFLOP/s on kept blocks"
       lines.append(f"| {h} | {kv} | {t} | {r.get('dtype', '')} | {LABELS[name]} | {r['ms']:.3f} | "
                    f"{fmt(r['tflops'], '.0f')} | "

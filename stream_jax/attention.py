@@ -20,6 +20,7 @@ from jax import lax
 from stream_jax import checks, dense, numerics
 from stream_jax.backend import use_kernel
 from stream_jax.kernels import attention as kernel
+from stream_jax.kernels import attention_mgpu as mgpu_kernel
 from stream_jax.mask import DENSE_LIMIT, BlockMask, num_blocks, query_positions, to_blocks
 from stream_jax.numerics import DEFAULT_Q_CHUNK, NEG_INF, AttentionStats
 
@@ -49,7 +50,9 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
     window: sliding window W (query sees keys with pos(q) - pos(k) < W), None = global causal.
     q_chunk: query blocks per sequential step (memory bound); None = all at once.
     backend: "xla" (the reference), "pallas" (the GPU kernel; interpreted off the GPU) or "auto" (the
-      kernel on a GPU when it supports the mask: block sizes >= 16; else the reference).
+      kernel on a GPU when it supports the mask: block sizes >= 16; else the reference). On a Hopper
+      GPU, 16-bit inputs with 64 x 64 blocks run the Mosaic GPU port (kernels/attention_mgpu.py), the
+      rest the Triton kernel (STREAM_JAX_PALLAS_ATTENTION=triton forces Triton).
     lse_ref: optional float32[..., N, T] log softmax denominators of a reference attention over the
       same logits (dense attention's, for an exact trace): block mass becomes exp(logit - lse_ref)
       summed, the reference's probability, instead of the kept softmax's. The output is unchanged.
@@ -80,6 +83,9 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
   checks.check_chunk(q_chunk)
   scale = numerics.resolve_scale(scale, h)
   if key_mask is None and use_kernel(backend, lambda: kernel.unsupported(mask)):
+    if mgpu_kernel.runs(q, v, mask):  # Hopper: the Mosaic GPU port (TMA + wgmma)
+      return mgpu_kernel.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
+                                          lse_ref=lse_ref)
     return kernel.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
                                    lse_ref=lse_ref)
   return _sparse_xla(q, k, v, mask, scale=scale, softcap=softcap, window=window, q_chunk=q_chunk,

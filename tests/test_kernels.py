@@ -312,3 +312,47 @@ def test_attention_kernel_lse_ref_matches_reference():
   _, a = sj.sparse_attention(q, k, v, mask, lse_ref=ref)
   _, b = kattention.sparse_attention(q, k, v, mask, interpret=True, lse_ref=ref)
   np.testing.assert_allclose(np.asarray(b.mass), np.asarray(a.mass), rtol=1e-5, atol=1e-6)
+
+
+# ---- the Mosaic GPU port (kernels/attention_mgpu.py): no interpret mode, so CPU tests lower it for CUDA;
+# its numbers are checked on the GPU (benchmarks/gpu_checks.py, check_mgpu_attention) ----
+
+@pytest.mark.parametrize("dtype,h,softcap,window,stages,with_ref", [
+    (jnp.bfloat16, 256, 50.0, 1024, 2, True),  # GQA, ragged T, S > T, soft-cap, window, reference lse
+    (jnp.float16, 128, None, None, (3, 2), False),  # deeper key ring than value ring
+])
+def test_mgpu_attention_lowers_for_cuda(dtype, h, softcap, window, stages, with_ref):
+  from stream_jax.kernels import attention_mgpu
+
+  def fn(q, k, v, idx, cnt, ref):
+    mask = BlockMask(idx, cnt, 64, 64, 1000, 1100)
+    out, stats = attention_mgpu.sparse_attention(q, k, v, mask, softcap=softcap, window=window,
+                                                 lse_ref=ref if with_ref else None, stages=stages)
+    return out, stats.mass, stats.lse
+  text = lower_for_cuda(fn, _sds((1000, 8, h), dtype), _sds((1100, 4, h), dtype), _sds((1100, 4, h), dtype),
+                        _sds((8, 16, 19), jnp.int32), _sds((8, 16), jnp.int32), _sds((8, 1000), jnp.float32))
+  assert "mosaic_gpu" in text
+
+
+def test_mgpu_attention_says_what_it_cannot_take_and_never_runs_off_hopper(monkeypatch):
+  from stream_jax.kernels import attention_mgpu
+  q, v = _sds((256, 4, 128)), _sds((256, 2, 128))
+  mask = sj.window_mask(4, 256, 256, block_q=64, block_k=64)
+  assert attention_mgpu.unsupported(q, v, mask) is None
+  assert "float16 / bfloat16" in attention_mgpu.unsupported(_sds((256, 4, 128), jnp.float32), v, mask)
+  small = sj.window_mask(4, 256, 256, block_q=32, block_k=32)
+  assert "64 x 64 blocks" in attention_mgpu.unsupported(q, v, small)
+  assert "head dims" in attention_mgpu.unsupported(_sds((256, 4, 96)), _sds((256, 2, 96)), mask)
+  wide = sj.window_mask(4, 8192, 8192, block_q=64, block_k=64)  # every causal block: C = 128
+  assert "at most 64" in attention_mgpu.unsupported(_sds((8192, 4, 128)), _sds((8192, 2, 128)), wide)
+  assert not attention_mgpu.runs(q, v, mask)  # a CPU: the Triton kernel (interpreted) runs
+  monkeypatch.setenv("STREAM_JAX_PALLAS_ATTENTION", "triton")
+  assert not attention_mgpu.runs(q, v, mask)
+  monkeypatch.setenv("STREAM_JAX_PALLAS_ATTENTION", "mosaic")
+  with pytest.raises(ValueError, match="STREAM_JAX_PALLAS_ATTENTION=mosaic: .*GPU only"):
+    attention_mgpu.runs(q, v, mask)
+  with pytest.raises(ValueError, match="STREAM_JAX_PALLAS_ATTENTION=mosaic: .*float16 / bfloat16"):
+    attention_mgpu.runs(_sds((256, 4, 128), jnp.float32), v, mask)
+  monkeypatch.setenv("STREAM_JAX_PALLAS_ATTENTION", "cuda")
+  with pytest.raises(ValueError, match="must be auto .*, triton or mosaic"):
+    attention_mgpu.runs(q, v, mask)
