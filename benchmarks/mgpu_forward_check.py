@@ -27,6 +27,9 @@ def main(argv=None):
   ap.add_argument("--layers", type=int, default=6)
   ap.add_argument("--length", type=int, default=8192)
   args = ap.parse_args(argv)
+  if jax.default_backend() != "gpu":
+    raise SystemExit("mgpu_forward_check compares the Mosaic GPU and Triton kernels: it needs a Hopper GPU "
+                     f"(the default backend here is {jax.default_backend()!r})")
   base = get_config(args.config)
   config = dataclasses.replace(base, num_layers=args.layers, layer_kinds=base.layer_kinds[:args.layers],
                                vocab_size=4096, name=f"{base.name}-{args.layers}layers")

@@ -181,3 +181,9 @@ def test_mosaic_arguments_and_dry_run(tmp_path, capsys):
   assert "sparse_full/mosaic 1.10x" in mosaic.headline(rows)
   assert "| 1.10 | 2.20 |" in mosaic.markdown(rows)
   assert mosaic.parse_args(["--dtype", "float16"]).dtype == "float16"
+
+
+def test_mgpu_forward_check_says_it_needs_a_gpu():
+  import mgpu_forward_check  # noqa: PLC0415
+  with pytest.raises(SystemExit, match="needs a Hopper GPU"):
+    mgpu_forward_check.main(["--layers", "2", "--length", "256"])
