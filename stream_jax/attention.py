@@ -65,18 +65,8 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
   """
   t, s, n, _, h = checks.check_qkv(q, k, v)
   _check_mask(mask, t, s, n, q.shape[:-3])
-  if lse_ref is not None:
-    want = tuple(q.shape[:-3]) + (n, t)
-    if tuple(getattr(lse_ref, "shape", ())) != want:
-      raise ValueError(f"lse_ref must have shape {want} ([batch,] heads, queries), got "
-                       f"{getattr(lse_ref, 'shape', type(lse_ref).__name__)}")
-    lse_ref = jnp.asarray(lse_ref, jnp.float32)
-  if key_mask is not None:
-    want = tuple(q.shape[:-3]) + (n, s)
-    if tuple(getattr(key_mask, "shape", ())) != want:
-      raise ValueError(f"key_mask must have shape {want} ([batch,] heads, keys), got "
-                       f"{getattr(key_mask, 'shape', type(key_mask).__name__)}")
-    key_mask = jnp.asarray(key_mask, bool)
+  lse_ref = checks.per_head("lse_ref", lse_ref, q.shape[:-3], n, t, "queries", jnp.float32)
+  key_mask = checks.per_head("key_mask", key_mask, q.shape[:-3], n, s, "keys", bool)
   checks.check_positive("scale", scale)
   checks.check_positive("softcap", softcap)
   checks.check_window(window)

@@ -60,12 +60,7 @@ def window_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B T K H"], v
   checks.check_positive("softcap", softcap)
   if isinstance(q_chunk, bool) or not isinstance(q_chunk, (int, np.integer)) or q_chunk < 1:
     raise ValueError(f"q_chunk must be an int >= 1 (query rows per step), got {q_chunk!r}")
-  if key_mask is not None:
-    want = tuple(q.shape[:-3]) + (n, s)
-    if tuple(getattr(key_mask, "shape", ())) != want:
-      raise ValueError(f"key_mask must have shape {want} ([batch,] heads, keys), got "
-                       f"{getattr(key_mask, 'shape', type(key_mask).__name__)}")
-    key_mask = jnp.asarray(key_mask, bool)
+  key_mask = checks.per_head("key_mask", key_mask, q.shape[:-3], n, s, "keys", bool)
   batched = q.ndim == 4
   if not batched:
     q, k, v = q[None], k[None], v[None]

@@ -55,6 +55,18 @@ def check_qkv(q, k, v=None) -> tuple[int, int, int, int, int]:
   return t, s, n, kv, h
 
 
+def per_head(name: str, x, batch: tuple, n: int, length: int, axis: str, dtype):
+  """An optional per-head array [batch..., N, length] (`axis` names the last one: queries, keys) as
+  `dtype`; None passes through."""
+  if x is None:
+    return None
+  want = tuple(batch) + (n, length)
+  if tuple(getattr(x, "shape", ())) != want:
+    raise ValueError(f"{name} must have shape {want} ([batch,] heads, {axis}), got "
+                     f"{getattr(x, 'shape', type(x).__name__)}")
+  return jnp.asarray(x, dtype)
+
+
 def check_positive(name: str, value: Optional[float], allow_none: bool = True) -> None:
   if value is None and allow_none:
     return

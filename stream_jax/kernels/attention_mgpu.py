@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from stream_jax import numerics
+from stream_jax.kernels import common
 from stream_jax.mask import BlockMask, num_blocks
 from stream_jax.numerics import NEG_INF, AttentionStats
 
@@ -102,30 +103,22 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
   return out, AttentionStats(mass=mass, lse=lse)
 
 
-def _pad(x, axis, size, value=0):
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
-
-
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "window", "stages", "order"))
 def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, stages, order):
   k_stages, v_stages = stages
   import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only module: imported where it runs)
   import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
 
-  batched = q.ndim == 4
-  if not batched:
-    q, k, v, indices, counts, lse_ref = (x[None] for x in (q, k, v, indices, counts, lse_ref))
+  (q, k, v, indices, counts, lse_ref), batched = common.as_batched(q, k, v, indices, counts, lse_ref)
   b, t, n, h = q.shape
   s, kv, hv = v.shape[1], v.shape[2], v.shape[3]
   g = n // kv
   cap = indices.shape[-1]
   n_q, n_k = num_blocks(t, BLOCK), num_blocks(s, BLOCK)
-  q = _pad(q, 1, n_q * BLOCK)
-  k = _pad(k, 1, n_k * BLOCK)
-  v = _pad(v, 1, n_k * BLOCK)
-  lse_ref = _pad(lse_ref.astype(jnp.float32), 2, n_q * BLOCK, jnp.nan)
+  q = common.pad_axis(q, 1, n_q * BLOCK)
+  k = common.pad_axis(k, 1, n_k * BLOCK)
+  v = common.pad_axis(v, 1, n_k * BLOCK)
+  lse_ref = common.pad_axis(lse_ref.astype(jnp.float32), 2, n_q * BLOCK)  # padding rows see no key
   slots = -(-cap // TABLE) * TABLE  # mass row length (TMA: 128-byte multiples)
   table_len = -(-(cap + 1) // TABLE) * TABLE
   table = jnp.concatenate([
