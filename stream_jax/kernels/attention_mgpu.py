@@ -105,9 +105,10 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "window", "stages", "order"))
 def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, stages, order):
-  k_stages, v_stages = stages
   import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only module: imported where it runs)
   import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
+
+  k_stages, v_stages = stages
 
   (q, k, v, indices, counts, lse_ref), batched = common.as_batched(q, k, v, indices, counts, lse_ref)
   b, t, n, h = q.shape
