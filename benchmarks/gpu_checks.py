@@ -9,6 +9,8 @@
 5. A random-weight Gemma 3 config: output="exact" logits equal attention="dense" (cuDNN and XLA).
 6. The Mosaic GPU attention kernel (kernels/attention_mgpu.py, no interpret mode) equals the XLA reference:
    out, block mass and lse, float16 / bfloat16, GQA, ragged T, soft-cap, sliding window, lse_ref.
+7. The Mosaic GPU estimate kernel (kernels/estimate_mgpu.py): masks equal the Triton kernel's and the XLA
+   reference's, row for row (ragged T, no search round, soft-cap, wide first level, batch, exact ties).
 
   python3 benchmarks/gpu_checks.py
 """
@@ -97,8 +99,7 @@ def check_mgpu_attention(cases=MGPU_CASES):
   from stream_jax.kernels import attention_mgpu  # pylint: disable=import-outside-toplevel
   failed = 0
   for t, n, kv, h, dtype, cap, win, with_ref, cfg in cases:
-    label = f"mgpu T={t} N={n} K={kv} H={h} {dtype} softcap={cap} window={win} lse_ref={with_ref}"
-    try:
+    def run(t=t, n=n, kv=kv, h=h, dtype=dtype, cap=cap, win=win, with_ref=with_ref, cfg=cfg):
       q, k, v = (_rand((t, x, h), 30 + i, dtype) for i, x in enumerate((n, kv, kv)))
       mask = sj.estimate_mask(q, k, sj.StreamConfig(**cfg), softcap=cap)
       ref = None
@@ -117,12 +118,61 @@ def check_mgpu_attention(cases=MGPU_CASES):
       d_lse = float(jnp.where(finite, jnp.abs(sm.lse - sx.lse), 0.0).max())
       same_inf = bool(jnp.array_equal(finite, jnp.isfinite(sm.lse)))
       ok = d_out < 3e-2 and d_mass < 2e-3 and d_lse < 2e-3 and same_inf
-      failed += not ok
-      print(f"{'ok  ' if ok else 'FAIL'} {label}: out {d_out:.2e} mass {d_mass:.2e} lse {d_lse:.2e} "
-            f"(-inf rows agree: {same_inf})", flush=True)
-    except Exception as e:  # pylint: disable=broad-except
-      failed += 1
-      print(f"FAIL {label}: {type(e).__name__}: {str(e)[:600]}", flush=True)
+      return ok, f"out {d_out:.2e} mass {d_mass:.2e} lse {d_lse:.2e} (-inf rows agree: {same_inf})"
+    failed += _case(f"mgpu T={t} N={n} K={kv} H={h} {dtype} softcap={cap} window={win} lse_ref={with_ref}",
+                    run)
+  return failed
+
+
+def _case(label, run):
+  """One GPU check case: `run()` returns (ok, detail). Prints the verdict; returns 1 if it failed or raised."""
+  try:
+    ok, detail = run()
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"FAIL {label}: {type(e).__name__}: {str(e)[:600]}", flush=True)
+    return 1
+  print(f"{'ok  ' if ok else 'FAIL'} {label}: {detail}", flush=True)
+  return int(not ok)
+
+
+ESTIMATE_CASES = (
+    # b, t, n, kv, h, dtype, softcap, config, integer-valued inputs
+    (None, 1000, 4, 2, 128, "bfloat16", None, dict(), False),  # ragged T, GQA, no search round
+    (None, 4096, 8, 4, 256, "bfloat16", 30.0, dict(), False),  # soft-cap
+    (None, 4096, 4, 1, 128, "float16", None, dict(top_k=8, init_branches=24), False),  # wide first level
+    (None, 8192, 8, 4, 256, "bfloat16", None, dict(top_k=32, window_blocks=3, sink_blocks=2), False),
+    (2, 3000, 4, 4, 64, "bfloat16", None, dict(top_k=4, sink_blocks=0, window_blocks=1), False),  # batch
+    (None, 4096, 4, 2, 128, "bfloat16", None, dict(), True),  # exact logits, ties by position
+    (None, 16384, 8, 4, 256, "bfloat16", None, dict(), False),
+)
+
+
+def check_mgpu_estimate(cases=ESTIMATE_CASES):
+  """Masks of the Mosaic GPU estimate kernel vs the Triton kernel and the XLA reference (share of equal
+  rows; integer inputs must match the reference in every row). Returns the failed case count. Its speed is
+  benchmarks/mosaic.py's `sparse_stream_mgpu` row."""
+  from stream_jax.kernels import estimate as kestimate  # pylint: disable=import-outside-toplevel
+  from stream_jax.kernels import estimate_mgpu  # pylint: disable=import-outside-toplevel
+  failed = 0
+  for b, t, n, kv, h, dtype, cap, cfg, integer in cases:
+    def run(b=b, t=t, n=n, kv=kv, h=h, dtype=dtype, cap=cap, cfg=cfg, integer=integer):
+      config = sj.StreamConfig(**cfg)
+      lead = () if b is None else (b,)
+      q, k = (_rand(lead + (t, x, h), 50 + i, dtype) for i, x in enumerate((n, kv)))
+      if integer:  # small integers: every logit exact in bf16 products and f32 sums, many exact ties
+        q, k = (jnp.round(x * 1.5).clip(-3, 3).astype(dtype) for x in (q, k))
+      why = estimate_mgpu.unsupported(q, config)
+      if why:
+        raise ValueError(why)
+      mm = estimate_mgpu.estimate_mask(q, k, config, softcap=cap)
+      mt = kestimate.estimate_mask(q, k, config, softcap=cap)
+      mx = sj.estimate_mask(q, k, config, softcap=cap, backend="xla")
+      rows = lambda a, b: float(jnp.mean(jnp.all(a.indices == b.indices, -1) & (a.counts == b.counts)))
+      vs_t, vs_x, t_x = rows(mm, mt), rows(mm, mx), rows(mt, mx)
+      ok = vs_x >= (1.0 if integer else 0.999) and vs_t >= 0.999
+      return ok, f"rows equal to Triton {vs_t:.4f}, to XLA {vs_x:.4f} (Triton vs XLA {t_x:.4f})"
+    failed += _case(f"mgpu estimate B={b} T={t} N={n} K={kv} H={h} {dtype} softcap={cap} {cfg} "
+                    f"integer={integer}", run)
   return failed
 
 
@@ -150,3 +200,4 @@ if __name__ == "__main__":
   check_second_mass_pass()
   check_exact_forward()
   check_mgpu_attention()
+  check_mgpu_estimate()

@@ -14,8 +14,11 @@ kernel runs with scale 1):
   sparse_full_fused  the same, block mass forced into the fused block_q x C register accumulator (the
                  kernel before the second pass existed; it spills at C = 512).
   sparse_stream  the same kernel on the default `StreamConfig` mask from `estimate_mask` (the density a
-                 trace runs at); its TFLOP/s count kept blocks only. The estimate kernel's time is its own
-                 column.
+                 trace runs at); its TFLOP/s count kept blocks only. The Triton estimate kernel's time
+                 (which made the mask) is in its config column.
+  sparse_stream_mgpu  the Mosaic GPU ports on the same shapes: the attention kernel on that mask (best of
+                 two launch orders; max |out diff| vs the Triton kernel), and the estimate kernel (its time
+                 in the config column, its mask rows checked equal to the Triton kernel's).
   triton_mha     JAX's Pallas Triton flash attention (`jax.experimental.pallas.ops.gpu.attention.mha`;
                  it has no GQA, so it runs at K = N only). Best of two tiles.
   mosaic_flash   JAX's Pallas Mosaic GPU flash attention (`...ops.gpu.attention_mgpu.attention`, Hopper
@@ -49,6 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import stream_jax as sj
+from stream_jax.kernels import estimate as kestimate
+from stream_jax.kernels import estimate_mgpu
 
 KERNELS = ("sparse_full", "sparse_full_fused", "sparse_stream", "sparse_stream_mgpu", "triton_mha",
            "mosaic_flash", "cudnn")
@@ -191,6 +196,12 @@ def sparse_fn(mask, num_warps=None, fused_mass=None):
     out, st = kattention.sparse_attention(q, k, v, m, scale=1.0, num_warps=num_warps, fused_mass=fused_mass)
     return out, st.mass, st.lse
   return jax.jit(f)
+
+
+def estimate_fn(module, cfg, **launch):
+  """The Triton (kernels.estimate) or Mosaic GPU (kernels.estimate_mgpu) estimate kernel, called directly."""
+  return jax.jit(lambda q, k: (lambda m: (m.indices, m.counts))(
+      module.estimate_mask(q, k, cfg, scale=1.0, **launch)))
 
 
 def mgpu_fn(mask, stages=None, order="qblk_last"):
@@ -339,8 +350,7 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
   if "sparse_stream" in kernels:
     try:
       cfg = sj.StreamConfig()
-      est = jax.jit(lambda q_, k_: (lambda m: (m.indices, m.counts))(
-          sj.estimate_mask(q_, k_, cfg, scale=1.0, backend="pallas")))
+      est = estimate_fn(kestimate, cfg)
       idx, cnt = est(q3, k3)
       est_ms = timeit(est, q3, k3, reps=reps, burst_ms=burst_ms)
       mask = sj.BlockMask(idx, cnt, cfg.block_q, cfg.block_k, t, t, cfg)
@@ -366,6 +376,21 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
             f"max |out diff| vs Triton {diff:.2e}", flops_=kept * 4 * cfg.block_q * cfg.block_k * h,
             density=density, diff=diff)
         log(f"  sparse_stream_mgpu {tried} (Triton {ms:.3f} ms), out diff {diff:.2e}")
+        by_depth = {}
+        for depth in (2, 3, 4):  # the estimate kernel's key ring
+          est_m = estimate_fn(estimate_mgpu, cfg, stages=depth)
+          idx_m, cnt_m = est_m(q3, k3)
+          same = float(np.mean(np.all(np.asarray(idx_m) == np.asarray(idx), -1)
+                               & (np.asarray(cnt_m) == np.asarray(cnt))))
+          by_depth[depth] = (timeit(est_m, q3, k3, reps=reps, burst_ms=burst_ms), same)
+        depth = min(by_depth, key=lambda d: by_depth[d][0])
+        est_m_ms, same = by_depth[depth]
+        rows["sparse_stream_mgpu"].update(estimate_ms=est_m_ms, estimate_rows_equal=same, estimate_stages=depth,
+                                          estimate_by_stages={d: v[0] for d, v in by_depth.items()})
+        rows["sparse_stream_mgpu"]["config"] += f"; estimate key ring {depth}"
+        log(f"  estimate: Triton {est_ms:.3f} ms, Mosaic GPU " +
+            ", ".join(f"ring {d} {v[0]:.3f} ms (rows equal {v[1]:.4f})" for d, v in by_depth.items()) +
+            f"; best {est_ms / est_m_ms:.2f}x Triton")
       del mask, idx, cnt
     except Exception as e:  # pylint: disable=broad-except
       row("sparse_stream", na=f"n/a: {type(e).__name__}: {str(e)[:200]}")

@@ -24,6 +24,7 @@ from stream_jax import checks, numerics
 from stream_jax.backend import use_kernel
 from stream_jax.config import StreamConfig
 from stream_jax.kernels import estimate as kernel
+from stream_jax.kernels import estimate_mgpu as mgpu_kernel
 from stream_jax.mask import BlockMask, from_candidates, num_blocks, to_blocks
 from stream_jax.numerics import DEFAULT_Q_CHUNK, NEG_INF, num_rounds
 
@@ -52,7 +53,10 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
     softcap: optional logit soft-cap `c * tanh(x / c)`, as the model applies it.
     q_chunk: query blocks scored per sequential step (memory bound, XLA path); None = all at once.
     backend: "xla" (the reference), "pallas" (the GPU kernel; interpreted off the GPU) or "auto" (the
-      kernel on a GPU when it supports the config: score="max", block_k >= 16; else the reference).
+      kernel on a GPU when it supports the config: score="max", block_k >= 16; else the reference). On
+      a Hopper GPU, 16-bit inputs with head dim 256, 64 x 64 blocks and top_k <= 32 run the Mosaic GPU
+      port (kernels/estimate_mgpu.py), the rest the Triton kernel (STREAM_JAX_PALLAS_ESTIMATE=triton
+      forces Triton, =mosaic the port wherever it can run).
 
   Returns:
     BlockMask with indices int32[..., N, nQ, C] and counts int32[..., N, nQ], C = config.capacity.
@@ -67,6 +71,8 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
   checks.check_chunk(q_chunk)
   scale = numerics.resolve_scale(scale, h)
   if use_kernel(backend, lambda: kernel.unsupported(config)):
+    if mgpu_kernel.runs(q, config):  # Hopper: the Mosaic GPU port (TMA + wgmma)
+      return mgpu_kernel.estimate_mask(q, k, config, scale=scale, softcap=softcap)
     return kernel.estimate_mask(q, k, config, scale=scale, softcap=softcap)
   return _estimate_xla(q, k, config, scale=scale, softcap=softcap, q_chunk=q_chunk)
 

@@ -7,9 +7,6 @@ tolerance. The lowering check runs the real Triton lowering for CUDA on the CPU,
 primitives Triton cannot lower (top_k, sort, value slicing) without a GPU.
 """
 
-import contextlib
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +16,8 @@ import stream_jax as sj
 from stream_jax.kernels import attention as kattention
 from stream_jax.kernels import estimate as kestimate
 from stream_jax.mask import BlockMask
+
+from cuda_lowering import lower_for_cuda, sds as _sds
 
 
 def _int_qkv(seed, t, s, n, kv, h, hv=None, batch=None, dtype=jnp.float32, lim=3):
@@ -195,40 +194,6 @@ def test_unsupported_block_sizes_are_refused_by_pallas_and_fall_back_with_auto()
 
 # ---- the real GPU (Triton) lowering, on the CPU ----
 
-def _abstract_gpu(axis_type):
-  """jax >= 0.11 reads the target GPU from an abstract mesh when no GPU is present."""
-  sharding = jax.sharding
-  device = sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
-                                   platform="cuda")
-  types = None if axis_type is None else (getattr(sharding.AxisType, axis_type),)
-  mesh = sharding.AbstractMesh((1,), ("x",), types, abstract_device=device)
-  return sharding.use_abstract_mesh(mesh)
-
-
-def lower_for_cuda(fn, *args):
-  """StableHLO text of `fn` lowered for CUDA (raises if a kernel cannot lower to Triton).
-
-  Tries a plain lowering (jax 0.10), then under an abstract H100 mesh (jax >= 0.11), Auto axes first.
-  """
-  contexts = [contextlib.nullcontext]
-  if hasattr(jax.sharding, "use_abstract_mesh") and hasattr(jax.sharding, "AbstractDevice"):
-    contexts += [functools.partial(_abstract_gpu, "Auto"), functools.partial(_abstract_gpu, None)]
-  errors = []
-  for context in contexts:
-    try:
-      with context():
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    except Exception as e:  # pylint: disable=broad-except
-      if "Unimplemented primitive" in str(e) or isinstance(e, NotImplementedError):
-        raise  # a kernel Triton cannot lower: no other context helps
-      errors.append(e)
-  raise errors[-1]
-
-
-def _sds(shape, dtype=jnp.bfloat16):
-  return jax.ShapeDtypeStruct(shape, dtype)
-
-
 @pytest.mark.parametrize("cfg,softcap", [
     (C(), None),  # Gemma-like defaults: 64 x 64 blocks, top_k 16
     (C(block_q=128, block_k=32, top_k=12, init_branches=24, representative="first"), 50.0),
@@ -312,47 +277,3 @@ def test_attention_kernel_lse_ref_matches_reference():
   _, a = sj.sparse_attention(q, k, v, mask, lse_ref=ref)
   _, b = kattention.sparse_attention(q, k, v, mask, interpret=True, lse_ref=ref)
   np.testing.assert_allclose(np.asarray(b.mass), np.asarray(a.mass), rtol=1e-5, atol=1e-6)
-
-
-# ---- the Mosaic GPU port (kernels/attention_mgpu.py): no interpret mode, so CPU tests lower it for CUDA;
-# its numbers are checked on the GPU (benchmarks/gpu_checks.py, check_mgpu_attention) ----
-
-@pytest.mark.parametrize("dtype,h,softcap,window,stages,with_ref", [
-    (jnp.bfloat16, 256, 50.0, 1024, 2, True),  # GQA, ragged T, S > T, soft-cap, window, reference lse
-    (jnp.float16, 128, None, None, (3, 2), False),  # deeper key ring than value ring
-])
-def test_mgpu_attention_lowers_for_cuda(dtype, h, softcap, window, stages, with_ref):
-  from stream_jax.kernels import attention_mgpu
-
-  def fn(q, k, v, idx, cnt, ref):
-    mask = BlockMask(idx, cnt, 64, 64, 1000, 1100)
-    out, stats = attention_mgpu.sparse_attention(q, k, v, mask, softcap=softcap, window=window,
-                                                 lse_ref=ref if with_ref else None, stages=stages)
-    return out, stats.mass, stats.lse
-  text = lower_for_cuda(fn, _sds((1000, 8, h), dtype), _sds((1100, 4, h), dtype), _sds((1100, 4, h), dtype),
-                        _sds((8, 16, 19), jnp.int32), _sds((8, 16), jnp.int32), _sds((8, 1000), jnp.float32))
-  assert "mosaic_gpu" in text
-
-
-def test_mgpu_attention_says_what_it_cannot_take_and_never_runs_off_hopper(monkeypatch):
-  from stream_jax.kernels import attention_mgpu
-  q, v = _sds((256, 4, 128)), _sds((256, 2, 128))
-  mask = sj.window_mask(4, 256, 256, block_q=64, block_k=64)
-  assert attention_mgpu.unsupported(q, v, mask) is None
-  assert "float16 / bfloat16" in attention_mgpu.unsupported(_sds((256, 4, 128), jnp.float32), v, mask)
-  small = sj.window_mask(4, 256, 256, block_q=32, block_k=32)
-  assert "64 x 64 blocks" in attention_mgpu.unsupported(q, v, small)
-  assert "head dims" in attention_mgpu.unsupported(_sds((256, 4, 96)), _sds((256, 2, 96)), mask)
-  wide = sj.window_mask(4, 8192, 8192, block_q=64, block_k=64)  # every causal block: C = 128
-  assert "at most 64" in attention_mgpu.unsupported(_sds((8192, 4, 128)), _sds((8192, 2, 128)), wide)
-  assert not attention_mgpu.runs(q, v, mask)  # a CPU: the Triton kernel (interpreted) runs
-  monkeypatch.setenv("STREAM_JAX_PALLAS_ATTENTION", "triton")
-  assert not attention_mgpu.runs(q, v, mask)
-  monkeypatch.setenv("STREAM_JAX_PALLAS_ATTENTION", "mosaic")
-  with pytest.raises(ValueError, match="STREAM_JAX_PALLAS_ATTENTION=mosaic: .*GPU only"):
-    attention_mgpu.runs(q, v, mask)
-  with pytest.raises(ValueError, match="STREAM_JAX_PALLAS_ATTENTION=mosaic: .*float16 / bfloat16"):
-    attention_mgpu.runs(_sds((256, 4, 128), jnp.float32), v, mask)
-  monkeypatch.setenv("STREAM_JAX_PALLAS_ATTENTION", "cuda")
-  with pytest.raises(ValueError, match="must be auto .*, triton or mosaic"):
-    attention_mgpu.runs(q, v, mask)

@@ -23,7 +23,6 @@ block_q = 64, block_k = 64, head dims multiples of 64 up to 256, C <= MAX_SLOTS.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import jax
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from stream_jax import numerics
-from stream_jax.kernels import common
+from stream_jax.kernels import common, mosaic
 from stream_jax.mask import BlockMask, num_blocks
 from stream_jax.numerics import NEG_INF, AttentionStats
 
@@ -63,25 +62,7 @@ def runs(q: jax.Array, v: jax.Array, mask: BlockMask) -> bool:
   """Whether `backend="pallas"` runs this kernel rather than the Triton one: on a Hopper GPU for inputs it
   takes (1.13-1.28x Triton's speed on every Stream-mask shape measured on an H100, benchmarks/RESULTS.md).
   STREAM_JAX_PALLAS_ATTENTION=triton keeps Triton; =mosaic makes an input it cannot take an error."""
-  choice = os.environ.get("STREAM_JAX_PALLAS_ATTENTION", "auto")
-  if choice not in ("auto", "triton", "mosaic"):
-    raise ValueError(f"STREAM_JAX_PALLAS_ATTENTION must be auto (the default), triton or mosaic, got "
-                     f"{choice!r}")
-  if choice == "triton":
-    return False
-  why = unsupported(q, v, mask) or _no_hopper()
-  if why and choice == "mosaic":
-    raise ValueError(f"STREAM_JAX_PALLAS_ATTENTION=mosaic: {why}")
-  return why is None
-
-
-def _no_hopper() -> Optional[str]:
-  if jax.default_backend() != "gpu":
-    return "the Mosaic GPU attention kernel runs on a GPU only (no interpret mode)"
-  cc = str(getattr(jax.devices()[0], "compute_capability", ""))
-  if not cc.startswith("9."):
-    return f"the Mosaic GPU attention kernel needs a Hopper GPU (wgmma), got compute capability {cc or '?'}"
-  return None
+  return mosaic.runs_port("STREAM_JAX_PALLAS_ATTENTION", unsupported(q, v, mask))
 
 
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, *,
@@ -232,10 +213,7 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
     plgpu.wait_smem_to_gmem(0)
 
   def entry(q_ref, k_ref, v_ref, table_ref, ref_ref, o_ref, mass_ref, lse_out_ref):
-    def tiled(shape, dt):
-      swizzle = min(128, shape[-1] * jnp.dtype(dt).itemsize)
-      return plgpu.SMEM(shape, dt, transforms=(plgpu.TilingTransform((8, swizzle // jnp.dtype(dt).itemsize)),
-                                               plgpu.SwizzleTransform(swizzle)))
+    tiled = mosaic.tiled_smem
     pl.run_scoped(
         lambda *scratch: kernel(q_ref, k_ref, v_ref, table_ref, ref_ref, o_ref, mass_ref, lse_out_ref,
                                 scratch),
