@@ -9,6 +9,12 @@ ceil(log2(nK / branches)) rounds of 2 x top_k block scores: O(T log T) time, O(n
 Scores are the model's own logits (scaled, soft-capped), maxed over the causally visible (query, key) pairs
 of the (strided) query block and the representative block. Soft-capping is monotone, so it is applied to
 the max, not to every logit.
+
+On short inputs the XLA path makes the same scores another way: while a query block's causal row of
+blocks, (nK + 1) / 2 on average, is shorter than what the search scores (2 x top_k a round), it computes
+every causal block's score once in large chunked products (`_block_max_table`; the [N, nQ, nK] table, never
+T x S) and the search looks them up. Same scores, same masks; on 2 CPU cores the estimate is 2.7x faster at
+4k and 1.7x at 8k. From 16k (default config) the search's O(T log T) scoring is the cheaper one.
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ if TYPE_CHECKING:  # shapes for readers and type checkers (no runtime dependency
   from jaxtyping import Array, Float
 
 __all__ = ["estimate_mask", "num_rounds"]
+
+# The block-score table (short inputs): query / key blocks per product, and its cost per causal block
+# relative to the search's gathered scoring (chunk granularity computes some blocks past the diagonal).
+TABLE_Q_BLOCKS = 8
+TABLE_K_BLOCKS = 8
+TABLE_COST = 1.0
 
 
 def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
@@ -98,29 +110,37 @@ def _estimate(q, k, *, config, scale, softcap, q_chunk):
   q_blocks = to_blocks(q, bq).reshape(n_q, bq, kv, g, h)  # [nQ, bq, K, G, H]
   k_blocks = to_blocks(k, bk)  # [nK, bk, K, H]
 
+  # Short inputs: every causal block scored once, which is fewer block products than the search's
+  # rescoring of 2 x top_k children a round; the search then looks the scores up (the same scores).
+  table = None
+  if _table_is_cheaper(config, num_blocks(s, bk)):
+    table = _block_max_table(q, k, config=config, scale=scale, softcap=softcap)  # [N, nQ, nK]
+    table = table.reshape(kv, g, n_q, -1).transpose(2, 0, 1, 3)  # [nQ, K, G, nK]
+
   block_fn = functools.partial(_estimate_block, config=config, scale=scale, softcap=softcap,
                                q_len=t, k_len=s)
   # vmap over query heads of a group (sharing k), then over kv heads.
-  per_head = jax.vmap(block_fn, in_axes=(None, 1, None), out_axes=0)  # G
-  per_head = jax.vmap(per_head, in_axes=(None, 1, 2), out_axes=0)  # K
+  per_head = jax.vmap(block_fn, in_axes=(None, 1, None, 0), out_axes=0)  # G
+  per_head = jax.vmap(per_head, in_axes=(None, 1, 2, 0), out_axes=0)  # K
 
   def chunk_fn(args):
-    j, qb = args  # j: [], qb: [bq, K, G, H]
-    return per_head(j, qb, k_blocks)  # [K, G, C] x2
+    j, qb, rows = args  # j: [], qb: [bq, K, G, H], rows: [K, G, nK] table rows or None
+    return per_head(j, qb, k_blocks, rows)  # [K, G, C] x2
 
   js = jnp.arange(n_q, dtype=jnp.int32)
   if q_chunk is None or q_chunk >= n_q:
-    cand, valid = jax.vmap(chunk_fn)((js, q_blocks))
+    cand, valid = jax.vmap(chunk_fn)((js, q_blocks, table))
   else:
-    cand, valid = lax.map(chunk_fn, (js, q_blocks), batch_size=q_chunk)
+    cand, valid = lax.map(chunk_fn, (js, q_blocks, table), batch_size=q_chunk)
   # [nQ, K, G, C] -> [N, nQ, C]
   cand = cand.reshape(n_q, n, -1).transpose(1, 0, 2)
   valid = valid.reshape(n_q, n, -1).transpose(1, 0, 2)
   return cand, valid
 
 
-def _estimate_block(j, q_block, k_blocks, *, config: StreamConfig, scale, softcap, q_len, k_len):
-  """One (head, query block): q_block [bq, H], k_blocks [nK, bk, H] -> candidates [C], valid [C]."""
+def _estimate_block(j, q_block, k_blocks, table_row, *, config: StreamConfig, scale, softcap, q_len, k_len):
+  """One (head, query block): q_block [bq, H], k_blocks [nK, bk, H], table_row [nK] (every block's score,
+  or None: scored on demand) -> candidates [C], valid [C]."""
   bq, bk, top_k = config.block_q, config.block_k, config.top_k
   n_k = k_blocks.shape[0]
   offset = k_len - q_len
@@ -144,6 +164,8 @@ def _estimate_block(j, q_block, k_blocks, *, config: StreamConfig, scale, softca
 
   def score(ids):
     """Max visible logit of the scoring queries against key blocks `ids` [m] -> [m]."""
+    if table_row is not None:
+      return table_row[jnp.clip(ids, 0, n_k - 1)]
     kb = k_blocks[jnp.clip(ids, 0, n_k - 1)]  # [m, bk, H]
     logits = jnp.einsum("rh,mkh->mrk", q_rows, kb, preferred_element_type=jnp.float32)
     k_pos = ids[:, None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [m, bk]
@@ -171,6 +193,63 @@ def _estimate_block(j, q_block, k_blocks, *, config: StreamConfig, scale, softca
   searched = jnp.where(n > top_k, start, dense_ids)
   searched_ok = jnp.where(n > top_k, size > 0, dense_ids < hi)
   return _union(searched, searched_ok, diag, config)
+
+
+def _table_is_cheaper(config: StreamConfig, n_k: int) -> bool:
+  """Whether scoring every causal key block once (a query block's row: (nK + 1) / 2 blocks on average,
+  TABLE_COST x that for the table's chunk granularity) takes fewer block products than the search's
+  scores (2 x top_k children a round with center representatives, top_k with "first", plus a scored first
+  level). Max-logit scores of every query row only; the oracle representative scores every block anyway."""
+  if config.score != "max" or config.query_stride != 1:
+    return False
+  if config.representative == "oracle":
+    return True
+  rounds = num_rounds(n_k, config.branches)
+  if config.representative == "first":
+    searched = config.branches + rounds * config.top_k
+  else:
+    searched = rounds * 2 * config.top_k + (config.branches if config.branches > config.top_k else 0)
+  return TABLE_COST * (n_k + 1) / 2 < searched
+
+
+def _block_max_table(q, k, *, config: StreamConfig, scale, softcap):
+  """q [T, N, H], k [S, K, H] -> float32 [N, nQ, nK]: every (query block, key block) pair's score, the max
+  visible scaled (soft-capped) logit (-inf, soft-capped, where none is visible), as `score` defines it.
+
+  Causal: a chunk of TABLE_Q_BLOCKS query blocks loops over chunks of TABLE_K_BLOCKS key blocks up to its
+  diagonal, one [rows, H] x [H, keys] product each, so memory is the [N, nQ, nK] table plus one chunk's
+  logits, never T x S."""
+  t, n, h = q.shape
+  s, kv, _ = k.shape
+  g = n // kv
+  bq, bk = config.block_q, config.block_k
+  qc, kc = TABLE_Q_BLOCKS, TABLE_K_BLOCKS
+  n_q, n_k = num_blocks(t, bq), num_blocks(s, bk)
+  n_qc, n_kc = -(-n_q // qc), -(-n_k // kc)
+  q_chunks = jnp.pad(q, ((0, n_qc * qc * bq - t), (0, 0), (0, 0))).reshape(n_qc, qc * bq, kv, g, h)
+  k_pad = jnp.pad(k, ((0, n_kc * kc * bk - s), (0, 0), (0, 0)))
+  offset = s - t
+
+  def q_chunk_fn(args):
+    i, rows = args  # rows [qc * bq, K, G, H]
+    r = i * qc * bq + jnp.arange(qc * bq, dtype=jnp.int32)
+    q_pos = jnp.where(r < t, r + offset, -1)  # -1 (padding) sees nothing
+    last_pos = jnp.minimum((i + 1) * qc * bq, t) - 1 + offset
+
+    def k_chunk_fn(c, table):
+      keys = lax.dynamic_slice_in_dim(k_pad, c * kc * bk, kc * bk, 0)  # [kc * bk, K, H]
+      logits = jnp.einsum("rkgh,skh->kgrs", rows, keys, preferred_element_type=jnp.float32)
+      k_pos = c * kc * bk + jnp.arange(kc * bk, dtype=jnp.int32)
+      visible = k_pos[None, :] <= q_pos[:, None]
+      best = jnp.where(visible, logits, NEG_INF).reshape(kv, g, qc, bq, kc, bk).max((3, 5))
+      return lax.dynamic_update_slice_in_dim(table, best, c * kc, axis=3)
+
+    empty = jnp.full((kv, g, qc, n_kc * kc), NEG_INF, jnp.float32)
+    return lax.fori_loop(0, last_pos // (kc * bk) + 1, k_chunk_fn, empty)
+
+  table = lax.map(q_chunk_fn, (jnp.arange(n_qc, dtype=jnp.int32), q_chunks))  # [nQc, K, G, qc, nKc kc]
+  table = table.transpose(1, 2, 0, 3, 4).reshape(n, n_qc * qc, n_kc * kc)[:, :n_q, :n_k]
+  return numerics.softcap(table * scale, softcap)  # scale > 0: the max commutes with it
 
 
 def _node_max(block_scores, start, size):

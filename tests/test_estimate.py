@@ -222,3 +222,55 @@ def test_scores_use_only_visible_pairs():
   # block_max_logits agrees that block 2 is invisible to query block 1 (queries 8..15)
   scores = block_max_logits(q, k, block_q=8, block_k=8, scale=1.0)
   assert scores[0, 1, 2] == -np.inf
+
+
+# ---- the block-score table: short inputs score every causal block once and the search looks them up ----
+
+@pytest.mark.parametrize("cfg,t,s,kv,batch,softcap", [
+    (sj.StreamConfig(block_q=16, block_k=16, top_k=4), 300, 300, 2, None, None),
+    (sj.StreamConfig(block_q=32, block_k=16, top_k=3, init_branches=7), 250, 330, 1, None, 20.0),  # S > T
+    (sj.StreamConfig(block_q=16, block_k=32, top_k=2, representative="first", sink_blocks=0), 400, 400, 4,
+     2, None),
+    (sj.StreamConfig(block_q=16, block_k=16, top_k=4, representative="oracle", window_blocks=3), 203, 203, 2,
+     None, None),
+])
+def test_block_score_table_gives_the_search_the_same_masks(monkeypatch, cfg, t, s, kv, batch, softcap):
+  """Integer inputs (exact logits, many exact ties): the table's scores are the search's, bit for bit, so
+  the masks are equal whichever way the scores are made."""
+  from stream_jax import estimate
+  rng = np.random.default_rng(7)
+  lead = () if batch is None else (batch,)
+  q = jnp.asarray(rng.integers(-3, 4, lead + (t, 4, 16)), jnp.float32)
+  k = jnp.asarray(rng.integers(-3, 4, lead + (s, kv, 16)), jnp.float32)
+  masks = {}
+  for cost in (0.0, 1e9):  # always the table / never (the oracle representative always uses it)
+    monkeypatch.setattr(estimate, "TABLE_COST", cost)
+    masks[cost] = sj.estimate_mask(q, k, cfg, softcap=softcap, q_chunk=3)
+  assert sj.masks_equal(masks[0.0], masks[1e9])
+
+
+def test_block_score_table_only_where_it_costs_fewer_block_products():
+  from stream_jax.estimate import _table_is_cheaper
+  cfg = sj.StreamConfig()  # top_k 16: 2 x 16 children a round, log2(nK / 16) rounds
+  assert _table_is_cheaper(cfg, 64) and _table_is_cheaper(cfg, 128)  # 4k, 8k tokens: 32 / 64 vs 64 / 96
+  assert not _table_is_cheaper(cfg, 256) and not _table_is_cheaper(cfg, 16384)  # 16k: 148 vs 128
+  assert not _table_is_cheaper(sj.StreamConfig(query_stride=2), 128)  # the search scores fewer rows
+  assert not _table_is_cheaper(sj.StreamConfig.faithful(), 128)  # mass scores
+  assert _table_is_cheaper(sj.StreamConfig(representative="oracle"), 16384)
+
+
+def test_block_score_table_memory_is_the_table_not_t_by_s(monkeypatch):
+  """At 8k (the table path) the compiled temporaries are the [N, nQ, nK] table and one chunk's logits:
+  below a tenth of one T x S float32 buffer, and below the search's own gathered key blocks."""
+  from stream_jax import estimate
+  t = 8192
+  q = jax.ShapeDtypeStruct((t, 4, 64), jnp.float32)
+  k = jax.ShapeDtypeStruct((t, 1, 64), jnp.float32)
+  temp = {}
+  for path, cost in (("table", estimate.TABLE_COST), ("search", 1e9)):
+    monkeypatch.setattr(estimate, "TABLE_COST", cost)
+    compiled = jax.jit(lambda q, k: sj.estimate_mask(q, k).indices).lower(q, k).compile()
+    temp[path] = compiled.memory_analysis().temp_size_in_bytes
+  print(f"temp bytes at T={t}: table {temp['table']:,}, search {temp['search']:,}")
+  assert temp["table"] < 0.1 * t * t * 4
+  assert temp["table"] < temp["search"]
