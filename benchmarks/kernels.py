@@ -11,6 +11,8 @@
    1/16, default StreamConfig): estimate (xla, pallas), sparse attention + mass (xla, pallas),
    cuDNN dense causal attention (jax.nn.dot_product_attention, implementation="cudnn"), with achieved
    TFLOP/s (useful FLOPs: the dots the algorithm needs) against the measured bf16 matmul ceiling.
+"pallas" is what `backend="pallas"` runs: on Hopper the Mosaic GPU ports where they are the default
+(STREAM_JAX_PALLAS_ESTIMATE / _ATTENTION=triton for the Triton kernels; benchmarks/mosaic.py compares both).
 """
 
 from __future__ import annotations
