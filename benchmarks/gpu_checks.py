@@ -136,14 +136,17 @@ def _case(label, run):
 
 
 ESTIMATE_CASES = (
-    # b, t, n, kv, h, dtype, softcap, config, integer-valued inputs
-    (None, 1000, 4, 2, 128, "bfloat16", None, dict(), False),  # ragged T, GQA, no search round
-    (None, 4096, 8, 4, 256, "bfloat16", 30.0, dict(), False),  # soft-cap
-    (None, 4096, 4, 1, 128, "float16", None, dict(top_k=8, init_branches=24), False),  # wide first level
-    (None, 8192, 8, 4, 256, "bfloat16", None, dict(top_k=32, window_blocks=3, sink_blocks=2), False),
-    (2, 3000, 4, 4, 64, "bfloat16", None, dict(top_k=4, sink_blocks=0, window_blocks=1), False),  # batch
-    (None, 4096, 4, 2, 128, "bfloat16", None, dict(), True),  # exact logits, ties by position
-    (None, 16384, 8, 4, 256, "bfloat16", None, dict(), False),
+    # b, t, s - t, n, kv, h, dtype, softcap, config, integer-valued inputs
+    (None, 1000, 0, 4, 2, 128, "bfloat16", None, dict(), False),  # ragged T, GQA, no search round
+    (None, 4096, 0, 8, 4, 256, "bfloat16", 30.0, dict(), False),  # soft-cap
+    (None, 4096, 0, 4, 1, 128, "float16", None, dict(top_k=8, init_branches=24), False),  # wide first level
+    (None, 8192, 0, 8, 4, 256, "bfloat16", None, dict(top_k=32, window_blocks=3, sink_blocks=2), False),
+    (2, 3000, 0, 4, 4, 64, "bfloat16", None, dict(top_k=4, sink_blocks=0, window_blocks=1), False),  # batch
+    (None, 4096, 0, 4, 2, 128, "bfloat16", None, dict(), True),  # exact logits, ties by position
+    (None, 16384, 0, 8, 4, 256, "bfloat16", None, dict(), False),
+    # S > T off a block boundary with a 1-block window: the per-child causal mask
+    (None, 1000, 100, 4, 2, 128, "bfloat16", None, dict(window_blocks=1), False),
+    (None, 2000, 100, 4, 2, 256, "bfloat16", None, dict(window_blocks=1, top_k=8), False),
 )
 
 
@@ -154,11 +157,12 @@ def check_mgpu_estimate(cases=ESTIMATE_CASES):
   from stream_jax.kernels import estimate as kestimate  # pylint: disable=import-outside-toplevel
   from stream_jax.kernels import estimate_mgpu  # pylint: disable=import-outside-toplevel
   failed = 0
-  for b, t, n, kv, h, dtype, cap, cfg, integer in cases:
-    def run(b=b, t=t, n=n, kv=kv, h=h, dtype=dtype, cap=cap, cfg=cfg, integer=integer):
+  for b, t, extra, n, kv, h, dtype, cap, cfg, integer in cases:
+    def run(b=b, t=t, extra=extra, n=n, kv=kv, h=h, dtype=dtype, cap=cap, cfg=cfg, integer=integer):
       config = sj.StreamConfig(**cfg)
       lead = () if b is None else (b,)
-      q, k = (_rand(lead + (t, x, h), 50 + i, dtype) for i, x in enumerate((n, kv)))
+      q = _rand(lead + (t, n, h), 50, dtype)
+      k = _rand(lead + (t + extra, kv, h), 51, dtype)
       if integer:  # small integers: every logit exact in bf16 products and f32 sums, many exact ties
         q, k = (jnp.round(x * 1.5).clip(-3, 3).astype(dtype) for x in (q, k))
       why = estimate_mgpu.unsupported(q, config)
@@ -171,7 +175,7 @@ def check_mgpu_estimate(cases=ESTIMATE_CASES):
       vs_t, vs_x, t_x = rows(mm, mt), rows(mm, mx), rows(mt, mx)
       ok = vs_x >= (1.0 if integer else 0.999) and vs_t >= 0.999
       return ok, f"rows equal to Triton {vs_t:.4f}, to XLA {vs_x:.4f} (Triton vs XLA {t_x:.4f})"
-    failed += _case(f"mgpu estimate B={b} T={t} N={n} K={kv} H={h} {dtype} softcap={cap} {cfg} "
+    failed += _case(f"mgpu estimate B={b} T={t} S={t + extra} N={n} K={kv} H={h} {dtype} softcap={cap} {cfg} "
                     f"integer={integer}", run)
   return failed
 

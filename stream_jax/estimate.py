@@ -66,9 +66,9 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
     q_chunk: query blocks scored per sequential step (memory bound, XLA path); None = all at once.
     backend: "xla" (the reference), "pallas" (the GPU kernel; interpreted off the GPU) or "auto" (the
       kernel on a GPU when it supports the config: score="max", block_k >= 16; else the reference). On
-      a Hopper GPU, 16-bit inputs with head dim 256, 64 x 64 blocks and top_k <= 32 run the Mosaic GPU
-      port (kernels/estimate_mgpu.py), the rest the Triton kernel (STREAM_JAX_PALLAS_ESTIMATE=triton
-      forces Triton, =mosaic the port wherever it can run).
+      a Hopper GPU, 16-bit inputs with 64 x 64 blocks and top_k <= 32 run the Mosaic GPU port
+      (kernels/estimate_mgpu.py), the rest the Triton kernel (STREAM_JAX_PALLAS_ESTIMATE=triton forces
+      Triton).
 
   Returns:
     BlockMask with indices int32[..., N, nQ, C] and counts int32[..., N, nQ], C = config.capacity.

@@ -1,7 +1,7 @@
 """Pallas Mosaic GPU (Hopper: TMA + wgmma) kernel of hierarchical top-k mask estimation: the port of the
 Triton kernel in estimate.py (same contract, the same masks row for row), which `backend="pallas"` runs on
-Hopper GPUs at head dim 256 (every Gemma 3 size but 27B): 1.22-1.29x the Triton kernel's speed there (H100,
-benchmarks/RESULTS.md, "Pallas backends"); at head dim 128 Triton stays the default.
+Hopper GPUs: 1.28-1.41x the Triton kernel's speed (H100, head dims 128 and 256, 8k-128k tokens;
+benchmarks/RESULTS.md, "Pallas backends").
 
 One CTA (one warpgroup) per (batch, query block, head), query blocks of a head side by side (they read the
 same kv head's blocks, which then stay in L2). The node lists of the search live in shared memory (start,
@@ -36,10 +36,8 @@ from stream_jax.numerics import num_rounds
 BLOCK = 64
 SLOTS = 64  # node slots in shared memory: 2 x top_k children, or the first level's branches
 OUT = 32  # the output row is a multiple of 32 int32 (128 bytes, TMA's unit for a warpgroup)
-DEFAULT_STAGES = 2  # key-block ring depth: 3 and 4 were no faster at head dim 128, 1.3-1.4x slower at 256
-# Where `auto` runs this kernel: at head dim 256 it took 0.77-0.82x the Triton kernel's time (H100, 8k-128k);
-# at 128 its per-child register work is not hidden behind a 64 x 128 x 64 product, and it took 0.91-1.15x.
-AUTO_MIN_HEAD_DIM = 256
+DEFAULT_STAGES = 2  # key-block ring depth: 3 was within 2% at head dim 128, 4 slower; both 1.2-1.4x slower
+# at 256 (one CTA per SM instead of two)
 
 
 def unsupported(q: jax.Array, config: StreamConfig) -> Optional[str]:
@@ -60,10 +58,8 @@ def unsupported(q: jax.Array, config: StreamConfig) -> Optional[str]:
 
 def runs(q: jax.Array, config: StreamConfig) -> bool:
   """Whether `backend="pallas"` runs this kernel rather than the Triton one: on a Hopper GPU for inputs it
-  takes, at head dims >= AUTO_MIN_HEAD_DIM. STREAM_JAX_PALLAS_ESTIMATE=triton keeps Triton; =mosaic runs it
-  at any head dim it takes and makes an input it cannot take an error."""
-  return mosaic.runs_port("STREAM_JAX_PALLAS_ESTIMATE", unsupported(q, config),
-                          faster=q.shape[-1] >= AUTO_MIN_HEAD_DIM)
+  takes. STREAM_JAX_PALLAS_ESTIMATE=triton keeps Triton; =mosaic makes an input it cannot take an error."""
+  return mosaic.runs_port("STREAM_JAX_PALLAS_ESTIMATE", unsupported(q, config))
 
 
 def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Optional[float] = None,
@@ -96,6 +92,10 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, stages):
   rounds = num_rounds(n_k, branches)
   offset = s - t
   dtype = q.dtype
+  # Searched blocks end below diag - window_blocks + 1. With queries on key-block boundaries (offset a
+  # multiple of 64), or a window of >= 2 blocks, those keys precede every query of the block: no causal mask
+  # per child (it was half the per-child work at head dim 128). Padded query rows are masked once a round.
+  causal_free = offset % BLOCK == 0 or wb >= 2
 
   def kernel(q_ref, k_ref, o_ref, scratch):
     q_smem, k_smem, start_s, size_s, score_s, keep_s, slot_s, out_s, q_bar, k_bars = scratch
@@ -142,9 +142,8 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, stages):
       for c0 in range(stages):
         pl.when(c0 < m)(functools.partial(fetch, c0, c0))
       cols = tile_iota(1)
-      q_row = i * BLOCK + tile_iota(0)
-      q_pos = q_row + offset
-      row_ok = q_row < t
+      if not causal_free:
+        q_pos = i * BLOCK + tile_iota(0) + offset
 
       def body(c, best):
         slot = lax.rem(c, jnp.int32(stages))
@@ -157,11 +156,15 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, stages):
 
         x = pl.run_scoped(qk, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
         pl.when(c + stages < m)(functools.partial(fetch, c + stages, slot))  # logits read: slot free
-        visible = (blk * BLOCK + cols <= q_pos) & row_ok  # [64, 64]: SLOTS == BLOCK
-        row_max = jnp.where(visible, x, -jnp.inf).max(axis=1)
+        if causal_free:
+          row_max = x.max(axis=1)
+        else:
+          row_max = jnp.where(blk * BLOCK + cols <= q_pos, x, -jnp.inf).max(axis=1)  # SLOTS == BLOCK
         return jnp.where(cols == c, lax.broadcast_in_dim(row_max, best.shape, [0]), best)
 
       best = lax.fori_loop(0, m, body, plgpu.layout_cast(jnp.full((BLOCK, SLOTS), -jnp.inf, jnp.float32), wg))
+      if t % BLOCK:  # the last block's padded (zero) query rows must not score
+        best = jnp.where(i * BLOCK + tile_iota(0) < t, best, -jnp.inf)
       best = best.max(axis=0) * scale  # scale > 0: the max commutes with it, and with the soft-cap
       if softcap is not None:
         best = jnp.tanh(best * (1.0 / softcap)) * softcap

@@ -2,8 +2,8 @@
 its Triton peer, and the swizzled shared-memory tiles their TMA copies and wgmma products read.
 
 The ports run on Hopper only (wgmma, TMA) and have no interpret mode, so each has an environment switch:
-`auto` (the default) runs the port on a Hopper GPU where it takes the inputs and was measured faster than
-Triton, `triton` keeps the Triton kernel, `mosaic` makes an input the port cannot take an error that says why.
+`auto` (the default) runs the port on a Hopper GPU whenever it takes the inputs (both were measured faster
+than their Triton peers on every shape tried), `triton` keeps the Triton kernel, `mosaic` makes an input the port cannot take an error that says why.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import jax.numpy as jnp
 CHOICES = ("auto", "triton", "mosaic")
 
 
-def runs_port(env: str, why_not: Optional[str], faster: bool = True) -> bool:
+def runs_port(env: str, why_not: Optional[str]) -> bool:
   """Whether `backend="pallas"` runs the Mosaic GPU port: `why_not` is why the port cannot take these
-  inputs (None if it can); `faster` whether it was measured faster than Triton on such inputs (`auto`
-  keeps Triton where not); `env` names the switch (STREAM_JAX_PALLAS_ATTENTION / _ESTIMATE)."""
+  inputs (None if it can); `env` names the switch (STREAM_JAX_PALLAS_ATTENTION / _ESTIMATE)."""
   choice = os.environ.get(env, "auto")
   if choice not in CHOICES:
     raise ValueError(f"{env} must be auto (the default), triton or mosaic, got {choice!r}")
-  if choice == "triton" or (choice == "auto" and not faster):
+  if choice == "triton":
     return False
   why_not = why_not or no_hopper()
   if why_not and choice == "mosaic":
