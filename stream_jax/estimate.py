@@ -29,6 +29,7 @@ from jax import lax
 from stream_jax import checks, numerics
 from stream_jax.backend import use_kernel
 from stream_jax.config import StreamConfig
+from stream_jax.kernels import common
 from stream_jax.kernels import estimate as kernel
 from stream_jax.kernels import estimate_mgpu as mgpu_kernel
 from stream_jax.mask import BlockMask, from_candidates, num_blocks, to_blocks
@@ -226,8 +227,8 @@ def _block_max_table(q, k, *, config: StreamConfig, scale, softcap):
   qc, kc = TABLE_Q_BLOCKS, TABLE_K_BLOCKS
   n_q, n_k = num_blocks(t, bq), num_blocks(s, bk)
   n_qc, n_kc = -(-n_q // qc), -(-n_k // kc)
-  q_chunks = jnp.pad(q, ((0, n_qc * qc * bq - t), (0, 0), (0, 0))).reshape(n_qc, qc * bq, kv, g, h)
-  k_pad = jnp.pad(k, ((0, n_kc * kc * bk - s), (0, 0), (0, 0)))
+  q_chunks = common.pad_axis(q, 0, n_qc * qc * bq).reshape(n_qc, qc * bq, kv, g, h)
+  k_pad = common.pad_axis(k, 0, n_kc * kc * bk)
   offset = s - t
 
   def q_chunk_fn(args):

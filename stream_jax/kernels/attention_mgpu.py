@@ -41,7 +41,6 @@ DEFAULT_STAGES = 2  # K/V ring depth (2 keeps two CTAs per SM at head dim 128)
 # blocks of one head side by side: they read the same kv head's sink, window and often top-k blocks) is
 # 1.2-1.5x faster than "heads_last" at 32k+ with 4-16 kv heads (H100), equal with one kv head.
 GRID_ORDERS = {"heads_last": ("batch", "qblk", "heads"), "qblk_last": ("heads", "batch", "qblk")}
-TABLE = 32  # int32 per table row copied by TMA: a multiple of 32 (128 bytes, the warpgroup's copy unit)
 
 
 def unsupported(q: jax.Array, v: jax.Array, mask: BlockMask) -> Optional[str]:
@@ -101,8 +100,8 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
   k = common.pad_axis(k, 1, n_k * BLOCK)
   v = common.pad_axis(v, 1, n_k * BLOCK)
   lse_ref = common.pad_axis(lse_ref.astype(jnp.float32), 2, n_q * BLOCK)  # padding rows see no key
-  slots = -(-cap // TABLE) * TABLE  # mass row length (TMA: 128-byte multiples)
-  table_len = -(-(cap + 1) // TABLE) * TABLE
+  slots = mosaic.tma_length(cap)  # mass row length
+  table_len = mosaic.tma_length(cap + 1)  # block ids, then the count last
   table = jnp.concatenate([
       indices.astype(jnp.int32), jnp.full(indices.shape[:-1] + (table_len - cap - 1,), -1, jnp.int32),
       counts.astype(jnp.int32)[..., None]], axis=-1)  # [B, N, nQ, table_len]: ids, then the count last

@@ -35,7 +35,6 @@ from stream_jax.numerics import num_rounds
 
 BLOCK = 64
 SLOTS = 64  # node slots in shared memory: 2 x top_k children, or the first level's branches
-OUT = 32  # the output row is a multiple of 32 int32 (128 bytes, TMA's unit for a warpgroup)
 DEFAULT_STAGES = 2  # key-block ring depth: 3 was within 2% at head dim 128, 4 slower; both 1.2-1.4x slower
 # at 256 (one CTA per SM instead of two)
 
@@ -47,7 +46,7 @@ def unsupported(q: jax.Array, config: StreamConfig) -> Optional[str]:
     return f"the Mosaic GPU estimate kernel takes float16 / bfloat16 inputs, got {jnp.dtype(q.dtype).name}"
   if (config.block_q, config.block_k, config.query_stride) != (BLOCK, BLOCK, 1):
     return "the Mosaic GPU estimate kernel needs 64 x 64 blocks and query_stride 1"
-  if config.score != "max" or config.representative != "center" or config.coverage is not None:
+  if config.score != "max" or config.representative != "center":  # (a coverage budget implies "mass")
     return "the Mosaic GPU estimate kernel scores by max logit with center representatives and a fixed top_k"
   if 2 * config.top_k > SLOTS or config.branches > SLOTS:
     return f"the Mosaic GPU estimate kernel needs top_k <= {SLOTS // 2} and branches <= {SLOTS}"
@@ -88,7 +87,7 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, stages):
   k = common.pad_axis(k, 1, n_k * BLOCK)
   top_k, branches, sink, wb = config.top_k, config.branches, config.sink_blocks, config.window_blocks
   cap = config.capacity
-  out_len = -(-(cap + 1) // OUT) * OUT
+  out_len = mosaic.tma_length(cap + 1)  # block ids, then the count last
   rounds = num_rounds(n_k, branches)
   offset = s - t
   dtype = q.dtype

@@ -1,9 +1,11 @@
 """What the two Mosaic GPU ports (attention_mgpu.py, estimate_mgpu.py) share: the choice between a port and
-its Triton peer, and the swizzled shared-memory tiles their TMA copies and wgmma products read.
+its Triton peer, the swizzled shared-memory tiles their TMA copies and wgmma products read, and the length
+of the int32 rows they copy by TMA.
 
 The ports run on Hopper only (wgmma, TMA) and have no interpret mode, so each has an environment switch:
 `auto` (the default) runs the port on a Hopper GPU whenever it takes the inputs (both were measured faster
-than their Triton peers on every shape tried), `triton` keeps the Triton kernel, `mosaic` makes an input the port cannot take an error that says why.
+than their Triton peers on every shape tried), `triton` keeps the Triton kernel, `mosaic` makes an input
+the port cannot take an error that says why.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 CHOICES = ("auto", "triton", "mosaic")
+TMA_INT32 = 32  # a warpgroup's TMA copies move multiples of 128 bytes: 32 int32 / float32
 
 
 def runs_port(env: str, why_not: Optional[str]) -> bool:
@@ -39,6 +42,11 @@ def no_hopper() -> Optional[str]:
   if not cc.startswith("9."):
     return f"the Mosaic GPU kernels need a Hopper GPU (wgmma), got compute capability {cc or '?'}"
   return None
+
+
+def tma_length(n: int) -> int:
+  """`n` 32-bit values rounded up to a length TMA can copy (a multiple of TMA_INT32)."""
+  return -(-n // TMA_INT32) * TMA_INT32
 
 
 def tiled_smem(shape: tuple[int, ...], dtype):
