@@ -137,7 +137,7 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
   dense_out = lse_dense = None
   if estimated and (exact or plan.coverage):
     dense_out, lse_dense = dense_with_lse(plan, q, k, v, scale=scale, cap=cap, visible=visible)
-  if mode == "window" and (visible is not None or resolve_backend(plan.backend) == "xla"):
+  if mode == "window" and (visible is not None or resolve_backend(plan.backend, q.dtype) == "xla"):
     # The band's contiguous XLA path: the same numbers as the gathered one at ~half its time.
     out, stats = window_attention(q, k, v, window=plan.window, block_q=cfg.block_q, block_k=cfg.block_k,
                                   scale=scale, softcap=cap, key_mask=visible)

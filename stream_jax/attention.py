@@ -50,7 +50,8 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
     window: sliding window W (query sees keys with pos(q) - pos(k) < W), None = global causal.
     q_chunk: query blocks per sequential step (memory bound); None = all at once.
     backend: "xla" (the reference), "pallas" (the GPU kernel; interpreted off the GPU) or "auto" (the
-      kernel on a GPU when it supports the mask: block sizes >= 16; else the reference). On a Hopper
+      kernel on a GPU for 16-bit inputs when it supports the mask: block sizes >= 16; else the
+      reference: float32 dots are far faster in XLA). On a Hopper
       GPU, 16-bit inputs with 64 x 64 blocks run the Mosaic GPU port (kernels/attention_mgpu.py), the
       rest the Triton kernel (STREAM_JAX_PALLAS_ATTENTION=triton forces Triton).
     lse_ref: optional float32[..., N, T] log softmax denominators of a reference attention over the
@@ -72,7 +73,7 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
   checks.check_window(window)
   checks.check_chunk(q_chunk)
   scale = numerics.resolve_scale(scale, h)
-  if key_mask is None and use_kernel(backend, lambda: kernel.unsupported(mask)):
+  if key_mask is None and use_kernel(backend, lambda: kernel.unsupported(mask), q.dtype):
     if mgpu_kernel.runs(q, v, mask):  # Hopper: the Mosaic GPU port (TMA + wgmma)
       return mgpu_kernel.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
                                           lse_ref=lse_ref)

@@ -29,7 +29,7 @@ from jax import lax
 from stream_jax import checks, numerics
 from stream_jax.backend import use_kernel
 from stream_jax.config import StreamConfig
-from stream_jax.kernels import common
+from stream_jax.kernels import common, shares
 from stream_jax.kernels import estimate as kernel
 from stream_jax.kernels import estimate_mgpu as mgpu_kernel
 from stream_jax.mask import BlockMask, from_candidates, num_blocks, to_blocks
@@ -66,10 +66,10 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
     softcap: optional logit soft-cap `c * tanh(x / c)`, as the model applies it.
     q_chunk: query blocks scored per sequential step (memory bound, XLA path); None = all at once.
     backend: "xla" (the reference), "pallas" (the GPU kernel; interpreted off the GPU) or "auto" (the
-      kernel on a GPU when it supports the config: score="max", block_k >= 16; else the reference). On
-      a Hopper GPU, 16-bit inputs with 64 x 64 blocks and top_k <= 32 run the Mosaic GPU port
-      (kernels/estimate_mgpu.py), the rest the Triton kernel (STREAM_JAX_PALLAS_ESTIMATE=triton forces
-      Triton).
+      kernel on a GPU for 16-bit inputs when it supports the config: block_k >= 16, and no "oracle"
+      representative with mass scores; else the reference: float32 dots are far faster in XLA). On a Hopper GPU, 16-bit inputs with 64 x 64 blocks, max scores
+      and top_k <= 32 run the Mosaic GPU port (kernels/estimate_mgpu.py), the rest (mass scores and
+      coverage budgets included) the Triton kernel (STREAM_JAX_PALLAS_ESTIMATE=triton forces Triton).
 
   Returns:
     BlockMask with indices int32[..., N, nQ, C] and counts int32[..., N, nQ], C = config.capacity.
@@ -83,7 +83,7 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
   checks.check_positive("softcap", softcap)
   checks.check_chunk(q_chunk)
   scale = numerics.resolve_scale(scale, h)
-  if use_kernel(backend, lambda: kernel.unsupported(config)):
+  if use_kernel(backend, lambda: kernel.unsupported(config), q.dtype):
     if mgpu_kernel.runs(q, config):  # Hopper: the Mosaic GPU port (TMA + wgmma)
       return mgpu_kernel.estimate_mask(q, k, config, scale=scale, softcap=softcap)
     return kernel.estimate_mask(q, k, config, scale=scale, softcap=softcap)
@@ -279,8 +279,8 @@ def _search(node_scores, *, lo, n, config: StreamConfig, n_k: int, score_first_l
     _, sel = lax.top_k(scores, top_k)  # ties -> lower index = earlier position
     sel = jnp.sort(sel)  # keep nodes in position order
     if track_dropped:
-      est = jnp.where(size > 0, jnp.exp(scores) * size, 0.0)
-      dropped = dropped + est.sum() - est[sel].sum()
+      keep = jnp.zeros(scores.shape, bool).at[sel].set(True)
+      dropped = dropped + shares.dropped_share(scores, size, keep)
     return start[sel], size[sel], scores[sel], dropped
 
   b = jnp.arange(branches, dtype=jnp.int32)
@@ -324,12 +324,13 @@ def _select_by_mass(q_rows, q_pos, k_blocks, *, diag, lo, hi, n, config: StreamC
   estimated from the blocks kept by rule (sink, window: exact) plus the search range, which the
   "oracle" representative sums exactly and the others estimate from the first-level nodes (each node's
   representative block times the node's size). A block's score is log mean_r exp(l[b, r] - Z_r): its
-  estimated share of the query block's attention.
+  estimated share of the query block's attention. The arithmetic is kernels/shares.py, which the Pallas
+  kernel runs too.
   """
   bk, top_k = config.block_k, config.top_k
   n_k = k_blocks.shape[0]
   row_ok = q_pos >= 0  # [R]
-  n_rows = jnp.maximum(row_ok.sum(), 1).astype(jnp.float32)
+  log_rows = jnp.log(jnp.maximum(row_ok.sum(), 1).astype(jnp.float32))
 
   def row_lse(ids):
     """[m] block ids -> [m, R] per-row log-sum-exp over the block's visible keys (-inf if none)."""
@@ -338,35 +339,34 @@ def _select_by_mass(q_rows, q_pos, k_blocks, *, diag, lo, hi, n, config: StreamC
     logits = numerics.softcap(logits * scale, softcap)
     k_pos = ids[:, None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [m, bk]
     visible = (k_pos[:, None, :] <= q_pos[None, :, None]) & (ids >= 0)[:, None, None]
-    return jax.nn.logsumexp(jnp.where(visible, logits, NEG_INF), axis=-1)
+    return shares.row_lse(logits, visible)
 
   # Blocks kept by rule (a window block that is also a sink counts once).
   sink = jnp.arange(config.sink_blocks, dtype=jnp.int32)
   window = diag - jnp.arange(config.window_blocks, dtype=jnp.int32)
   rule_ids = jnp.concatenate([jnp.where(sink <= diag, sink, -1),
                               jnp.where(window >= config.sink_blocks, window, -1)])
-  rule_lse = jax.nn.logsumexp(row_lse(rule_ids), axis=0)  # [R]
+  rule_lse = shares.logsumexp(row_lse(rule_ids), axis=0)  # [R]
 
   if config.representative == "oracle":
     all_ids = jnp.arange(n_k, dtype=jnp.int32)
     in_range = (all_ids >= lo) & (all_ids < hi)
     all_lse = jnp.where(in_range[:, None], row_lse(all_ids), NEG_INF)  # [nK, R]
-    search_lse = jax.nn.logsumexp(all_lse, axis=0)
+    search_lse = shares.logsumexp(all_lse, axis=0)
   else:
     branches = config.branches
     b = jnp.arange(branches, dtype=jnp.int32)
     start0 = lo + (b * n) // branches
     size0 = lo + ((b + 1) * n) // branches - start0
     rep0 = start0 if config.representative == "first" else start0 + (size0 - 1) // 2
-    rep_lse = jnp.where((size0 > 0)[:, None], row_lse(jnp.where(size0 > 0, rep0, -1)), NEG_INF)
-    search_lse = jax.nn.logsumexp(rep_lse + jnp.log(jnp.maximum(size0, 1).astype(jnp.float32))[:, None], axis=0)
-  z = jnp.logaddexp(rule_lse, search_lse)  # [R] estimated log softmax denominators
-  z = jnp.where(row_ok & jnp.isfinite(z), z, 0.0)
+    rep_lse = row_lse(jnp.where(size0 > 0, rep0, -1))  # [branches, R], -inf rows for empty nodes
+    log_size = jnp.log(jnp.maximum(size0, 1).astype(jnp.float32))
+    search_lse = shares.logsumexp(rep_lse + log_size[:, None], axis=0)
+  z = shares.log_denominator(rule_lse, search_lse, row_ok)  # [R]
 
   def share(lse_rows):
     """[m, R] -> [m] log of the mean over scoring rows of exp(lse - Z): a block's estimated share."""
-    rel = jnp.where(row_ok[None, :], lse_rows - z[None, :], NEG_INF)
-    return jax.nn.logsumexp(rel, axis=-1) - jnp.log(n_rows)
+    return shares.log_share(lse_rows, z, row_ok, log_rows)
 
   if config.representative == "oracle":
     all_share = share(all_lse)
@@ -395,21 +395,6 @@ def _select_by_mass(q_rows, q_pos, k_blocks, *, diag, lo, hi, n, config: StreamC
       rest = jnp.exp(share(search_lse[None])[0]) - jnp.where(searched_ok, jnp.exp(scores), 0.0).sum()
     else:  # the search's partition: what it dropped, each node estimated by its representative x size
       rest = jnp.where(is_dense, 0.0, dropped)
-    searched_ok &= _coverage_budget(scores, searched_ok, rule_share=jnp.exp(share(rule_lse[None])[0]),
-                                    rest_share=jnp.maximum(rest, 0.0), target=config.coverage)
+    searched_ok &= shares.coverage_keep(scores, searched_ok, jnp.exp(share(rule_lse[None])[0]),
+                                        jnp.maximum(rest, 0.0), config.coverage)
   return _union(searched, searched_ok, diag, config)
-
-
-def _coverage_budget(scores, ok, *, rule_share, rest_share, target):
-  """bool[top_k]: the fewest candidates, by estimated share, that bring the kept share to the target.
-
-  The total is the rule blocks' share, the candidates' and the estimate of the rest of the search range,
-  so an error in the denominator estimate Z cancels: only ratios of the same estimates are compared.
-  """
-  mass = jnp.where(ok, jnp.exp(scores), 0.0)
-  order = jnp.argsort(-mass)
-  sorted_mass = mass[order]
-  total = rule_share + sorted_mass.sum() + rest_share
-  before = rule_share + jnp.cumsum(sorted_mass) - sorted_mass
-  keep_sorted = (before < target * total) & (sorted_mass > 0)
-  return jnp.zeros_like(ok).at[order].set(keep_sorted)

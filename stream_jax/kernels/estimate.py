@@ -11,6 +11,13 @@ that beat it (higher score, or equal score and earlier position: `lax.top_k`'s t
 stop early once every node is a single block (further rounds provably keep the same nodes). The
 program writes the sorted, de-duplicated union {sink} + {searched} + {window}, -1 padded, plus the count.
 
+With score="mass" a block's score is its estimated share of the query block's attention (kernels/shares.py,
+the reference's own arithmetic): the program first makes the rows' softmax denominators from the rule
+blocks and one dot per first-level node (the node's representative stands for its size), keeps those
+rows' log-sum-exps as the first level's scores, and adds up what every round drops; a coverage budget
+then keeps the fewest searched blocks whose estimated share reaches the target (ranked, like top-k, by
+an L x L comparison). The search's dots are the same; the exps make it ~1.7x the max-score kernel.
+
 Output equals the reference bit for bit when both compute the same scores; on a GPU the dot's
 accumulation order can differ from XLA's in the last bit, which can swap two blocks whose scores tie
 to within rounding (the documented tie case).
@@ -28,7 +35,7 @@ from jax.experimental import pallas as pl
 
 from stream_jax import numerics
 from stream_jax.config import StreamConfig
-from stream_jax.kernels import common
+from stream_jax.kernels import common, shares
 from stream_jax.kernels.common import SQ, count_true, gather, iota, take
 from stream_jax.mask import BlockMask, num_blocks
 from stream_jax.numerics import NEG_INF, num_rounds
@@ -40,12 +47,14 @@ F32_NUM_STAGES = 1
 
 
 def unsupported(config: StreamConfig) -> Optional[str]:
-  """Why the kernel cannot run this config, or None: Triton dots need block_k >= 16, and the kernel scores
-  by max logit (score="mass" and adaptive coverage run on the XLA path)."""
-  if config.block_k >= common.MIN_DOT and config.score == "max":
-    return None
-  return (f"the Pallas estimate kernel needs block_k >= {common.MIN_DOT} and score='max', got "
-          f"block_k={config.block_k}, score={config.score!r}")
+  """Why the kernel cannot run this config, or None: Triton dots need block_k >= 16, and mass scores with
+  the "oracle" representative (an exact sum over every block, for tests) run on the XLA path."""
+  if config.block_k < common.MIN_DOT:
+    return f"the Pallas estimate kernel needs block_k >= {common.MIN_DOT}, got block_k={config.block_k}"
+  if config.score == "mass" and config.representative == "oracle":
+    return ("the Pallas estimate kernel does not take score='mass' with representative='oracle' "
+            "(an exact sum over every block)")
+  return None
 
 
 def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Optional[float] = None,
@@ -115,8 +124,8 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, interpret, num_warp
   k = common.pad_axis(common.pad_axis(k, 3, hp), 1, n_k * bk)
   rows, pos = query_rows(t, s, config)
   rb = rows.shape[1]
-  if config.query_stride == 1 and rb == bq:
-    q_rows = q  # the rows are the block itself (in another order; the score is a max)
+  if config.query_stride == 1 and rb == bq and config.score == "max":
+    q_rows = q  # the rows are the block itself (in another order; a max does not care, a mean's rounding does)
     row_ids = jnp.arange(n_q * bq, dtype=jnp.int32).reshape(n_q, bq)
     pos = jnp.where(row_ids < t, row_ids + (s - t), -1).astype(jnp.int32)
   else:
@@ -153,6 +162,7 @@ def _kernel(q_ref, pos_ref, k_ref, o_ref, *, config: StreamConfig, n_k, scale, s
   bk, top_k, branches = config.block_k, config.top_k, config.branches
   kp = common.next_pow2(top_k)  # node slots (top_k real ones)
   rep = config.representative
+  mass = config.score == "mass"
 
   q = q_ref[...]  # [RB, Hp]
   q_pos = pos_ref[...]  # [RB]
@@ -162,14 +172,30 @@ def _kernel(q_ref, pos_ref, k_ref, o_ref, *, config: StreamConfig, n_k, scale, s
   hi = diag - config.window_blocks + 1
   n = jnp.maximum(hi - lo, 0)
 
-  def score(blk):
-    """Max visible scaled (soft-capped) logit of the query rows against key block `blk`."""
+  def logits_of(blk):
+    """Logits (unscaled) of the query rows against key block `blk` and which of them are visible."""
     blk = jnp.clip(blk, 0, n_k - 1)
     kb = k_ref[pl.ds(blk * bk, bk), :]  # [bk, Hp]
     logits = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)  # [RB, bk]
     k_pos = blk * bk + iota(bk)
-    visible = k_pos[None, :] <= q_pos[:, None]
+    return logits, k_pos[None, :] <= q_pos[:, None]
+
+  def block_lse(blk):
+    """[RB] each query row's log-sum-exp over key block `blk`'s visible (soft-capped) logits."""
+    logits, visible = logits_of(blk)
+    return shares.row_lse(numerics.softcap(logits * scale, softcap), visible)
+
+  if mass:
+    row_ok = q_pos >= 0
+    log_rows = jnp.log(jnp.maximum(count_true(row_ok, 0), 1).astype(jnp.float32))
+
+  def score(blk):
+    """The block's score: max visible scaled (soft-capped) logit, or its estimated log share (mass)."""
+    if mass:
+      return shares.log_share(block_lse(blk), z, row_ok, log_rows)
+    logits, visible = logits_of(blk)
+    # scale > 0 and the soft-cap is monotone: both commute with the max
     return numerics.softcap(jnp.max(jnp.where(visible, logits, NEG_INF)) * scale, softcap)
 
   if rep == "oracle":
@@ -208,8 +234,9 @@ def _kernel(q_ref, pos_ref, k_ref, o_ref, *, config: StreamConfig, n_k, scale, s
     init = jnp.where((ids % 2 == 0) & (ids < real) & (size > 0), inherited, init)
     return lax.fori_loop(0, real // 2, lambda i, acc: one(2 * i + 1, acc), init)
 
-  def keep_top(start, size, scores):
-    """The top_k nodes by score (ties -> earlier slot), kept in slot order, as [kp] vectors."""
+  def keep_top(start, size, scores, dropped):
+    """The top_k nodes by score (ties -> earlier slot), kept in slot order, as [kp] vectors; `dropped`
+    adds the estimated share of the others (mass scores)."""
     length = scores.shape[0]
     me, other = iota(length)[:, None], iota(length)[None, :]
     beats = (scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (other < me))
@@ -220,17 +247,55 @@ def _kernel(q_ref, pos_ref, k_ref, o_ref, *, config: StreamConfig, n_k, scale, s
     def pick(x):
       return jnp.sum(jnp.where(hit, x[None, :], jnp.zeros_like(x)[None, :]), axis=1)
 
-    return pick(start), pick(size), pick(scores)
+    if mass:
+      dropped = dropped + shares.dropped_share(scores, size, keep)
+    return pick(start), pick(size), pick(scores), dropped
 
   # First level: `branches` near-equal contiguous nodes over the search range.
   bp = common.next_pow2(branches)
   b_ids = iota(bp)
   start = lo + lax.div(b_ids * n, branches)
   size = jnp.where(b_ids < branches, lo + lax.div((b_ids + 1) * n, branches) - start, 0)
-  if branches > top_k or rep == "first":
+  dropped = jnp.float32(0.0)
+  if mass:
+    # Shares need the rows' softmax denominators z first: the rule blocks (sink, window) exactly, the search
+    # range estimated by its first-level nodes (each node's representative x its size). One loop, one dot
+    # site (each dot site is a separate unrolled copy for Triton: f32 ones compile slowly), gives the rule
+    # blocks' and the representatives' row lse; the latter, once z is known, are the first level's scores.
+    rule = config.sink_blocks + config.window_blocks
+    r_ids = iota(common.next_pow2(rule))
+    in_sink = r_ids < config.sink_blocks
+    window = diag - (r_ids - config.sink_blocks)
+    rule_blocks = jnp.where(in_sink, r_ids, window)
+    rule_ok = (r_ids < rule) & jnp.where(in_sink, r_ids <= diag, window >= config.sink_blocks)
+    rep0 = start if rep == "first" else start + lax.div(jnp.maximum(size - 1, 0), 2)
+    no_row = jnp.full((q.shape[0],), NEG_INF, jnp.float32)
+
+    def one_lse(e, acc):  # e < rule: rule block e; else first-level node e - rule
+      rule_lse, rep_lse = acc
+      is_rule = e < rule
+      blk = jnp.where(is_rule, take(rule_blocks, e), take(rep0, e - rule))
+      ok = jnp.where(is_rule, take(rule_ok.astype(jnp.int32), e), take(size, e - rule)) > 0
+      row = lax.cond(ok, lambda: block_lse(blk), lambda: no_row)[None, :]
+      return (jnp.where((r_ids == e)[:, None] & is_rule, row, rule_lse),
+              jnp.where((b_ids == e - rule)[:, None], row, rep_lse))
+
+    rule_lse, rep_lse = lax.fori_loop(
+        0, rule + branches, one_lse,
+        (jnp.full((r_ids.shape[0], q.shape[0]), NEG_INF, jnp.float32),
+         jnp.full((bp, q.shape[0]), NEG_INF, jnp.float32)))  # [rp, RB], [bp, RB]
+    rule_lse = shares.logsumexp(rule_lse, axis=0)  # [RB]
+    log_size = jnp.log(jnp.maximum(size, 1).astype(jnp.float32))
+    search_lse = shares.logsumexp(rep_lse + log_size[:, None], axis=0)
+    z = shares.log_denominator(rule_lse, search_lse, row_ok)  # [RB]
+    scores = jnp.where(size > 0, shares.log_share(rep_lse, z, row_ok, log_rows), NEG_INF)  # [bp]
+    first_start, first_size, first_scores = start, size, scores
+    if branches > top_k:
+      start, size, scores, dropped = keep_top(start, size, scores, dropped)
+  elif branches > top_k or rep == "first":
     scores = node_scores(start, size, branches)
     if branches > top_k:
-      start, size, scores = keep_top(start, size, scores)
+      start, size, scores, dropped = keep_top(start, size, scores, dropped)
   else:
     scores = jnp.zeros((kp,), jnp.float32)
 
@@ -239,26 +304,36 @@ def _kernel(q_ref, pos_ref, k_ref, o_ref, *, config: StreamConfig, n_k, scale, s
   is_right = c_ids % 2 == 1
 
   def round_cond(state):
-    r, _, size, _ = state
+    r, _, size, _, _ = state
     return (r < rounds) & (jnp.max(size) > 1)  # single-block nodes: later rounds change nothing
 
   def round_body(state):
-    r, start, size, scores = state
+    r, start, size, scores, dropped = state
     p_start, p_size = gather(start, parent_of), gather(size, parent_of)
     left = lax.div(p_size + 1, 2)
     c_start = jnp.where(is_right, p_start + left, p_start)
     c_size = jnp.where(is_right, lax.div(p_size, 2), left)
     c_scores = node_scores(c_start, c_size, 2 * top_k, scores if rep == "first" else None)
-    start, size, scores = keep_top(c_start, c_size, c_scores)
-    return r + 1, start, size, scores
+    start, size, scores, dropped = keep_top(c_start, c_size, c_scores, dropped)
+    return r + 1, start, size, scores, dropped
 
-  _, start, size, _ = lax.while_loop(round_cond, round_body, (jnp.int32(0), start, size, scores))
+  _, start, size, scores, dropped = lax.while_loop(
+      round_cond, round_body, (jnp.int32(0), start, size, scores, dropped))
 
   # Few candidates: the whole search range (early query blocks are dense).
   slots = iota(kp)
   search = n > top_k
   searched = jnp.where(search, start, lo + slots)
   searched_ok = jnp.where(search, size > 0, lo + slots < hi) & (slots < top_k)
+  if config.adaptive:  # the fewest candidates whose estimated share reaches the target
+    # Early query blocks keep the whole search range (n <= top_k <= branches): each of its blocks is a
+    # single-block first-level node, already scored.
+    hit = (first_start[None, :] == (lo + slots)[:, None]) & (first_size == 1)[None, :] & (slots < n)[:, None]
+    dense = jnp.where(slots < n, jnp.sum(jnp.where(hit, first_scores[None, :], 0.0), axis=1), NEG_INF)
+    scores = jnp.where(search, scores, dense)
+    rest = jnp.where(search, jnp.maximum(dropped, 0.0), 0.0)
+    rule_share = jnp.exp(shares.log_share(rule_lse, z, row_ok, log_rows))  # sink + window, estimated
+    searched_ok &= shares.coverage_keep(scores, searched_ok, rule_share, rest, config.coverage)
 
   # Union {sink} + {searched} + {window}: three ascending disjoint runs (window blocks below
   # sink_blocks repeat a sink block and are dropped); compact the valid ones in order.
