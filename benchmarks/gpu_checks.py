@@ -11,8 +11,11 @@
    out, block mass and lse, float16 / bfloat16, GQA, ragged T, soft-cap, sliding window, lse_ref.
 7. The Mosaic GPU estimate kernel (kernels/estimate_mgpu.py): masks equal the Triton kernel's and the XLA
    reference's, row for row (ragged T, no search round, soft-cap, wide first level, batch, exact ties).
+8. The Triton estimate kernel with mass scores and coverage budgets (`StreamConfig.faithful()` and others)
+   equals the XLA reference row for row, up to rows whose estimates tie within the GPU's rounding.
 
-  python3 benchmarks/gpu_checks.py
+  python3 benchmarks/gpu_checks.py            # every check
+  python3 benchmarks/gpu_checks.py mass mgpu_estimate   # only these (names: the functions' check_<name>)
 """
 
 from __future__ import annotations
@@ -180,6 +183,41 @@ def check_mgpu_estimate(cases=ESTIMATE_CASES):
   return failed
 
 
+MASS_CASES = (
+    # t, s - t, n, kv, h, dtype, softcap, config, integer-valued inputs
+    (8192, 0, 8, 4, 256, "bfloat16", None, dict(top_k=128, coverage=0.95), False),  # = faithful()
+    (32768, 0, 8, 4, 256, "bfloat16", None, dict(top_k=128, coverage=0.95), False),
+    (4096, 100, 4, 1, 128, "float32", 30.0, dict(top_k=32, coverage=0.9), False),  # f32 dots, soft-cap, S > T
+    (4096, 0, 4, 2, 128, "bfloat16", None, dict(top_k=16, score="mass"), True),  # fixed k, exact logits
+    (3000, 0, 4, 2, 64, "float16", None, dict(top_k=8, init_branches=24, representative="first",
+                                              coverage=0.8), False),
+    (4096, 0, 4, 2, 256, "bfloat16", None, dict(top_k=32, coverage=0.9, query_stride=4), False),
+)
+
+
+def check_mass(cases=MASS_CASES, sharpen=4.0):
+  """Masks of the Triton estimate kernel with mass scores vs the XLA reference (share of equal rows; keys
+  scaled by `sharpen` so that the coverage budget keeps fewer blocks than it may). Returns failures."""
+  from stream_jax.kernels import estimate as kestimate  # pylint: disable=import-outside-toplevel
+  failed = 0
+  for t, extra, n, kv, h, dtype, cap, cfg, integer in cases:
+    def run(t=t, extra=extra, n=n, kv=kv, h=h, dtype=dtype, cap=cap, cfg=cfg, integer=integer):
+      config = sj.StreamConfig(**cfg)
+      q = _rand((t, n, h), 60, dtype)
+      k = (_rand((t + extra, kv, h), 61, dtype).astype(jnp.float32) * sharpen).astype(dtype)
+      if integer:
+        q, k = (jnp.round(x * 1.5).clip(-3, 3).astype(dtype) for x in (q, k))
+      mt = kestimate.estimate_mask(q, k, config, softcap=cap)
+      mx = sj.estimate_mask(q, k, config, softcap=cap, backend="xla")
+      equal = float(jnp.mean(jnp.all(mt.indices == mx.indices, -1) & (mt.counts == mx.counts)))
+      counts = np.asarray(mx.counts)
+      return equal >= 0.999, (f"rows equal to XLA {equal:.5f}; kept blocks mean {counts.mean():.1f} of "
+                              f"{config.capacity}, count diff {float(jnp.abs(mt.counts - mx.counts).mean()):.4f}")
+    failed += _case(f"mass estimate T={t} S={t + extra} N={n} K={kv} H={h} {dtype} softcap={cap} {cfg} "
+                    f"integer={integer}", run)
+  return failed
+
+
 def check_exact_forward(t=4096):
   base = get_config("gemma3-1b")
   config = dataclasses.replace(base, num_layers=6, layer_kinds=base.layer_kinds[:6], vocab_size=4096,
@@ -198,10 +236,13 @@ def check_exact_forward(t=4096):
 
 
 if __name__ == "__main__":
+  import sys  # pylint: disable=import-outside-toplevel
   print(jax.devices()[0].device_kind, jax.__version__)
-  check_cudnn_lse()
-  check_pallas_f32()
-  check_second_mass_pass()
-  check_exact_forward()
-  check_mgpu_attention()
-  check_mgpu_estimate()
+  names = sys.argv[1:] or ["cudnn_lse", "pallas_f32", "second_mass_pass", "exact_forward", "mgpu_attention",
+                           "mgpu_estimate", "mass"]
+  known = sorted(k[len("check_"):] for k in globals() if k.startswith("check_"))
+  unknown = [name for name in names if name not in known]
+  if unknown:
+    sys.exit(f"unknown check(s) {unknown}; known: {known}")
+  for name in names:
+    globals()[f"check_{name}"]()

@@ -186,6 +186,8 @@ def run_isolated(args, variant: str, t: int) -> dict:
   """One point in a child process (a fresh device: its own peak memory), killed after --point-timeout."""
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", args.config, "--lengths", str(t),
          "--variants", variant, "--repeats", str(args.repeats), "--top-k", str(args.top_k)]
+  if args.coverage is not None:
+    cmd += ["--coverage", str(args.coverage)]
   if args.small:
     cmd.append("--small")
   t0 = time.perf_counter()
@@ -304,6 +306,9 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3,
                  help="timed runs per point after one warm-up (0: time the first run)")
   p.add_argument("--top-k", type=int, default=sj.StreamConfig().top_k, help="StreamConfig.top_k")
+  p.add_argument("--coverage", type=float, default=None,
+                 help="StreamConfig.coverage: an adaptive budget with mass scores (0.95 with --top-k 128 is "
+                      "StreamConfig.faithful()); default: fixed top_k")
   p.add_argument("--out", default="benchmarks/out", help="folder for scaling.json / scaling_<config>.png")
   p.add_argument("--append", action="store_true",
                  help="add to the rows already in <out>/scaling_<config>.jsonl (split a sweep over runs)")
@@ -327,7 +332,10 @@ def main(argv=None):
 
   config = get_config(args.config)
   lengths = args.lengths
-  stream_cfg = sj.StreamConfig(top_k=args.top_k)
+  try:
+    stream_cfg = sj.StreamConfig(top_k=args.top_k, coverage=args.coverage)
+  except ValueError as e:
+    p.error(str(e))
   dtype = jnp.bfloat16
   if args.small:
     base = get_config("gemma3-270m")
@@ -335,7 +343,7 @@ def main(argv=None):
                                  name="gemma3-270m-6layers")
     lengths = [256, 512, 1024]
     variants = [v for v in variants if not v.endswith("_pallas")]
-    stream_cfg = sj.StreamConfig(block_q=32, block_k=32, top_k=4)
+    stream_cfg = sj.StreamConfig(block_q=32, block_k=32, top_k=4, coverage=args.coverage)
     dtype = jnp.float32  # bf16 matmuls are slow on CPUs
   elif not (args.isolate or args.worker) and jax.default_backend() != "gpu":
     # (an isolating parent leaves the device alone; its workers run what they are given)
@@ -363,7 +371,8 @@ def main(argv=None):
   params = None
   if not args.isolate:
     params = init_params(config, dtype=dtype, seed=0) if args.small else device_random_params(config, dtype)
-  log = out_dir / f"scaling_{config.name}.jsonl"
+  name = config.name if args.coverage is None else f"{config.name}_coverage{args.coverage:g}"
+  log = out_dir / f"scaling_{name}.jsonl"
   rows = [json.loads(line) for line in log.read_text().splitlines()] if args.append and log.exists() else []
   failed = set()
   with open(log, "a" if args.append else "w") as f:
@@ -394,8 +403,9 @@ def main(argv=None):
   print(memory_model_table(sj.StreamConfig(top_k=args.top_k)))
   meta = dict(date=datetime.date.today().isoformat(), device=device, jax=jax.__version__, config=config.name,
               command=" ".join(sys.argv), position_chunk=model_layers.POSITION_CHUNK, rows=rows)
-  (out_dir / f"scaling_{config.name}.json").write_text(json.dumps(meta, indent=1))
-  plot(rows, out_dir / f"scaling_{config.name}.png", f"{config.name} on {device}")
+  meta["stream"] = repr(stream_cfg)
+  (out_dir / f"scaling_{name}.json").write_text(json.dumps(meta, indent=1))
+  plot(rows, out_dir / f"scaling_{name}.png", f"{name} on {device}")
   return rows
 
 
