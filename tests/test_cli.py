@@ -122,8 +122,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("argv,message", BAD)
-def test_bad_inputs_are_refused_before_loading(files, capsys, monkeypatch, argv, message):
+def test_bad_inputs_are_refused_before_loading(files, capsys, monkeypatch, tmp_path, argv, message):
   import stream_jax.cli  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)  # default output folders (reports/...) must not see an earlier run's report
   monkeypatch.setattr(stream_jax.cli, "load", lambda args: pytest.fail("the model must not load"))
   rc = cli.main(argv.format(d=files).split())
   err = capsys.readouterr().err
