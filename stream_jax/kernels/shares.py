@@ -26,7 +26,8 @@ def logsumexp(x: jax.Array, axis: int) -> jax.Array:
   m = jnp.max(x, axis=axis, keepdims=True)
   m = jnp.where(m > NEG_INF, m, 0.0)
   total = jnp.sum(jnp.exp(x - m), axis=axis)
-  return jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + jnp.sum(m, axis=axis), NEG_INF)
+  m = jnp.sum(m, axis=axis)  # drops the kept axis (a size-1 reduction: Triton has no squeeze)
+  return jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + m, NEG_INF)
 
 
 def logaddexp(a: jax.Array, b: jax.Array) -> jax.Array:
