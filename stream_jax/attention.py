@@ -51,9 +51,9 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
     q_chunk: query blocks per sequential step (memory bound); None = all at once.
     backend: "xla" (the reference), "pallas" (the GPU kernel; interpreted off the GPU) or "auto" (the
       kernel on a GPU for 16-bit inputs when it supports the mask: block sizes >= 16; else the
-      reference: float32 dots are far faster in XLA). On a Hopper
-      GPU, 16-bit inputs with 64 x 64 blocks run the Mosaic GPU port (kernels/attention_mgpu.py), the
-      rest the Triton kernel (STREAM_JAX_PALLAS_ATTENTION=triton forces Triton).
+      reference: float32 dots are far faster in XLA). On a Hopper GPU, 16-bit inputs with 64 x 64 blocks
+      run the Mosaic GPU port (kernels/attention_mgpu.py), the rest the Triton kernel
+      (STREAM_JAX_PALLAS_ATTENTION=triton forces Triton).
     lse_ref: optional float32[..., N, T] log softmax denominators of a reference attention over the
       same logits (dense attention's, for an exact trace): block mass becomes exp(logit - lse_ref)
       summed, the reference's probability, instead of the kept softmax's. The output is unchanged.

@@ -11,7 +11,7 @@ BACKENDS = ("xla", "pallas", "auto")
 
 
 def resolve_backend(backend: str, dtype=None) -> str:
-  """'auto' -> 'pallas' on a GPU for 16-bit inputs (or when no dtype is given), else 'xla'; validates the name.
+  """'auto' -> 'pallas' on a GPU for 16-bit inputs (or no dtype given), else 'xla'; validates the name.
 
   float32 inputs stay on XLA under 'auto': the kernels' f32 dots run at full precision on CUDA cores, and
   on an H100 (T = 32k, head dim 256) that made the estimate 200-290x and the attention 40x slower than the

@@ -67,9 +67,10 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
     q_chunk: query blocks scored per sequential step (memory bound, XLA path); None = all at once.
     backend: "xla" (the reference), "pallas" (the GPU kernel; interpreted off the GPU) or "auto" (the
       kernel on a GPU for 16-bit inputs when it supports the config: block_k >= 16, and no "oracle"
-      representative with mass scores; else the reference: float32 dots are far faster in XLA). On a Hopper GPU, 16-bit inputs with 64 x 64 blocks, max scores
-      and top_k <= 32 run the Mosaic GPU port (kernels/estimate_mgpu.py), the rest (mass scores and
-      coverage budgets included) the Triton kernel (STREAM_JAX_PALLAS_ESTIMATE=triton forces Triton).
+      representative with mass scores; else the reference: float32 dots are far faster in XLA). On a
+      Hopper GPU, 16-bit inputs with 64 x 64 blocks, max scores and top_k <= 32 run the Mosaic GPU port
+      (kernels/estimate_mgpu.py), the rest (mass scores and coverage budgets included) the Triton kernel
+      (STREAM_JAX_PALLAS_ESTIMATE=triton forces Triton).
 
   Returns:
     BlockMask with indices int32[..., N, nQ, C] and counts int32[..., N, nQ], C = config.capacity.

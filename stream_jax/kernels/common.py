@@ -80,5 +80,12 @@ def gather(vec: jax.Array, idx: jax.Array, ok: Optional[jax.Array] = None) -> ja
   return jnp.sum(jnp.where(hit, vec[None, :], jnp.zeros_like(vec)[None, :]), axis=1)
 
 
+def ranked_before(x: jax.Array) -> jax.Array:
+  """bool[L, L]: [i, j] = x[j] ranks before x[i] (larger, or equal and earlier: `lax.top_k`'s and a stable
+  descending sort's order). Row sums are ranks: top-k and ordered prefixes without a sort."""
+  me, other = iota(x.shape[0])[:, None], iota(x.shape[0])[None, :]
+  return (x[None, :] > x[:, None]) | ((x[None, :] == x[:, None]) & (other < me))
+
+
 def count_true(mask: jax.Array, axis: int) -> jax.Array:
   return jnp.sum(mask.astype(jnp.int32), axis=axis)

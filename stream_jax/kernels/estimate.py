@@ -125,7 +125,7 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, interpret, num_warp
   rows, pos = query_rows(t, s, config)
   rb = rows.shape[1]
   if config.query_stride == 1 and rb == bq and config.score == "max":
-    q_rows = q  # the rows are the block itself (in another order; a max does not care, a mean's rounding does)
+    q_rows = q  # the rows are the block itself, in another order: a max does not care (a mean's rounding would)
     row_ids = jnp.arange(n_q * bq, dtype=jnp.int32).reshape(n_q, bq)
     pos = jnp.where(row_ids < t, row_ids + (s - t), -1).astype(jnp.int32)
   else:
@@ -205,14 +205,16 @@ def _kernel(q_ref, pos_ref, k_ref, o_ref, *, config: StreamConfig, n_k, scale, s
         0, upto, lambda b_, acc: jnp.where(iota(nkp) == b_, score(b_), acc),
         jnp.full((nkp,), NEG_INF, jnp.float32))
 
+  def representative(start, size):
+    """The key block that scores node(s) (start, size): its first, or its middle one ("center")."""
+    return start if rep == "first" else start + lax.div(jnp.maximum(size - 1, 0), 2)
+
   def node_score(start, size):
     if rep == "oracle":
       ids = iota(all_scores.shape[0])
       inside = (ids >= start) & (ids < start + size)
       return jnp.max(jnp.where(inside, all_scores, NEG_INF))
-    if rep == "center":
-      return score(start + lax.div(jnp.maximum(size - 1, 0), 2))
-    return score(start)  # first
+    return score(representative(start, size))
 
   def node_scores(start, size, real, parent=None):
     """Scores of nodes (start, size) [L]; `real` leading slots are nodes, the rest padding."""
@@ -239,8 +241,7 @@ def _kernel(q_ref, pos_ref, k_ref, o_ref, *, config: StreamConfig, n_k, scale, s
     adds the estimated share of the others (mass scores)."""
     length = scores.shape[0]
     me, other = iota(length)[:, None], iota(length)[None, :]
-    beats = (scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (other < me))
-    keep = count_true(beats, 1) < top_k
+    keep = count_true(common.ranked_before(scores), 1) < top_k
     slot = count_true(keep[None, :] & (other < me), 1)  # position among the kept
     hit = keep[None, :] & (slot[None, :] == iota(kp)[:, None])  # [kp, L]
 
@@ -268,7 +269,7 @@ def _kernel(q_ref, pos_ref, k_ref, o_ref, *, config: StreamConfig, n_k, scale, s
     window = diag - (r_ids - config.sink_blocks)
     rule_blocks = jnp.where(in_sink, r_ids, window)
     rule_ok = (r_ids < rule) & jnp.where(in_sink, r_ids <= diag, window >= config.sink_blocks)
-    rep0 = start if rep == "first" else start + lax.div(jnp.maximum(size - 1, 0), 2)
+    rep0 = representative(start, size)
     no_row = jnp.full((q.shape[0],), NEG_INF, jnp.float32)
 
     def one_lse(e, acc):  # e < rule: rule block e; else first-level node e - rule

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from stream_jax.kernels.common import iota
+from stream_jax.kernels.common import ranked_before
 from stream_jax.numerics import NEG_INF
 
 
@@ -71,9 +71,6 @@ def coverage_keep(scores: jax.Array, ok: jax.Array, rule_share, rest_share, targ
   order) is still short of the target; the rank is an L x L comparison instead of a sort.
   """
   mass = jnp.where(ok, jnp.exp(scores), 0.0)
-  length = mass.shape[0]
-  me, other = iota(length)[:, None], iota(length)[None, :]
-  beats = (mass[None, :] > mass[:, None]) | ((mass[None, :] == mass[:, None]) & (other < me))
-  before = rule_share + jnp.sum(jnp.where(beats, mass[None, :], 0.0), axis=1)
+  before = rule_share + jnp.sum(jnp.where(ranked_before(mass), mass[None, :], 0.0), axis=1)
   total = rule_share + jnp.sum(mass) + rest_share
   return (before < target * total) & (mass > 0)
