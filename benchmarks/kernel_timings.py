@@ -1,6 +1,6 @@
 """Pallas kernels vs the XLA reference vs cuDNN dense attention, on one GPU.
 
-    PYTHONPATH=. python benchmarks/kernels.py [--seq 8192,32768,131072] [--tune] [--out DIR]
+    PYTHONPATH=. python benchmarks/kernel_timings.py [--seq 8192,32768,131072] [--tune] [--out DIR]
 
 1. Correctness on the GPU: the estimate kernel against the XLA reference (integer-valued inputs, whose
    logits are exact in any summation order: the masks must be identical; then real-valued inputs,
