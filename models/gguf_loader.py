@@ -123,13 +123,19 @@ class MetadataReader:
   """The GGUF header only (metadata and tensor names/shapes), parsed without reading tensor data or the
   tokenizer's string arrays: a fraction of a second where gguf.GGUFReader takes 15+ s on the 270M file.
   Same `fields[key].contents()` / `tensors[i].name, .shape` interface as far as `config_from_reader` needs.
+  `keep` names array fields to read in full (string arrays as lists, numeric ones as numpy arrays): the
+  tokenizer's vocabulary, for building it without transformers' torch-based GGUF reader.
   """
 
   _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
               12: "<d"}
 
-  def __init__(self, path: str):
+  _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
+            11: "<i8", 12: "<f8"}
+
+  def __init__(self, path: str, keep: tuple[str, ...] = ()):
     check_file(path)
+    self._keep, self._key = frozenset(keep), None
     with open(path, "rb") as f:
       self._buf = f.read(64 << 20)  # metadata of real files is a few MiB (the tokenizer's vocabulary)
     self._pos = 4
@@ -139,7 +145,7 @@ class MetadataReader:
       if version not in (2, 3):
         raise GGUFError(f"{path}: unsupported GGUF version {version}")
       for _ in range(n_kv):
-        key = self._string()
+        key = self._key = self._string()
         self.fields[key] = _Field(self._value(self._read("<I")))
       for _ in range(n_tensors):
         name = self._string()
@@ -168,6 +174,8 @@ class MetadataReader:
       return self._string()
     if vtype == 9:
       etype, n = self._read("<I"), self._read("<Q")
+      if self._key in self._keep:
+        return self._array(etype, n)
       if etype == 8:  # string arrays (the vocabulary): skipped, not needed for the config
         for _ in range(n):
           self._pos += 8 + struct.unpack_from("<Q", self._buf, self._pos)[0]
@@ -183,6 +191,18 @@ class MetadataReader:
     if vtype not in self._SCALARS:
       raise GGUFError(f"unknown GGUF value type {vtype}")
     return self._read(self._SCALARS[vtype])
+
+  def _array(self, etype, n):
+    if etype == 8:
+      return [self._string() for _ in range(n)]
+    if etype not in self._NUMPY:
+      return [self._value(etype) for _ in range(n)]
+    dtype = np.dtype(self._NUMPY[etype])
+    if self._pos + dtype.itemsize * n > len(self._buf):
+      raise IndexError("array past the end")
+    out = np.frombuffer(self._buf, dtype, n, self._pos).copy()
+    self._pos += dtype.itemsize * n
+    return out
 
 
 def _field(reader, key, default=None):

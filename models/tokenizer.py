@@ -1,8 +1,9 @@
 """Tokenizers via `transformers.AutoTokenizer`, offline; chat templates and the `<think>` span of reasoning
 models in token space.
 
-For a GGUF file the tokenizer is converted from the file's vocabulary by transformers (about 30 s), then
-saved as `tokenizer.json` in the cache next to the converted parameters; later loads read that.
+For a GGUF file the tokenizer is built from the file's vocabulary (Gemma's SentencePiece-BPE by
+`gguf_tokenizer.py` with `tokenizers` alone, about 10 s; other kinds by transformers' converter, which needs
+PyTorch), then saved as `tokenizer.json` in the cache next to the converted parameters; later loads read that.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ def gguf_tokenizer(path: str, use_cache: bool = True):
   target = os.path.join(cache_root(), file_key(path, "tokenizer") + "-tokenizer")
   if use_cache and os.path.exists(os.path.join(target, "tokenizer.json")):
     return _auto().from_pretrained(target, local_files_only=True)
-  directory, name = os.path.split(os.path.realpath(path))
-  tok = _auto().from_pretrained(directory, gguf_file=name, local_files_only=True)
+  tok = _convert_gguf(path)
   check_not_char_level(tok, path)
   if use_cache:
     tmp = tempfile.mkdtemp(dir=cache_root(), suffix=".tmp")
@@ -38,6 +38,20 @@ def gguf_tokenizer(path: str, use_cache: bool = True):
       if os.path.exists(tmp):
         shutil.rmtree(tmp)
   return tok
+
+
+def _convert_gguf(path: str):
+  from stream_jax.models import gguf_tokenizer  # pylint: disable=import-outside-toplevel
+  if gguf_tokenizer.can_build(path):
+    return gguf_tokenizer.gguf_sentencepiece_tokenizer(path)
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    raise ImportError(f"the tokenizer of {path} is converted by transformers, whose GGUF reader needs PyTorch, "
+                      "which is not installed: pip install torch (the CPU build is enough), or put the "
+                      "model's tokenizer.json beside it and load the directory") from None
+  directory, name = os.path.split(os.path.realpath(path))
+  return _auto().from_pretrained(directory, gguf_file=name, local_files_only=True)
 
 
 PROBE = "The special magic number for the long-context question is hidden in the text below."
