@@ -20,6 +20,7 @@ from stream_jax.backend import resolve_backend
 from stream_jax.band import window_attention
 from stream_jax.config import StreamConfig
 from stream_jax.estimate import estimate_mask
+from stream_jax.ideal import ideal_mask
 from stream_jax.mask import BlockMask, window_mask
 from stream_jax.trace import LayerTrace
 
@@ -124,6 +125,8 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
       return dense(return_probs=True)  # (out, probs)
     return dense(), None
   exact = plan.output == "exact"
+  if plan.prune and forced is None and cfg.select == "ideal":
+    return _attend_ideal(plan, q, k, v, scale=scale, cap=cap, visible=visible)
   if forced is not None:
     mask = forced
     mode = "exact" if exact else "stream"
@@ -157,6 +160,27 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
     mode = "dense"
   trace = LayerTrace(mask=mask, mass=stats.mass, layer=plan.layer, kind=plan.kind, mode=mode,
                      window=plan.window, coverage=coverage)
+  return out, trace
+
+
+def _attend_ideal(plan: LayerPlan, q, k, v, *, scale, cap, visible):
+  """A pruned layer whose kept set is the ideal one (StreamConfig.select="ideal"): the dense pass gives the
+  lse, the lse gives every block's true mass, the mass gives the kept set, its mass and exact coverage.
+  Exact output: the dense pass's (no sparse attention runs). Sparse output: attention over the ideal set,
+  whose trace mass is normalised over the kept blocks like any sparse layer's; coverage stays the true one."""
+  cfg = plan.stream
+  dense_out, lse = dense_with_lse(plan, q, k, v, scale=scale, cap=cap, visible=visible)
+  ideal = ideal_mask(q, k, lse, cfg, scale=scale, softcap=cap, window=plan.window, key_mask=visible)
+  if plan.output == "exact":
+    trace = LayerTrace(mask=ideal.mask, mass=ideal.mass, layer=plan.layer, kind=plan.kind, mode="exact",
+                       window=plan.window, coverage=ideal.coverage)
+    return dense_out.astype(q.dtype), trace
+  out, stats = sparse_attention(q, k, v, ideal.mask, scale=scale, softcap=cap, window=plan.window,
+                                backend=plan.backend, key_mask=visible)
+  if plan.dense:
+    out = dense_out.astype(q.dtype)
+  trace = LayerTrace(mask=ideal.mask, mass=stats.mass, layer=plan.layer, kind=plan.kind,
+                     mode="dense" if plan.dense else "stream", window=plan.window, coverage=ideal.coverage)
   return out, trace
 
 

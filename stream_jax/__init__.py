@@ -27,6 +27,7 @@ from stream_jax.mask import (
 )
 from stream_jax.numerics import AttentionStats
 from stream_jax.estimate import estimate_mask
+from stream_jax.ideal import IdealTrace, ideal_mask
 from stream_jax.attention import (
     block_coverage,
     dense_attention,

@@ -15,6 +15,8 @@ REPRESENTATIVES = ("center", "first", "oracle")
 MAX_SIZE = 1 << 20  # larger block sizes or counts are typos; they would fail later as out-of-memory
 Score = Literal["max", "mass"]
 SCORES = ("max", "mass")
+Select = Literal["search", "ideal"]
+SELECTS = ("search", "ideal")
 
 
 def _is_pow2(x: int) -> bool:
@@ -52,6 +54,11 @@ class StreamConfig:
       query a log-sum-exp over the block's keys, normalised by an estimate of the query's softmax
       denominator), which tracks what the kept blocks hold (at 32k, fixed k = 64: KL 0.011-0.031 with
       "mass" against 0.025-0.033 with "max").
+    select = "search": the hierarchical search estimates the kept set (the paper's, O(T log T)). "ideal"
+      ranks the search range's blocks by their *true* attention mass, from the dense pass's log-sum-exp
+      (stream_jax/ideal.py): one more Q K^T over the causal blocks, and the kept set, its mass and its
+      coverage are exact. It is the right choice with output="exact" (the dense pass runs anyway); with
+      sparse outputs it measures the best any selector of the budget can do. See `StreamConfig.ideal()`.
     coverage: None keeps top_k searched blocks per query block. A target in (0, 1] makes the budget
       adaptive: top_k becomes the most a query block may keep, and each (head, query block) keeps the
       fewest searched blocks, by estimated mass, whose estimated share of the attention (sink and window
@@ -74,6 +81,7 @@ class StreamConfig:
       valid query (power of two dividing block_q).
     score: "max" (max logit of the representative block) or "mass" (estimated attention mass).
     coverage: None (fixed k) or the adaptive target share of attention in (0, 1].
+    select: "search" (estimate the kept set) or "ideal" (rank blocks by their true mass).
   """
 
   block_q: int = 64
@@ -86,6 +94,7 @@ class StreamConfig:
   query_stride: int = 1
   score: Optional[Score] = None
   coverage: Optional[float] = None
+  select: Select = "search"
 
   def __post_init__(self):
     # Integers of any kind (numpy's too) become plain ints; booleans, floats and absurd sizes are refused.
@@ -133,6 +142,8 @@ class StreamConfig:
       object.__setattr__(self, "score", "max" if self.coverage is None else "mass")
     if self.score not in SCORES:
       raise ValueError(f"StreamConfig.score must be None or one of {SCORES}, got {self.score!r}")
+    if self.select not in SELECTS:
+      raise ValueError(f"StreamConfig.select must be one of {SELECTS}, got {self.select!r}")
     if self.coverage is not None and self.score != "mass":
       raise ValueError("StreamConfig.coverage (an adaptive budget) needs score='mass' (or None), got "
                        f"score={self.score!r}; pass coverage=None for a fixed top_k with max-logit scores")
@@ -144,6 +155,13 @@ class StreamConfig:
     estimate kernel runs it on a GPU: at 128k on an H100 (8 heads, head dim 256) 0.18 s per layer against
     1.08 s for the XLA path. See the class docstring for the faithfulness numbers."""
     return cls(**{"top_k": 128, "coverage": 0.95, **changes})
+
+  @classmethod
+  def ideal(cls, **changes) -> "StreamConfig":
+    """The ideal trace: each query block keeps the fewest key blocks, ranked by their true attention mass,
+    that hold 95% of its attention (sink and window included; at most 128 searched blocks). With
+    output="exact" the model's output is the dense one and the trace's mass and coverage are exact."""
+    return cls(**{"top_k": 128, "coverage": 0.95, "select": "ideal", **changes})
 
   @property
   def adaptive(self) -> bool:

@@ -77,6 +77,10 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
   """
   if not isinstance(config, StreamConfig):
     raise TypeError(f"config must be a StreamConfig, got {type(config).__name__}")
+  if config.select != "search":
+    raise ValueError(f"StreamConfig.select={config.select!r} ranks blocks by their true mass, which needs the "
+                     "dense pass's log-sum-exp: call stream_jax.ideal_mask(q, k, lse, config), or run the "
+                     "model with this config (it computes the lse)")
   _, _, _, _, h = checks.check_qkv(q, k)
   checks.check_finite("q", q)  # concrete arrays only; under jit NaN/inf are not detected
   checks.check_finite("k", k)

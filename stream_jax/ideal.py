@@ -55,7 +55,8 @@ class IdealTrace(NamedTuple):
 
 def ideal_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], lse: Float[Array, "*B N T"],
                config: StreamConfig = StreamConfig(), *, scale: Optional[float] = None,
-               softcap: Optional[float] = None, query_blocks: int = QUERY_BLOCKS) -> IdealTrace:
+               softcap: Optional[float] = None, window: Optional[int] = None,
+               key_mask: Optional[jax.Array] = None, query_blocks: int = QUERY_BLOCKS) -> IdealTrace:
   """Per (head, query block) the ideal kept set by true attention mass, with that mass and the coverage.
 
   Args:
@@ -67,6 +68,9 @@ def ideal_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], lse: Fl
     config: block sizes, sink / window rule blocks, top_k (the cap) and coverage (None: top_k by mass).
       The search fields (representative, score, init_branches, query_stride) play no part.
     scale, softcap: the model's logit scale (default H ** -0.5) and optional soft-cap.
+    window: a sliding window of W keys (including the query), as the layer applies it; None: causal.
+    key_mask: optional bool [N, S] or [B, N, S]: keys a head may see at all (an intervention's
+      suppression; `lse` must be the pass's with the same keys hidden).
     query_blocks: query blocks per chunk (memory: N x query_blocks x nK floats per chunk).
 
   Returns:
@@ -83,21 +87,28 @@ def ideal_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], lse: Fl
   checks.check_finite("k", k)
   checks.check_positive("scale", scale)
   checks.check_positive("softcap", softcap)
+  checks.check_window(window)
+  if key_mask is None:
+    key_mask = jnp.ones((1, s), bool)
+  elif tuple(key_mask.shape) not in (batch + (n, s), (n, s)):
+    raise ValueError(f"key_mask must have shape {batch + (n, s)} (or {(n, s)}), got {tuple(key_mask.shape)}")
+  if batch and key_mask.ndim == 2:
+    key_mask = jnp.broadcast_to(key_mask, batch + key_mask.shape)
   if isinstance(query_blocks, bool) or not isinstance(query_blocks, int) or query_blocks < 1:
     raise ValueError(f"query_blocks must be an integer >= 1, got {query_blocks!r}")
   scale = numerics.resolve_scale(scale, h)
-  fn = functools.partial(_ideal_xla, config=config, scale=scale, softcap=softcap, query_blocks=query_blocks)
-  if batch:
-    idx, mass, cov = jax.vmap(fn)(q, k, lse.astype(jnp.float32))
-  else:
-    idx, mass, cov = fn(q, k, lse.astype(jnp.float32))
+  fn = functools.partial(_ideal_xla, config=config, scale=scale, softcap=softcap, window=window,
+                         query_blocks=query_blocks)
+  args = (q, k, lse.astype(jnp.float32), jnp.asarray(key_mask, bool))
+  idx, mass, cov = jax.vmap(fn)(*args) if batch else fn(*args)
   counts = (idx >= 0).sum(-1).astype(jnp.int32)
   mask = BlockMask(idx, counts, config.block_q, config.block_k, t, s, config)
   return IdealTrace(mask, mass, cov)
 
 
-def _ideal_xla(q, k, lse, *, config: StreamConfig, scale, softcap, query_blocks):
-  """q [T, N, H], k [S, K, H], lse [N, T] -> indices int32 [N, nQ, C], mass, coverage."""
+def _ideal_xla(q, k, lse, key_mask, *, config: StreamConfig, scale, softcap, window, query_blocks):
+  """q [T, N, H], k [S, K, H], lse [N, T], key_mask [N | 1, S] -> indices int32 [N, nQ, C], mass,
+  coverage."""
   t, n, h = q.shape
   s, kv, _ = k.shape
   g = n // kv
@@ -109,6 +120,7 @@ def _ideal_xla(q, k, lse, *, config: StreamConfig, scale, softcap, query_blocks)
   q_chunks = common.pad_axis(q, 0, n_qc * qc * bq).reshape(n_qc, qc * bq, kv, g, h)
   lse_chunks = common.pad_axis(lse, 1, n_qc * qc * bq).reshape(kv, g, n_qc, qc * bq).transpose(2, 0, 1, 3)
   k_pad = common.pad_axis(k, 0, n_kc * kc * bk)
+  km_pad = common.pad_axis(jnp.broadcast_to(key_mask, (n, s)), 1, n_kc * kc * bk).reshape(kv, g, -1)
   diag = common.pad_axis(diagonal_blocks(t, s, bq, bk), 0, n_qc * qc).reshape(n_qc, qc)
   rows_valid = jnp.clip(t - jnp.arange(n_qc * qc) * bq, 0, bq).astype(jnp.float32).reshape(n_qc, qc)
 
@@ -121,10 +133,14 @@ def _ideal_xla(q, k, lse, *, config: StreamConfig, scale, softcap, query_blocks)
 
     def k_chunk_fn(c, table):
       keys = lax.dynamic_slice_in_dim(k_pad, c * kc * bk, kc * bk, 0)  # [kc bk, K, H]
+      km = lax.dynamic_slice_in_dim(km_pad, c * kc * bk, kc * bk, 2)  # [K, G, kc bk]
       logits = jnp.einsum("rkgh,skh->kgrs", rows, keys, preferred_element_type=jnp.float32)
       logits = numerics.softcap(logits * scale, softcap)
       k_pos = c * kc * bk + jnp.arange(kc * bk, dtype=jnp.int32)
-      visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < s)
+      visible = k_pos[None, :] <= q_pos[:, None]
+      if window is not None:
+        visible &= q_pos[:, None] - k_pos[None, :] < window
+      visible = visible & km[:, :, None, :]  # [K, G, rows, keys]
       p = jnp.where(visible, jnp.exp(logits - ok_lse[..., None]), 0.0)
       mass = p.reshape(kv, g, qc, bq, kc, bk).sum((3, 5))  # [K, G, qc, kc]
       return lax.dynamic_update_slice_in_dim(table, mass, c * kc, axis=3)

@@ -85,3 +85,57 @@ def numpy_attention(q, k, v, allowed, scale, softcap=None):
     probs[h] = p
     out[:, h] = p @ v[:, h // g]
   return out, probs
+
+
+def ideal_kept_sets(q, k, cfg, *, scale, softcap=None, window=None, key_mask=None, tol=1e-6):
+  """The ideal kept sets, float64: dense probabilities -> block masses m [N, nQ, nK] -> per (head, query
+  block) the rule blocks (sink, window) plus the searchable blocks by descending mass (ties by block id):
+  top_k of them, or the fewest whose mass with the rule blocks' reaches coverage x the row total.
+
+  Returns (m, kept {(n, j): set of block ids}, ambiguous {(n, j)}: rows whose decision sits within `tol`
+  of the threshold, where float32 may decide either way). q [T, N, H], k [S, K, H]; queries are the last
+  T of S positions."""
+  q = np.asarray(q, np.float64)
+  k = np.asarray(k, np.float64)
+  t, n, h = q.shape
+  s, kv, _ = k.shape
+  kk = np.repeat(k, n // kv, axis=1)
+  x = np.einsum("tnh,snh->nts", q, kk) * scale
+  if softcap:
+    x = softcap * np.tanh(x / softcap)
+  pos = np.arange(t) + (s - t)
+  vis = np.arange(s)[None, :] <= pos[:, None]
+  if window is not None:
+    vis = vis & (pos[:, None] - np.arange(s)[None, :] < window)
+  vis = vis[None] & (np.ones((n, s), bool) if key_mask is None else np.asarray(key_mask))[:, None, :]
+  x = np.where(vis, x, -np.inf)
+  p = np.exp(x - x.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  bq, bk = cfg.block_q, cfg.block_k
+  n_q, n_k = -(-t // bq), -(-s // bk)
+  pp = np.zeros((n, n_q * bq, n_k * bk))
+  pp[:, :t, :s] = p
+  m = pp.reshape(n, n_q, bq, n_k, bk).sum((2, 4))
+  kept, ambiguous = {}, set()
+  for hd in range(n):
+    for j in range(n_q):
+      diag = (min((j + 1) * bq, t) - 1 + s - t) // bk
+      lo, hi = cfg.sink_blocks, diag - cfg.window_blocks + 1
+      causal = np.arange(n_k) <= diag
+      rule = [c for c in range(n_k) if causal[c] and (c < lo or c >= hi)]
+      search = np.array([c for c in range(n_k) if causal[c] and lo <= c < hi], int)
+      order = search[np.lexsort((search, -m[hd, j, search]))] if len(search) else search
+      if cfg.coverage is None:
+        chosen = list(order[:cfg.top_k])
+      else:
+        total, acc, chosen = m[hd, j, causal].sum(), m[hd, j, rule].sum(), []
+        for c in order[:cfg.top_k]:
+          gap = acc - cfg.coverage * total
+          if abs(gap) < tol:
+            ambiguous.add((hd, j))
+          if gap >= 0:
+            break
+          acc += m[hd, j, c]
+          chosen.append(int(c))
+      kept[hd, j] = set(rule) | set(int(c) for c in chosen)
+  return m, kept, ambiguous

@@ -14,6 +14,7 @@ import pytest
 import stream_jax as sj
 from stream_jax import dense
 from stream_jax.ideal import ideal_mask
+import reference
 
 C = sj.StreamConfig
 
@@ -29,59 +30,19 @@ def _inputs(t, s, n, kv, h, seed, spread=1.5, dtype=jnp.float32, batch=None):
   return jnp.asarray(q, dtype), jnp.asarray(k, dtype)
 
 
-def _lse(q, k, scale, softcap=None):
+def _lse(q, k, scale, softcap=None, window=None, key_mask=None):
   t, s = q.shape[-3], k.shape[-3]
   pos = jnp.arange(t) + (s - t)
   v = jnp.zeros(k.shape[:-1] + (1,), q.dtype)
   qq, kk, vv = (x if x.ndim == 4 else x[None] for x in (q, k, v))
+  km = None if key_mask is None else jnp.asarray(key_mask)[None]
   _, lse = dense.dense_attention(qq, kk, vv, q_pos=pos, k_pos=jnp.arange(s), scale=scale, softcap=softcap,
-                                 return_lse=True)
+                                 window=window, k_valid=km, return_lse=True)
   return lse if q.ndim == 4 else lse[0]
 
 
-def _brute(q, k, cfg, scale, softcap=None):
-  """float64: block masses [N, nQ, nK], kept sets {(n, j): set}, ambiguous rows."""
-  q = np.asarray(q, np.float64)
-  k = np.asarray(k, np.float64)
-  t, n, h = q.shape
-  s, kv, _ = k.shape
-  kk = np.repeat(k, n // kv, axis=1)
-  x = np.einsum("tnh,snh->nts", q, kk) * scale
-  if softcap:
-    x = softcap * np.tanh(x / softcap)
-  pos = np.arange(t) + (s - t)
-  vis = np.arange(s)[None, :] <= pos[:, None]
-  x = np.where(vis, x, -np.inf)
-  p = np.exp(x - x.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  bq, bk = cfg.block_q, cfg.block_k
-  n_q, n_k = -(-t // bq), -(-s // bk)
-  pp = np.zeros((n, n_q * bq, n_k * bk))
-  pp[:, :t, :s] = p
-  m = pp.reshape(n, n_q, bq, n_k, bk).sum((2, 4))
-  kept, ambiguous = {}, set()
-  for hd in range(n):
-    for j in range(n_q):
-      diag = (min((j + 1) * bq, t) - 1 + s - t) // bk
-      lo, hi = cfg.sink_blocks, diag - cfg.window_blocks + 1
-      causal = np.arange(n_k) <= diag
-      rule = [c for c in range(n_k) if causal[c] and (c < lo or c >= hi)]
-      search = np.array([c for c in range(n_k) if causal[c] and lo <= c < hi], int)
-      order = search[np.lexsort((search, -m[hd, j, search]))] if len(search) else search
-      if cfg.coverage is None:
-        chosen = list(order[:cfg.top_k])
-      else:
-        total, acc, chosen = m[hd, j, causal].sum(), m[hd, j, rule].sum(), []
-        for c in order[:cfg.top_k]:
-          gap = acc - cfg.coverage * total
-          if abs(gap) < 1e-6:
-            ambiguous.add((hd, j))
-          if gap >= 0:
-            break
-          acc += m[hd, j, c]
-          chosen.append(int(c))
-      kept[hd, j] = set(rule) | set(int(c) for c in chosen)
-  return m, kept, ambiguous
+def _brute(q, k, cfg, scale, softcap=None, window=None, key_mask=None):
+  return reference.ideal_kept_sets(q, k, cfg, scale=scale, softcap=softcap, window=window, key_mask=key_mask)
 
 
 CASES = [
@@ -146,6 +107,23 @@ def test_softcap_and_jit():
   idx = np.asarray(res.mask.indices)
   for (hd, j), want in kept.items():
     assert set(idx[hd, j][idx[hd, j] >= 0].tolist()) == want
+
+
+def test_window_and_key_mask():
+  q, k = _inputs(512, 512, 4, 2, 16, seed=4)
+  rng = np.random.default_rng(1)
+  key_mask = rng.random((4, 512)) > 0.3
+  key_mask[:, 0] = True
+  cfg = C(block_q=32, block_k=32, top_k=3, coverage=0.8)
+  lse = _lse(q, k, 0.25, window=200, key_mask=key_mask)
+  res = ideal_mask(q, k, lse, cfg, scale=0.25, window=200, key_mask=jnp.asarray(key_mask))
+  m, kept, ambiguous = _brute(q, k, cfg, 0.25, window=200, key_mask=key_mask)
+  idx, mass = np.asarray(res.mask.indices), np.asarray(res.mass)
+  for (hd, j), want in kept.items():
+    got = idx[hd, j][idx[hd, j] >= 0]
+    np.testing.assert_allclose(mass[hd, j, :len(got)], m[hd, j, got], rtol=2e-4, atol=2e-6)
+    if (hd, j) not in ambiguous:
+      assert set(got.tolist()) == want, (hd, j)
 
 
 def test_ideal_beats_or_equals_the_oracle_estimator_of_the_same_budget():

@@ -106,3 +106,26 @@ def test_stream_default_config_at_2k_tokens_keeps_next_token(model):
   print(f"kept fraction (global layers) at 2k: {kept:.3f}")
   assert kept < 0.95
   assert stream.argmax() == dense.argmax()
+
+
+def test_ideal_exact_trace_on_real_prose_equals_brute_force(model):
+  """The real 270M on ~2k tokens of prose nobody here wrote (the Python docs' topics): with
+  StreamConfig.ideal() the logits are the dense ones, and every global layer's kept set, mass and coverage
+  equal the float64 brute force on that layer's own q and k (recomputed from the dense residual stream)."""
+  from pydoc_data import topics  # pylint: disable=import-outside-toplevel
+  from test_ideal_model import check_ideal_layer, jax_first, layer_qk  # pylint: disable=import-outside-toplevel
+  text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+  ids = model.encode(text[:12_000])[:2048]
+  assert len(ids) == 2048
+  dense = forward(model, model.params, ids, return_hidden=True)
+  cfg = StreamConfig.ideal(block_q=64, block_k=64, top_k=24, coverage=0.9)
+  run = forward(model, model.params, ids, attention=cfg, output="exact")
+  np.testing.assert_allclose(np.asarray(run.logits), np.asarray(dense.logits),
+                             atol=1e-4 * np.abs(np.asarray(dense.logits)).max())
+  binds = 0
+  for layer in model.config.global_layers:
+    lt = jax_first(run.trace.layers[layer])
+    q, k = layer_qk(model.config, model.params, dense.hidden, layer)
+    idx = check_ideal_layer(lt, q[0], k[0], cfg, model.config, 2048, 0.9)
+    binds += int(((idx >= 0).sum(-1) < (np.arange(idx.shape[1]) + 1)[None]).sum())
+  assert binds > 0  # somewhere the ideal set is smaller than the causal row: pruning happens
