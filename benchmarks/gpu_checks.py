@@ -11,6 +11,8 @@
    out, block mass and lse, float16 / bfloat16, GQA, ragged T, soft-cap, sliding window, lse_ref.
 7. The Mosaic GPU estimate kernel (kernels/estimate_mgpu.py): masks equal the Triton kernel's and the XLA
    reference's, row for row (ragged T, no search round, soft-cap, wide first level, batch, exact ties).
+9. The Triton block-mass kernel of the ideal kept set (kernels/block_mass.py) equals the XLA reference
+   (`ideal_mask`): kept sets row for row up to near-ties, masses and coverage; with the cuDNN lse.
 8. The Triton estimate kernel with mass scores and coverage budgets (`StreamConfig.faithful()` and others)
    equals the XLA reference row for row, up to rows whose estimates tie within the GPU's rounding.
 
@@ -218,6 +220,44 @@ def check_mass(cases=MASS_CASES, sharpen=4.0):
   return failed
 
 
+IDEAL_CASES = [
+    # t, extra keys, n, kv, h, dtype, softcap, window, config changes
+    (16384, 0, 8, 4, 256, jnp.bfloat16, None, None, dict(block_q=64, block_k=64)),
+    (8000, 300, 8, 4, 128, jnp.float16, None, None, dict(block_q=32, block_k=32, top_k=64)),
+    (8192, 0, 4, 1, 256, jnp.bfloat16, 50.0, None, dict(block_q=16, block_k=16, top_k=256, coverage=0.9)),
+    (8192, 0, 8, 4, 256, jnp.bfloat16, None, 1024, dict(top_k=16, coverage=None)),
+]
+
+
+def check_ideal(cases=IDEAL_CASES, sharpen=4.0):
+  """The ideal kept set through the Triton block-mass kernel vs the XLA reference, same lse (cuDNN's where
+  it applies). Returns failures."""
+  failed = 0
+  for t, extra, n, kv, h, dtype, cap, window, changes in cases:
+    def run(t=t, extra=extra, n=n, kv=kv, h=h, dtype=dtype, cap=cap, window=window, changes=changes):
+      config = sj.StreamConfig.ideal(**changes)
+      s = t + extra
+      q = _rand((1, t, n, h), 70, dtype)
+      k = (_rand((1, s, kv, h), 71, dtype).astype(jnp.float32) * sharpen).astype(dtype)
+      v = _rand((1, s, kv, h), 72, dtype)
+      _, lse = dense.dense_attention(q, k, v, q_pos=jnp.arange(t) + extra, k_pos=jnp.arange(s),
+                                     scale=h ** -0.5, softcap=cap, window=window, return_lse=True)
+      kw = dict(scale=h ** -0.5, softcap=cap, window=window)
+      kr = sj.ideal_mask(q, k, lse, config, backend="pallas", **kw)
+      xr = sj.ideal_mask(q, k, lse, config, backend="xla", **kw)
+      equal = np.asarray(jnp.all(kr.mask.indices == xr.mask.indices, -1))
+      mass_err = float(jnp.abs(kr.mass - xr.mass).max())
+      cov_err = float(jnp.abs(kr.coverage - xr.coverage).max())
+      counts = np.asarray(xr.mask.counts)
+      ok = equal.mean() >= 0.995 and cov_err < 2e-3
+      return ok, (f"rows equal {equal.mean():.5f}; max |mass diff| {mass_err:.2e}, |coverage diff| "
+                  f"{cov_err:.2e}; kept {counts.mean():.1f} of {config.capacity}; coverage mean "
+                  f"{float(xr.coverage.mean()):.4f}")
+    failed += _case(f"ideal T={t} S={t + extra} N={n} K={kv} H={h} {jnp.dtype(dtype).name} softcap={cap} "
+                    f"window={window} {changes}", run)
+  return failed
+
+
 def check_exact_forward(t=4096):
   base = get_config("gemma3-1b")
   config = dataclasses.replace(base, num_layers=6, layer_kinds=base.layer_kinds[:6], vocab_size=4096,
@@ -239,7 +279,7 @@ if __name__ == "__main__":
   import sys  # pylint: disable=import-outside-toplevel
   print(jax.devices()[0].device_kind, jax.__version__)
   names = sys.argv[1:] or ["cudnn_lse", "pallas_f32", "second_mass_pass", "exact_forward", "mgpu_attention",
-                           "mgpu_estimate", "mass"]
+                           "mgpu_estimate", "mass", "ideal"]
   known = sorted(k[len("check_"):] for k in globals() if k.startswith("check_"))
   unknown = [name for name in names if name not in known]
   if unknown:

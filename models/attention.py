@@ -170,7 +170,8 @@ def _attend_ideal(plan: LayerPlan, q, k, v, *, scale, cap, visible):
   whose trace mass is normalised over the kept blocks like any sparse layer's; coverage stays the true one."""
   cfg = plan.stream
   dense_out, lse = dense_with_lse(plan, q, k, v, scale=scale, cap=cap, visible=visible)
-  ideal = ideal_mask(q, k, lse, cfg, scale=scale, softcap=cap, window=plan.window, key_mask=visible)
+  ideal = ideal_mask(q, k, lse, cfg, scale=scale, softcap=cap, window=plan.window, key_mask=visible,
+                     backend=plan.backend if visible is None else "xla")
   if plan.output == "exact":
     trace = LayerTrace(mask=ideal.mask, mass=ideal.mass, layer=plan.layer, kind=plan.kind, mode="exact",
                        window=plan.window, coverage=ideal.coverage)

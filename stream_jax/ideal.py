@@ -28,7 +28,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from stream_jax import checks, numerics
+from stream_jax.backend import use_kernel
 from stream_jax.config import StreamConfig
+from stream_jax.kernels import block_mass as kernel
 from stream_jax.kernels import common
 from stream_jax.mask import BlockMask, diagonal_blocks, num_blocks
 from stream_jax.numerics import NEG_INF
@@ -38,8 +40,10 @@ if TYPE_CHECKING:  # shapes for readers and type checkers (no runtime dependency
 
 __all__ = ["ideal_mask", "IdealTrace"]
 
-# Query blocks per chunk (the chunk's rows of M are [N, QUERY_BLOCKS, nK]) and key blocks per product.
+# Query blocks per chunk (the chunk's rows of M are [N, chunk, nK]): the XLA path's and the kernel's (a
+# launch of chunk x N programs fills a GPU), and key blocks per product of the XLA path.
 QUERY_BLOCKS = 8
+KERNEL_QUERY_BLOCKS = 64
 KEY_BLOCKS = 8
 
 
@@ -56,7 +60,8 @@ class IdealTrace(NamedTuple):
 def ideal_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], lse: Float[Array, "*B N T"],
                config: StreamConfig = StreamConfig(), *, scale: Optional[float] = None,
                softcap: Optional[float] = None, window: Optional[int] = None,
-               key_mask: Optional[jax.Array] = None, query_blocks: int = QUERY_BLOCKS) -> IdealTrace:
+               key_mask: Optional[jax.Array] = None, query_blocks: Optional[int] = None,
+               backend: str = "xla") -> IdealTrace:
   """Per (head, query block) the ideal kept set by true attention mass, with that mass and the coverage.
 
   Args:
@@ -71,7 +76,10 @@ def ideal_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], lse: Fl
     window: a sliding window of W keys (including the query), as the layer applies it; None: causal.
     key_mask: optional bool [N, S] or [B, N, S]: keys a head may see at all (an intervention's
       suppression; `lse` must be the pass's with the same keys hidden).
-    query_blocks: query blocks per chunk (memory: N x query_blocks x nK floats per chunk).
+    query_blocks: query blocks per chunk (memory: N x query_blocks x nK floats per chunk); None: 8 on the
+      XLA path, 64 in the kernel.
+    backend: "xla" (the reference), "pallas" (the Triton block-mass kernel, kernels/block_mass.py;
+      interpreted off the GPU) or "auto" (the kernel on a GPU for 16-bit inputs without a key_mask).
 
   Returns:
     IdealTrace(mask, mass, coverage); mask.config is `config`.
@@ -88,15 +96,27 @@ def ideal_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], lse: Fl
   checks.check_positive("scale", scale)
   checks.check_positive("softcap", softcap)
   checks.check_window(window)
+  has_key_mask = key_mask is not None
   if key_mask is None:
     key_mask = jnp.ones((1, s), bool)
   elif tuple(key_mask.shape) not in (batch + (n, s), (n, s)):
     raise ValueError(f"key_mask must have shape {batch + (n, s)} (or {(n, s)}), got {tuple(key_mask.shape)}")
   if batch and key_mask.ndim == 2:
     key_mask = jnp.broadcast_to(key_mask, batch + key_mask.shape)
-  if isinstance(query_blocks, bool) or not isinstance(query_blocks, int) or query_blocks < 1:
-    raise ValueError(f"query_blocks must be an integer >= 1, got {query_blocks!r}")
+  if query_blocks is not None and (isinstance(query_blocks, bool) or not isinstance(query_blocks, int)
+                                   or query_blocks < 1):
+    raise ValueError(f"query_blocks must be None or an integer >= 1, got {query_blocks!r}")
   scale = numerics.resolve_scale(scale, h)
+  if use_kernel(backend, lambda: kernel.unsupported(config.block_q, config.block_k, has_key_mask), q.dtype):
+    idx, mass, cov = _ideal_kernel(q if batch else q[None], k if batch else k[None],
+                                   (lse if batch else lse[None]).astype(jnp.float32), config=config,
+                                   scale=scale, softcap=softcap, window=window,
+                                   query_blocks=query_blocks or KERNEL_QUERY_BLOCKS)
+    if not batch:
+      idx, mass, cov = idx[0], mass[0], cov[0]
+    counts = (idx >= 0).sum(-1).astype(jnp.int32)
+    return IdealTrace(BlockMask(idx, counts, config.block_q, config.block_k, t, s, config), mass, cov)
+  query_blocks = query_blocks or QUERY_BLOCKS
   fn = functools.partial(_ideal_xla, config=config, scale=scale, softcap=softcap, window=window,
                          query_blocks=query_blocks)
   args = (q, k, lse.astype(jnp.float32), jnp.asarray(key_mask, bool))
@@ -141,15 +161,13 @@ def _ideal_xla(q, k, lse, key_mask, *, config: StreamConfig, scale, softcap, win
       if window is not None:
         visible &= q_pos[:, None] - k_pos[None, :] < window
       visible = visible & km[:, :, None, :]  # [K, G, rows, keys]
-      p = jnp.where(visible, jnp.exp(logits - ok_lse[..., None]), 0.0)
+      p = jnp.where(visible, jnp.exp(jnp.minimum(logits - ok_lse[..., None], 0.0)), 0.0)  # p <= 1
       mass = p.reshape(kv, g, qc, bq, kc, bk).sum((3, 5))  # [K, G, qc, kc]
       return lax.dynamic_update_slice_in_dim(table, mass, c * kc, axis=3)
 
     table = jnp.zeros((kv, g, qc, n_kc * kc), jnp.float32)
     table = lax.fori_loop(0, last_pos // (kc * bk) + 1, k_chunk_fn, table)[..., :n_k]
-    select = jax.vmap(functools.partial(_select_row, config=config, n_k=n_k), in_axes=(0, 0, 0))
-    select = jax.vmap(jax.vmap(select, in_axes=(0, None, None)), in_axes=(0, None, None))  # K, G
-    return select(table, diag_c, valid_c)  # [K, G, qc, C] x2, [K, G, qc]
+    return _select_chunk(table, diag_c, valid_c, config=config)  # [K, G, qc, C] x2, [K, G, qc]
 
   idx, mass, cov = lax.map(chunk_fn, (jnp.arange(n_qc, dtype=jnp.int32), q_chunks, lse_chunks, diag,
                                       rows_valid))
@@ -158,6 +176,42 @@ def _ideal_xla(q, k, lse, key_mask, *, config: StreamConfig, scale, softcap, win
   mass = mass.transpose(1, 2, 0, 3, 4).reshape(n, n_qc * qc, -1)[:, :n_q]
   cov = cov.transpose(1, 2, 0, 3).reshape(n, n_qc * qc)[:, :n_q]
   return idx, mass, cov
+
+
+def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, query_blocks, interpret=None):
+  """Batched q [B, T, N, H], k [B, S, K, H], lse [B, N, T] through the Triton block-mass kernel, a chunk of
+  query blocks at a time -> indices [B, N, nQ, C], mass, coverage [B, N, nQ]."""
+  t, s = q.shape[1], k.shape[1]
+  bq, bk = config.block_q, config.block_k
+  n_q, n_k = num_blocks(t, bq), num_blocks(s, bk)
+  qc = min(query_blocks, n_q)
+  n_qc = -(-n_q // qc)
+  diag = common.pad_axis(diagonal_blocks(t, s, bq, bk), 0, n_qc * qc).reshape(n_qc, qc)
+  rows_valid = jnp.clip(t - jnp.arange(n_qc * qc) * bq, 0, bq).astype(jnp.float32).reshape(n_qc, qc)
+
+  def chunk_fn(args):
+    i, diag_c, valid_c = args
+    table = kernel.mass_rows(q, k, lse, i * qc, n_rows=qc, block_q=bq, block_k=bk, q_len=t, k_len=s,
+                             scale=scale, softcap=softcap, window=window,
+                             interpret=interpret)  # [B, N, qc, nK]
+    return jax.vmap(functools.partial(_select_chunk, config=config), in_axes=(0, None, None))(
+        table, diag_c, valid_c)
+
+  idx, mass, cov = lax.map(chunk_fn, (jnp.arange(n_qc, dtype=jnp.int32), diag, rows_valid))
+  # [nQc, B, N, qc, ...] -> [B, N, nQ, ...]
+  b, n = q.shape[0], q.shape[2]
+  idx = jnp.moveaxis(idx, 0, 2).reshape(b, n, n_qc * qc, -1)[:, :, :n_q]
+  mass = jnp.moveaxis(mass, 0, 2).reshape(b, n, n_qc * qc, -1)[:, :, :n_q]
+  cov = jnp.moveaxis(cov, 0, 2).reshape(b, n, n_qc * qc)[:, :, :n_q]
+  return idx, mass, cov
+
+
+def _select_chunk(table, diag_c, valid_c, *, config: StreamConfig):
+  """Rows [..., qc, nK] of one chunk (diag_c, valid_c [qc]) -> ids, mass [..., qc, C], coverage [..., qc]."""
+  select = jax.vmap(functools.partial(_select_row, config=config, n_k=table.shape[-1]), in_axes=(0, 0, 0))
+  for _ in range(table.ndim - 2):
+    select = jax.vmap(select, in_axes=(0, None, None))
+  return select(table, diag_c, valid_c)
 
 
 def _select_row(row, diag, valid_rows, *, config: StreamConfig, n_k: int):

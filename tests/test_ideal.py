@@ -163,3 +163,48 @@ def test_memory_is_linear_in_t():
   small, big = temp_bytes(4096), temp_bytes(16384)
   assert big < 6 * small, (small, big)
   assert big < 16384 * 16384 * 4 / 8, big  # far under one T x S float32 buffer
+
+
+# ------------------------------------------------------------------- the Triton block-mass kernel
+
+@pytest.mark.parametrize("t,s,block,top_k,coverage,softcap,window", [
+    (320, 320, 32, 3, 0.9, None, None),
+    (300, 400, 16, 4, None, 5.0, None),  # ragged, queries the last 300 of 400, soft-cap
+    (256, 256, 32, 2, 0.8, None, 100),  # sliding window
+])
+def test_kernel_interpreted_equals_the_xla_reference(t, s, block, top_k, coverage, softcap, window):
+  q, k = _inputs(t, s, 4, 2, 32, seed=t + s)
+  cfg = C(block_q=block, block_k=block, top_k=top_k, coverage=coverage)
+  lse = _lse(q, k, 0.2, softcap=softcap, window=window)
+  kw = dict(scale=0.2, softcap=softcap, window=window)
+  ref = ideal_mask(q, k, lse, cfg, backend="xla", **kw)
+  ker = ideal_mask(q, k, lse, cfg, backend="pallas", query_blocks=3, **kw)  # 3: a ragged last chunk
+  same = np.all(np.asarray(ref.mask.indices) == np.asarray(ker.mask.indices), -1)
+  assert same.mean() > 0.98, same.mean()  # summation order may swap a near-tie
+  both = np.asarray(ref.mask.indices) >= 0
+  np.testing.assert_allclose(np.asarray(ker.mass)[same], np.asarray(ref.mass)[same], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(ker.coverage), np.asarray(ref.coverage), rtol=1e-3, atol=1e-5)
+  assert both.any()
+
+
+def test_kernel_refuses_a_key_mask_on_pallas_and_auto_falls_back():
+  q, k = _inputs(128, 128, 2, 1, 16, seed=0)
+  cfg = C(block_q=16, block_k=16, top_k=2)
+  lse = _lse(q, k, 0.25)
+  with pytest.raises(ValueError, match="key_mask"):
+    ideal_mask(q, k, lse, cfg, key_mask=jnp.ones((2, 128), bool), backend="pallas")
+  ideal_mask(q, k, lse, cfg, key_mask=jnp.ones((2, 128), bool), backend="auto")  # XLA off the GPU
+
+
+@pytest.mark.parametrize("dtype,softcap,window", [(jnp.bfloat16, None, None), (jnp.float16, 50.0, 1024)])
+def test_kernel_lowers_for_cuda(dtype, softcap, window):
+  from cuda_lowering import lower_for_cuda
+  from stream_jax import ideal
+  q = jax.ShapeDtypeStruct((2, 4000, 8, 256), dtype)
+  k = jax.ShapeDtypeStruct((2, 4100, 4, 256), dtype)
+  lse = jax.ShapeDtypeStruct((2, 8, 4000), jnp.float32)
+  cfg = C.ideal(top_k=32, coverage=0.9)
+  fn = lambda q, k, l: ideal._ideal_kernel(q, k, l, config=cfg, scale=0.0625, softcap=softcap,  # noqa: E731
+                                           window=window, query_blocks=16, interpret=False)
+  text = lower_for_cuda(fn, q, k, lse)
+  assert "triton" in text

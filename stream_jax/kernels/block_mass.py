@@ -1,0 +1,126 @@
+"""Pallas (Triton) kernel of the true block mass rows of the ideal kept set: a private peer of the XLA
+reference in `stream_jax/ideal.py` (`ideal_mask(..., backend="pallas")`), tested against it.
+
+For a chunk of query blocks, one program per (query block, head, batch) computes the row
+M[c] = sum_{i in block} sum_{s in c, visible} exp(logit[i, s] - lse[i]) for every key block c up to its
+diagonal: the logits of a 64 x 64 tile live in registers only (no T x S, and no [rows, keys] chunk in HBM
+as the XLA path writes), the row goes out in groups of GROUP key blocks (a GROUP-vector built in
+registers, then one store), and groups past the diagonal are written as zeros. The caller selects the
+kept set from the chunk's rows, so HBM holds [B, N, chunk, nK] floats at a time, O(T) per chunk.
+
+The cost is one Q K^T over the causal blocks (no V, no online softmax state), about half of a causal
+flash-attention pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from stream_jax import numerics
+from stream_jax.kernels import common
+from stream_jax.kernels.common import SQ, iota
+from stream_jax.numerics import NEG_INF
+
+# Key blocks per store of the output row.
+GROUP = 16
+DEFAULT_NUM_WARPS = 4
+DEFAULT_NUM_STAGES = 3
+
+
+def unsupported(block_q: int, block_k: int, has_key_mask: bool) -> Optional[str]:
+  """Why the kernel cannot take this layout, or None."""
+  if block_q < common.MIN_DOT or block_k < common.MIN_DOT:
+    return (f"the Pallas block-mass kernel needs block_q, block_k >= {common.MIN_DOT}, got {block_q}, "
+            f"{block_k}")
+  if has_key_mask:
+    return "the Pallas block-mass kernel takes no key_mask (interventions run on the XLA path)"
+  return None
+
+
+def mass_rows(q: jax.Array, k: jax.Array, lse: jax.Array, first_block, *, n_rows: int, block_q: int,
+              block_k: int, q_len: int, k_len: int, scale: float, softcap: Optional[float],
+              window: Optional[int], interpret: Optional[bool] = None, num_warps: Optional[int] = None,
+              num_stages: Optional[int] = None) -> jax.Array:
+  """float32 [B, N, n_rows, nK]: the true mass rows of query blocks first_block .. first_block + n_rows - 1.
+
+  q [B, T, N, H] and k [B, S, K, H] as the model has them (queries are the last T of S positions); lse
+  float32 [B, N, T] the dense softmax's (-inf: the row gets no mass); first_block a traced int32 scalar
+  (a chunk index of `lax.map`), n_rows static. Rows past the last query block are zeros.
+  """
+  b, t, n, h = q.shape
+  s, kv = k.shape[1], k.shape[2]
+  rows = n_rows * block_q
+  hp = max(common.next_pow2(h), common.MIN_DOT)
+  n_k = -(-s // block_k)
+  n_groups = -(-n_k // GROUP)
+  start = first_block * block_q
+  # The chunk's query rows and their lse (zero / -inf past T), keys padded to whole groups.
+  q_pad = common.pad_axis(common.pad_axis(q, 3, hp), 1, t + rows)
+  q_c = lax.dynamic_slice_in_dim(q_pad, start, rows, 1)
+  lse_pad = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, rows)), constant_values=NEG_INF)
+  lse_c = lax.dynamic_slice_in_dim(lse_pad, start, rows, 2)
+  k_p = common.pad_axis(common.pad_axis(k, 3, hp), 1, n_groups * GROUP * block_k)
+  warps = DEFAULT_NUM_WARPS if num_warps is None else num_warps
+  stages = DEFAULT_NUM_STAGES if num_stages is None else num_stages
+  if jnp.dtype(q.dtype).itemsize >= 4 and num_stages is None:
+    stages = 1  # f32 tiles are twice as large
+  g = n // kv
+  kernel = functools.partial(
+      _kernel, block_q=block_q, block_k=block_k, q_len=t, k_len=k_len, n_groups=n_groups, scale=scale,
+      softcap=softcap, window=window, precision=common.dot_precision(q.dtype))
+  out = pl.pallas_call(
+      kernel, grid=(n_rows, n, b),
+      in_specs=[pl.BlockSpec((SQ, block_q, SQ, hp), lambda i, hq, bb: (bb, i, hq, 0)),
+                pl.BlockSpec((SQ, n_groups * GROUP * block_k, SQ, hp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
+                pl.BlockSpec((SQ, SQ, block_q), lambda i, hq, bb: (bb, hq, i)),
+                pl.BlockSpec((1,), lambda i, hq, bb: (0,))],
+      out_specs=pl.BlockSpec((SQ, SQ, SQ, n_groups * GROUP), lambda i, hq, bb: (bb, hq, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, n, n_rows, n_groups * GROUP), jnp.float32),
+      compiler_params=common.triton_params(warps, stages), interpret=common.resolve_interpret(interpret),
+      name="stream_ideal_block_mass")(q_c, k_p, lse_c, jnp.reshape(first_block, (1,)).astype(jnp.int32))
+  return out[..., :n_k]
+
+
+def _kernel(q_ref, k_ref, lse_ref, first_ref, o_ref, *, block_q, block_k, q_len, k_len, n_groups, scale,
+            softcap, window, precision):
+  j = first_ref[0] + pl.program_id(0)  # this program's query block
+  rows = j * block_q + iota(block_q)
+  q_pos = jnp.where(rows < q_len, rows + (k_len - q_len), -1)  # -1 sees nothing
+  last = jnp.minimum((j + 1) * block_q, q_len) - 1 + (k_len - q_len)
+  diag_group = jnp.where((last >= 0) & (j * block_q < q_len), last // block_k // GROUP, -1)
+  q = q_ref[...]
+  lse = lse_ref[...]
+  ok = lse > NEG_INF
+  norm = jnp.where(ok, lse, 0.0)
+  slots = iota(GROUP)
+
+  def group_body(gi, carry):
+    def block_body(c, vec):
+      blk = gi * GROUP + c
+      kb = k_ref[pl.ds(blk * block_k, block_k), :]
+      x = numerics.softcap(lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
+                                           preferred_element_type=jnp.float32) * scale, softcap)
+      k_pos = blk * block_k + iota(block_k)
+      visible = (k_pos[None, :] <= q_pos[:, None]) & ok[:, None]
+      if window is not None:
+        visible &= q_pos[:, None] - k_pos[None, :] < window
+      p = jnp.where(visible, jnp.exp(jnp.minimum(x - norm[:, None], 0.0)), 0.0)
+      return vec + jnp.where(slots == c, jnp.sum(p), 0.0)
+
+    vec = lax.fori_loop(0, GROUP, block_body, jnp.zeros((GROUP,), jnp.float32))
+    o_ref[pl.ds(gi * GROUP, GROUP)] = vec
+    return carry
+
+  lax.fori_loop(0, diag_group + 1, group_body, None)
+
+  def zero_body(gi, carry):
+    o_ref[pl.ds(gi * GROUP, GROUP)] = jnp.zeros((GROUP,), jnp.float32)
+    return carry
+
+  lax.fori_loop(diag_group + 1, n_groups, zero_body, None)
