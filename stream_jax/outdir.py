@@ -315,9 +315,10 @@ def install(tmp: pathlib.Path, out: pathlib.Path, how: str, name: str) -> str:
     _in_place(tmp, out, name)
     return IN_PLACE
   except (OSError, ReportPathError) as e:
-    where = (f"it is kept, complete, in {tmp}" if (tmp / MARKER).exists() else
-             f"it is partly moved into {out}; the rest is in {tmp}")
-    raise ReportPathError(f"{name}: the finished report could not be put in place ({e}); {where}") from e
+    where = (f"is kept, complete, in {tmp}" if (tmp / MARKER).exists() else
+             f"is partly moved into {out}; the rest is in {tmp}")
+    # the folder first: the command line shortens long messages
+    raise ReportPathError(f"{name}: the finished report {where}; it could not be put in place ({e})") from e
 
 
 # --------------------------------------------------------------------------------------------------- clean
