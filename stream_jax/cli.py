@@ -27,7 +27,7 @@ STREAM_OPTIONS = (  # --flag, type, help; defaults: StreamConfig's
     ("block-q", int, "queries per block (power of two)"), ("block-k", int, "keys per block (power of two)"),
     ("top-k", int, "key blocks kept by the search per query block"), ("sink-blocks", int, "leading key "
      "blocks always kept"), ("window-blocks", int, "key blocks ending at the diagonal always kept (>= 1)"),
-    ("init-branches", int, "first-level nodes (>= top-k)"),
+    ("init-branches", int, "first-level nodes (>= top-k; default: --top-k)"),
     ("representative", ("center", "first", "oracle"), "block that scores a search node (oracle: exact "
      "top-k, O(T^2), for checks)"),
     ("query-stride", int, "score with every n-th query of a block (power of two)"),
@@ -193,7 +193,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
   def _get_help_string(self, action):
     text = action.help or ""
     d = action.default
-    if ("default" in text or d is None or d is False or d == () or d == argparse.SUPPRESS
+    if ("(default" in text or "default:" in text or d is None or d is False or d == () or d == argparse.SUPPRESS
         or not action.option_strings):
       return text
     shown = ",".join(map(str, d)) if isinstance(d, (tuple, list)) else d

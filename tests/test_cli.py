@@ -175,6 +175,8 @@ def test_version_and_help_with_defaults(capsys):
                  "(default: float32)", "(default: auto)"):
       assert text in helps[command], (command, text)
     assert "(default: None)" not in helps[command] and "(default: False)" not in helps[command]
+  assert "(the embedded default, offline), a .gguf file, or a Hugging Face checkpoint directory (config.json + " \
+         "*.safetensors) (default: gemma3-270m)" in helps["trace"]
   assert "(default: 600,3000)" in helps["niah"] and "(default: 4)" in helps["niah"]
   assert "(default: 20)" in helps["anchors"] and "FOLDER" in helps["clean"]
 
