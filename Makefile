@@ -49,10 +49,12 @@ demo: $(DEMO_STAMP)
 bench-small: $(STAMP)
 	$(PY) benchmarks/scaling.py --small
 
-# Removes the demo report only if stream_jax wrote it (its marker file); anything else in reports/ stays.
+# Removes the demo report only if stream_jax wrote it and nothing in it changed (the marker's content hashes);
+# a file you added or edited there stops `make clean` with its name. Anything else in reports/ stays.
+# stream_jax/outdir.py uses the standard library only, so any python3 runs it, with or without .venv.
 clean:
+	$(PYTHON) stream_jax/outdir.py clean --missing-ok reports/demo
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
-	if [ -f reports/demo/.stream_jax_report ]; then rm -rf reports/demo; fi
 
 # Re-pins constraints.txt to the test venv's versions (run after the suite passed on them).
 constraints: $(STAMP)

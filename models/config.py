@@ -144,6 +144,17 @@ class GemmaConfig:
     return self.family in GEMMA_FAMILIES
 
   @property
+  def max_length(self) -> int:
+    """Trained context in tokens (longest input `forward` accepts): `context_length` when set (Llama / Qwen
+    max_position_embeddings); Gemma 2 8k; Gemma 3 128k where global RoPE is scaled (4B+), else 32k (270M,
+    1B)."""
+    if self.context_length:
+      return self.context_length
+    if self.family == "gemma2":
+      return 8_192
+    return 131_072 if self.rope_global_scale > 1 else 32_768
+
+  @property
   def global_layers(self) -> tuple[int, ...]:
     return tuple(i for i, k in enumerate(self.layer_kinds) if k == "global")
 

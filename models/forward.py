@@ -35,6 +35,16 @@ def wrap_params(params) -> dict:
   return params if "params" in params else {"params": params}
 
 
+def check_context(config: GemmaConfig, positions: int, what: str = "tokens") -> None:
+  """Positions past the trained context give logits that look normal but mean nothing (RoPE never saw
+  them): refused. `config.replace(context_length=N)` is the explicit way past it."""
+  if positions > config.max_length:
+    raise ValueError(f"{what} is longer than the model's context: {positions} positions, {config.name} "
+                     f"allows at most {config.max_length} (T in [1, {config.max_length}]); to run past the "
+                     "trained context anyway, pass a config with a larger context_length "
+                     "(model.config.replace(context_length=N))")
+
+
 def params_dtype(params) -> jnp.dtype:
   return check_dtype(wrap_params(params)["params"]["embedder"]["input_embedding"].dtype)
 
@@ -97,6 +107,7 @@ def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
     tokens = tokens[None]
   if tokens.ndim != 2 or tokens.shape[1] < 1:
     raise ValueError(f"tokens must have shape [B, T] or [T] with T >= 1, got {tokens.shape}")
+  check_context(config, tokens.shape[1], f"tokens (T={tokens.shape[1]})")
   plans = make_plans(config, attention, dense_layers, prune_local, backend, dense_impl, output, coverage)
   check_intervention(intervention, config, plans, tokens.shape)
   out = _forward(params, tokens.astype(jnp.int32), intervention, config=config, dtype=dtype, plans=plans,

@@ -19,7 +19,7 @@ import numpy as np
 from stream_jax import checks
 from stream_jax.models.attention import Attention, make_plans
 from stream_jax.intervene import Intervention
-from stream_jax.models.forward import check_intervention, model_config, params_dtype, wrap_params
+from stream_jax.models.forward import check_context, check_intervention, model_config, params_dtype, wrap_params
 from stream_jax.models.transformer import Gemma, traced_run
 from stream_jax.trace import Trace, TracedRun
 
@@ -98,6 +98,8 @@ def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Atte
     raise ValueError(f"prompt ids must have shape [T] or [B, T], got {ids.shape}")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  check_context(config, ids.shape[1] + max_new_tokens - 1,
+                f"the prompt ({ids.shape[1]} tokens) plus max_new_tokens={max_new_tokens} - 1")
   stops = set(stop_ids) if stop_ids is not None else {config.eos_id}
   if stop_ids is None and tokenizer is not None:
     eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")

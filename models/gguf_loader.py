@@ -147,14 +147,36 @@ class MetadataReader:
       for _ in range(n_kv):
         key = self._key = self._string()
         self.fields[key] = _Field(self._value(self._read("<I")))
+      layout = []
       for _ in range(n_tensors):
         name = self._string()
         dims = [self._read("<Q") for _ in range(self._read("<I"))]
-        self._read("<I"), self._read("<Q")  # type, offset
+        layout.append((name, dims, self._read("<I"), self._read("<Q")))  # type, offset in the data section
         self.tensors.append(_Tensor(name, dims))
     except (struct.error, UnicodeDecodeError, IndexError) as e:
       raise GGUFError(f"{path} could not be parsed as GGUF ({os.path.getsize(path)} bytes; truncated or "
                       f"corrupt): the header ends early ({type(e).__name__})") from None
+    self._check_data_size(path, layout)
+
+  def _check_data_size(self, path: str, layout) -> None:
+    """A file cut short (an interrupted download or copy) has a complete header but not all tensor data:
+    refuse it now, not after gguf.GGUFReader has parsed the file (15+ s)."""
+    import gguf  # pylint: disable=import-outside-toplevel
+    align = self.fields.get("general.alignment")
+    align = int(align.value) if align is not None and align.value else gguf.GGUF_DEFAULT_ALIGNMENT
+    start = -(-self._pos // align) * align
+    end = start
+    for name, dims, qtype, offset in layout:
+      try:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+      except (ValueError, KeyError):
+        raise GGUFError(f"{path}: tensor {name!r} has unknown GGML type {qtype} (corrupt file, or a type this "
+                        "gguf package does not know)") from None
+      end = max(end, start + offset + int(np.prod(dims, dtype=np.int64)) // block * size)
+    have = os.path.getsize(path)
+    if end > have:
+      raise GGUFError(f"{path} is truncated: its tensor data ends at byte {end} but the file has {have} bytes "
+                      f"({end - have:,} bytes missing: an interrupted download or copy?)")
 
   def _read(self, fmt):
     (v,) = struct.unpack_from(fmt, self._buf, self._pos)

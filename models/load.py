@@ -48,6 +48,10 @@ class LoadedModel:
 
   def encode(self, text: str, add_bos: bool = True) -> np.ndarray:
     """int32[T] token ids (BOS first unless add_bos=False)."""
+    if not isinstance(text, str):
+      raise TypeError(f"text must be a str (one prompt), got {type(text).__name__}"
+                      + (" (a batch: encode each prompt, or call model.tokenizer on the list)"
+                         if isinstance(text, (list, tuple)) else ""))
     if self.tokenizer is None:
       raise ValueError(f"no tokenizer was found for {self.source}")
     ids = self.tokenizer(text, add_special_tokens=add_bos)["input_ids"]
@@ -94,7 +98,7 @@ def default_dtype():
 
 def load_gguf(path: str, dtype=None, *, use_cache: bool = True, progress: bool = True,
               tokenizer: bool = True) -> LoadedModel:
-  from stream_jax.models.gguf_loader import check_file, read_gguf  # pylint: disable=import-outside-toplevel
+  from stream_jax.models.gguf_loader import MetadataReader, check_file, read_gguf  # pylint: disable=C0415
   from stream_jax.models.tokenizer import gguf_tokenizer  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   dtype = check_dtype(dtype or default_dtype())
@@ -104,6 +108,7 @@ def load_gguf(path: str, dtype=None, *, use_cache: bool = True, progress: bool =
   if hit is not None:
     config, params = hit
   else:
+    MetadataReader(path)  # header and data size (a truncated file) in a fraction of a second, before the slow read
     config, params = read_gguf(path, dtype, progress=progress)
     if use_cache:
       cache_lib.save_params(entry, config, params)
@@ -158,6 +163,16 @@ def peek_config(name_or_path: str = "gemma3-270m") -> GemmaConfig:
     return read_config(src)
   from stream_jax.models import gguf_loader  # pylint: disable=import-outside-toplevel
   return gguf_loader.config_from_reader(gguf_loader.MetadataReader(src), src)
+
+
+def load_tokenizer(name_or_path: str = "gemma3-270m", *, use_cache: bool = True):
+  """The tokenizer of a checkpoint without its weights (a second or two once cached): to count a text's
+  tokens before the slow load. None when a checkpoint directory has no tokenizer files."""
+  from stream_jax.models.tokenizer import gguf_tokenizer, hf_tokenizer  # pylint: disable=import-outside-toplevel
+  src = resolve_source(name_or_path)
+  if os.path.isdir(src):
+    return hf_tokenizer(src)
+  return gguf_tokenizer(src, use_cache=use_cache)
 
 
 def load_model(name_or_path: str = "gemma3-270m", dtype=None, *, use_cache: bool = True,

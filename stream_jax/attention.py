@@ -177,9 +177,12 @@ def block_coverage(lse_kept: jax.Array, lse_ref: jax.Array, block_q: int) -> jax
   one); a block's coverage is its mean over the block's valid queries. With dense attention as the
   reference this is DESIGN §10's coverage: 1.0 where nothing is pruned. Inputs [..., N, T].
   """
+  block_q = checks.as_int("block_q", block_q, lo=1, what=" (queries per block)")
   if lse_kept.shape != lse_ref.shape:
     raise ValueError(f"lse_kept and lse_ref must have the same shape, got {lse_kept.shape} vs "
                      f"{lse_ref.shape}")
+  if lse_kept.ndim < 1 or lse_kept.shape[-1] < 1:
+    raise ValueError(f"lse_kept must have shape [..., N, T] with T >= 1, got {lse_kept.shape}")
   t = lse_kept.shape[-1]
   n_q = num_blocks(t, block_q)
   ok = jnp.isfinite(lse_ref) & (lse_kept > NEG_INF)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -185,3 +185,34 @@ def check_dense_layers(attention, dense_layers) -> None:
   if isinstance(attention, str) and attention == "dense" and len(tuple(dense_layers or ())):
     raise ValueError(f"dense_layers={tuple(dense_layers)} has no effect with attention='dense' (every layer "
                      "is dense); pass attention=StreamConfig(...) to run the other layers with Stream")
+
+
+class ChoiceError(KeyError):
+  """A KeyError whose message reads as written (KeyError's own str() quotes it like a key)."""
+
+  def __str__(self) -> str:
+    return str(self.args[0]) if self.args else ""
+
+
+class Choices(Mapping):
+  """A read-only mapping of named choices (e.g. niah.VARIANTS) whose missing key names the valid ones,
+  instead of a bare KeyError('bogus')."""
+
+  def __init__(self, name: str, items: Mapping):
+    self._name, self._items = name, dict(items)
+
+  def __getitem__(self, key):
+    try:
+      return self._items[key]
+    except (KeyError, TypeError):
+      raise ChoiceError(f"{self._name}[{key!r}]: unknown key; valid keys: {', '.join(map(repr, self._items))}"
+                        ) from None
+
+  def __iter__(self) -> Iterator:
+    return iter(self._items)
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}({self._name!r}, {self._items!r})"

@@ -1,7 +1,8 @@
-"""The `stream-jax` command (demo, trace, niah, anchors): parses arguments, checks everything checkable
-before the model loads (bad input: exit status 2, one line naming it; `--debug` for the traceback), runs a
-`stream_jax.experiments` pipeline, prints it and writes its report folder (`--out`: a new or empty folder, or
-with `--force` a previous stream_jax report; nothing stream_jax did not write is ever deleted).
+"""The `stream-jax` command (demo, trace, niah, anchors, clean): parses arguments, checks everything
+checkable before the model loads (bad input: exit status 2, one line naming it; `--debug` for the
+traceback), runs a `stream_jax.experiments` pipeline, prints it and writes its report folder (`--out`: a new
+or empty folder, or with `--force` a previous stream_jax report; nothing stream_jax did not write is ever
+deleted or overwritten).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import argparse
 import dataclasses
 import sys
 import time
+import warnings
 from typing import Optional, Sequence
 
+import stream_jax
+from stream_jax import outdir
 from stream_jax.analysis.faithfulness import format_report
 from stream_jax.config import StreamConfig
 from stream_jax.experiments import reports, runs
@@ -23,7 +27,7 @@ STREAM_OPTIONS = (  # --flag, type, help; defaults: StreamConfig's
     ("block-q", int, "queries per block (power of two)"), ("block-k", int, "keys per block (power of two)"),
     ("top-k", int, "key blocks kept by the search per query block"), ("sink-blocks", int, "leading key "
      "blocks always kept"), ("window-blocks", int, "key blocks ending at the diagonal always kept (>= 1)"),
-    ("init-branches", int, "first-level nodes (>= top-k)"),
+    ("init-branches", int, "first-level nodes (>= top-k; default: --top-k)"),
     ("representative", ("center", "first", "oracle"), "block that scores a search node (oracle: exact "
      "top-k, O(T^2), for checks)"),
     ("query-stride", int, "score with every n-th query of a block (power of two)"),
@@ -68,7 +72,8 @@ def _common(p, out):
     "(nothing appears until the report is complete). An existing folder is never deleted unless it is a "
     "previous stream_jax report and --force is given")
   a("--force", action="store_true", help="replace a previous stream_jax report at --out (never a file or a "
-    "folder stream_jax did not write, nor a report you added files to)")
+    "folder stream_jax did not write, nor a report you added files to or edited: its marker holds the "
+    "content hash of every file it wrote)")
   a("--debug", action="store_true", help="show the full traceback of an error")
 
 
@@ -81,22 +86,42 @@ def settings(args) -> runs.Settings:
 
 
 def preflight(args, st, *, lengths: Sequence[int] = (), what: str = "the prompt"):
-  """Everything knowable before the model loads: output folder, model file (header only), options."""
-  from stream_jax.report import check_out_dir  # pylint: disable=import-outside-toplevel
-  check_out_dir(args.out, force=args.force)
+  """Everything knowable before the model loads: output folder (ownership, writability, space, whether it
+  can be renamed), model file (header and size only), options, and a text's token count."""
+  _, how = outdir.plan(args.out, force=args.force)
+  if how == outdir.IN_PLACE:
+    print(f"note: --out {args.out} cannot be renamed (a mount point, or its parent folder is not writable): "
+          "the report will be written into it in place when complete", flush=True)
   config = runs.peek_model(args.model)
   n = config.num_layers
   if getattr(args, "plot_layer", None) is not None and not 0 <= args.plot_layer < n:
     raise CliError(f"--plot-layer must be in [0, {n - 1}] ({config.name} has {n} layers), got "
                    f"{args.plot_layer}")
   runs.check_settings(config, st, lengths, what)
+  if getattr(args, "text_", None) is not None:
+    check_text(args, config)
+
+
+def check_text(args, config) -> None:
+  """A text longer than the model's context is refused before the weights load: the tokenizer alone
+  counts its tokens (it loads in a second or two once cached), and is kept for `load`."""
+  from stream_jax.extras import models  # pylint: disable=import-outside-toplevel
+  tok = models().load.load_tokenizer(args.model)
+  if tok is None:
+    return
+  what = "--text" if getattr(args, "text", None) is not None else f"--file {args.file}"
+  runs.check_length(config, len(tok(args.text_)["input_ids"]), what)
+  args.tokenizer_ = tok
 
 
 def load(args):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from stream_jax.extras import models  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
-  model = models().load_model(args.model, dtype=jnp.dtype(args.dtype))
+  tok = getattr(args, "tokenizer_", None)
+  model = models().load_model(args.model, dtype=jnp.dtype(args.dtype), tokenizer=tok is None)
+  if tok is not None:
+    model.tokenizer = tok
   print(f"loaded {model.source} ({model.config.name}, {model.config.num_layers} layers, {args.dtype}) in "
         f"{time.perf_counter() - t0:.1f} s", flush=True)
   return model
@@ -161,18 +186,34 @@ def run(args) -> int:
   return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """--help shows each option's default, unless its help already says it or there is none (a flag, an
+  option that is off unless given)."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    d = action.default
+    if ("(default" in text or "default:" in text or d is None or d is False or d == () or d == argparse.SUPPRESS
+        or not action.option_strings):
+      return text
+    shown = ",".join(map(str, d)) if isinstance(d, (tuple, list)) else d
+    return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="stream-jax", description="Sparse tracing of attention with hierarchical "
-                              "block-sparse masks (Stream), in JAX.")
+                              "block-sparse masks (Stream), in JAX.", formatter_class=HelpFormatter)
+  p.add_argument("--version", action="version", version=f"%(prog)s {stream_jax.__version__}")
   sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-  d = sub.add_parser("demo", help="needle-in-a-haystack trace of the embedded Gemma 3 270M, with report",
-                     description=cmd_demo.__doc__)
+  parser = lambda name, **kw: sub.add_parser(name, formatter_class=HelpFormatter, **kw)
+  d = parser("demo", help="needle-in-a-haystack trace of the embedded Gemma 3 270M, with report",
+             description=cmd_demo.__doc__)
   d.add_argument("--length", type=_int_arg("--length"), default=10_240, help="prompt tokens (default 10,240: "
                  "long enough that the default StreamConfig keeps under 25%% of the global layers' causal "
                  "pairs, so the numbers measure pruning)")
   d.add_argument("--seed", type=int, default=1, help="needle/key/depth seed (seed 1 is a prompt the 270M "
                  "answers; at ~2k tokens it retrieves about half of them, see README)")
-  t = sub.add_parser("trace", help="trace any text with Stream attention and compare with dense")
+  t = parser("trace", help="trace any text with Stream attention and compare with dense")
   src = t.add_mutually_exclusive_group(required=True)
   src.add_argument("--text", help="the text to trace")
   src.add_argument("--file", help="a UTF-8 text file to trace")
@@ -184,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "report recall per layer")
   t.add_argument("--plot-layer", type=int, default=None, help="layer of the mask figure (default: first "
                  "global layer)")
-  n = sub.add_parser("niah", help="needle-in-a-haystack sweep: success rates and route comparison")
+  n = parser("niah", help="needle-in-a-haystack sweep: success rates and route comparison")
   n.add_argument("--lengths", type=_int_arg("--lengths", many=True), default=(600, 3000),
                  help="comma-separated prompt lengths in tokens")
   n.add_argument("--depths", type=_int_arg("--depths", many=True), default=(),
@@ -197,23 +238,38 @@ def build_parser() -> argparse.ArgumentParser:
   n.add_argument("--verify-routes", type=_int_arg("--verify-routes", lo=0), default=0, metavar="R",
                  help="causal test: suppress each answered prompt's route needle blocks, and R draws of random "
                  "kept blocks in the same heads; report answer flips (0: off)")
-  a = sub.add_parser("anchors", help="thought anchors of a chain-of-thought text file")
+  a = parser("anchors", help="thought anchors of a chain-of-thought text file")
   a.add_argument("--file", required=True, help="UTF-8 chain of thought (text inside <think>...</think> is "
                  "used when present)")
   a.add_argument("--top-heads", type=_int_arg("--top-heads"), default=20, help="receiver heads")
   a.add_argument("--show", type=_int_arg("--show"), default=8, help="sentences to print")
   for sp, fn in ((d, cmd_demo), (t, cmd_trace), (n, cmd_niah), (a, cmd_anchors)):
     if sp in (d, n):
-      sp.add_argument("--max-new-tokens", type=_int_arg("--max-new-tokens"), default=12)
+      sp.add_argument("--max-new-tokens", type=_int_arg("--max-new-tokens"), default=12,
+                      help="most tokens of each greedy answer (decoding stops earlier at end of turn)")
     _common(sp, f"reports/{sp.prog.split()[-1]}")
     sp.set_defaults(func=fn)
+  c = parser("clean", help="remove report folders stream_jax wrote, only if nothing in them was added or "
+             "changed", description=outdir.main.__doc__)
+  c.add_argument("folders", nargs="+", metavar="FOLDER")
+  c.add_argument("--missing-ok", action="store_true", help="a folder that does not exist is not an error")
   return p
+
+
+def _note(message, category, *args, **kw):  # pylint: disable=unused-argument
+  """ReportWarnings (the report went in place) as `note:` lines, like the run's other notes."""
+  print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
+  if args.command == "clean":
+    return outdir.clean(args.folders, missing_ok=args.missing_ok)
   try:
-    return run(args)
+    with warnings.catch_warnings():
+      warnings.simplefilter("always", outdir.ReportWarning)
+      warnings.showwarning = _note
+      return run(args)
   except KeyboardInterrupt:
     print("interrupted; no report was written", file=sys.stderr)
     return 130

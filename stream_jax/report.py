@@ -1,14 +1,16 @@
 """Report folders: report.json, the trace (orbax), PNG figures and an index.html, written atomically.
 
-A run writes into a hidden sibling folder and swaps it into place only when everything is on disk, so a
+A run writes into a hidden temporary folder and moves it into place only when everything is on disk, so a
 crashed run never leaves a half-written report that looks complete, and an earlier report is removed only
-after its replacement exists.
+after its replacement exists. Where the folder cannot be renamed (a mount point) the files are moved in
+instead; a finished report is never discarded (see stream_jax/outdir.py).
 
-Nothing a user wrote is ever deleted: every report folder holds a marker file (`MARKER`) listing the files
-stream_jax wrote there. `write_report` writes into a new (or empty) folder; it replaces an existing folder
-only with `force=True`, and only if the marker is there and the folder holds nothing but the files the
-marker lists. Files, foreign folders and reports a user has added files to are refused (`ReportPathError`);
-`check_out_dir` runs the same checks up front, so a command can refuse before any compute.
+Nothing a user wrote is ever deleted or overwritten: every report folder holds a marker file (`MARKER`) with
+the sha256 of each file stream_jax wrote there. `write_report` writes into a new (or empty) folder; it
+replaces an existing folder only with `force=True`, and only if the folder holds nothing but the files the
+marker lists, unchanged. Files, foreign folders and reports a user added files to or edited are refused
+(`ReportPathError`); `check_out_dir` runs the same checks (and those of space and writability) up front, so
+a command can refuse before any compute.
 """
 
 from __future__ import annotations
@@ -21,25 +23,18 @@ import os
 import pathlib
 import shutil
 import sys
-import tempfile
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 
+from stream_jax import outdir
+from stream_jax.outdir import MARKER, ReportPathError, ReportWarning  # pylint: disable=W0611
 from stream_jax.trace import Trace
 # Trace I/O lives beside Trace; re-exported here, where it was, so `from stream_jax.report import load_trace`
 # keeps working.
 from stream_jax.trace_io import (TRACE_DIR, TRACE_META, _layer_meta, load_trace,  # pylint: disable=W0611
                                  save_trace)
-
-MARKER = ".stream_jax_report"
-
-
-class ReportPathError(ValueError):
-  """The output path cannot take a report without deleting or overwriting something stream_jax did not
-  write (or it cannot be created)."""
-
 
 def to_jsonable(x: Any) -> Any:
   """numpy/jax scalars and arrays, dataclasses, tuples -> plain JSON values (NaN -> None)."""
@@ -163,66 +158,10 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
-def _written_files(folder: pathlib.Path) -> list[str]:
-  return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
-
-
-def _marker_files(folder: pathlib.Path) -> Optional[set[str]]:
-  """The files the marker says stream_jax wrote, or None if `folder` is not a stream_jax report."""
-  try:
-    meta = json.loads((folder / MARKER).read_text())
-    return set(meta["files"]) | {MARKER}
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
-
-
 def check_out_dir(out_dir: str | os.PathLike, *, force: bool = False) -> pathlib.Path:
-  """The absolute report folder, after checking that writing it deletes nothing stream_jax did not write.
-
-  Accepted: a path that does not exist (its parent folders are created when the report is written, so the
-  nearest existing ancestor must be a writable folder), an empty folder, and with `force=True` a previous
-  stream_jax report that holds only the files it wrote. Raises ReportPathError otherwise, before any work.
-  """
-  out = pathlib.Path(os.path.expanduser(os.fspath(out_dir))).absolute()
-  name = os.fspath(out_dir)
-  if out.is_symlink():
-    raise ReportPathError(f"--out {name}: is a symbolic link; give a new folder name")
-  if out.exists():
-    if not out.is_dir():
-      raise ReportPathError(f"--out {name}: is an existing file, not a report folder; it is left alone "
-                            "(give a new folder name)")
-    entries = list(out.iterdir())
-    if entries:
-      owned = _marker_files(out)
-      if owned is None:
-        raise ReportPathError(
-            f"--out {name}: is an existing folder that stream_jax did not write ({len(entries)} entries, "
-            f"e.g. {entries[0].name!r}); it is left alone (give a new or empty folder)")
-      foreign = [f for f in _written_files(out) if f not in owned]
-      if foreign:
-        raise ReportPathError(
-            f"--out {name}: is a previous stream_jax report, but holds files it did not write "
-            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); it is left alone")
-      if not force:
-        raise ReportPathError(f"--out {name}: holds a previous stream_jax report; pass --force (force=True) "
-                              "to replace it, or give a new folder")
-    _probe(out.parent, name)
-    return out
-  parent = out.parent
-  while not parent.exists() and parent != parent.parent:
-    parent = parent.parent
-  if not parent.is_dir():
-    raise ReportPathError(f"--out {name}: {parent} is a file, so no folder can be made below it")
-  _probe(parent, name)
-  return out
-
-
-def _probe(folder: pathlib.Path, name: str) -> None:
-  """Makes and removes an empty folder: permission bits do not tell (root, read-only mounts, /proc)."""
-  try:
-    os.rmdir(tempfile.mkdtemp(prefix=".stream_jax-probe-", dir=folder))
-  except OSError as e:
-    raise ReportPathError(f"--out {name}: cannot create a folder in {folder} ({e.strerror})") from None
+  """The absolute report folder, after checking (before any work) that writing it deletes nothing stream_jax
+  did not write, that it can be written and that the disk has room (`outdir.plan`)."""
+  return outdir.plan(out_dir, force=force)[0]
 
 
 def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summary: Mapping[str, Any],
@@ -241,23 +180,14 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
     trace: saved with orbax (restore with `stream_jax.trace_io.load_trace(out_dir)`).
     sections: title -> preformatted text (tables) shown in index.html.
     force: replace a previous stream_jax report at `out_dir` (never a file, a folder stream_jax did not
-      write, or a report a user added files to: see `check_out_dir`).
+      write, or a report a user added files to or edited: see `check_out_dir`).
     intro: label -> value shown first in index.html (the prompt, the question, the settings).
     notes: notices shown above the numbers (e.g. "pruning does nothing at these settings").
     captions: figure name -> what the figure shows and how to read it.
   """
-  out = check_out_dir(out_dir, force=force)
-  try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ReportPathError(f"--out {os.fspath(out_dir)}: cannot create its parent folder: {e.strerror}") from e
-  try:
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a report folder is an ordinary folder
-  except OSError as e:
-    raise ReportPathError(f"--out {os.fspath(out_dir)}: cannot write in {out.parent}: {e.strerror}") from e
+  out, how = outdir.plan(out_dir, force=force)
+  label, existed = f"--out {os.fspath(out_dir)}", out.exists()
+  tmp = outdir.new_tmp(out, how, label)
   try:
     names = []
     for name, fig in (figures or {}).items():
@@ -273,19 +203,13 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
     (tmp / "report.json").write_text(json.dumps(to_jsonable(report), indent=1))
     (tmp / "index.html").write_text(_html(title, summary, names, sections or {}, intro=intro or {},
                                           notes=notes or {}, captions=captions or {}))
-    (tmp / MARKER).write_text(json.dumps({"written_by": "stream_jax", "files": _written_files(tmp)}))
-    old = None
-    if out.exists():
-      check_out_dir(out_dir, force=force)  # again: the folder may have changed while we computed
-      if any(out.iterdir()):
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-      else:
-        out.rmdir()
-    tmp.rename(out)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
+    if not existed and how == outdir.IN_PLACE:
+      try:
+        out.rmdir()  # new_tmp made it
+      except OSError:
+        pass
     raise
+  outdir.install(tmp, out, how, label)  # from here on the report is complete: never discarded
   return out

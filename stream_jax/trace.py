@@ -45,12 +45,39 @@ class LayerTrace:
     return kept_fraction(self.mask, self.window)
 
 
+class Layers(tuple):
+  """A Trace's layers: a tuple (and pytree node) whose out-of-range index names the valid range instead of
+  a bare "tuple index out of range"."""
+
+  __slots__ = ()
+
+  def __getitem__(self, i):
+    try:
+      return super().__getitem__(i)
+    except IndexError:
+      n = len(self)
+      raise IndexError(f"layer index {i} is out of range: this trace has {n} layers (valid: 0 to {n - 1}, or "
+                       f"-{n} to -1)" if n else f"layer index {i}: this trace has no layers") from None
+    except TypeError:
+      raise TypeError(f"layer index must be an integer or a slice, got {type(i).__name__} {i!r}") from None
+
+
+jax.tree_util.register_pytree_node(Layers, lambda x: (tuple(x), None), lambda _, children: Layers(children))
+
+_KINDS = ("global", "local", None)
+_MODES = ("stream", "window", "dense", "exact", None)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Trace:
-  """All layers of one forward pass, in layer order."""
+  """All layers of one forward pass, in layer order (`layers[i]` is layer i)."""
 
   layers: tuple[LayerTrace, ...]
+
+  def __post_init__(self):
+    if not isinstance(self.layers, Layers):
+      object.__setattr__(self, "layers", Layers(self.layers))
 
   def __len__(self):
     return len(self.layers)
@@ -59,6 +86,12 @@ class Trace:
     return self.layers[i]
 
   def select(self, kind: Optional[LayerKind] = None, mode: Optional[LayerMode] = None):
+    """The layers of one kind and/or mode (None: any); an unknown kind or mode is an error, not an empty
+    selection (which would read as "nothing pruned")."""
+    if kind not in _KINDS:
+      raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if mode not in _MODES:
+      raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     return tuple(l for l in self.layers
                  if (kind is None or l.kind == kind) and (mode is None or l.mode == mode))
 

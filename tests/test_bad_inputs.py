@@ -10,10 +10,10 @@ import pytest
 
 import stream_jax as sj
 from stream_jax import plots
-from stream_jax.analysis import anchors, faithfulness, routes
+from stream_jax.analysis import anchors, faithfulness, niah, routes
 from stream_jax.models import GemmaConfig, forward, generate, init_params
 from stream_jax.models.config import gemma3_layer_kinds
-from stream_jax.models.load import load_model, peek_config
+from stream_jax.models.load import LoadedModel, load_model, peek_config
 from stream_jax.report import load_trace, save_trace
 from stream_jax.trace import LayerTrace, Trace
 
@@ -89,6 +89,23 @@ CASES = {
     "describe(None)": (lambda: sj.describe(None), TypeError, "BlockMask"),
     "plot_block_mask(head=99)": (lambda: plots.plot_block_mask(_mask(), head=99), ValueError,
                                  "head must be an integer in"),
+    "forward: longer than the context": (lambda: forward(CFG.replace(context_length=32), PARAMS, IDS),
+                                         ValueError, r"longer than the model's context: 39 positions.*\[1, 32\]"),
+    "generate: prompt + new tokens past the context": (
+        lambda: generate(CFG.replace(context_length=42), PARAMS, IDS, max_new_tokens=5), ValueError,
+        r"max_new_tokens=5 .* longer than the model's context: 43 positions"),
+    "Trace.kept_fraction('bogus')": (lambda: _trace().kept_fraction("bogus"), ValueError,
+                                     r"kind must be one of \('global', 'local', None\), got 'bogus'"),
+    "Trace.select(mode='sparse')": (lambda: _trace().select(mode="sparse"), ValueError, "mode must be one of"),
+    "trace.layers[99]": (lambda: _trace().layers[99], IndexError,
+                         r"layer index 99 is out of range: this trace has 1 layers \(valid: 0 to 0"),
+    "trace[-2]": (lambda: _trace()[-2], IndexError, "valid: 0 to 0, or -1 to -1"),
+    "niah.VARIANTS['bogus']": (lambda: niah.VARIANTS["bogus"], KeyError,
+                               r"niah.VARIANTS\['bogus'\]: unknown key; valid keys: 'single_1', .*'multiquery'"),
+    "block_coverage(block_q=0)": (lambda: sj.block_coverage(jnp.zeros((2, 8)), jnp.zeros((2, 8)), 0),
+                                  ValueError, r"block_q must be an integer .*in \[1, "),
+    "encode(None)": (lambda: LoadedModel(CFG, PARAMS, lambda *a, **k: {"input_ids": [1]}, jnp.float32,
+                                         "tiny").encode(None), TypeError, "text must be a str .*NoneType"),
     "plot_kurtosis_grid: head out of range": (
         lambda: plots.plot_kurtosis_grid(np.ones((3, 4)), heads=[[1, 7]]), ValueError,
         "receiver head"),
@@ -165,3 +182,47 @@ def test_empty_truncated_or_foreign_model_files_name_the_file(tmp_path, content,
   with pytest.raises(ValueError, match=match) as e:
     load_model(str(f))
   assert str(f) in str(e.value)
+
+
+def test_a_choice_error_still_is_a_key_error_and_a_mapping_lookup():
+  assert "multikey_2" in niah.VARIANTS and niah.VARIANTS.get("bogus") is None
+  assert dict(niah.VARIANTS)["single_1"] is niah.VARIANTS["single_1"]
+  with pytest.raises(KeyError) as e:
+    niah.VARIANTS["bogus"]  # pylint: disable=pointless-statement
+  assert not str(e.value).startswith('"'), "the message reads as written, not as a quoted key"
+
+
+def test_trace_layers_stay_a_pytree_tuple():
+  trace = _trace()
+  doubled = jax.tree_util.tree_map(lambda x: x * 2, trace)
+  assert isinstance(doubled.layers, tuple) and len(doubled) == 1
+  np.testing.assert_array_equal(doubled[0].mass, trace[0].mass * 2)
+  assert jax.tree_util.tree_structure(jax.jit(lambda t: t)(trace)) == jax.tree_util.tree_structure(trace)
+  assert trace.layers[-1] is trace.layers[0] and trace.layers[:5] == trace.layers
+
+
+def _tiny_gguf(path):
+  import gguf  # pylint: disable=import-outside-toplevel
+  w = gguf.GGUFWriter(str(path), "gemma3")
+  w.add_block_count(1)
+  w.add_tensor("token_embd.weight", np.zeros((64, 32), np.float32))
+  w.add_tensor("output_norm.weight", np.ones(32, np.float32))
+  w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+
+def test_a_truncated_gguf_is_refused_before_the_slow_reader(tmp_path, monkeypatch):
+  """A complete header with tensor data cut short (an interrupted download): found from the header alone,
+  before gguf.GGUFReader parses the file (15+ s on the embedded model), by load_model and peek_config."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("STREAM_JAX_CACHE", str(tmp_path / "cache"))
+  path = tmp_path / "m.gguf"
+  _tiny_gguf(path)
+  data = path.read_bytes()
+  from stream_jax.models.gguf_loader import MetadataReader  # pylint: disable=import-outside-toplevel
+  MetadataReader(str(path))  # the whole file passes
+  path.write_bytes(data[:-100])
+  monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: pytest.fail("the slow reader must not run"))
+  for fn in (lambda: load_model(str(path), tokenizer=False, progress=False), lambda: peek_config(str(path))):
+    with pytest.raises(ValueError, match=r"m.gguf is truncated: its tensor data ends at byte \d+ but the file "
+                       r"has \d+ bytes \(100 bytes missing"):
+      fn()

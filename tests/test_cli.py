@@ -155,3 +155,64 @@ def test_pruning_notice_says_what_to_change():
   msg = cli.pruning_notice(1.0, 600, cfg)
   assert "pruning does (almost) nothing" in msg and "--top-k" in msg and "10 key blocks" in msg
   assert cli.pruning_notice(0.5, 4096, cfg) is None
+
+
+def test_version_and_help_with_defaults(capsys):
+  import stream_jax  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--version"])
+  assert e.value.code == 0 and capsys.readouterr().out.strip() == f"stream-jax {stream_jax.__version__}"
+  helps = {}
+  for command in ("demo", "trace", "niah", "anchors", "clean"):
+    with pytest.raises(SystemExit):
+      cli.main([command, "--help"])
+    helps[command] = " ".join(capsys.readouterr().out.split())
+  for command in ("demo", "niah"):
+    assert "--max-new-tokens MAX_NEW_TOKENS most tokens of each greedy answer" in helps[command]
+    assert "(default: 12)" in helps[command]
+  for command in ("demo", "trace", "niah", "anchors"):
+    for text in ("queries per block (power of two) (default: 64)", "(default: 16)", "(default: center)",
+                 "(default: float32)", "(default: auto)"):
+      assert text in helps[command], (command, text)
+    assert "(default: None)" not in helps[command] and "(default: False)" not in helps[command]
+  assert "(the embedded default, offline), a .gguf file, or a Hugging Face checkpoint directory (config.json + " \
+         "*.safetensors) (default: gemma3-270m)" in helps["trace"]
+  assert "(default: 600,3000)" in helps["niah"] and "(default: 4)" in helps["niah"]
+  assert "(default: 20)" in helps["anchors"] and "FOLDER" in helps["clean"]
+
+
+@pytest.mark.parametrize("command", ["trace --file {f}", "anchors --file {f}"])
+def test_a_text_longer_than_the_context_is_refused_before_loading(tmp_path, capsys, monkeypatch, command):
+  """The tokenizer alone counts the tokens (the weights would take ~25 s more to load)."""
+  long = tmp_path / "long.txt"
+  long.write_text("Then we check it again. " * 7000)  # about 42,000 tokens; the 270M's context is 32,768
+  monkeypatch.setattr(cli, "load", lambda args: pytest.fail("the model must not load"))
+  rc = cli.main(command.format(f=long).split() + ["--out", str(tmp_path / "r")])
+  err = capsys.readouterr().err
+  assert rc == 2 and f"--file {long} has" in err and "longer than the model's context of 32768" in err, err
+  assert not (tmp_path / "r").exists()
+
+
+def test_clean_command_removes_only_unchanged_reports(tmp_path, capsys):
+  from stream_jax.report import write_report  # pylint: disable=import-outside-toplevel
+  out = write_report(tmp_path / "r", report={}, summary={})
+  (out / "index.html").write_text("edited")
+  assert cli.main(["clean", str(out)]) == 1
+  assert "were changed" in capsys.readouterr().err and (out / "index.html").read_text() == "edited"
+  out = write_report(tmp_path / "s", report={}, summary={})
+  assert cli.main(["clean", str(out)]) == 0 and not out.exists()
+
+
+def test_a_mount_point_out_is_announced_before_loading(files, capsys, monkeypatch):
+  import os  # pylint: disable=import-outside-toplevel
+  vol = files / "vol"
+  vol.mkdir()
+  real = os.path.ismount
+  monkeypatch.setattr(os.path, "ismount", lambda p: pathlib.Path(p) == vol or real(p))
+
+  def stop(args):
+    raise cli.CliError("stopped before loading")
+  monkeypatch.setattr(cli, "load", stop)
+  assert cli.main(["trace", "--text", "hello there", "--out", str(vol)]) == 2
+  out = capsys.readouterr().out
+  assert f"note: --out {vol} cannot be renamed" in out and "in place" in out

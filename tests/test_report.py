@@ -1,13 +1,23 @@
-"""Report folders: trace round-trip through orbax, atomic replacement."""
+"""Report folders: trace round-trip through orbax, atomic replacement, mount points, ownership (hashes)."""
 
+import errno
 import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import warnings
 
 import jax
 import numpy as np
 import pytest
 
 import stream_jax as sj
-from stream_jax.report import MARKER, ReportPathError, check_out_dir, load_trace, write_report
+from stream_jax import outdir
+from stream_jax.outdir import remove_report
+from stream_jax.report import MARKER, ReportPathError, ReportWarning, check_out_dir, load_trace, write_report
 from stream_jax.trace import LayerTrace, Trace
 
 
@@ -105,3 +115,119 @@ def test_index_html_uses_human_names_and_shows_intro_and_notes(tmp_path):
   assert "next-token KL, mean (nats)" in html and ">kl_mean<" not in html
   assert "needle retrieved at 600 tokens (%)" in html
   assert "What is the number?" in html and "try --top-k 2" in html
+
+
+# ------------------------------------------------------------------ output folders: placement and ownership
+
+
+def _busy_rename(monkeypatch, folder):
+  """os.rename of `folder` (to or from) fails as on a mount point (a Docker volume): EBUSY."""
+  real = os.rename
+
+  def rename(src, dst, *a, **k):
+    if pathlib.Path(src) == folder or pathlib.Path(dst) == folder:
+      raise OSError(errno.EBUSY, "Device or resource busy", str(folder))
+    return real(src, dst, *a, **k)
+  monkeypatch.setattr(os, "rename", rename)
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_failed_final_rename_falls_back_to_writing_in_place(tmp_path, monkeypatch, previous):
+  out = tmp_path / "vol"
+  if previous:
+    write_report(out, report={"run": 1}, summary={}, figures={"old": lambda p: open(p, "wb").write(b"x")})
+  else:
+    out.mkdir()
+  _busy_rename(monkeypatch, out)
+  with pytest.warns(ReportWarning, match=r"--out .*vol: moving the finished report .*Errno 16.* in place"):
+    write_report(out, report={"run": 2}, summary={}, trace=_trace(), force=previous)
+  assert json.loads((out / "report.json").read_text()) == {"run": 2}
+  assert not (out / "old.png").exists(), "the previous report's files are replaced"
+  assert len(load_trace(out)) == 2
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["vol"], "no temporary folder may be left"
+  assert not [p for p in out.iterdir() if p.name.startswith(".stream_jax-")]
+  remove_report(out)  # the marker of an in-place report covers every file
+  assert not out.exists()
+
+
+def test_mount_point_is_detected_before_any_compute(tmp_path, monkeypatch):
+  out = tmp_path / "vol"
+  out.mkdir()
+  real = os.path.ismount
+  monkeypatch.setattr(os.path, "ismount", lambda p: pathlib.Path(p) == out or real(p))
+  assert outdir.plan(out) == (out, outdir.IN_PLACE)
+  _busy_rename(monkeypatch, out)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # planned, so no fallback notice
+    write_report(out, report={"run": 1}, summary={})
+    write_report(out, report={"run": 2}, summary={}, force=True)
+  assert json.loads((out / "report.json").read_text()) == {"run": 2}
+  assert outdir.plan(tmp_path / "new") == (tmp_path / "new", outdir.SWAP)
+
+
+def test_a_finished_report_that_cannot_be_put_in_place_is_kept(tmp_path, monkeypatch):
+  out = tmp_path / "r"
+  monkeypatch.setattr(outdir, "_swap", lambda *a: (_ for _ in ()).throw(OSError(errno.EXDEV, "cross-device")))
+  monkeypatch.setattr(outdir, "_in_place", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+  with pytest.warns(ReportWarning), pytest.raises(ReportPathError, match=r"--out .*r: the finished report is "
+                                                  r"kept, complete, in .*I/O error") as e:
+    write_report(out, report={"run": 1}, summary={})
+  kept = pathlib.Path(re.search(r"complete, in (\S+);", str(e.value)).group(1))
+  assert json.loads((kept / "report.json").read_text()) == {"run": 1} and (kept / MARKER).exists()
+
+
+def test_no_space_is_refused_before_any_compute(tmp_path, monkeypatch):
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1 << 20))
+  with pytest.raises(ReportPathError, match=r"--out .*: only 1 MiB free"):
+    check_out_dir(tmp_path / "r")
+
+
+@pytest.mark.parametrize("how", ["edited", "added", "folder", "legacy"])
+def test_force_and_clean_refuse_a_report_a_user_changed(tmp_path, how):
+  out = write_report(tmp_path / "r", report={"run": 1}, summary={}, trace=_trace())
+  if how == "edited":
+    (out / "index.html").write_text("<p>my annotations</p>")
+  elif how == "added":
+    (out / "trace" / "notes.txt").write_text("mine")
+  elif how == "folder":
+    (out / "plots").mkdir()
+  else:  # a marker from before content hashes lists names only: edits cannot be ruled out
+    meta = json.loads((out / MARKER).read_text())
+    (out / MARKER).write_text(json.dumps({"written_by": "stream_jax", "files": sorted(meta["files"])}))
+  before = sorted(p.relative_to(out) for p in out.rglob("*"))
+  match = {"edited": r"were changed .*\(index.html\)", "added": r"did not write \(trace/notes.txt\)",
+           "folder": r"did not write \(plots/\)", "legacy": "no content hashes"}[how]
+  with pytest.raises(ReportPathError, match=match):
+    write_report(out, report={"run": 2}, summary={}, force=True)
+  with pytest.raises(ReportPathError, match=match):
+    remove_report(out)
+  assert outdir.clean([str(out)]) == 1
+  assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+  assert json.loads((out / "report.json").read_text()) == {"run": 1}
+
+
+def test_clean_removes_an_unchanged_report_and_nothing_else(tmp_path):
+  out = write_report(tmp_path / "reports" / "demo", report={}, summary={}, trace=_trace())
+  (tmp_path / "reports" / "mine.txt").write_text("mine")
+  assert outdir.clean([str(out)]) == 0
+  assert not out.exists() and (tmp_path / "reports" / "mine.txt").read_text() == "mine"
+  assert outdir.clean([str(out)], missing_ok=True) == 0 and outdir.clean([str(out)]) == 1
+  foreign = _user_folder(tmp_path)
+  assert outdir.clean([str(foreign)]) == 1 and (foreign / "main.py").exists()
+
+
+def test_make_clean_runs_the_standard_library_script(tmp_path):
+  """`make clean` runs stream_jax/outdir.py with any python3, after .venv is gone: -I -S (no site-packages,
+  no script folder on sys.path) proves it needs nothing else."""
+  out = write_report(tmp_path / "demo", report={}, summary={})
+  (out / "report.json").write_text("{}  ")
+  script = pathlib.Path(outdir.__file__)
+  run = lambda: subprocess.run([sys.executable, "-I", "-S", str(script), "clean", "--missing-ok", str(out)],
+                               capture_output=True, text=True, timeout=60)
+  r = run()
+  assert r.returncode == 1 and "report.json" in r.stderr and out.exists(), r.stderr
+  (out / "report.json").write_text("{}")
+  r = run()
+  assert r.returncode == 0 and not out.exists(), r.stderr
+  makefile = (script.parent.parent / "Makefile").read_text()
+  assert "stream_jax/outdir.py clean --missing-ok reports/demo" in makefile and "rm -rf reports" not in makefile

@@ -34,6 +34,8 @@ from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 
+from stream_jax import checks
+
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type} for {key} is: {value}."
 # RULER's template for base models, with its answer prefix appended (a completion prompt). Plural as RULER
@@ -115,7 +117,7 @@ class NiahTask:
 
 
 # RULER's named variants (synthetic.yaml: niah_single_1 ... niah_multiquery). Keys are words unless noted.
-VARIANTS = {
+VARIANTS = checks.Choices("niah.VARIANTS", {
     "single_1": NiahTask(haystack="noise"),
     "single_2": NiahTask(haystack="essay"),
     "single_3": NiahTask(haystack="essay", value_type="uuids"),
@@ -124,7 +126,7 @@ VARIANTS = {
     "multikey_3": NiahTask(haystack="needles", key_type="uuids", value_type="uuids"),
     "multivalue": NiahTask(haystack="essay", num_values=4),
     "multiquery": NiahTask(haystack="essay", num_keys=4, num_queries=4),
-}
+})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,18 +69,13 @@ class Settings:
 
 
 def context_length(config) -> int:
-  """Trained context: the config's own (Llama / Qwen max_position_embeddings); Gemma 2 8k; Gemma 3 128k
-  where global RoPE is scaled (4B+), else 32k (270M, 1B)."""
-  if getattr(config, "context_length", None):
-    return config.context_length
-  if config.family == "gemma2":
-    return 8_192
-  return 131_072 if config.rope_global_scale > 1 else 32_768
+  """Trained context (`GemmaConfig.max_length`, which `forward` enforces)."""
+  return config.max_length
 
 
 def check_length(model, n_tokens: int, what: str) -> None:
-  """InputError unless 2 <= n_tokens <= the model's context."""
-  limit = context_length(model.config)
+  """InputError unless 2 <= n_tokens <= the context of `model` (a loaded model or its config)."""
+  limit = context_length(getattr(model, "config", model))
   if n_tokens > limit:
     raise InputError(f"{what} has {n_tokens} tokens, longer than the model's context of {limit}")
   if n_tokens < 2:
