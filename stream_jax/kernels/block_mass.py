@@ -31,6 +31,9 @@ from stream_jax.numerics import NEG_INF
 GROUP = 16
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 3
+# Query blocks per program: 2 x 64 rows make a 128-row tile for the Q K^T product (better tensor-core use
+# than 64 rows), at the price of computing the later block's diagonal group for the earlier one too.
+DEFAULT_BLOCKS_PER_PROGRAM = 1
 
 
 def unsupported(block_q: int, block_k: int, has_key_mask: bool) -> Optional[str]:
@@ -46,13 +49,17 @@ def unsupported(block_q: int, block_k: int, has_key_mask: bool) -> Optional[str]
 def mass_rows(q: jax.Array, k: jax.Array, lse: jax.Array, first_block, *, n_rows: int, block_q: int,
               block_k: int, q_len: int, k_len: int, scale: float, softcap: Optional[float],
               window: Optional[int], interpret: Optional[bool] = None, num_warps: Optional[int] = None,
-              num_stages: Optional[int] = None) -> jax.Array:
+              num_stages: Optional[int] = None, blocks_per_program: Optional[int] = None) -> jax.Array:
   """float32 [B, N, n_rows, nK]: the true mass rows of query blocks first_block .. first_block + n_rows - 1.
 
   q [B, T, N, H] and k [B, S, K, H] as the model has them (queries are the last T of S positions); lse
   float32 [B, N, T] the dense softmax's (-inf: the row gets no mass); first_block a traced int32 scalar
-  (a chunk index of `lax.map`), n_rows static. Rows past the last query block are zeros.
+  (a chunk index of `lax.map`), n_rows static (a multiple of blocks_per_program). Rows past the last query
+  block are zeros.
   """
+  per = DEFAULT_BLOCKS_PER_PROGRAM if blocks_per_program is None else int(blocks_per_program)
+  if n_rows % per:
+    raise ValueError(f"n_rows={n_rows} must be a multiple of blocks_per_program={per}")
   b, t, n, h = q.shape
   s, kv = k.shape[1], k.shape[2]
   rows = n_rows * block_q
@@ -72,36 +79,37 @@ def mass_rows(q: jax.Array, k: jax.Array, lse: jax.Array, first_block, *, n_rows
     stages = 1  # f32 tiles are twice as large
   g = n // kv
   kernel = functools.partial(
-      _kernel, block_q=block_q, block_k=block_k, q_len=t, k_len=k_len, n_groups=n_groups, scale=scale,
+      _kernel, per=per, block_q=block_q, block_k=block_k, q_len=t, k_len=k_len, n_groups=n_groups, scale=scale,
       softcap=softcap, window=window, precision=common.dot_precision(q.dtype))
   out = pl.pallas_call(
-      kernel, grid=(n_rows, n, b),
-      in_specs=[pl.BlockSpec((SQ, block_q, SQ, hp), lambda i, hq, bb: (bb, i, hq, 0)),
+      kernel, grid=(n_rows // per, n, b),
+      in_specs=[pl.BlockSpec((SQ, per * block_q, SQ, hp), lambda i, hq, bb: (bb, i, hq, 0)),
                 pl.BlockSpec((SQ, n_groups * GROUP * block_k, SQ, hp), lambda i, hq, bb: (bb, 0, hq // g, 0)),
-                pl.BlockSpec((SQ, SQ, block_q), lambda i, hq, bb: (bb, hq, i)),
+                pl.BlockSpec((SQ, SQ, per * block_q), lambda i, hq, bb: (bb, hq, i)),
                 pl.BlockSpec((1,), lambda i, hq, bb: (0,))],
-      out_specs=pl.BlockSpec((SQ, SQ, SQ, n_groups * GROUP), lambda i, hq, bb: (bb, hq, i, 0)),
+      out_specs=pl.BlockSpec((SQ, SQ, per, n_groups * GROUP), lambda i, hq, bb: (bb, hq, i, 0)),
       out_shape=jax.ShapeDtypeStruct((b, n, n_rows, n_groups * GROUP), jnp.float32),
       compiler_params=common.triton_params(warps, stages), interpret=common.resolve_interpret(interpret),
       name="stream_ideal_block_mass")(q_c, k_p, lse_c, jnp.reshape(first_block, (1,)).astype(jnp.int32))
   return out[..., :n_k]
 
 
-def _kernel(q_ref, k_ref, lse_ref, first_ref, o_ref, *, block_q, block_k, q_len, k_len, n_groups, scale,
+def _kernel(q_ref, k_ref, lse_ref, first_ref, o_ref, *, per, block_q, block_k, q_len, k_len, n_groups, scale,
             softcap, window, precision):
-  j = first_ref[0] + pl.program_id(0)  # this program's query block
-  rows = j * block_q + iota(block_q)
+  j0 = first_ref[0] + pl.program_id(0) * per  # this program's first query block
+  rows = j0 * block_q + iota(per * block_q)
   q_pos = jnp.where(rows < q_len, rows + (k_len - q_len), -1)  # -1 sees nothing
-  last = jnp.minimum((j + 1) * block_q, q_len) - 1 + (k_len - q_len)
-  diag_group = jnp.where((last >= 0) & (j * block_q < q_len), last // block_k // GROUP, -1)
+  last = jnp.minimum((j0 + per) * block_q, q_len) - 1 + (k_len - q_len)
+  diag_group = jnp.where((last >= 0) & (j0 * block_q < q_len), last // block_k // GROUP, -1)
   q = q_ref[...]
   lse = lse_ref[...]
   ok = lse > NEG_INF
   norm = jnp.where(ok, lse, 0.0)
   slots = iota(GROUP)
+  which = iota(per * block_q) // block_q  # the query block of each row
 
   def group_body(gi, carry):
-    def block_body(c, vec):
+    def block_body(c, vecs):
       blk = gi * GROUP + c
       kb = k_ref[pl.ds(blk * block_k, block_k), :]
       x = numerics.softcap(lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
@@ -111,16 +119,20 @@ def _kernel(q_ref, k_ref, lse_ref, first_ref, o_ref, *, block_q, block_k, q_len,
       if window is not None:
         visible &= q_pos[:, None] - k_pos[None, :] < window
       p = jnp.where(visible, jnp.exp(jnp.minimum(x - norm[:, None], 0.0)), 0.0)
-      return vec + jnp.where(slots == c, jnp.sum(p), 0.0)
+      row_sums = jnp.sum(p, axis=1)  # [per * bq]
+      return tuple(v + jnp.where(slots == c, jnp.sum(jnp.where(which == r, row_sums, 0.0)), 0.0)
+                   for r, v in enumerate(vecs))
 
-    vec = lax.fori_loop(0, GROUP, block_body, jnp.zeros((GROUP,), jnp.float32))
-    o_ref[pl.ds(gi * GROUP, GROUP)] = vec
+    vecs = lax.fori_loop(0, GROUP, block_body, tuple(jnp.zeros((GROUP,), jnp.float32) for _ in range(per)))
+    for r, v in enumerate(vecs):
+      o_ref[r, pl.ds(gi * GROUP, GROUP)] = v
     return carry
 
   lax.fori_loop(0, diag_group + 1, group_body, None)
 
   def zero_body(gi, carry):
-    o_ref[pl.ds(gi * GROUP, GROUP)] = jnp.zeros((GROUP,), jnp.float32)
+    for r in range(per):
+      o_ref[r, pl.ds(gi * GROUP, GROUP)] = jnp.zeros((GROUP,), jnp.float32)
     return carry
 
   lax.fori_loop(diag_group + 1, n_groups, zero_body, None)

@@ -1,0 +1,111 @@
+"""Where the ideal trace's time goes, per global layer, against cuDNN's attention (one GPU).
+
+Gemma-3-4B-like heads (8 query heads, 4 kv heads, head dim 256, bf16, 64-token blocks), random inputs:
+  cudnn          causal flash attention with its lse (what the exact pass runs anyway)
+  rows           the Triton block-mass kernel alone (every causal block's true mass; summed so it runs)
+                 for launch settings (warps, stages, query blocks per program, query blocks per chunk)
+  select         the selection of StreamConfig.ideal() from given rows (XLA: top_k, the budget, the ids)
+  ideal          stream_jax.ideal_mask(..., backend="pallas") end to end (rows + selection)
+
+  python benchmarks/ideal_kernel.py --seq 32768,131072
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import stream_jax as sj
+from stream_jax import ideal
+from stream_jax.kernels import block_mass
+
+
+def timed(fn, *args, reps=5):
+  out = jax.block_until_ready(fn(*args))  # compile + warm-up
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  del out
+  return statistics.median(times) * 1e3
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--seq", default="32768,131072")
+  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--launch", default="4:3:1:64,8:3:1:64,4:2:2:64,8:3:2:64,8:2:2:128",
+                 help="warps:stages:blocks_per_program:chunk settings of the rows kernel")
+  args = p.parse_args(argv)
+  n, kv, h = 8, 4, 256
+  cfg = sj.StreamConfig.ideal()
+  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; N={n} K={kv} H={h} bf16, {cfg}", flush=True)
+  print("| T | what | ms | x cudnn |\n|---:|---|---:|---:|")
+  for t in [int(x) for x in args.seq.split(",")]:
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(1, t, n, h)), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=(1, t, kv, h)) * 2.0, jnp.bfloat16)
+    v = jnp.asarray(rng.normal(size=(1, t, kv, h)), jnp.bfloat16)
+    scale = h ** -0.5
+
+    @jax.jit
+    def cudnn(q, k, v):
+      return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn",
+                                          return_residual=True)
+
+    base = timed(cudnn, q, k, v, reps=args.reps)
+    print(f"| {t:,} | cudnn attention + lse | {base:.1f} | 1.00 |", flush=True)
+    _, lse = cudnn(q, k, v)
+    lse = jnp.swapaxes(lse.astype(jnp.float32).reshape(1, t, n), 1, 2)
+    n_q = -(-t // 64)
+    for launch in args.launch.split(","):
+      warps, stages, per, chunk = (int(x) for x in launch.split(":"))
+      chunk = min(chunk, n_q)
+
+      @jax.jit
+      def rows(q, k, lse, warps=warps, stages=stages, per=per, chunk=chunk):
+        def one(i, acc):
+          r = block_mass.mass_rows(q, k, lse, i * chunk, n_rows=chunk, block_q=64, block_k=64, q_len=t,
+                                   k_len=t, scale=scale, softcap=None, window=None, num_warps=warps,
+                                   num_stages=stages, blocks_per_program=per)
+          return acc + r.sum()
+        return lax.fori_loop(0, -(-n_q // chunk), one, jnp.float32(0))
+
+      try:
+        ms = timed(rows, q, k, lse, reps=args.reps)
+        print(f"| {t:,} | rows kernel (warps {warps}, stages {stages}, {per} block(s)/program, chunk {chunk}) "
+              f"| {ms:.1f} | {ms / base:.2f} |", flush=True)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"| {t:,} | rows kernel {launch} | failed: {str(e).splitlines()[0][:150]} | |", flush=True)
+
+    n_k = n_q
+    table = jnp.asarray(rng.random((n, 64, n_k)), jnp.float32)
+
+    @jax.jit
+    def select(table):
+      diag = jnp.arange(64, dtype=jnp.int32) + n_k - 64
+      valid = jnp.full((64,), 64.0)
+      def one(i, acc):
+        ids, mass, cov = ideal._select_chunk(table + i, diag, valid, config=cfg)  # pylint: disable=protected-access
+        return acc + mass.sum() + ids.sum() + cov.sum()
+      return lax.fori_loop(0, -(-n_q // 64), one, jnp.float32(0))
+
+    ms = timed(select, table, reps=args.reps)
+    print(f"| {t:,} | selection (XLA, worst-case rows) | {ms:.1f} | {ms / base:.2f} |", flush=True)
+    full = jax.jit(functools.partial(sj.ideal_mask, config=cfg, scale=scale, backend="pallas"))
+    ms = timed(lambda q, k, l: full(q, k, l).coverage, q, k, lse, reps=args.reps)
+    print(f"| {t:,} | ideal_mask end to end | {ms:.1f} | {ms / base:.2f} |", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
