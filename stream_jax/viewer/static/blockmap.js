@@ -66,10 +66,10 @@
 
     // Client (page) coordinates of the centre of level-0 cell (q, k): for tests and tools.
     cellCentre(q, k) {
-      const rect = this.canvas.getBoundingClientRect();
-      const sx = rect.width / this.canvas.width, sy = rect.height / this.canvas.height;
-      return { x: rect.left + ((k + 0.5 - this.view.x0) / this.view.bpp) * sx,
-               y: rect.top + ((q + 0.5 - this.view.y0) / this.view.bpp) * sy };
+      const c = this.canvas, rect = c.getBoundingClientRect();
+      const sx = c.clientWidth / c.width, sy = c.clientHeight / c.height;
+      return { x: rect.left + c.clientLeft + ((k + 0.5 - this.view.x0) / this.view.bpp) * sx,
+               y: rect.top + c.clientTop + ((q + 0.5 - this.view.y0) / this.view.bpp) * sy };
     }
 
     request() {
@@ -183,9 +183,10 @@
     }
 
     canvasXY(ev) {
-      const rect = this.canvas.getBoundingClientRect();
-      return [(ev.clientX - rect.left) * (this.canvas.width / rect.width),
-              (ev.clientY - rect.top) * (this.canvas.height / rect.height)];
+      // inside the border: the canvas' pixels start at clientLeft / clientTop
+      const c = this.canvas, rect = c.getBoundingClientRect();
+      return [(ev.clientX - rect.left - c.clientLeft) * (c.width / c.clientWidth),
+              (ev.clientY - rect.top - c.clientTop) * (c.height / c.clientHeight)];
     }
 
     bind() {
@@ -288,7 +289,7 @@
           : `<div class="hv-head" data-head="${h.head}" data-sum="${h.tile.sum[h.e]}" data-max="${h.tile.max[h.e]}">head ${h.head}: ` +
             `mass summed over the cell <b>${fmt(h.tile.sum[h.e])}</b>, largest block ${fmt(h.tile.max[h.e])}</div>`;
       }
-      return `<div class="hv" data-level="${Math.log2(f)}"><div><b>query blocks ${r * f}\u2013${q1}</b> \u00d7 ` +
+      return `<div class="hv" data-level="${Math.log2(f)}" data-r="${r}" data-c="${c}"><div><b>query blocks ${r * f}\u2013${q1}</b> \u00d7 ` +
         `<b>key blocks ${c * f}\u2013${k1}</b> (${f}\u00d7${f} blocks per cell: zoom in for tokens)</div>${lines}</div>`;
     }
   }
