@@ -53,6 +53,7 @@
       this.select(Math.max(0, firstGlobal), 0);
       this.ready = true;
       await this.text.init();
+      this.prefetched = this.text.prefetch(); // the rest of the text, in the background: searches scan memory
     }
 
     controls() {

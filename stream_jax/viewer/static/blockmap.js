@@ -136,6 +136,7 @@
       this.ctx.putImageData(img, 0, 0);
       this.overlay();
       this.lastDraw = { z, missing, ms: performance.now() - t0 };
+      if (!missing && this.app.firstPaint === undefined) this.app.firstPaint = performance.now(); // since navigation
       const info = document.getElementById("level");
       if (info) {
         info.textContent = `level ${z} (${f}\u00d7${f} blocks per cell)` + (missing ? `, loading ${missing} tile(s)` : "");
@@ -210,14 +211,14 @@
             return;
           }
         }
-        this.hover(x, y);
+        this.hover(x, y, ev.timeStamp);
       });
       c.addEventListener("dblclick", (ev) => { const [x, y] = this.canvasXY(ev); this.zoom(0.25, x, y); });
       c.addEventListener("mouseleave", () => { /* keep the last hover shown: it can be read and copied */ });
     }
 
     // Fills the hover panel for the cell under canvas pixel (x, y).
-    async hover(x, y) {
+    async hover(x, y, t0 = performance.now()) {
       const seq = ++this.hoverSeq, v = this.view, L = this.L, z = this.level(), f = 2 ** z, R = this.data.m.tile_rows;
       const qb = v.y0 + y * v.bpp, kb = v.x0 + x * v.bpp;
       const r = Math.floor(qb / f), c = Math.floor(kb / f), lev = L.levels[z];
@@ -235,7 +236,10 @@
       this.app.busy++;
       try {
         const html = z === 0 ? await this.hoverBlock(r, c, hits) : this.hoverPooled(r, c, f, hits);
-        if (seq === this.hoverSeq) panel.innerHTML = html;
+        if (seq === this.hoverSeq) {
+          panel.innerHTML = html;
+          this.lastHoverMs = performance.now() - t0; // input event -> panel filled (the benchmark reads it)
+        }
       } finally { this.app.busy--; }
     }
 

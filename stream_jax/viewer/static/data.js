@@ -117,10 +117,14 @@ window.SJV = window.SJV || {};
 
     hasText() { return !!this.m.text_chunk; }
 
-    chunk(i) {
+    // Token pieces of text chunk i; `background` loads (prefetch) do not count as pending work.
+    chunk(i, background = false) {
       if (!this.text.has(i)) {
-        this.inflight++;
-        this.text.set(i, this.json(`text/${i}.json`).finally(() => { this.inflight--; }));
+        if (background) this.text.set(i, this.json(`text/${i}.json`));
+        else {
+          this.inflight++;
+          this.text.set(i, this.json(`text/${i}.json`).finally(() => { this.inflight--; }));
+        }
       }
       return this.text.get(i);
     }
