@@ -393,3 +393,31 @@ def test_real_trace_hover_and_sentence_links(browser, real):
   wait_idle(browser)
   check_links(browser, trace, layer_pos, 2, u, units)
   assert js(browser, "return document.getElementById('text').textContent").count(sents.texts[u]) >= 1
+
+
+def test_routes_panel_draws_the_route_and_opens_an_edge(browser, tmp_path):
+  from stream_jax.analysis import routes  # pylint: disable=import-outside-toplevel
+  from stream_jax.trace import Trace  # pylint: disable=import-outside-toplevel
+  trace = Trace(synthetic_trace().layers[:2])  # routes need query blocks == key blocks
+  last = np.asarray(trace[1].mask.indices)[0, -1]
+  needle = int(last[1])  # a block the last query block kept (a searched one): the route has an edge
+  spans = np.array([[needle * 8 + 2, needle * 8 + 5]])
+  out = export_viewer(tmp_path / "v", trace, pieces=[f"w{i} " for i in range(300)], needle_spans=spans)
+  server = serve(out)
+  try:
+    browser.get(server.url)
+    wait_idle(browser)
+    edges = routes.route(trace, spans).edge_list(min_weight=1e-3)[:400]
+    titles = js(browser, "return [...document.querySelectorAll('#route-svg .edge title')].map(t => t.textContent)")
+    assert len(edges) > 0 and len(titles) == len(edges)
+    for (l, n, c, j, w), title in zip(edges, titles):
+      assert f"layer {trace[l].layer}, head {n}: key block {c} \u2192 query block {j}" in title
+    l, n, c, j, _ = edges[0]
+    js(browser, "document.querySelector('#route-svg .edge[data-i=\"0\"]').dispatchEvent(new MouseEvent('click'))")
+    wait_idle(browser)
+    assert js(browser, "return [document.getElementById('layer').value, document.getElementById('head').value]") == [
+        str(l), str(n)]
+    assert js(browser, "return SJV.app.mark") == {"q": j, "k": c}
+    check_hover(browser, trace, l, n, j, c, [f"w{i} " for i in range(300)])
+  finally:
+    server.shutdown()

@@ -101,6 +101,12 @@ def export_viewer(out_dir, trace: Trace, *, pieces: Optional[Sequence[str]] = No
     if stats["vertical"] is not None:
       (out / "vertical.bin").write_bytes(np.ascontiguousarray(stats["vertical"], np.float32).tobytes())
 
+  route_data = None
+  if needle_spans is not None and len(needle_spans):
+    route_data = route_json(trace, needle_spans)
+    if route_data is not None:
+      (out / "routes.json").write_text(json.dumps(route_data))
+
   layers, nbytes = [], 0
   for l in trace.layers:
     m = l.mask
@@ -124,11 +130,29 @@ def export_viewer(out_dir, trace: Trace, *, pieces: Optional[Sequence[str]] = No
                  anchor=_json_num(stats["anchor"]), receivers=stats["receivers"],
                  needle=_json_num(stats["needle"])),
       sentences=None if spans is None else dict(count=len(spans), vertical=stats["vertical"] is not None),
-      needle=needle, tile_bytes=nbytes)
+      needle=needle, routes=route_data is not None, tile_bytes=nbytes)
   manifest["export_seconds"] = round(time.perf_counter() - t0, 3)
   (out / "manifest.json").write_text(json.dumps(manifest))
   page.write_page(out)
   return out
+
+
+def route_json(trace: Trace, needle_spans, *, max_edges: int = 400, min_flow: float = 1e-3) -> Optional[dict]:
+  """The needle's route (`routes.route`: rollout from the last query block down the kept blocks) for the
+  routes panel: blocks holding flow per layer input, the heaviest kept edges on a path from the needle, and
+  the needle's flow per layer; None when the trace's layout has no route (query and key blocks differ)."""
+  from stream_jax.analysis import routes  # pylint: disable=import-outside-toplevel
+  try:
+    r = routes.route(trace, np.asarray(needle_spans, np.int32).reshape(-1, 2))
+  except ValueError:
+    return None
+  flow = np.asarray(r.flow)
+  nodes = [[int(l), int(b), float(flow[l, b])] for l, b in zip(*np.nonzero(flow > min_flow))]
+  edges = [[l, n, c, j, w] for l, n, c, j, w in r.edge_list(min_weight=min_flow)[:max_edges]]
+  needle = np.asarray(r.carried[0])
+  return dict(layers=[l.layer for l in trace.layers], blocks=int(flow.shape[1]),
+              needle_blocks=np.nonzero(needle)[0].tolist(), needle_flow=np.asarray(r.needle_flow).tolist(),
+              nodes=nodes, edges=edges, min_flow=min_flow)
 
 
 def is_viewer(path) -> bool:

@@ -11,7 +11,7 @@ import re
 import shutil
 
 STATIC = pathlib.Path(__file__).parent / "static"
-ASSETS = ("index.html", "viewer.css", "data.js", "blockmap.js", "textview.js", "app.js")
+ASSETS = ("index.html", "viewer.css", "data.js", "blockmap.js", "textview.js", "routes.js", "app.js")
 
 
 def write_page(folder) -> None:

@@ -52,6 +52,12 @@
       this.overview();
       this.select(Math.max(0, firstGlobal), 0);
       this.ready = true;
+      if (m.routes) {
+        document.getElementById("routes-panel").hidden = false;
+        this.routes = new SJV.Routes(document.getElementById("routes"), this);
+        this.busy++;
+        this.routes.init().finally(() => { this.busy--; });
+      }
       await this.text.init();
       this.prefetched = this.text.prefetch(); // the rest of the text, in the background: searches scan memory
     }
