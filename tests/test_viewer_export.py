@@ -154,3 +154,17 @@ def test_export_refuses_a_foreign_folder(tmp_path):
   with pytest.raises(ValueError, match="not a viewer folder"):
     export_viewer(tmp_path, synthetic_trace(t=64))
   assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_notebook_display_inlines_small_traces_and_summarises_large_ones():
+  from stream_jax.trace import TracedRun  # pylint: disable=import-outside-toplevel
+  from stream_jax.viewer.notebook import trace_html  # pylint: disable=import-outside-toplevel
+  trace = synthetic_trace(t=96)
+  inline = trace._repr_html_()
+  assert inline.startswith("<iframe srcdoc=") and "SJV_EMBED" in inline
+  summary = trace_html(trace, limit=0)
+  assert "too large to show inline" in summary and "stream-jax view" in summary
+  assert f"{np.mean(np.asarray(trace[1].kept_fraction())):.4f}" in summary
+  batched = jax.tree_util.tree_map(lambda x: np.stack([x, x]), trace)
+  assert TracedRun(logits=np.zeros((2, 3)), trace=batched)._repr_html_().startswith("<iframe")
+  assert TracedRun(logits=np.zeros((1, 3)))._repr_html_() is None
