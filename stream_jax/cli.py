@@ -1,4 +1,4 @@
-"""The `stream-jax` command (demo, trace, niah, anchors, clean): parses arguments, checks everything
+"""The `stream-jax` command (demo, trace, niah, anchors, view, clean): parses arguments, checks everything
 checkable before the model loads (bad input: exit status 2, one line naming it; `--debug` for the
 traceback), runs a `stream_jax.experiments` pipeline, prints it and writes its report folder (`--out`: a new
 or empty folder, or with `--force` a previous stream_jax report; nothing stream_jax did not write is ever
@@ -166,6 +166,54 @@ def cmd_anchors(args, st, model):
   return reports.write_anchors(res, model, args.out, force=args.force, text=text)
 
 
+def cmd_view(args) -> int:
+  """`stream-jax view PATH`: the viewer of a report folder, a saved trace or a viewer folder, exported if
+  needed (into --out, or a cache folder keyed by the trace's path and time) and served on 127.0.0.1."""
+  from stream_jax import viewer  # pylint: disable=import-outside-toplevel
+  folder = resolve_viewer(args.path, args.out)
+  if args.export_only:
+    print(f"viewer folder: {folder}")
+    return 0
+  server = viewer.serve(folder, port=args.port, background=True)
+  print(f"serving {folder}\nopen {server.url}  (Ctrl-C to stop)", flush=True)
+  if not args.no_browser:
+    import webbrowser  # pylint: disable=import-outside-toplevel
+    webbrowser.open(server.url)
+  try:
+    while True:
+      time.sleep(3600)
+  except KeyboardInterrupt:
+    server.shutdown()
+  return 0
+
+
+def resolve_viewer(path, out=None):
+  """The viewer folder of PATH: PATH itself or PATH/viewer when already exported, else an export of the
+  trace saved at PATH (a report folder or a `save_trace` folder; without its text: positions only)."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from stream_jax import viewer  # pylint: disable=import-outside-toplevel
+  from stream_jax.trace_io import TRACE_META, load_trace  # pylint: disable=import-outside-toplevel
+  p = pathlib.Path(path).expanduser().absolute()
+  if not p.exists():
+    raise CliError(f"{path!r} does not exist")
+  for cand in (p, p / "viewer"):
+    if viewer.is_viewer(cand) and out is None:
+      return cand
+  if not (p / TRACE_META).is_file():
+    raise CliError(f"{path!r} is neither a viewer folder nor a report / trace folder (no {TRACE_META})")
+  if out is None:
+    key = hashlib.sha1(f"{p}:{(p / TRACE_META).stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+    out = cache / "stream_jax" / "viewer" / key
+    if viewer.is_viewer(out):
+      return out
+  print(f"exporting the trace at {p} into {out} ...", flush=True)
+  title = p.name
+  return viewer.export_viewer(out, load_trace(p), title=f"{title} (no token text saved: positions only)")
+
+
 def run(args) -> int:
   """Checks the inputs (before the model loads), loads the model, runs the command."""
   args.started, st = time.perf_counter(), settings(args)
@@ -243,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
                  "used when present)")
   a.add_argument("--top-heads", type=_int_arg("--top-heads"), default=20, help="receiver heads")
   a.add_argument("--show", type=_int_arg("--show"), default=8, help="sentences to print")
+  v = sub.add_parser("view", help="explore a report / saved trace in the browser (a local server)",
+                     description=cmd_view.__doc__)
+  v.add_argument("path", help="a report folder (stream-jax demo/trace/anchors), a save_trace folder, or a "
+                 "viewer folder")
+  v.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
+  v.add_argument("--out", default=None, help="export the viewer into this folder (default: the report's "
+                 "viewer/ when it has one, else a cache folder)")
+  v.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
+  v.add_argument("--export-only", action="store_true", help="export and print the folder; do not serve")
+  v.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+  v.set_defaults(func=None)
   for sp, fn in ((d, cmd_demo), (t, cmd_trace), (n, cmd_niah), (a, cmd_anchors)):
     if sp in (d, n):
       sp.add_argument("--max-new-tokens", type=_int_arg("--max-new-tokens"), default=12,
@@ -269,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with warnings.catch_warnings():
       warnings.simplefilter("always", outdir.ReportWarning)
       warnings.showwarning = _note
-      return run(args)
+      return cmd_view(args) if args.command == "view" else run(args)
   except KeyboardInterrupt:
     print("interrupted; no report was written", file=sys.stderr)
     return 130

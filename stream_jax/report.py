@@ -105,7 +105,8 @@ def human(key: str) -> tuple[str, str]:
 
 def _html(title: str, summary: Mapping[str, Any], figures: list[str], sections: Mapping[str, str], *,
           intro: Mapping[str, Any] = {}, notes: Mapping[str, str] = {},  # pylint: disable=dangerous-default-value
-          captions: Mapping[str, str] = {}) -> str:  # pylint: disable=dangerous-default-value
+          captions: Mapping[str, str] = {},  # pylint: disable=dangerous-default-value
+          viewer: bool = False) -> str:
   e = html.escape
   head = "\n".join(f"<tr><th>{e(str(k))}</th><td><pre class=v>{e(_fmt(v))}</pre></td></tr>"
                    for k, v in intro.items())
@@ -133,6 +134,9 @@ figure{{margin:1.5em 0}}pre{{background:#f6f6f6;padding:1em;overflow-x:auto}}</s
 <p>Written {datetime.datetime.now().isoformat(timespec="seconds")} by stream_jax.
 Full numbers: <a href="report.json">report.json</a>; the trace restores with
 <code>stream_jax.trace_io.load_trace(&lt;this folder&gt;)</code>.</p>
+{'<p><b>Explore the trace</b> (block maps with token text, sentences, search): <code>stream-jax view '
+ '&lt;this folder&gt;</code> serves <a href="viewer/index.html">viewer/</a> on a local server (browsers do '
+ 'not let a page opened from a file fetch its tiles).</p>' if viewer else ''}
 <table>{head}</table>
 {note}
 <h2>Key numbers</h2>
@@ -168,8 +172,8 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
                  figures: Optional[Mapping[str, Any]] = None, trace: Optional[Trace] = None,
                  sections: Optional[Mapping[str, str]] = None, title: str = "stream_jax report",
                  force: bool = False, intro: Optional[Mapping[str, Any]] = None,
-                 notes: Optional[Mapping[str, str]] = None, captions: Optional[Mapping[str, str]] = None
-                 ) -> pathlib.Path:
+                 notes: Optional[Mapping[str, str]] = None, captions: Optional[Mapping[str, str]] = None,
+                 viewer: Optional[Mapping[str, Any]] = None) -> pathlib.Path:
   """Writes report.json, trace/, <name>.png figures and index.html into `out_dir`, atomically.
 
   Args:
@@ -184,6 +188,8 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
     intro: label -> value shown first in index.html (the prompt, the question, the settings).
     notes: notices shown above the numbers (e.g. "pruning does nothing at these settings").
     captions: figure name -> what the figure shows and how to read it.
+    viewer: with a trace, also write the interactive viewer into viewer/ (`stream-jax view <folder>`):
+      keyword arguments of `stream_jax.viewer.export_viewer` (the token text, sentences, needle spans).
   """
   out, how = outdir.plan(out_dir, force=force)
   label, existed = f"--out {os.fspath(out_dir)}", out.exists()
@@ -200,9 +206,13 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
       names.append(png.name)
     if trace is not None:
       save_trace(tmp, trace)
+      if viewer is not None:
+        from stream_jax.viewer import export_viewer  # pylint: disable=import-outside-toplevel
+        export_viewer(tmp / "viewer", trace, title=title, **viewer)
     (tmp / "report.json").write_text(json.dumps(to_jsonable(report), indent=1))
     (tmp / "index.html").write_text(_html(title, summary, names, sections or {}, intro=intro or {},
-                                          notes=notes or {}, captions=captions or {}))
+                                          notes=notes or {}, captions=captions or {},
+                                          viewer=trace is not None and viewer is not None))
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     if not existed and how == outdir.IN_PLACE:

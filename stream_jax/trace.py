@@ -103,6 +103,11 @@ class Trace:
     fr = [jnp.mean(l.kept_fraction()) for l in self.select(kind=kind)]
     return jnp.mean(jnp.stack(fr)) if fr else jnp.float32(1.0)
 
+  def _repr_html_(self) -> str:
+    """Notebook display: the interactive viewer inline for small traces, a summary otherwise."""
+    from stream_jax.viewer.notebook import trace_html  # pylint: disable=import-outside-toplevel
+    return trace_html(self)
+
   def coverage(self, kind: Optional[LayerKind] = "global", start_block: int = 0) -> Optional[jax.Array]:
     """Mean coverage over the selected layers, heads and query blocks from `start_block` on (None when
     the trace carries no coverage)."""
@@ -130,6 +135,13 @@ class TracedRun:
   trace: Optional[Trace] = None
   hidden: Optional[jax.Array] = None
   probs: Optional[tuple[jax.Array, ...]] = None
+
+  def _repr_html_(self) -> Optional[str]:
+    """Notebook display of the trace (batch row 0); None (plain repr) without a trace."""
+    if self.trace is None:
+      return None
+    from stream_jax.viewer.notebook import trace_html  # pylint: disable=import-outside-toplevel
+    return trace_html(self.trace)
 
   @property
   def batch_size(self) -> int:

@@ -42,6 +42,18 @@ def _coverage_figure(trace, report, settings: Settings) -> dict:
   return {"coverage": _plots().plot_coverage(trace, start_block=start, title="coverage of the kept blocks")}
 
 
+def _viewer(model, text: str, ids, offsets=None, **extra) -> dict:
+  """The viewer's inputs for a traced text: token text from the tokenizer's offsets, the sentences."""
+  from stream_jax.analysis import anchors  # pylint: disable=import-outside-toplevel
+  if offsets is None:
+    offsets = model.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+  offsets = np.asarray(offsets)
+  if len(offsets) != len(ids):  # not the tokenization that was traced: vocabulary strings only
+    return dict(tokenizer=model.tokenizer, ids=ids, **extra)
+  extra.setdefault("sentences", anchors.sentences(text, offsets))
+  return dict(text=text, offsets=offsets, tokenizer=model.tokenizer, ids=ids, **extra)
+
+
 def write_trace(res: TextTrace, model, out, *, force: bool = False, plot_layer: Optional[int] = None,
                 table: str = "", notes: Optional[Mapping[str, str]] = None) -> pathlib.Path:
   plots = _plots()
@@ -51,7 +63,7 @@ def write_trace(res: TextTrace, model, out, *, force: bool = False, plot_layer: 
   lt = trace.layers[layer]
   notice = (notes or {}).get("pruning does nothing")
   return write_report(
-      out, title="stream-jax trace", trace=trace, sections={"faithfulness": table}, force=force, notes=notes,
+      out, title="stream-jax trace", trace=trace, viewer=_viewer(model, res.text, res.ids), sections={"faithfulness": table}, force=force, notes=notes,
       summary=dict(model=model.config.name, tokens=len(res.ids), **report.summary(), **res.pair.timings),
       intro={"text (excerpt)": excerpt(res.text), "Stream settings": res.settings.describe()},
       captions={f"mask_layer{layer}": f"Layer {layer} ({lt.kind}, {lt.mode}): which key blocks (columns) "
@@ -98,6 +110,7 @@ def write_demo(res: DemoResult, model, out, *, force: bool = False, table: str =
   }
   return write_report(
       out, title="stream-jax demo: needle in a haystack", summary=summary, trace=trace,
+      viewer=_viewer(model, sample.prompt, sample.ids, sample.offsets, needle_spans=spans),
       sections={"faithfulness": table}, force=force, intro=intro, notes=notes,
       captions={
           f"mask_layer{layer}": f"Layer {layer} (global): which key blocks (columns) each query block (rows) "
@@ -172,6 +185,7 @@ def write_anchors(res: AnchorsResult, model, out, *, force: bool = False, text: 
   rep, sents = res.report, res.sentences
   return write_report(
       out, title="stream-jax thought anchors", sections={"anchors": text}, trace=res.trace,
+      viewer=_viewer(model, res.text, res.ids, sentences=sents, labels=rep.labels),
       force=force, notes=notes,
       intro={"chain of thought (excerpt)": excerpt(res.text), "Stream settings": res.settings.describe()},
       captions={"vertical_scores": "Importance of each sentence: how much attention later sentences (4 or "
