@@ -246,8 +246,10 @@ def check_ideal(cases=IDEAL_CASES, sharpen=4.0):
       kr = sj.ideal_mask(q, k, lse, config, backend="pallas", **kw)
       xr = sj.ideal_mask(q, k, lse, config, backend="xla", **kw)
       equal = np.asarray(jnp.all(kr.mask.indices == xr.mask.indices, -1))
-      mass_err = float(jnp.abs(kr.mass - xr.mass).max())
-      cov_err = float(jnp.abs(kr.coverage - xr.coverage).max())
+      # masses and coverage compared where the kept sets agree (elsewhere a near-tie or a block at the
+      # budget's threshold went the other way under the GPU's summation order)
+      mass_err = float(np.abs(np.asarray(kr.mass) - np.asarray(xr.mass))[equal].max())
+      cov_err = float(np.abs(np.asarray(kr.coverage) - np.asarray(xr.coverage))[equal].max())
       counts = np.asarray(xr.mask.counts)
       ok = equal.mean() >= 0.995 and cov_err < 2e-3
       return ok, (f"rows equal {equal.mean():.5f}; max |mass diff| {mass_err:.2e}, |coverage diff| "

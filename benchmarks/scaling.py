@@ -130,6 +130,8 @@ def _memory(compiled) -> int:
 def run_one(variant, config, params, t, stream_cfg, repeats):
   """One point: compile, then one warm-up run and `repeats` timed runs (repeats=0: the first run is timed)."""
   tokens = jnp.asarray(np.random.default_rng(t).integers(3, config.vocab_size, size=(1, t)), jnp.int32)
+  if t > config.max_length:  # speed and memory past the trained context (random weights: no quality claim)
+    config = config.replace(context_length=t)
   kwargs = dict(last_only=True)
   if variant == "plain":
     kwargs.update(attention="dense", dense_impl="cudnn" if jax.default_backend() == "gpu" else "xla")

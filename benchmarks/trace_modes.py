@@ -70,6 +70,8 @@ def mode_kwargs(mode: str) -> dict:
 
 def run_point(config_name: str, mode: str, t: int, repeats: int) -> dict:
   config = get_config(config_name)
+  if t > config.max_length:  # speed and memory past the trained context (random weights: no quality claim)
+    config = config.replace(context_length=t)
   params = scaling.device_random_params(config, jnp.bfloat16)
   tokens = jnp.asarray(np.random.default_rng(t).integers(3, config.vocab_size, size=(1, t)), jnp.int32)
   kw = mode_kwargs(mode)

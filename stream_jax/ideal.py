@@ -184,7 +184,8 @@ def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, qu
   t, s = q.shape[1], k.shape[1]
   bq, bk = config.block_q, config.block_k
   n_q, n_k = num_blocks(t, bq), num_blocks(s, bk)
-  qc = min(query_blocks, n_q)
+  per = kernel.DEFAULT_BLOCKS_PER_PROGRAM
+  qc = -(-min(query_blocks, n_q) // per) * per  # whole programs per chunk
   n_qc = -(-n_q // qc)
   diag = common.pad_axis(diagonal_blocks(t, s, bq, bk), 0, n_qc * qc).reshape(n_qc, qc)
   rows_valid = jnp.clip(t - jnp.arange(n_qc * qc) * bq, 0, bq).astype(jnp.float32).reshape(n_qc, qc)
@@ -192,8 +193,8 @@ def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, qu
   def chunk_fn(args):
     i, diag_c, valid_c = args
     table = kernel.mass_rows(q, k, lse, i * qc, n_rows=qc, block_q=bq, block_k=bk, q_len=t, k_len=s,
-                             scale=scale, softcap=softcap, window=window,
-                             interpret=interpret)  # [B, N, qc, nK]
+                             scale=scale, softcap=softcap, window=window, interpret=interpret,
+                             blocks_per_program=per)  # [B, N, qc, nK]
     return jax.vmap(functools.partial(_select_chunk, config=config), in_axes=(0, None, None))(
         table, diag_c, valid_c)
 

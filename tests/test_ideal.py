@@ -171,6 +171,8 @@ def test_memory_is_linear_in_t():
     (320, 320, 32, 3, 0.9, None, None),
     (300, 400, 16, 4, None, 5.0, None),  # ragged, queries the last 300 of 400, soft-cap
     (256, 256, 32, 2, 0.8, None, 100),  # sliding window
+    (700, 700, 16, 6, 0.9, None, None),  # past two 16-block key groups: the unmasked (free) tiles, base 2
+    (600, 640, 16, 6, None, 8.0, None),  # free tiles with a soft-cap
 ])
 def test_kernel_interpreted_equals_the_xla_reference(t, s, block, top_k, coverage, softcap, window):
   q, k = _inputs(t, s, 4, 2, 32, seed=t + s)

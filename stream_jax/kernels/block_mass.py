@@ -29,11 +29,14 @@ from stream_jax.numerics import NEG_INF
 
 # Key blocks per store of the output row.
 GROUP = 16
-DEFAULT_NUM_WARPS = 4
+LOG2E = 1.4426950408889634
+# Launch settings, best of {4, 8} warps x {2, 3, 4} stages x {1, 2, 4} query blocks per program on an H200
+# at 32k / 128k (8 heads, head dim 256, bf16; benchmarks/ideal_kernel.py: 88 ms at 128k against cuDNN
+# attention's 129 ms). Four query blocks per program make a 256-row tile for the Q K^T product, at the price
+# of the last block's diagonal group for the earlier ones.
+DEFAULT_NUM_WARPS = 8
 DEFAULT_NUM_STAGES = 3
-# Query blocks per program: 2 x 64 rows make a 128-row tile for the Q K^T product (better tensor-core use
-# than 64 rows), at the price of computing the later block's diagonal group for the earlier one too.
-DEFAULT_BLOCKS_PER_PROGRAM = 1
+DEFAULT_BLOCKS_PER_PROGRAM = 4
 
 
 def unsupported(block_q: int, block_k: int, has_key_mask: bool) -> Optional[str]:
@@ -107,28 +110,48 @@ def _kernel(q_ref, k_ref, lse_ref, first_ref, o_ref, *, per, block_q, block_k, q
   norm = jnp.where(ok, lse, 0.0)
   slots = iota(GROUP)
   which = iota(per * block_q) // block_q  # the query block of each row
+  # Key groups every row of the program sees whole (causal, no window): their tiles need no mask. A row
+  # that sees nothing gets a +inf normaliser there, so exp gives it 0; without a soft-cap the exponent is
+  # taken base 2 with log2(e) folded into the scale and the normaliser (one multiply less per logit).
+  first_pos = j0 * block_q + (k_len - q_len)
+  free = 0 if window is not None else jnp.clip((first_pos + 1) // block_k // GROUP, 0, diag_group + 1)
+  norm_free = jnp.where(ok, lse, jnp.inf)
+  norm_free2 = norm_free * LOG2E
 
-  def group_body(gi, carry):
-    def block_body(c, vecs):
-      blk = gi * GROUP + c
-      kb = k_ref[pl.ds(blk * block_k, block_k), :]
-      x = numerics.softcap(lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
-                                           preferred_element_type=jnp.float32) * scale, softcap)
-      k_pos = blk * block_k + iota(block_k)
-      visible = (k_pos[None, :] <= q_pos[:, None]) & ok[:, None]
-      if window is not None:
-        visible &= q_pos[:, None] - k_pos[None, :] < window
-      p = jnp.where(visible, jnp.exp(jnp.minimum(x - norm[:, None], 0.0)), 0.0)
-      row_sums = jnp.sum(p, axis=1)  # [per * bq]
-      return tuple(v + jnp.where(slots == c, jnp.sum(jnp.where(which == r, row_sums, 0.0)), 0.0)
-                   for r, v in enumerate(vecs))
+  def tile(blk, masked):
+    kb = k_ref[pl.ds(blk * block_k, block_k), :]
+    x = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32)
+    if not masked:
+      if softcap is None:
+        return jnp.exp2(jnp.minimum(x * (scale * LOG2E) - norm_free2[:, None], 0.0))
+      return jnp.exp(jnp.minimum(numerics.softcap(x * scale, softcap) - norm_free[:, None], 0.0))
+    x = numerics.softcap(x * scale, softcap)
+    k_pos = blk * block_k + iota(block_k)
+    visible = (k_pos[None, :] <= q_pos[:, None]) & ok[:, None]
+    if window is not None:
+      visible &= q_pos[:, None] - k_pos[None, :] < window
+    return jnp.where(visible, jnp.exp(jnp.minimum(x - norm[:, None], 0.0)), 0.0)
 
-    vecs = lax.fori_loop(0, GROUP, block_body, tuple(jnp.zeros((GROUP,), jnp.float32) for _ in range(per)))
-    for r, v in enumerate(vecs):
-      o_ref[r, pl.ds(gi * GROUP, GROUP)] = v
-    return carry
+  # One loop over the key blocks of the free groups, one over the rest up to the diagonal group (so
+  # Triton pipelines the key loads along the row); each group's masses collect in a GROUP-vector, stored
+  # when the group ends.
+  def body(blk, vecs, masked):
+    c = lax.rem(blk, GROUP)
+    row_sums = jnp.sum(tile(blk, masked), axis=1)  # [per * bq]
+    vecs = tuple(jnp.where(slots == c, jnp.sum(jnp.where(which == r, row_sums, 0.0)),
+                           jnp.where(c == 0, 0.0, v)) for r, v in enumerate(vecs))
 
-  lax.fori_loop(0, diag_group + 1, group_body, None)
+    @pl.when(c == GROUP - 1)
+    def _store():
+      for r, v in enumerate(vecs):
+        o_ref[r, pl.ds(blk + 1 - GROUP, GROUP)] = v
+
+    return vecs
+
+  zeros = tuple(jnp.zeros((GROUP,), jnp.float32) for _ in range(per))
+  lax.fori_loop(0, free * GROUP, functools.partial(body, masked=False), zeros)
+  lax.fori_loop(free * GROUP, (diag_group + 1) * GROUP, functools.partial(body, masked=True), zeros)
 
   def zero_body(gi, carry):
     for r in range(per):
