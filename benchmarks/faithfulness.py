@@ -18,6 +18,11 @@ Configs (`--configs`, comma list):
   oracle<N>     representative="oracle": the exact top-N blocks by max logit, O(T^2) (CPU: T <= 8k)
   adaptive<P>   StreamConfig(coverage=P/100, top_k=--adaptive-max-k); adaptive<P>k<N> sets top_k=N
   exact         forward(..., attention=StreamConfig(), output="exact"): dense logits, Stream mask, coverage
+  ideal<P>      StreamConfig.ideal(coverage=P/100, top_k=--adaptive-max-k), output="exact": the ideal kept set
+                (blocks by true dense mass; its coverage is exact, so kept is the ideal selector's cost)
+  idealsparse<P> the same set with output="sparse": the model attends through the ideal set (the frontier)
+  <name>-exact  any config above with output="exact": its trace's coverage is then the *true* coverage of
+                the estimator's kept set (the calibration column: asked vs true)
 Configs whose API this checkout lacks are skipped with a note.
 
 Sources: benchmarks/corpora.py (READMEs of installed distributions, scipy docstrings; torch_docs on request).
@@ -126,6 +131,16 @@ class Variant:
 
 def make_variant(name: str, base: StreamConfig, api: dict, adaptive_max_k: int = 128) -> Variant:
   """The forward call a config name stands for; Unsupported where this API lacks it, ValueError if bad."""
+  if name.endswith("-exact"):
+    inner = make_variant(name[:-len("-exact")], base, api, adaptive_max_k)
+    return Variant(name, inner.config, output="exact")
+  m = re.fullmatch(r"(ideal|idealsparse)(\d+)", name)
+  if m:
+    pct = int(m.group(2))
+    if not 0 < pct <= 100:
+      raise ValueError(f"--configs: {name!r}: the coverage target must be in (0, 100]")
+    cfg = base.replace(top_k=adaptive_max_k, coverage=pct / 100, select="ideal")
+    return Variant(name, cfg, output="exact" if m.group(1) == "ideal" else "sparse")
   m = re.fullmatch(r"(k|mass|oracle)(\d+)|adaptive(\d+)(?:k(\d+))?|exact(\d+)?", name)
   if m is None:
     raise ValueError(f"--configs: unknown config {name!r} (k<N>, mass<N>, oracle<N>, adaptive<P>[k<N>], "
@@ -223,6 +238,7 @@ def measure(model, params, tokens: np.ndarray, variant: Variant, dense_final, *,
   own_stats = _stats(kl[own - first:], top1[own - first:], top5[own - first:])
   row.update(own_start=own, kl_mean_own=own_stats["kl_mean"], top1_own=own_stats["top1"])
   row.update(trace_stats(trace, start))
+  row["asked_coverage"] = cfg.coverage
   row["seconds"] = seconds
   return row
 
@@ -244,7 +260,7 @@ def dense_final_state(model, params, tokens: np.ndarray, dense_impl: str):
 
 def _config_order(name: str):
   m = re.fullmatch(r"([a-z]+?)(\d*)(?:k(\d+))?", name)
-  kinds = ["k", "mass", "oracle", "adaptive", "exact"]
+  kinds = ["k", "mass", "oracle", "adaptive", "exact", "ideal", "idealsparse"]
   kind = m.group(1) if m else name
   return (kinds.index(kind) if kind in kinds else len(kinds), int(m.group(2) or 0) if m else 0, name)
 
@@ -264,15 +280,15 @@ def markdown_table(rows: list[dict]) -> str:
   rows = sorted(latest.values(), key=lambda r: (r["source"], r["T"], _config_order(r["config"]),
                                                 r.get("dtype") or ""))
   head = ("| source | T | config | kept (global) | kept (pruned rows) | pruned from | KL mean | KL p99 | "
-          "top-1 | top-5 | KL last | top-1 last | coverage (pruned) | worst head | dtype |")
-  lines = [head, "|" + "|".join(["---"] * 3 + ["---:"] * 11 + ["---"]) + "|"]
+          "top-1 | top-5 | KL last | top-1 last | asked coverage | coverage (pruned) | worst head | dtype |")
+  lines = [head, "|" + "|".join(["---"] * 3 + ["---:"] * 12 + ["---"]) + "|"]
   for r in rows:
     lines.append("| " + " | ".join([
         r["source"], f"{r['T']:,}", r["config"], _fmt(r.get("kept"), ".1%"), _fmt(r.get("kept_pruned"), ".1%"),
         f"{r['pruned_start']:,}" if r["pruned_start"] < r["T"] else "–",
         _fmt(r.get("kl_mean"), ".4f"), _fmt(r.get("kl_p99"), ".3f"), _fmt(r.get("top1"), ".3f"),
         _fmt(r.get("top5"), ".3f"), _fmt(r.get("kl_last"), ".4f"), _fmt(r.get("top1_last"), ".0f"),
-        _fmt(r.get("coverage_pruned"), ".3f"), _fmt(r.get("coverage_min_head"), ".3f"),
+        _fmt(r.get("asked_coverage"), ".2f"), _fmt(r.get("coverage_pruned"), ".3f"), _fmt(r.get("coverage_min_head"), ".3f"),
         r.get("dtype", "")]) + " |")
   return "\n".join(lines)
 
@@ -296,7 +312,7 @@ def plot(rows: list[dict], path: str) -> str:
     raise ValueError("nothing to plot: no row has metrics over a pruned regime")
   fig, axes = plt.subplots(2, len(sources), figsize=(5.5 * len(sources), 7.5), squeeze=False)
   colors = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(len(lengths), 1)))
-  markers = {"oracle": "s", "adaptive": "^", "mass": "D", "exact": "*"}
+  markers = {"oracle": "s", "adaptive": "^", "mass": "D", "exact": "*", "idealsparse": "P"}
   for c, src in enumerate(sources):
     for t, color in zip(lengths, colors):
       sel = [r for r in rows if r["source"] == src and r["T"] == t]

@@ -401,5 +401,5 @@ def _select_by_mass(q_rows, q_pos, k_blocks, *, diag, lo, hi, n, config: StreamC
     else:  # the search's partition: what it dropped, each node estimated by its representative x size
       rest = jnp.where(is_dense, 0.0, dropped)
     searched_ok &= shares.coverage_keep(scores, searched_ok, jnp.exp(share(rule_lse[None])[0]),
-                                        jnp.maximum(rest, 0.0), config.coverage)
+                                        jnp.maximum(rest, 0.0) * config.dropped_scale, config.coverage)
   return _union(searched, searched_ok, diag, config)

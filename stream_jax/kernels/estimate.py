@@ -334,7 +334,8 @@ def _kernel(q_ref, pos_ref, k_ref, o_ref, *, config: StreamConfig, n_k, scale, s
     scores = jnp.where(search, scores, dense)
     rest = jnp.where(search, jnp.maximum(dropped, 0.0), 0.0)
     rule_share = jnp.exp(shares.log_share(rule_lse, z, row_ok, log_rows))  # sink + window, estimated
-    searched_ok &= shares.coverage_keep(scores, searched_ok, rule_share, rest, config.coverage)
+    searched_ok &= shares.coverage_keep(scores, searched_ok, rule_share, rest * config.dropped_scale,
+                                        config.coverage)
 
   # Union {sink} + {searched} + {window}: three ascending disjoint runs (window blocks below
   # sink_blocks repeat a sink block and are dropped); compact the valid ones in order.
