@@ -137,7 +137,8 @@ def plot_block_mask_heads(mask: BlockMask, mass=None, title: str = "", max_heads
       axis.set_major_locator(MaxNLocator(nbins=4, integer=True))
     ax.tick_params(labelsize=7)
     ax.set_xlabel("key block", fontsize=8)
-    ax.set_ylabel("query block", fontsize=8)
+    if h % cols == 0:  # one y label per row: the next panel's label would run into this one's ticks
+      ax.set_ylabel("query block", fontsize=8)
   if im is not None:
     fig.colorbar(im, ax=axes.ravel().tolist(), label="attention mass per kept block" if mass is not None
                  else "kept")

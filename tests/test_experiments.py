@@ -60,7 +60,7 @@ def test_trace_text_calls_the_faithfulness_functions(monkeypatch):
   assert calls[0]["pruned_from"] == faithfulness.pruned_start(len(res.ids), SETTINGS.config)
   assert isinstance(res.trace, Trace) and len(res.trace) == 6
   assert res.trace.layers[0].mask.indices.ndim == 3  # one row: no batch axis
-  assert set(res.pair.timings) == {"dense_forward_s", "stream_forward_s"}
+  assert set(res.pair.timings) == {"dense_forward_s", "stream_forward_s", "metrics_s"}
   summary = res.report.summary()
   assert 0 < summary["kept_stream"] <= 1 and "oracle_recall" in summary and summary["kl_mean"] > -1e-5
   with pytest.raises(ex.InputError, match="empty"):

@@ -255,9 +255,13 @@ def faithfulness_pair(model, ids, settings: Settings = Settings(), *, output: st
     masks = faithfulness.oracle_masks(run.trace, model.forward(ids, **o_kw).row(0).trace)
     bar.update()
   bar.close()
+  t0 = time.perf_counter()
+  bar = _bar(len(ids), "faithfulness metrics", "tok", progress)
   report = faithfulness.faithfulness_report_from_hidden(
       list(d_hidden), list(run.hidden), _logits_fn(model), trace=run.trace, oracle_masks=masks,
-      pruned_from=faithfulness.pruned_start(len(ids), settings.config))
+      pruned_from=faithfulness.pruned_start(len(ids), settings.config), on_chunk=bar.update)
+  bar.close()
+  timings["metrics_s"] = time.perf_counter() - t0
   return FaithfulnessPair(run.trace, report, timings, len(ids))
 
 
