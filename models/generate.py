@@ -43,10 +43,10 @@ class Generation:
     return self.prefill.trace
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "plans", "cache_len"))
-def _prefill(params, tokens, intervention, *, config, dtype, plans, cache_len):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "plans", "cache_len", "return_hidden"))
+def _prefill(params, tokens, intervention, *, config, dtype, plans, cache_len, return_hidden=False):
   out = Gemma(config, dtype).apply(params, tokens, plans, last_only=True, return_kv=True,
-                                   intervention=intervention, method=Gemma.run)
+                                   return_hidden=return_hidden, intervention=intervention, method=Gemma.run)
   pad = cache_len - tokens.shape[1]
   cache = tuple((jnp.pad(k, [(0, 0), (0, pad), (0, 0), (0, 0)]),
                  jnp.pad(v, [(0, 0), (0, pad), (0, 0), (0, 0)])) for k, v in out["kv"])
@@ -63,7 +63,8 @@ def _step(params, token, start, cache, intervention, *, config, dtype):
 def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Attention = "dense",
              dense_layers: Sequence[int] = (), prune_local: bool = False, backend: str = "xla",
              tokenizer=None, stop_ids: Optional[Sequence[int]] = None, output: str = "sparse",
-             coverage: bool = False, intervention: Optional[Intervention] = None) -> Generation:
+             coverage: bool = False, intervention: Optional[Intervention] = None,
+             return_hidden: bool = False) -> Generation:
   """Greedy continuation of a prompt.
 
   Args:
@@ -78,6 +79,8 @@ def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Atte
     intervention: per-layer overrides of the prefill (see `forward`); its key suppression also holds in
       every decoding step (the suppressed prompt keys stay invisible to the generated tokens).
     stop_ids: token ids that end a row (default: the config's EOS and the tokenizer's <end_of_turn>).
+    return_hidden: also keep the prefill's residual stream (`prefill.hidden`, [L, B, T, D]), so one prefill
+      serves both the answer and per-position metrics (e.g. faithfulness) without a second forward.
   Returns:
     Generation (text list, ids, prompt_ids, prefill TracedRun), always batched.
   """
@@ -112,7 +115,7 @@ def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Atte
   step_iv = None if intervention is None or not intervention.suppresses else dataclasses.replace(
       intervention.pad_keys(cache_len), masks=None)  # decoding steps: suppression only, over the cache
   res, cache = _prefill(params, jnp.asarray(ids), intervention, config=config, dtype=dtype, plans=plans,
-                        cache_len=cache_len)
+                        cache_len=cache_len, return_hidden=bool(return_hidden))
   prefill = traced_run(res, plans)
   token = jnp.argmax(prefill.logits, axis=-1).astype(jnp.int32)
   out, done = [], np.zeros(b, bool)

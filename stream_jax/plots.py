@@ -31,6 +31,9 @@ from stream_jax import checks
 from stream_jax.mask import BlockMask
 
 DPI = 110
+# Reports show figures at most 1100 px wide (index.html's column): at DPI 110 that is 10 inches. Wider
+# figures get scaled down in the page and their legends and tick labels become unreadable.
+MAX_WIDTH_IN = 10.0
 
 CATEGORY_COLORS = {
     "problem_setup": "#4c72b0", "plan_generation": "#dd8452", "fact_retrieval": "#55a868",
@@ -116,7 +119,8 @@ def plot_block_mask_heads(mask: BlockMask, mass=None, title: str = "", max_heads
   shown = min(n, max_heads)
   cols = min(shown, 4)
   rows = -(-shown // cols)
-  fig, axes = _figure(rows, cols, figsize=(3.2 * cols + 1, 3 * rows + 0.6), squeeze=False)
+  width = min(MAX_WIDTH_IN, 2.3 * cols + 1)
+  fig, axes = _figure(rows, cols, figsize=(width, (width - 1) / cols * rows + 1.2), squeeze=False)
   mats = [block_matrix(mask, mass, h) for h in range(shown)]
   vals = np.concatenate([m[m > 0] for m in mats]) if mass is not None else np.ones(1)
   norm = (matplotlib.colors.LogNorm(vals.min(), vals.max()) if mass is not None and vals.size
@@ -129,9 +133,12 @@ def plot_block_mask_heads(mask: BlockMask, mass=None, title: str = "", max_heads
     im = ax.imshow(np.where(mats[h] > 0, mats[h], np.nan), cmap="viridis", interpolation="nearest",
                    aspect="auto", norm=norm)
     ax.set_title(f"head {h}", fontsize=9)
-    _int_ticks(ax)
+    for axis in (ax.xaxis, ax.yaxis):  # few ticks: 3-digit block ids must not run into each other
+      axis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    ax.tick_params(labelsize=7)
     ax.set_xlabel("key block", fontsize=8)
-    ax.set_ylabel("query block", fontsize=8)
+    if h % cols == 0:  # one y label per row: the next panel's label would run into this one's ticks
+      ax.set_ylabel("query block", fontsize=8)
   if im is not None:
     fig.colorbar(im, ax=axes.ravel().tolist(), label="attention mass per kept block" if mass is not None
                  else "kept")
@@ -150,7 +157,7 @@ def plot_vertical_scores(scores, labels: Sequence[str], title: str = "sentence i
   if len(labels) != len(scores):
     raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
   sink = [checks.check_index("sink sentence", i, len(scores)) for i in sink]
-  fig, ax = _figure(figsize=(max(6, len(scores) * 0.12), 3.8))
+  fig, ax = _figure(figsize=(min(MAX_WIDTH_IN, max(6, len(scores) * 0.12)), 3.8))
   colors = [CATEGORY_COLORS.get(l, "#333333") for l in labels]
   bars = ax.bar(np.arange(len(scores)), np.nan_to_num(scores), color=colors)
   for i in sink:
@@ -222,7 +229,7 @@ def plot_coverage(trace, start_block: int = 0, title: str = "coverage") -> Figur
   if not 0 <= start_block < cov[0].shape[-1]:
     raise ValueError(f"start_block must be in [0, {cov[0].shape[-1]}), got {start_block}")
   grid = np.stack([c[:, start_block:].mean(-1) for c in cov])  # [L', N]
-  fig, (a0, a1) = _figure(1, 2, figsize=(11, max(3.0, len(layers) * 0.45 + 1.6)),
+  fig, (a0, a1) = _figure(1, 2, figsize=(MAX_WIDTH_IN, max(3.0, len(layers) * 0.45 + 1.6)),
                                gridspec_kw=dict(width_ratios=[1, 1.6]))
   im = a0.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
   fig.colorbar(im, ax=a0, label="share of dense attention in kept blocks")
@@ -248,37 +255,77 @@ def plot_route(route, needle_blocks: Optional[Sequence[int]] = None, min_weight:
                max_edges: int = 300, title: str = "needle route") -> Figure:
   """Layered diagram: x = block, y = layer (input of layer l at y = l); node size ~ flow; route edges (on a
   path from a needle block) in red, other kept edges in grey; needle blocks marked at the bottom, block 0
-  (BOS, the attention sink) marked too. Every mark has a legend entry."""
+  (BOS, the attention sink) marked too. The legend lists only marks that are drawn; the figure is at most
+  MAX_WIDTH_IN wide, so it shows unscaled in a report."""
   flow = np.asarray(route.flow)
   n_levels, n_b = flow.shape
-  fig, ax = _figure(figsize=(max(6, n_b * 0.12), max(4, n_levels * 0.35)))
+  fig, ax = _figure(figsize=(min(MAX_WIDTH_IN, max(6, n_b * 0.12)), max(4, n_levels * 0.3 + 1.5)))
   edges = route.edge_list(min_weight=min_weight, only_route=False)[:max_edges]
   on = {(l, k, q) for l, _, k, q, _ in route.edge_list(min_weight=min_weight, only_route=True)}
   wmax = max([e[-1] for e in edges], default=1.0)
+  drawn = {"red": 0, "grey": 0}
   for l, _, k, q, w in sorted(edges, key=lambda e: ((e[0], e[2], e[3]) in on, e[-1])):
     red = (l, k, q) in on
+    drawn["red" if red else "grey"] += 1
     ax.plot([k, q], [l, l + 1], color="red" if red else "0.6", alpha=0.25 + 0.75 * w / wmax,
             lw=0.5 + 3 * w / wmax, zorder=2 if red else 1)
   yy, xx = np.nonzero(flow > 0)
   ax.scatter(xx, yy, s=5 + 200 * flow[yy, xx], c="black", zorder=3)
-  handles = [Line2D([], [], color="red", lw=2, label="kept edge on a path from a needle block"),
-             Line2D([], [], color="0.6", lw=2, label="other kept edge (width ~ weight)"),
-             Line2D([], [], color="black", marker="o", ls="", label="share of the answer's information "
-                    "(dot size)")]
-  if needle_blocks is not None:
+  handles = []
+  if drawn["red"]:
+    handles.append(Line2D([], [], color="red", lw=2, label="kept edge on a path from a needle block"))
+  if drawn["grey"]:
+    handles.append(Line2D([], [], color="0.6", lw=2, label="other kept edge (width ~ weight)"))
+  if len(xx):
+    handles.append(Line2D([], [], color="black", marker="o", ls="", label="share of the answer's "
+                          "information (dot size)"))
+  if needle_blocks is not None and len(needle_blocks):
     nb = [checks.check_index("needle block", b, n_b, f" ({n_b} blocks)") for b in needle_blocks]
     ax.scatter(nb, [-0.4] * len(nb), marker="^", c="red", s=40, zorder=3)
     handles.append(Line2D([], [], color="red", marker="^", ls="", label="needle block"))
   ax.scatter([0], [-0.4], marker="s", c="tab:blue", s=30, zorder=3)
   handles.append(Line2D([], [], color="tab:blue", marker="s", ls="", label="block 0: BOS, attention sink"))
-  ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+  ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+            frameon=False)
   ax.set_xlim(-1, n_b)
   ax.set_ylim(-1, n_levels)
   ax.set_xlabel("block (position in the prompt)")
-  ax.set_ylabel("layer (input of layer l at y = l; top = output)")
+  ax.set_ylabel("layer (input of layer l at y = l;\ntop = output)")
   _int_ticks(ax)
-  _title(ax, title, width=max(40, int(fig.get_size_inches()[0] * 7)))
+  _title(ax, title, width=max(40, int(fig.get_size_inches()[0] * 9)))
   return _done(fig)
+
+
+def plot_needle_mass(stream, dense=None, title: str = "needle share of the final query block's attention"
+                     ) -> Figure:
+  """Layers x heads grids of the needle mass (float[L, N]) in the Stream trace and, when given, in the dense
+  model's attention beside it, on one colour scale from 0: a blank Stream panel then reads as "pruned
+  away" against the dense contrast, not as a colour-bar artefact."""
+  grids = [("Stream", np.asarray(stream, np.float64))]
+  if dense is not None:
+    grids.insert(0, ("dense", np.asarray(dense, np.float64)))
+  for name, g in grids:
+    if g.ndim != 2:
+      raise ValueError(f"{name} needle mass must be [layers, heads], got shape {g.shape}")
+  top = max(float(np.nanmax(g)) if np.isfinite(g).any() else 0.0 for _, g in grids)
+  n_l, n_h = grids[0][1].shape
+  fig, axes = _figure(1, len(grids), figsize=(min(MAX_WIDTH_IN, 1.5 + len(grids) * max(3.0, 0.5 * n_h + 1.5)),
+                                              max(3.4, n_l * 0.28 + 1.4)), squeeze=False)
+  im = None
+  for ax, (name, g) in zip(axes[0], grids):
+    im = ax.imshow(g, cmap="magma", vmin=0, vmax=top if top > 0 else 1, aspect="auto",
+                   interpolation="nearest")
+    peak = np.unravel_index(np.nanargmax(g), g.shape) if np.isfinite(g).any() and np.nanmax(g) > 0 else None
+    sub = (f"{name}: max {g[peak]:.3f} (layer {peak[0]}, head {peak[1]})" if peak is not None
+           else f"{name}: 0 in every layer and head")
+    _title(ax, sub, width=40)
+    ax.set_xlabel("head")
+    if ax is axes[0][0]:
+      ax.set_ylabel("layer")
+    _int_ticks(ax)
+  fig.colorbar(im, ax=list(axes[0]), label="needle share of the final\nquery block's attention")
+  fig.suptitle(title, fontsize=10)
+  return fig  # no tight_layout: the shared colour bar spans the axes
 
 
 def plot_success_failure(success, failure, title: str = "needle mass at the final block",
@@ -287,7 +334,7 @@ def plot_success_failure(success, failure, title: str = "needle mass at the fina
   the difference)."""
   s, f = np.asarray(success, np.float64), np.asarray(failure, np.float64)
   two_d = s.ndim == 2
-  fig, axes = _figure(1, 2 if two_d else 1, figsize=(11 if two_d else 6, 3.8))
+  fig, axes = _figure(1, 2 if two_d else 1, figsize=(MAX_WIDTH_IN if two_d else 6, 3.8))
   ax = axes[0] if two_d else axes
   ls, lf = (s.mean(-1), f.mean(-1)) if two_d else (s, f)
   ax.plot(ls, "o-", color="tab:green", label="success")
@@ -314,7 +361,8 @@ def plot_suppression(result, receiver=None, title: str = "attention suppression"
   sentence k of suppressing column j, mean log KL; blank above the diagonal) and, with `receiver` (float[S]
   receiver-head importance), a rank scatter of suppression importance against it, Spearman in the title."""
   m = np.asarray(result.matrix, np.float64)
-  fig, axes = _figure(1, 2 if receiver is not None else 1, figsize=(11 if receiver is not None else 5.5, 4.4))
+  fig, axes = _figure(1, 2 if receiver is not None else 1,
+                      figsize=(MAX_WIDTH_IN if receiver is not None else 5.5, 4.4))
   ax = axes[0] if receiver is not None else axes
   im = ax.imshow(np.ma.masked_invalid(m), cmap="magma", aspect="auto", interpolation="nearest")
   fig.colorbar(im, ax=ax, label="mean log(KL)")

@@ -358,3 +358,39 @@ def test_multi_tag_labels():
     A.by_category([1.0], [3])
   with pytest.raises(ValueError, match="labels"):
     A.label_sentences(["a", "b"], labels="xy")
+
+
+# --- is the receiver-head ranking significant? -------------------------------------------------------------
+
+def test_kurtosis_se_matches_a_simulation():
+  """The standard error used to call near-ties is the spread of this module's kurtosis over normal draws."""
+  rng = np.random.default_rng(7)
+  for n in (12, 40):
+    k = np.asarray(A.kurtosis(jnp.asarray(rng.standard_normal((20000, n)), jnp.float32)))
+    assert abs(np.std(k) / A.kurtosis_se(n) - 1) < 0.05, (n, np.std(k), A.kurtosis_se(n))
+
+
+def test_ranking_ties_flag_near_ties_and_an_arbitrary_cut():
+  se = A.kurtosis_se(40)
+  a, b, c, d = 10.0, 10.0 + se / 4, 5.0, 5.0 - 3 * se
+  e = d - se / 2
+  kurt = np.array([[np.nan, np.nan, np.nan], [a, c, -5.0], [e, b, d]])
+  clear = A.ranking_ties(kurt, selected=3, n_scores=40)  # b, a, c | d, e, ...: 3 se between c and d
+  assert clear.ranked == 6 and clear.se == se
+  assert set(clear.near_tied) == {(1, 0), (2, 1), (2, 0), (2, 2)}  # the pairs a/b and d/e
+  assert clear.at_cut == () and clear.significant
+  cut = A.ranking_ties(kurt, selected=4, n_scores=40)  # the cut falls between d and e, half an se apart
+  assert cut.at_cut == ((2, 0),) and not cut.significant
+  assert "4 of 6 heads" in cut.format() and "L2H0" in cut.format()
+
+
+def test_thought_anchors_reports_ties_of_its_own_ranking():
+  rng = np.random.default_rng(3)
+  v = jnp.asarray(rng.random((4, 3, 30)), jnp.float32)
+  sents = A.Sentences("", tuple((i, i + 1) for i in range(30)), np.zeros((30, 2), np.int32),
+                      tuple(f"s{i}" for i in range(30)))
+  rep = A.anchors_from_vertical(v, sents, top_heads=5)
+  assert rep.ties is not None and rep.ties.selected == 5 and rep.ties.ranked == 9  # layer 0 excluded
+  assert rep.ties.n_scores == 30
+  fixed = A.anchors_from_vertical(v, sents, heads=[[1, 0]])
+  assert fixed.ties is None  # heads picked elsewhere: this trace's ranking did not choose them

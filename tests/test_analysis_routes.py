@@ -194,3 +194,56 @@ def test_route_and_needle_mass_jit_and_vmap():
   batched = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tr)
   nm = jax.jit(jax.vmap(lambda t: R.trace_needle_mass(t, jnp.asarray(NEEDLE))))(batched)
   np.testing.assert_allclose(nm[1], R.trace_needle_mass(tr, NEEDLE), atol=1e-6)
+
+
+# --- comparing like with like ------------------------------------------------------------------------------
+
+def test_compare_without_failures_names_no_gap():
+  """All successes: there is no failure to compare with, so no layer 'loses' the needle (the old format
+  printed 'largest gap at layer 0' against NaN)."""
+  c = R.compare([np.ones((2, 2)), np.zeros((2, 2))], [True, True])
+  assert c.lost_layer is None and not c.comparable and c.heads == ()
+  assert "largest gap" not in c.format() and "nothing to compare" in c.format()
+
+
+def test_needle_visible_follows_the_token_rule_of_local_windows():
+  from stream_jax.mask import window_mask  # pylint: disable=import-outside-toplevel
+  t, block, w = 64, 4, 8
+  def layer(l, window):
+    m = window_mask(1, t, t, block_q=block, block_k=block, window=window)
+    return LayerTrace(m, jnp.zeros(m.indices.shape, jnp.float32), l, "local" if window else "global",
+                      "window" if window else "stream", window)
+  trace = Trace((layer(0, w), layer(1, None)))
+  final = range(t - block, t)
+  for span in ([10, 12], [52, 56], [52, 57], [57, 59], [60, 62]):
+    seen = any(0 <= i - s < w for i in final for s in range(*span))  # query i sees key s iff 0 <= i - s < W
+    np.testing.assert_array_equal(R.needle_visible(trace, np.array([span])), [seen, True], err_msg=str(span))
+
+
+def test_compare_groups_keeps_lengths_apart_and_blind_layers_out():
+  """niah's default sweep: successes at 600 tokens, where local layers (0, 1) see the needle, and a failure
+  at 3000, where they cannot. Pooled, the local heads rank first as 'carrying the needle in successes
+  only'; by length, 600 has nothing to compare and 3000 compares its global layer only."""
+  local_on = np.array([[0.5, 0.4], [0.3, 0.2], [0.2, 0.1]])
+  s600 = [local_on, local_on * 0.9]
+  s3000 = np.array([[0.0, 0.0], [0.0, 0.0], [0.3, 0.2]])
+  f3000 = np.array([[0.0, 0.0], [0.0, 0.0], [0.1, 0.15]])
+  nm = s600 + [s3000, f3000]
+  ok = [True, True, True, False]
+  lengths = [600, 600, 3000, 3000]
+  vis = [[True, True, True]] * 2 + [[False, False, True]] * 2
+  assert R.compare(nm, ok).heads[0][0] == 0  # the trap: a local head first
+  g = R.compare_groups(nm, ok, lengths, [None] * 4, [40.0, 60.0, 12.0, 30.0], visible=vis)
+  assert [x.length for x in g.groups] == [600, 3000] and (g.n_success, g.n_failure) == (3, 1)
+  assert not g.groups[0].comparison.comparable
+  c = g.groups[1].comparison
+  assert c.comparable and c.excluded_layers == (0, 1) and c.lost_layer == 2
+  assert {h[0] for h in c.heads} == {2} and c.heads[0][:2] == (2, 0)
+  assert np.isnan(c.success[:2]).all()
+  assert [x.length for x in g.comparable] == [3000]
+  assert any("depth is random" in w for w in g.warnings())
+  none = R.compare_groups(nm[:3], ok[:3], lengths[:3], [None] * 3, [40.0, 60.0, 12.0], visible=vis[:3])
+  assert not none.comparable and any(w.startswith("nothing comparable") for w in none.warnings())
+  assert "nothing comparable" in none.format()
+  fixed = R.compare_groups(nm, ok, lengths, [50, 50, 50, 50], [50.0] * 4, visible=vis)
+  assert not any("depth is random" in w for w in fixed.warnings())

@@ -60,7 +60,7 @@ def test_trace_text_calls_the_faithfulness_functions(monkeypatch):
   assert calls[0]["pruned_from"] == faithfulness.pruned_start(len(res.ids), SETTINGS.config)
   assert isinstance(res.trace, Trace) and len(res.trace) == 6
   assert res.trace.layers[0].mask.indices.ndim == 3  # one row: no batch axis
-  assert set(res.pair.timings) == {"dense_forward_s", "stream_forward_s"}
+  assert set(res.pair.timings) == {"dense_forward_s", "stream_forward_s", "metrics_s"}
   summary = res.report.summary()
   assert 0 < summary["kept_stream"] <= 1 and "oracle_recall" in summary and summary["kl_mean"] > -1e-5
   with pytest.raises(ex.InputError, match="empty"):
@@ -124,3 +124,112 @@ def test_niah_sweep_verifies_routes_and_reports_flips(tmp_path, monkeypatch):
   import json
   rep = json.loads((out / "report.json").read_text())
   assert rep["ablation"]["counts"]["answered"] == 2
+
+
+# --- the demo's cost and what its report says ---------------------------------------------------------------
+
+import json  # noqa: E402  pylint: disable=wrong-import-position
+import re  # noqa: E402  pylint: disable=wrong-import-position
+
+from stream_jax.analysis import routes  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _key_rows(html):
+  """(raw key, shown name, explanation) of the Key numbers table."""
+  return re.findall(r'<tr><th title="([^"]*)">([^<]*)</th><td>[^<]*</td><td class=why>([^<]*)</td></tr>', html)
+
+
+@functools.lru_cache(maxsize=None)
+def _demo():
+  return ex.demo(tiny_model(), SETTINGS, length=200, seed=2, max_new_tokens=3)
+
+
+def test_demo_runs_two_prefills_and_reuses_them(monkeypatch):
+  """One dense and one Stream prefill, each answering from its own KV cache and keeping its residual
+  stream for the metrics: no separate forward passes (the old demo ran four passes over the prompt)."""
+  model = tiny_model()
+  calls = []
+  for name in ("forward", "generate"):
+    real = getattr(model, name)
+    monkeypatch.setattr(model, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+  res = ex.demo(model, SETTINGS, length=200, seed=2, max_new_tokens=3)
+  assert calls == ["generate", "generate"]
+  assert {"dense_prefill_and_answer_s", "stream_prefill_and_answer_s", "metrics_s"} <= set(res.timings)
+
+
+def test_demo_dense_needle_mass_is_the_dense_attention():
+  """The dense contrast equals the needle's share of the final query block's attention in the dense
+  model's own probabilities (dense_impl="capture": T x T per head, fine at 200 tokens)."""
+  res = _demo()
+  probs = tiny_model().forward(res.sample.ids, attention="dense", dense_impl="capture").probs
+  t, bq, bk = res.sample.length, SETTINGS.config.block_q, SETTINGS.config.block_k
+  rows = slice((-(-t // bq) - 1) * bq, t)
+  cols = np.zeros(t, bool)
+  for b in res.needle_blocks:
+    cols[b * bk:(b + 1) * bk] = True
+  want = np.stack([np.asarray(p[0])[:, rows][:, :, cols].sum((-2, -1)) / (rows.stop - rows.start)
+                   for p in probs])
+  np.testing.assert_allclose(res.dense_needle_mass, want, atol=1e-4)
+  assert want.max() > 0
+
+
+def test_demo_report_explains_itself(tmp_path):
+  res = _demo()
+  out = reports.write_demo(res, tiny_model(), tmp_path / "demo", table="t")
+  html = (out / "index.html").read_text()
+  rep = json.loads((out / "report.json").read_text())
+  assert "What this run shows" in html and "sparse: the traced model computes" in html
+  assert np.asarray(rep["dense_needle_mass_per_layer_head"]).shape == res.needle_mass.shape
+  rows = _key_rows(html)
+  seven = {"pruned_from", "kl_pruned", "kl_pruned_p99", "top1_pruned", "top5_pruned", "coverage_pruned",
+           "coverage_worst_layer"}
+  assert seven <= {k for k, _, _ in rows}, "the tiny demo prunes and traces coverage: all seven are shown"
+  for key, name, why in rows:  # every key number has a human name and an explanation
+    assert "_" not in name and why.strip(), key
+  s = res.report.summary()
+  assert f"{100 * s['kept_stream']:.0f}%" in html  # the conclusion quotes this run's numbers
+  # captions from the data: which heads keep the needle in the last query block, whether red edges exist
+  layer = res.trace.layers[ex.first_global(res.trace)]
+  last = np.asarray(layer.mask.indices)[:, -1]
+  keep = [h for h in range(last.shape[0]) if np.isin(last[h], res.needle_blocks).any()]
+  assert (f"head(s) {', '.join(map(str, keep))} of {last.shape[0]} keep it" if keep
+          else "no head keeps it in the last query block") in html
+  red = res.route.edge_list(min_weight=1e-3, only_route=True)
+  assert (f"Red: the {len(red)} kept edge(s)" in html) == bool(red)
+  assert ("No kept edge above the threshold lies on a path from a needle block" in html) == (not red)
+
+
+def test_exact_trace_report_does_not_headline_what_is_true_by_construction(tmp_path):
+  res = ex.trace_text(tiny_model(), COT, SETTINGS, output="exact")
+  out = reports.write_trace(res, tiny_model(), tmp_path / "trace")
+  html = (out / "index.html").read_text()
+  keys = {k for k, _, _ in _key_rows(html)}
+  assert not keys & {"kl_mean", "kl_last", "top1_mean", "top1_last", "top5_mean", "resid_err_max"}, keys
+  assert "kept_stream" in keys and "exact: the traced model computes dense attention" in html
+  assert "by construction" in html
+  assert json.loads((out / "report.json").read_text())["faithfulness"]["kl"] is not None  # kept in the JSON
+
+
+def test_niah_report_claims_no_trace_and_compares_within_lengths(tmp_path):
+  res = ex.niah_sweep(tiny_model(), [160], SETTINGS, samples=2, seed=5, max_new_tokens=2)
+  assert [g.length for g in res.comparison.groups] == [160]
+  out = reports.write_niah(res, tiny_model(), tmp_path / "niah", text=res.comparison.format())
+  html = (out / "index.html").read_text()
+  assert "load_trace" not in html and "holds no trace" in html
+  assert "What this run shows" in html and "160 tokens" in html
+  if not res.comparison.comparable:
+    assert "nothing comparable" in html and "largest gap" not in html
+
+
+def test_anchors_lists_every_receiver_head_and_the_ranking_ties(tmp_path):
+  res = ex.anchors_for_text(tiny_model(), COT, SETTINGS, top_heads=12)
+  heads = np.asarray(res.report.heads)
+  assert len(heads) == 12
+  text = res.format(3)
+  assert re.findall(r"L\d+H\d+", text.splitlines()[0]) == [f"L{l}H{h}" for l, h in heads]
+  assert "kurtosis ranking" in text
+  out = reports.write_anchors(res, tiny_model(), tmp_path / "anchors", text=text)
+  html = (out / "index.html").read_text()
+  assert "What this run shows" in html and "near_tied_heads" in html
+  rep = json.loads((out / "report.json").read_text())
+  assert rep["ranking_ties"]["selected"] == 12

@@ -231,3 +231,31 @@ def test_make_clean_runs_the_standard_library_script(tmp_path):
   assert r.returncode == 0 and not out.exists(), r.stderr
   makefile = (script.parent.parent / "Makefile").read_text()
   assert "stream_jax/outdir.py clean --missing-ok reports/demo" in makefile and "rm -rf reports" not in makefile
+
+
+def test_a_report_without_trace_says_so_and_shows_its_conclusion(tmp_path):
+  out = write_report(tmp_path / "r", report={}, summary={"tokens": 3},
+                     conclusion="First paragraph.\n\nSecond paragraph.")
+  html = (out / "index.html").read_text()
+  assert "load_trace" not in html and "holds no trace" in html
+  assert "What this run shows" in html and "<p>First paragraph.</p><p>Second paragraph.</p>" in html
+  html = (write_report(tmp_path / "t", report={}, summary={}, trace=_trace()) / "index.html").read_text()
+  assert "load_trace" in html and "What this run shows" not in html
+
+
+def test_every_faithfulness_number_has_a_name_and_an_explanation():
+  """The seven pruned-regime and coverage keys used to appear raw in the HTML."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from stream_jax.analysis.faithfulness import FaithfulnessReport  # pylint: disable=import-outside-toplevel
+  from stream_jax.report import human  # pylint: disable=import-outside-toplevel
+  z = jnp.linspace(0, 1, 10)
+  rep = FaithfulnessReport(kl=z, top1=z, top5=z, kl_last=z[-1], top1_last=z[-1], top5_last=z[-1],
+                           residual_error=z[:3], kept_per_layer=z[:3], kept_overall=z[3], kept_stream=z[4],
+                           oracle_recall=z[:3], dense_mass_share=z[:3], pruned_from=4,
+                           coverage_per_layer=z[:3])
+  keys = list(rep.summary()) + ["needle_mass_dense", "needle_mass_stream", "near_tied_heads",
+                                "success@600", "dense_prefill_and_answer_s", "total_seconds"]
+  assert {"kl_pruned", "coverage_worst_layer"} <= set(keys)
+  for key in keys:
+    name, why = human(key)
+    assert "_" not in name and why, key

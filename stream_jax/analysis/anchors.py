@@ -233,6 +233,73 @@ def top_finite_heads(kurt, top: int = 20) -> jax.Array:
                      jnp.int32)
 
 
+def kurtosis_se(n: int) -> float:
+  """Standard error of `kurtosis` (the biased Fisher estimator g2) of n draws from a normal distribution:
+  sqrt(24 n (n-2)(n-3) / ((n+1)^2 (n+3)(n+5))) (inf below 4 values). Heavier tails only make it larger, so
+  two heads whose kurtosis differs by less than this are not told apart by these sentences: another chain
+  of thought of the same size could swap them."""
+  n = float(n)
+  if n < 4:
+    return float("inf")
+  return float(np.sqrt(24 * n * (n - 2) * (n - 3) / ((n + 1) ** 2 * (n + 3) * (n + 5))))
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingTies:
+  """How much of the kurtosis ranking of heads stands out from sampling noise.
+
+  se: the standard error of one head's kurtosis (`kurtosis_se` of n_scores vertical scores); ranked: heads
+  with a finite kurtosis; near_tied: (layer, head) of ranked heads within `se` of a neighbour in the ranking
+  (ties and near-ties: their order is not significant); at_cut: heads left out of the selection whose
+  kurtosis is within `se` of the last selected head's (the selection's boundary is arbitrary among them).
+  """
+
+  se: float
+  n_scores: int
+  ranked: int
+  selected: int
+  near_tied: tuple[tuple[int, int], ...]
+  at_cut: tuple[tuple[int, int], ...]
+
+  @property
+  def significant(self) -> bool:
+    """The selection is separated from the rest by more than one standard error."""
+    return not self.at_cut
+
+  def format(self) -> str:
+    if self.ranked == 0:
+      return "no head has a finite kurtosis: no ranking"
+    lines = [f"kurtosis ranking: {len(self.near_tied)} of {self.ranked} heads lie within one standard error "
+             f"({self.se:.2f}, for {self.n_scores} vertical scores per head) of a neighbour in the ranking; "
+             "their order is not significant"]
+    if self.at_cut:
+      lines.append(f"{len(self.at_cut)} head(s) outside the {self.selected} receiver heads are within one "
+                   "standard error of the last one (" + ", ".join(f"L{l}H{h}" for l, h in self.at_cut[:6])
+                   + (", ..." if len(self.at_cut) > 6 else "") + "): which heads make the cut is not "
+                   "significant")
+    return "\n".join(lines)
+
+
+def ranking_ties(kurt, selected: int, n_scores: int) -> RankingTies:
+  """RankingTies of a kurtosis grid [L, N] (NaN = not ranked) whose top `selected` heads were picked."""
+  k = np.asarray(kurt, np.float64)
+  flat = k.ravel()
+  ok = np.nonzero(np.isfinite(flat))[0]
+  order = ok[np.argsort(-flat[ok], kind="stable")]
+  vals = flat[order]
+  se = kurtosis_se(n_scores)
+  gaps = np.abs(np.diff(vals))
+  close = np.zeros(len(vals), bool)
+  close[:-1] |= gaps < se
+  close[1:] |= gaps < se
+  pair = lambda i: (int(i // k.shape[1]), int(i % k.shape[1]))  # noqa: E731
+  selected = min(int(selected), len(vals))
+  at_cut = ()
+  if 0 < selected < len(vals):
+    at_cut = tuple(pair(i) for i, v in zip(order[selected:], vals[selected:]) if vals[selected - 1] - v < se)
+  return RankingTies(se, int(n_scores), len(vals), selected, tuple(pair(i) for i in order[close]), at_cut)
+
+
 def receiver_heads_across(verticals: Sequence[jax.Array], top: int = 20,
                           exclude_layers: Sequence[int] = (0,)) -> tuple[jax.Array, jax.Array]:
   """Receiver heads picked once for many traces, as the reference does: kurtosis per trace, averaged over
@@ -427,7 +494,8 @@ class AnchorReport:
 
   vertical: float32[L, N, S]; kurtosis: float32[L, N]; heads: int32[k, 2] receiver (layer, head), picked
   here or given; importance: float32[S]; labels: category (or tuple of categories) per sentence; categories: {category: (mean importance, count)};
-  positions: mean importance per relative-position bin.
+  positions: mean importance per relative-position bin; ties: how significant the receiver-head ranking
+  is (`RankingTies`; None when the heads were given).
   """
 
   sentences: Sentences
@@ -438,6 +506,7 @@ class AnchorReport:
   labels: tuple[str, ...]
   categories: Mapping[str, tuple[float, int]]
   positions: np.ndarray
+  ties: Optional[RankingTies] = None
 
   def top(self, n: int = 5) -> list[tuple[int, float, str, str]]:
     """The n most important sentences: (index, score, label, text)."""
@@ -490,15 +559,18 @@ def anchors_from_vertical(vertical: jax.Array, sents: Sentences, *, top_heads: i
   heads: fixed receiver heads int[k, 2] (layer, head), e.g. from `receiver_heads_across` over many traces
   (the reference picks them once and applies them to each chain); None picks them from this trace alone.
   """
+  ties = None
   if heads is not None:
     heads = check_heads(heads, vertical.shape[0], vertical.shape[1])
     kurt = _masked_kurtosis(kurtosis(vertical), exclude_layers)
   else:
     heads, kurt = receiver_heads(vertical, top_heads, exclude_layers)
+    n_scores = int(np.isfinite(np.asarray(vertical)).sum(-1).max()) if vertical.size else 0
+    ties = ranking_ties(kurt, int(heads.shape[0]), n_scores)
   imp = sentence_importance(vertical, heads)
   labs = label_sentences(sents.texts, labeller, labels)
   return AnchorReport(sents, vertical, kurt, heads, imp, labs, by_category(imp, labs),
-                      by_position(imp, bins))
+                      by_position(imp, bins), ties)
 
 
 def thought_anchors(trace: Trace, sents: Sentences, *, batch_index: Optional[int] = None,

@@ -14,6 +14,7 @@ not depend on one model port's API.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -259,26 +260,50 @@ def output_metrics(dense_logits: jax.Array, stream_logits: jax.Array, top_k: int
 
 def output_metrics_from_hidden(dense_final: jax.Array, stream_final: jax.Array,
                                logits_fn: Callable[[jax.Array], jax.Array], *, chunk: int = 256,
-                               top_k: int = 5):
+                               top_k: int = 5, on_chunk: Optional[Callable[[int], None]] = None):
   """(kl, top1, top5) float32[..., T] from final residual streams [..., T, D], `chunk` positions at a time.
 
   A 262k-token vocabulary makes full logits 1 MiB per position (4 GiB at 4k tokens); logits_fn (the model's
-  final norm + unembedding) runs on chunks so only chunk x V logits exist at once.
+  final norm + unembedding) runs on chunks so only chunk x V logits exist at once. The last chunk is padded
+  to the chunk size (one compiled shape, not two). on_chunk(n): called after each chunk with its number of
+  positions (a progress bar's update).
+
+  logits_fn may be a `jax.tree_util.Partial` holding the parameters (e.g. `Partial(f, params)` with
+  f(params, h)): they are then an argument of the compiled function. A plain closure over the parameters
+  makes them compile-time constants (a 262k x 640 embedding is 0.7 GB that XLA folds on each compile: at
+  4k tokens that took longer than both forwards together).
   """
-  fn = jax.jit(lambda d, s: output_metrics(logits_fn(d), logits_fn(s), top_k))
+  if isinstance(logits_fn, jax.tree_util.Partial):
+    metrics = jax.jit(lambda f, d, s: output_metrics(f(d), f(s), top_k))
+    fn = functools.partial(metrics, logits_fn)
+  else:
+    fn = jax.jit(lambda d, s: output_metrics(logits_fn(d), logits_fn(s), top_k))
   t = dense_final.shape[-2]
-  parts = [fn(dense_final[..., i:i + chunk, :], stream_final[..., i:i + chunk, :]) for i in range(0, t, chunk)]
+  chunk = max(1, min(chunk, t))
+  parts = []
+  for i in range(0, t, chunk):
+    d, s = dense_final[..., i:i + chunk, :], stream_final[..., i:i + chunk, :]
+    n = d.shape[-2]
+    if n < chunk:  # pad with copies of the last row; the padded metrics are dropped below
+      pad = [(0, 0)] * (d.ndim - 2) + [(0, chunk - n), (0, 0)]
+      d, s = jnp.pad(d, pad, mode="edge"), jnp.pad(s, pad, mode="edge")
+    out = fn(d, s)
+    parts.append(tuple(x[..., :n] for x in out))
+    if on_chunk is not None:
+      jax.block_until_ready(out)
+      on_chunk(n)
   return tuple(jnp.concatenate([p[k] for p in parts], axis=-1) for k in range(3))
 
 
 def faithfulness_report_from_hidden(dense_hidden: Sequence[jax.Array], stream_hidden: Sequence[jax.Array],
                                     logits_fn: Callable[[jax.Array], jax.Array], *, chunk: int = 256,
-                                    top_k: int = 5, **kw) -> FaithfulnessReport:
+                                    top_k: int = 5, on_chunk: Optional[Callable[[int], None]] = None,
+                                    **kw) -> FaithfulnessReport:
   """`faithfulness_report` for long inputs: output metrics from the last hidden states through logits_fn
-  in chunks; every hidden state also gives the per-layer residual error. kw: trace, oracle_masks,
-  dense_block_masses."""
+  in chunks (on_chunk: progress, see `output_metrics_from_hidden`); every hidden state also gives the
+  per-layer residual error. kw: trace, oracle_masks, dense_block_masses, pruned_from."""
   outputs = output_metrics_from_hidden(dense_hidden[-1], stream_hidden[-1], logits_fn, chunk=chunk,
-                                       top_k=top_k)
+                                       top_k=top_k, on_chunk=on_chunk)
   return _report(outputs, dense_hidden=dense_hidden, stream_hidden=stream_hidden, **kw)
 
 

@@ -184,14 +184,39 @@ def route(trace: Trace, needle_spans, *, residual: float = 0.5, threshold: float
 # Success vs failure
 # ---------------------------------------------------------------------------------------------------------
 
+def needle_visible(trace: Trace, spans, query_block: int = -1) -> np.ndarray:
+  """bool[L]: whether some query of `query_block` can attend to some needle token, per layer.
+
+  A local layer with window W lets query i see key s only if i - s < W: a needle further back than that
+  from every query of the block is out of its reach, so its heads carry no needle mass there whatever the
+  model does, and comparing them between prompts says nothing about retrieval. Global layers see every
+  earlier token.
+  """
+  spans = np.asarray(spans, np.int64).reshape(-1, 2)
+  out = []
+  for l in trace.layers:
+    m = l.mask
+    n_q = m.num_q_blocks
+    j = query_block % n_q
+    last_q = min((j + 1) * m.block_q, m.q_len) - 1
+    ok = spans[:, 0] <= last_q  # causal: some needle token at or before the block's last query
+    if l.window is not None:  # the closest pair: the latest visible needle token, the earliest query after it
+      s_max = np.minimum(spans[:, 1], last_q + 1) - 1
+      ok &= np.maximum(j * m.block_q, s_max) - s_max < l.window
+    out.append(bool(ok.any()))
+  return np.asarray(out, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class RouteComparison:
   """Needle mass at the final block, successes vs failures.
 
-  success, failure: float32[L, N] mean needle mass (NaN when the group is empty); diff = success - failure;
+  success, failure: float32[L, N] mean needle mass (NaN when the group is empty, and for heads excluded
+  because they cannot see the needle in some sample: `excluded_layers`); diff = success - failure;
   layer_success, layer_failure: float32[L] means over heads; heads: (layer, head, success, failure) with the
   largest positive differences first (carried in successes but not in failures); lost_layer: the layer
-  where the gap of the per-layer needle mass is largest.
+  where the gap of the per-layer needle mass is largest (None when nothing is comparable: no success, no
+  failure, or no layer that sees the needle).
   """
 
   success: np.ndarray
@@ -200,33 +225,156 @@ class RouteComparison:
   layer_success: np.ndarray
   layer_failure: np.ndarray
   heads: tuple[tuple[int, int, float, float], ...]
-  lost_layer: int
+  lost_layer: Optional[int]
   n_success: int
   n_failure: int
+  excluded_layers: tuple[int, ...] = ()
+
+  @property
+  def comparable(self) -> bool:
+    """Both groups hold a sample and some layer sees the needle in all of them."""
+    return self.lost_layer is not None
 
   def format(self, n: int = 8) -> str:
-    lines = [f"successes={self.n_success} failures={self.n_failure}",
-             "layer  needle mass (success)  (failure)"]
+    lines = [f"successes={self.n_success} failures={self.n_failure}"]
+    if not (self.n_success and self.n_failure):
+      lines.append("nothing to compare: needs at least one success and one failure")
+      return "\n".join(lines)
+    if self.excluded_layers:
+      lines.append(f"layers {_ranges(self.excluded_layers)} left out: their window cannot reach the needle "
+                   "from the final query block in every sample")
+    if not self.comparable:
+      lines.append("nothing to compare: no layer sees the needle in every sample")
+      return "\n".join(lines)
+    lines.append("layer  needle mass (success)  (failure)")
     for l, (s, f) in enumerate(zip(self.layer_success, self.layer_failure)):
-      lines.append(f"{l:5d}  {s:21.4f}  {f:9.4f}")
-    lines.append(f"largest gap at layer {self.lost_layer}; heads carrying the needle in successes only:")
+      if l not in self.excluded_layers:
+        lines.append(f"{l:5d}  {s:21.4f}  {f:9.4f}")
+    lines.append(f"largest gap at layer {self.lost_layer}; heads carrying the needle in successes more than in "
+                 "failures:")
     lines += [f"  L{l}H{h}: success {s:.3f}, failure {f:.3f}" for l, h, s, f in self.heads[:n]]
     return "\n".join(lines)
 
 
-def compare(needle_mass: Sequence, success: Sequence[bool], top: int = 10) -> RouteComparison:
-  """needle_mass: per sample float[L, N] (e.g. trace_needle_mass of each sample); success: bool per sample."""
+def _ranges(ids: Sequence[int]) -> str:
+  """1,2,3,5 -> '1-3, 5'."""
+  out, ids = [], sorted(ids)
+  i = 0
+  while i < len(ids):
+    j = i
+    while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+      j += 1
+    out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+    i = j + 1
+  return ", ".join(out)
+
+
+def compare(needle_mass: Sequence, success: Sequence[bool], top: int = 10,
+            visible: Optional[Sequence] = None) -> RouteComparison:
+  """needle_mass: per sample float[L, N] (e.g. trace_needle_mass of each sample); success: bool per sample;
+  visible: per sample bool[L] (`needle_visible`): layers that cannot see the needle in any sample are left
+  out (NaN), so heads blind to the needle by construction never rank as carrying it.
+
+  Compare only like with like: samples of one length and needle depth (`compare_groups` splits them).
+  """
   nm = np.stack([np.asarray(x, np.float64) for x in needle_mass])
   ok = np.asarray(success, bool)
   if nm.ndim != 3 or len(ok) != len(nm):
     raise ValueError(f"needle_mass must be [samples, L, N] with one success flag per sample, got {nm.shape}, "
                      f"{ok.shape}")
+  seen = np.ones(nm.shape[1], bool)
+  if visible is not None:
+    vis = np.asarray(visible, bool).reshape(len(nm), -1)
+    if vis.shape[1] != nm.shape[1]:
+      raise ValueError(f"visible must be bool[samples, L] with L = {nm.shape[1]}, got {vis.shape}")
+    seen = vis.all(0)
   mean = lambda x: x.mean(0) if len(x) else np.full(nm.shape[1:], np.nan)
   s, f = mean(nm[ok]), mean(nm[~ok])
+  s[~seen], f[~seen] = np.nan, np.nan
   diff = s - f
   order = np.argsort(-np.nan_to_num(diff, nan=-np.inf), axis=None)[:top]
   heads = tuple((int(i // nm.shape[2]), int(i % nm.shape[2]), float(s.flat[i]), float(f.flat[i]))
                 for i in order if np.isfinite(diff.flat[i]))
   ls, lf = s.mean(-1), f.mean(-1)
-  gap = np.nan_to_num(ls - lf, nan=-np.inf)
-  return RouteComparison(s, f, diff, ls, lf, heads, int(np.argmax(gap)), int(ok.sum()), int((~ok).sum()))
+  gap = ls - lf
+  lost = int(np.nanargmax(gap)) if np.isfinite(gap).any() else None
+  return RouteComparison(s, f, diff, ls, lf, heads, lost, int(ok.sum()), int((~ok).sum()),
+                         tuple(int(i) for i in np.nonzero(~seen)[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupComparison:
+  """Success vs failure within one group of like prompts (one length and needle depth)."""
+
+  length: int
+  depth: Optional[float]  # requested depth in percent; None: random per sample (`depths` lists them)
+  depths: tuple[float, ...]  # the samples' actual needle depths (percent of the prompt)
+  comparison: RouteComparison
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedComparison:
+  """`compare_groups`: one RouteComparison per (length, depth) group, and what could not be compared."""
+
+  groups: tuple[GroupComparison, ...]
+
+  @property
+  def n_success(self) -> int:
+    return sum(g.comparison.n_success for g in self.groups)
+
+  @property
+  def n_failure(self) -> int:
+    return sum(g.comparison.n_failure for g in self.groups)
+
+  @property
+  def comparable(self) -> tuple[GroupComparison, ...]:
+    """Groups with a success, a failure and a layer that sees the needle in all their samples."""
+    return tuple(g for g in self.groups if g.comparison.comparable)
+
+  def warnings(self) -> list[str]:
+    """What the reader must not conclude: no comparable group, or successes and failures only at
+    different lengths / depths."""
+    out = []
+    if not self.comparable:
+      lengths = {}
+      for g in self.groups:
+        c = g.comparison
+        lengths[_where(g)] = f"{c.n_success} success(es), {c.n_failure} failure(s)"
+      what = "; ".join(f"{k}: {v}" for k, v in lengths.items())
+      out.append("nothing comparable: no length and depth has both a success and a failure whose needle "
+                 f"some layer can see ({what}); differences between lengths or depths are not differences "
+                 "between retrieval and its failure")
+    for g in self.comparable:
+      if g.depth is None and len(set(np.round(g.depths))) > 1:
+        out.append(f"{_where(g)}: needle depth is random per sample ({min(g.depths):.0f}%-"
+                   f"{max(g.depths):.0f}%), so depth differs between successes and failures; pass --depths "
+                   "for a controlled comparison")
+    return out
+
+  def format(self, n: int = 8) -> str:
+    lines = []
+    for g in self.groups:
+      lines.append(f"-- {_where(g)} (needle depth {', '.join(f'{d:.0f}%' for d in g.depths)}) --")
+      lines.append(g.comparison.format(n))
+    lines += [f"warning: {w}" for w in self.warnings()]
+    return "\n".join(lines)
+
+
+def _where(g: GroupComparison) -> str:
+  return f"{g.length} tokens" + ("" if g.depth is None else f", depth {g.depth:g}%")
+
+
+def compare_groups(needle_mass: Sequence, success: Sequence[bool], lengths: Sequence[int],
+                   depths: Sequence[Optional[float]], actual_depths: Sequence[float],
+                   visible: Optional[Sequence] = None, top: int = 10) -> GroupedComparison:
+  """Success vs failure per (length, requested depth) group, each over the layers that see the needle in
+  all its samples (`compare` with `visible`): a failure at a length where local layers cannot reach the
+  needle is never set against a success at a length where they can."""
+  keys = list(dict.fromkeys((int(n), d) for n, d in zip(lengths, depths)))
+  groups = []
+  for n, d in keys:
+    idx = [i for i, key in enumerate(zip(lengths, depths)) if (int(key[0]), key[1]) == (n, d)]
+    vis = None if visible is None else [visible[i] for i in idx]
+    groups.append(GroupComparison(n, d, tuple(float(actual_depths[i]) for i in idx), compare(
+        [needle_mass[i] for i in idx], [success[i] for i in idx], top=top, visible=vis)))
+  return GroupedComparison(tuple(groups))

@@ -7,7 +7,9 @@ files (`stream_jax.experiments.reports` turns results into report folders, the C
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import pathlib
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -18,7 +20,7 @@ from stream_jax.analysis import anchors, faithfulness, niah, routes
 from stream_jax.analysis.anchors import AnchorReport, Sentences
 from stream_jax.analysis.faithfulness import FaithfulnessReport
 from stream_jax.analysis.niah import NiahSample, NiahTask
-from stream_jax.analysis.routes import Route, RouteComparison
+from stream_jax.analysis.routes import GroupedComparison, Route
 from stream_jax.config import StreamConfig
 from stream_jax.trace import Trace
 
@@ -186,8 +188,15 @@ def _bar(total: int, desc: str, unit: str, enabled: bool):
 
 
 def _logits_fn(model):
+  """The model's unembedding as a Partial carrying the parameters, so jit takes them as an argument
+  instead of folding 0.7 GB of constants (see faithfulness.output_metrics_from_hidden)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.tree_util.Partial(functools.partial(_unembed, model.config), model.params)
+
+
+def _unembed(config, params, h):
   from stream_jax.models import logits_from_hidden  # pylint: disable=import-outside-toplevel
-  return lambda h: logits_from_hidden(model, model.params, h)
+  return logits_from_hidden(config, params, h)
 
 
 # ------------------------------------------------------------------------------------------- faithfulness
@@ -241,9 +250,13 @@ def faithfulness_pair(model, ids, settings: Settings = Settings(), *, output: st
     masks = faithfulness.oracle_masks(run.trace, model.forward(ids, **o_kw).row(0).trace)
     bar.update()
   bar.close()
+  t0 = time.perf_counter()
+  bar = _bar(len(ids), "faithfulness metrics", "tok", progress)
   report = faithfulness.faithfulness_report_from_hidden(
       list(d_hidden), list(run.hidden), _logits_fn(model), trace=run.trace, oracle_masks=masks,
-      pruned_from=faithfulness.pruned_start(len(ids), settings.config))
+      pruned_from=faithfulness.pruned_start(len(ids), settings.config), on_chunk=bar.update)
+  bar.close()
+  timings["metrics_s"] = time.perf_counter() - t0
   return FaithfulnessPair(run.trace, report, timings, len(ids))
 
 
@@ -324,6 +337,16 @@ class NiahRow:
   def needle_blocks(self) -> tuple[int, ...]:
     return self.sample.needle_blocks(self.trace.layers[0].mask.block_k)
 
+  @property
+  def needle_depth(self) -> float:
+    """Where the (first asked) needle value starts, in percent of the prompt."""
+    return float(100 * int(self.sample.value_spans[0, 0]) / self.length)
+
+  @property
+  def visible(self) -> np.ndarray:
+    """bool[L]: layers whose final query block can reach the needle (`routes.needle_visible`)."""
+    return routes.needle_visible(self.trace, self.sample.value_spans)
+
   def to_json(self) -> dict:
     """The row of report.json's "samples"."""
     return dict(length=self.length, depth=self.depth, seed=self.seed, answers=self.sample.answers,
@@ -334,11 +357,11 @@ class NiahRow:
 @dataclasses.dataclass(frozen=True)
 class NiahSweep:
   """`niah_sweep`: rows in job order (length, then depth, then sample), and the success-vs-failure
-  comparison of needle mass over all rows."""
+  comparison of needle mass within each length and depth, over the layers that can see the needle."""
 
   variant: str
   rows: tuple[NiahRow, ...]
-  comparison: RouteComparison
+  comparison: GroupedComparison
   settings: Settings
   ablation: Optional[Any] = None  # causal.RouteVerification when the sweep verified routes
 
@@ -367,9 +390,12 @@ class NiahSweep:
     return "\n".join(lines)
 
 
-def compare(rows: Sequence[NiahRow]) -> RouteComparison:
-  """routes.compare of the rows' needle mass, successes vs failures."""
-  return routes.compare([r.needle_mass for r in rows], [r.success for r in rows])
+def compare(rows: Sequence[NiahRow]) -> GroupedComparison:
+  """routes.compare_groups of the rows' needle mass, successes vs failures within each (length, depth),
+  over the layers that can see the needle in every prompt of the group."""
+  return routes.compare_groups([r.needle_mass for r in rows], [r.success for r in rows],
+                               [r.length for r in rows], [r.depth for r in rows],
+                               [r.needle_depth for r in rows], visible=[r.visible for r in rows])
 
 
 def check_needle_length(length: int, option: str = "--length") -> None:
@@ -504,8 +530,11 @@ class AnchorsResult:
   def format(self, show: int = 8) -> str:
     """Receiver heads, the `show` most important sentences and the means by category, as text."""
     rep = self.report
-    lines = [f"{len(self.sentences.texts)} sentences, {len(self.ids)} tokens; receiver heads (layer, head): "
-             + ", ".join(f"L{l}H{h}" for l, h in np.asarray(rep.heads)[:10])]
+    heads = np.asarray(rep.heads).reshape(-1, 2)
+    lines = [f"{len(self.sentences.texts)} sentences, {len(self.ids)} tokens; all {len(heads)} receiver heads "
+             "(layer, head), by decreasing kurtosis: " + ", ".join(f"L{l}H{h}" for l, h in heads)]
+    if rep.ties is not None:
+      lines.append(rep.ties.format())
     sink = "  <- attention sink (BOS block)"
     lines += [f"  #{i:3d} {s:8.4f} {lab:24s} {t[:90]!r}{sink if i in self.sink else ''}"
               for i, s, lab, t in rep.top(show)]
@@ -537,10 +566,42 @@ def anchors_for_text(model, text: str, settings: Settings = Settings(), *,
 # ---------------------------------------------------------------------------------------------------- demo
 
 
+# Default demo length: long enough that the default StreamConfig prunes (about half of the global layers'
+# causal pairs kept at 4,096 tokens: pruning starts at 1,216), short enough that the demo runs in under
+# 3 minutes on 2 CPU cores.
+DEMO_LENGTH = 4_096
+
+
+class _Clock:
+  """Status lines around the phases of a pipeline ("<phase> ..." then "<phase>: 12.3 s"), and their
+  timings: a long phase never runs silent."""
+
+  def __init__(self, log: Optional[Callable[[str], None]]):
+    self.log, self.timings = log, {}
+
+  @contextlib.contextmanager
+  def __call__(self, key: str, text: str):
+    if self.log is not None:
+      self.log(f"{text} ...")
+    t0 = time.perf_counter()
+    yield
+    self.timings[key] = time.perf_counter() - t0
+    if self.log is not None:
+      self.log(f"  {text}: {self.timings[key]:.1f} s")
+
+
+def all_blocks(config: StreamConfig, length: int) -> StreamConfig:
+  """A config whose search keeps every causal key block at this length: with output="exact" its trace is
+  the dense model's attention at block resolution (the dense contrast of a sparse trace)."""
+  n_k = -(-length // config.block_k)
+  return config.replace(top_k=max(n_k, 1), init_branches=None, coverage=None)
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoResult(_FromPair):
-  """`demo`: one needle prompt traced dense vs Stream (faithfulness, coverage), answered with a dense
-  and a Stream prefill, with the needle's mass and route in the Stream trace."""
+  """`demo`: one needle prompt answered after a dense and after a Stream prefill; the two prefills give
+  faithfulness (dense vs Stream over every position) and coverage; the needle's mass and route in the
+  Stream trace, and its mass in the dense model's attention (dense_needle_mass) as the contrast."""
 
   sample: NiahSample
   pair: FaithfulnessPair
@@ -551,6 +612,7 @@ class DemoResult(_FromPair):
   route: Route
   needle_blocks: tuple[int, ...]
   settings: Settings
+  dense_needle_mass: Optional[np.ndarray] = None
 
   @property
   def needle_in_sink(self) -> bool:
@@ -575,35 +637,55 @@ class DemoResult(_FromPair):
     lines = [f"{name:>6s} answer: {self.answers[key].strip()!r} -> "
              f"{'found' if self.retrieved[key] else 'missed'} {self.sample.answers[0]}"
              for name, key in (("dense", "dense"), ("Stream", "stream"))]
-    lines.append("needle mass at the final query block, per layer (mean over heads): "
-                 + " ".join(f"{x:.3f}" for x in self.needle_mass.mean(-1)))
+    rows = [("Stream", self.needle_mass)]
+    if self.dense_needle_mass is not None:
+      rows.insert(0, ("dense", self.dense_needle_mass))
+    lines += [f"needle mass at the final query block, per layer (mean over heads), {name}: "
+              + " ".join(f"{x:.3f}" for x in np.asarray(m).mean(-1)) for name, m in rows]
     return "\n".join(lines)
 
 
-def demo(model, settings: Settings = Settings(), *, length: int = 10_240, seed: int = 1,
+def demo(model, settings: Settings = Settings(), *, length: int = DEMO_LENGTH, seed: int = 1,
          max_new_tokens: int = 12, progress: bool = False,
          log: Optional[Callable[[str], None]] = None) -> DemoResult:
-  """Needle in a haystack at `length` tokens: faithfulness of Stream vs dense over the prompt, the answer
-  of a dense and of a Stream prefill, the needle's mass per layer and head and its route. `log` gets a
-  line about the prompt before the forward passes."""
+  """Needle in a haystack at `length` tokens, in two prefills: a dense one (the dense model traced
+  exactly with every block kept: dense logits, and the dense attention on the needle) and a Stream one
+  (sparse, with coverage). Each prefill answers greedily from its own KV cache and keeps its residual
+  stream, so faithfulness over every position needs no further forward. `log` gets a status line before and
+  after each phase (with its time)."""
   check_needle_length(length)
   check_length(model, length, "--length")
-  sample = niah.generate_sample(model.tokenizer, length, niah.VARIANTS["single_1"], seed=seed)
+  clock = _Clock(log)
+  with clock("prompt_s", f"fitting a {length:,}-token needle prompt"):
+    sample = niah.generate_sample(model.tokenizer, length, niah.VARIANTS["single_1"], seed=seed)
   if log is not None:
     log(f"needle prompt: {sample.length} tokens; asks for {sample.keys[0]!r} (answer {sample.answers[0]})")
-  pair = faithfulness_pair(model, sample.ids, settings, progress=progress)
-  timings = dict(pair.timings)
-  answers = {}
-  for name, kw in (("dense", dict(attention="dense", prune_local=settings.prune_local,
-                                  backend=settings.backend)),
-                   ("stream", settings.forward_kw())):
-    t0 = time.perf_counter()
-    answers[name] = model.generate(sample.ids, max_new_tokens=max_new_tokens, **kw).text[0]
-    timings[f"{name}_generate_s"] = time.perf_counter() - t0
+  cfg = settings.config
+  gens = {}
+  with clock("dense_prefill_and_answer_s", "dense prefill (traced exactly, every block kept) + greedy answer"):
+    gens["dense"] = model.generate(sample.ids, max_new_tokens=max_new_tokens, attention=all_blocks(cfg, length),
+                                   output="exact", prune_local=settings.prune_local, backend=settings.backend,
+                                   return_hidden=True)
+  with clock("stream_prefill_and_answer_s", "Stream prefill (sparse, with coverage) + greedy answer"):
+    gens["stream"] = model.generate(sample.ids, max_new_tokens=max_new_tokens, coverage=True,
+                                    return_hidden=True, **settings.forward_kw())
+  dense_run, stream_run = gens["dense"].prefill.row(0), gens["stream"].prefill.row(0)
+  answers = {k: g.text[0] for k, g in gens.items()}
+  with clock("metrics_s", "faithfulness metrics over every position (chunked logits)"):
+    bar = _bar(len(sample.ids), "positions", "tok", progress)
+    report = faithfulness.faithfulness_report_from_hidden(
+        list(dense_run.hidden), list(stream_run.hidden), _logits_fn(model), trace=stream_run.trace,
+        pruned_from=faithfulness.pruned_start(len(sample.ids), cfg), on_chunk=bar.update)
+    bar.close()
   spans = sample.value_spans
+  with clock("route_s", "needle mass and route"):
+    needle_mass = np.asarray(routes.trace_needle_mass(stream_run.trace, spans))
+    dense_mass = np.asarray(routes.trace_needle_mass(dense_run.trace, spans))
+    route = routes.route(stream_run.trace, spans)
+  timings = dict(clock.timings)
+  pair = FaithfulnessPair(stream_run.trace, report, timings, len(sample.ids))
   return DemoResult(
       sample=sample, pair=pair, answers=answers,
       retrieved={k: niah.match_all(v, sample.answers) == 1 for k, v in answers.items()}, timings=timings,
-      needle_mass=np.asarray(routes.trace_needle_mass(pair.trace, spans)),
-      route=routes.route(pair.trace, spans), needle_blocks=sample.needle_blocks(settings.config.block_k),
-      settings=settings)
+      needle_mass=needle_mass, route=route, needle_blocks=sample.needle_blocks(cfg.block_k),
+      settings=settings, dense_needle_mass=dense_mass)
