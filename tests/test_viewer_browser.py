@@ -421,3 +421,68 @@ def test_routes_panel_draws_the_route_and_opens_an_edge(browser, tmp_path):
     check_hover(browser, trace, l, n, j, c, [f"w{i} " for i in range(300)])
   finally:
     server.shutdown()
+
+
+# ------------------------------------------------------------------------------------ two traces side by side
+
+
+def entry(trace, layer_pos, head, q, k):
+  """(kept, float32 mass) of key block k in query block q's row."""
+  idx = np.asarray(trace[layer_pos].mask.indices)[head, q]
+  mass = np.asarray(trace[layer_pos].mass)[head, q]
+  hit = np.nonzero(idx == k)[0]
+  return (True, float(mass[hit[0]])) if hit.size else (False, None)
+
+
+def test_compare_maps_side_by_side_share_view_and_hover(browser, tmp_path):
+  trace = synthetic_trace()
+  dense = synthetic_trace(top_k=12)  # the same tokens, more blocks kept: the "dense" side
+  pieces = [f"w{i} " for i in range(300)]
+  out = export_viewer(tmp_path / "v", trace, pieces=pieces, compare=dense, compare_label="dense", label="sparse",
+                      tile_rows=8, top=8)
+  server = serve(out)
+  try:
+    browser.get(server.url)
+    wait_idle(browser)
+    assert js(browser, "return [document.getElementById('map-label').textContent, "
+                       "document.getElementById('map2-label').textContent]") == ["sparse", "dense"]
+    ink = js(browser, """return ['map', 'map2'].map(id => { const c = document.getElementById(id);
+      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+      for (let i = 0; i < d.length; i += 4) if (d[i] + d[i + 1] + d[i + 2] < 3 * 245) n++; return n; });""")
+    assert ink[0] > 0 and ink[1] > ink[0], ink  # both drawn; the denser trace has more cells
+    idx = np.asarray(trace[1].mask.indices)[0]
+    didx = np.asarray(dense[1].mask.indices)[0]
+    q = 30
+    only_dense = sorted(set(didx[q][didx[q] >= 0]) - set(idx[q][idx[q] >= 0]))
+    cases = [(q, int(idx[q][idx[q] >= 0][1]), "map"), (q, int(only_dense[0]), "map2"), (20, 19, "map")]
+    for q, k, canvas in cases:
+      js(browser, "SJV.app.map.centre(arguments[0], arguments[1], 24)", q, k)
+      wait_idle(browser)
+      views = js(browser, "return [SJV.app.map.view, SJV.app.map2.view, SJV.app.map.lastDraw.z, SJV.app.map2.lastDraw.z]")
+      assert views[0] == views[1] and views[2] == views[3] == 0, "one zoom and pan for both maps"
+      xy = js(browser, f"return SJV.app.{'map' if canvas == 'map' else 'map2'}.cellCentre(arguments[0], arguments[1])",
+              q, k)
+      browser.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": xy["x"] + 3, "y": xy["y"] - 3})
+      browser.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": xy["x"], "y": xy["y"]})
+      end = time.time() + 20
+      got = None
+      while time.time() < end and not got:
+        got = js(browser, """const hv = document.querySelector('#hover .hv[data-level="0"]');
+          if (!hv || hv.dataset.q != arguments[0] || hv.dataset.k != arguments[1]) return null;
+          const read = (sel) => [...hv.querySelectorAll(sel)].map(e => [e.dataset.kept === 'true', e.dataset.mass]);
+          return {main: read('.hv-head'), cmp: read('.hv-cmp'),
+                  labels: [...hv.querySelectorAll('.hv-src')].map(e => e.textContent),
+                  boxes: [...document.querySelectorAll('.hoverbox')].map(b => b.hidden ? null :
+                     [parseFloat(b.style.left), parseFloat(b.style.top)])};""", q, k)
+        time.sleep(0.05)
+      assert got, f"no hover panel for ({q}, {k})"
+      wait_idle(browser)
+      assert got["labels"] == ["sparse", "dense"]
+      for side, tr in (("main", trace), ("cmp", dense)):
+        kept, mass = entry(tr, 1, 0, q, k)
+        ((shown_kept, shown_mass),) = got[side]
+        assert shown_kept == kept and (not kept or float(shown_mass) == mass), (side, q, k, got[side], mass)
+      assert got["boxes"][0] is not None and got["boxes"][0] == got["boxes"][1], "the hovered cell outlined on both"
+    assert entry(dense, 1, 0, *cases[1][:2])[0] and not entry(trace, 1, 0, *cases[1][:2])[0]
+  finally:
+    server.shutdown()

@@ -48,13 +48,17 @@ def export_viewer(out_dir, trace: Trace, *, pieces: Optional[Sequence[str]] = No
                   offsets=None, tokenizer=None, ids=None, sentences=None, labels: Optional[Sequence] = None,
                   needle_spans=None, title: str = "stream_jax trace", batch_index: int = 0,
                   tile_rows: int = tiles.TILE_ROWS, top: int = tiles.TOP_ROWS,
-                  text_chunk: int = TEXT_CHUNK) -> pathlib.Path:
+                  text_chunk: int = TEXT_CHUNK, compare: Optional[Trace] = None, compare_label: str = "dense",
+                  label: str = "sparse") -> pathlib.Path:
   """Writes the viewer folder of `trace` into `out_dir` (replaced if it is a previous viewer folder).
 
   Token text, in order of preference: `pieces` (one string per token), `text` + `offsets` (the tokenizer's
   char offsets), `tokenizer` + `ids`; none: the page shows token positions only.
   sentences: an `anchors.Sentences` (token spans, texts) or int[S, 2] token spans; labels: a category per
   sentence (default: Sentences' keyword labels). needle_spans: int[k, 2] token spans of the needle(s).
+  compare: a second trace of the same tokens (e.g. the dense / exact trace next to the sparse one): the
+  page shows both block maps side by side (`label`, `compare_label`) with one zoom, pan and hover; its
+  layers must have the same heads, block sizes and lengths as `trace`'s layers of the same id.
   Returns the folder; manifest["export_seconds"] says how long it took.
   """
   t0 = time.perf_counter()
@@ -107,17 +111,16 @@ def export_viewer(out_dir, trace: Trace, *, pieces: Optional[Sequence[str]] = No
     if route_data is not None:
       (out / "routes.json").write_text(json.dumps(route_data))
 
-  layers, nbytes = [], 0
-  for l in trace.layers:
-    m = l.mask
-    levels = tiles.pyramid(m.indices, l.mass, m.num_k_blocks, top=top)
-    nbytes += tiles.write_layer(out, l.layer, levels, n_heads, tile_rows=tile_rows,
-                                coverage=None if l.coverage is None else np.asarray(l.coverage))
-    layers.append(dict(layer=l.layer, kind=l.kind, mode=l.mode, window=l.window, block_q=m.block_q,
-                       block_k=m.block_k, q_len=m.q_len, k_len=m.k_len, capacity=m.capacity,
-                       has_coverage=l.coverage is not None,
-                       levels=[dict(z=v.z, rows=v.rows, cols=v.cols, tiles=tiles.num_tiles(v.rows, tile_rows))
-                               for v in levels]))
+  layers, nbytes = _write_layers(out, trace, n_heads, tile_rows, top)
+  compare_data = None
+  if compare is not None:
+    compare = _check_compare(trace, one_sample(compare, batch_index))
+    c_layers, c_bytes = _write_layers(out / "compare", compare, n_heads, tile_rows, top)
+    nbytes += c_bytes
+    c_stats = summary.overview(compare)
+    compare_data = dict(label=compare_label, main_label=label, layers=c_layers,
+                        stats=dict(kept=_json_num(c_stats["kept"]),
+                                   coverage=_json_num(c_stats["coverage"])))
   needle = None
   if needle_spans is not None and len(needle_spans):
     ns = np.asarray(needle_spans, np.int64).reshape(-1, 2)
@@ -130,11 +133,46 @@ def export_viewer(out_dir, trace: Trace, *, pieces: Optional[Sequence[str]] = No
                  anchor=_json_num(stats["anchor"]), receivers=stats["receivers"],
                  needle=_json_num(stats["needle"])),
       sentences=None if spans is None else dict(count=len(spans), vertical=stats["vertical"] is not None),
-      needle=needle, routes=route_data is not None, tile_bytes=nbytes)
+      needle=needle, routes=route_data is not None, tile_bytes=nbytes, compare=compare_data)
   manifest["export_seconds"] = round(time.perf_counter() - t0, 3)
   (out / "manifest.json").write_text(json.dumps(manifest))
   page.write_page(out)
   return out
+
+
+def _write_layers(root: pathlib.Path, trace: Trace, n_heads: int, tile_rows: int, top: int):
+  """Writes the tiles of every layer under root/tiles; returns (the manifest's layer entries, bytes)."""
+  layers, nbytes = [], 0
+  for l in trace.layers:
+    m = l.mask
+    levels = tiles.pyramid(m.indices, l.mass, m.num_k_blocks, top=top)
+    nbytes += tiles.write_layer(root, l.layer, levels, n_heads, tile_rows=tile_rows,
+                                coverage=None if l.coverage is None else np.asarray(l.coverage))
+    layers.append(dict(layer=l.layer, kind=l.kind, mode=l.mode, window=l.window, block_q=m.block_q,
+                       block_k=m.block_k, q_len=m.q_len, k_len=m.k_len, capacity=m.capacity,
+                       has_coverage=l.coverage is not None,
+                       levels=[dict(z=v.z, rows=v.rows, cols=v.cols, tiles=tiles.num_tiles(v.rows, tile_rows))
+                               for v in levels]))
+  return layers, nbytes
+
+
+def _check_compare(trace: Trace, other: Trace) -> Trace:
+  """`other` restricted to the layers `trace` has, after checking their cells mean the same blocks."""
+  mine = {l.layer: l for l in trace.layers}
+  keep = []
+  for l in other.layers:
+    if l.layer not in mine:
+      continue
+    a, b = mine[l.layer].mask, l.mask
+    if (a.block_q, a.block_k, a.q_len, a.k_len) != (b.block_q, b.block_k, b.q_len, b.k_len) or \
+        l.mass.shape[0] != mine[l.layer].mass.shape[0]:
+      raise ValueError(f"compare: layer {l.layer} has blocks {b.block_q}x{b.block_k}, lengths {b.q_len}/{b.k_len}, "
+                       f"{l.mass.shape[0]} heads; the trace has {a.block_q}x{a.block_k}, {a.q_len}/{a.k_len}, "
+                       f"{mine[l.layer].mass.shape[0]} heads: the maps would not line up")
+    keep.append(l)
+  if not keep:
+    raise ValueError("compare: no layer of the compare trace is in the trace")
+  return Trace(tuple(keep))
 
 
 def route_json(trace: Trace, needle_spans, *, max_edges: int = 400, min_flow: float = 1e-3) -> Optional[dict]:

@@ -74,11 +74,12 @@ window.SJV = window.SJV || {};
       return this.m;
     }
 
-    tilePath(layer, head, z, t) { return `tiles/l${layer}/h${head}/z${z}_${t}.bin`; }
+    // src: "" for the trace, "compare/" for the export's second trace.
+    tilePath(layer, head, z, t, src = "") { return `${src}tiles/l${layer}/h${head}/z${z}_${t}.bin`; }
 
     // The tile if cached; otherwise starts loading it (unless `load` is false) and returns null.
-    tile(layer, head, z, t, load = true) {
-      const path = this.tilePath(layer, head, z, t);
+    tile(layer, head, z, t, load = true, src = "") {
+      const path = this.tilePath(layer, head, z, t, src);
       const hit = this.tiles.get(path);
       if (hit) {
         this.tiles.delete(path); this.tiles.set(path, hit); // LRU order
