@@ -486,3 +486,54 @@ def test_compare_maps_side_by_side_share_view_and_hover(browser, tmp_path):
     assert entry(dense, 1, 0, *cases[1][:2])[0] and not entry(trace, 1, 0, *cases[1][:2])[0]
   finally:
     server.shutdown()
+
+
+def test_routes_success_and_failure_side_by_side_with_ablation_marks(browser, tmp_path):
+  from stream_jax.analysis import causal, routes  # pylint: disable=import-outside-toplevel
+  from stream_jax.trace import Trace  # pylint: disable=import-outside-toplevel
+  from selenium.webdriver.support.ui import Select  # pylint: disable=import-outside-toplevel
+  samples, expect = [], []
+  for seed, success, flipped in ((0, True, True), (3, False, None), (5, True, False)):
+    tr = Trace(synthetic_trace(seed=seed).layers[:2])
+    last = np.asarray(tr[1].mask.indices)[0, -1]
+    spans = np.array([[int(last[1]) * 8 + 2, int(last[1]) * 8 + 5]])
+    ab = None if flipped is None else dict(route_flipped=flipped, random_flipped=1, random_runs=3)
+    samples.append(dict(trace=tr, needle_spans=spans, success=success, label=f"seed {seed}",
+                        prediction=f"answer {seed}", ablation=ab, main=seed == 0))
+    rt = routes.route(tr, spans)
+    needle = np.asarray(routes.span_blocks(spans, 8, 300))
+    heads = {(int(l), int(h)) for l, h in np.argwhere(causal.route_heads(rt, needle))}
+    edges = rt.edge_list(min_weight=1e-3)[:400]
+    ver = [bool(flipped) and (l, n) in heads and bool(needle[c]) for l, n, c, j, w in edges]
+    expect.append((edges, ver))
+  assert any(expect[0][1]), "the verified sample must have an edge the ablation cut"
+  out = export_viewer(tmp_path / "v", samples[0]["trace"], pieces=[f"w{i} " for i in range(300)],
+                      needle_spans=samples[0]["needle_spans"], routes=samples)
+  server = serve(out)
+  read = """return [...document.querySelectorAll('.route-col')].map(c => ({sample: +c.dataset.sample,
+    success: c.dataset.success, label: c.querySelector('.route-label').textContent,
+    verdict: c.querySelector('.verdict').textContent, prediction: c.querySelector('.prediction').textContent,
+    edges: [...c.querySelectorAll('.edge')].map(e => [e.querySelector('title').textContent,
+                                                      e.classList.contains('verified')])}));"""
+  try:
+    browser.get(server.url)
+    wait_idle(browser)
+    cols = js(browser, read)
+    assert [(c["sample"], c["success"]) for c in cols] == [(0, "true"), (1, "false")], "a success and a failure"
+    assert js(browser, "return document.querySelector('.route-legend').textContent").count("verified by ablation")
+    for col in cols:
+      edges, ver = expect[col["sample"]]
+      assert col["label"] == samples[col["sample"]]["label"]
+      assert col["prediction"] == samples[col["sample"]]["prediction"]
+      assert len(col["edges"]) == len(edges) > 0
+      for (l, n, c, j, _), v, (title, shown) in zip(edges, ver, col["edges"]):
+        assert f"layer {l}, head {n}: key block {c} \u2192 query block {j}" in title
+        assert shown == v and (("verified by ablation" in title) == v)
+    assert cols[0]["verdict"].startswith("\u2714 verified by ablation") and "flipped 1/3" in cols[0]["verdict"]
+    assert cols[1]["verdict"] == "not verified by ablation"
+    Select(browser.find_elements("css selector", ".route-col .route-pick")[0]).select_by_value("2")
+    cols = js(browser, read)
+    assert cols[0]["sample"] == 2 and cols[0]["verdict"].startswith("\u2718 ablation did not flip")
+    assert not any(v for _, v in cols[0]["edges"]) and len(cols[0]["edges"]) == len(expect[2][0])
+  finally:
+    server.shutdown()

@@ -16,7 +16,7 @@ import os
 import pathlib
 import shutil
 import time
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -49,7 +49,7 @@ def export_viewer(out_dir, trace: Trace, *, pieces: Optional[Sequence[str]] = No
                   needle_spans=None, title: str = "stream_jax trace", batch_index: int = 0,
                   tile_rows: int = tiles.TILE_ROWS, top: int = tiles.TOP_ROWS,
                   text_chunk: int = TEXT_CHUNK, compare: Optional[Trace] = None, compare_label: str = "dense",
-                  label: str = "sparse") -> pathlib.Path:
+                  label: str = "sparse", routes: Optional[Sequence[Mapping]] = None) -> pathlib.Path:
   """Writes the viewer folder of `trace` into `out_dir` (replaced if it is a previous viewer folder).
 
   Token text, in order of preference: `pieces` (one string per token), `text` + `offsets` (the tokenizer's
@@ -59,6 +59,12 @@ def export_viewer(out_dir, trace: Trace, *, pieces: Optional[Sequence[str]] = No
   compare: a second trace of the same tokens (e.g. the dense / exact trace next to the sparse one): the
   page shows both block maps side by side (`label`, `compare_label`) with one zoom, pan and hover; its
   layers must have the same heads, block sizes and lengths as `trace`'s layers of the same id.
+  routes: route results to show in the routes panel, success and failure side by side (e.g. the samples of
+  a needle sweep: `route_samples(sweep)`); each a mapping with trace (one sample's Trace), needle_spans,
+  success (bool), label, and optionally prediction, ablation (a `causal.SampleAblation` or a dict with
+  route_flipped, random_flipped, random_runs: the route verified by ablation when route_flipped), heads
+  (bool[L, N] the ablated heads; default `causal.route_heads` of the route) and main (True: the sample of
+  `trace`, whose edges open in the block map). Default: the route of `trace` to `needle_spans`.
   Returns the folder; manifest["export_seconds"] says how long it took.
   """
   t0 = time.perf_counter()
@@ -106,9 +112,12 @@ def export_viewer(out_dir, trace: Trace, *, pieces: Optional[Sequence[str]] = No
       (out / "vertical.bin").write_bytes(np.ascontiguousarray(stats["vertical"], np.float32).tobytes())
 
   route_data = None
-  if needle_spans is not None and len(needle_spans):
-    route_data = route_json(trace, needle_spans)
-    if route_data is not None:
+  if routes is None and needle_spans is not None and len(needle_spans):
+    routes = [dict(trace=trace, needle_spans=needle_spans, label="this trace", main=True)]
+  if routes:
+    samples = [x for x in (route_sample_json(r, batch_index) for r in routes) if x is not None]
+    if samples:
+      route_data = dict(samples=samples)
       (out / "routes.json").write_text(json.dumps(route_data))
 
   layers, nbytes = _write_layers(out, trace, n_heads, tile_rows, top)
@@ -191,6 +200,49 @@ def route_json(trace: Trace, needle_spans, *, max_edges: int = 400, min_flow: fl
   return dict(layers=[l.layer for l in trace.layers], blocks=int(flow.shape[1]),
               needle_blocks=np.nonzero(needle)[0].tolist(), needle_flow=np.asarray(r.needle_flow).tolist(),
               nodes=nodes, edges=edges, min_flow=min_flow)
+
+
+def route_sample_json(r: Mapping, batch_index: int = 0) -> Optional[dict]:
+  """One route result for the panel: route_json plus label, success, prediction, main and the ablation's
+  verdict. Edges get a 6th field, 1 when ablation verified them: the ablation flipped the answer and the
+  edge is one it cut (a needle key block read by an ablated head)."""
+  from stream_jax.analysis import causal, routes  # pylint: disable=import-outside-toplevel
+  tr = one_sample(r["trace"], batch_index)
+  spans = np.asarray(r["needle_spans"], np.int32).reshape(-1, 2)
+  data = route_json(tr, spans)
+  if data is None:
+    return None
+  ab = r.get("ablation")
+  if ab is not None and not isinstance(ab, Mapping):
+    ab = dict(route_flipped=ab.route_flipped, random_flipped=ab.random_flipped, random_runs=ab.random_runs)
+  verified, cut = None, set()
+  if ab is not None and ab.get("route_flipped") is not None:
+    heads = r.get("heads")
+    if heads is None:
+      bk = tr.layers[0].mask.block_k
+      heads = causal.route_heads(routes.route(tr, spans), routes.span_blocks(spans, bk, tr.layers[0].mask.k_len))
+    heads = np.asarray(heads, bool)
+    verified = dict(flipped=bool(ab["route_flipped"]), random_flipped=int(ab.get("random_flipped", 0)),
+                    random_runs=int(ab.get("random_runs", 0)), heads=np.argwhere(heads).tolist())
+    if verified["flipped"]:
+      cut = {(int(l), int(h)) for l, h in np.argwhere(heads)}
+  needle = set(data["needle_blocks"])
+  data["edges"] = [e + [int((e[0], e[1]) in cut and e[2] in needle)] for e in data["edges"]]
+  data.update(label=str(r.get("label", "")), success=None if r.get("success") is None else bool(r["success"]),
+              prediction=None if r.get("prediction") is None else str(r["prediction"]),
+              main=bool(r.get("main", False)), verified=verified)
+  return data
+
+
+def route_samples(sweep, main: Optional[int] = None) -> list[dict]:
+  """`routes=` for export_viewer from a needle sweep (`experiments.runs.NiahSweep`): every row's trace,
+  needle, success and answer, and the route ablation of the same prompt when the sweep verified routes.
+  main: the row whose trace is the exported one."""
+  abl = list(sweep.ablation.samples) if getattr(sweep, "ablation", None) is not None else [None] * len(sweep.rows)
+  return [dict(trace=row.trace, needle_spans=row.sample.value_spans, success=row.success,
+               label=f"{row.length} tokens, seed {row.seed}" + ("" if row.depth is None else f", depth {row.depth:g}%"),
+               prediction=row.prediction.strip(), ablation=a, main=i == main)
+          for i, (row, a) in enumerate(zip(sweep.rows, abl))]
 
 
 def is_viewer(path) -> bool:
