@@ -318,6 +318,10 @@ def test_search_jumps_to_the_place_in_the_map(browser, synthetic):
                        "return [m.view.y0 + c.height / 2 * m.view.bpp, m.view.x0 + c.width / 2 * m.view.bpp]")
   assert abs(centre[0] - (157 // 8 + 0.5)) < 1 and abs(centre[1] - (157 // 8 + 0.5)) < 1
   assert js(browser, "return document.querySelector('#text .unit.found').dataset.unit") == str(157 // 7)
+  # the search index lets only the chunks that can hold the match be read: 157 is in chunk 2 of 64 tokens
+  may = js(browser, "return SJV.app.text.candidates('w157 w158').then(f => [0, 1, 2, 3, 4].map(c => !!f(c)))")
+  assert may[2] and not may[0] and not may[3] and not may[4]
+  assert js(browser, "return SJV.app.text.candidates('w63 w64').then(f => [0, 1, 2].map(c => !!f(c)))")[0]
   box.clear()
   box.send_keys("w63 w64")
   js(browser, "SJV.app.searchFrom = 0")

@@ -186,3 +186,17 @@ def test_compare_trace_tiles_and_checks(tmp_path):
     np.testing.assert_array_equal(sums[ptr[j]:ptr[j + 1]], mass[j][keep][np.argsort(idx[j][keep])])
   with pytest.raises(ValueError, match="would not line up"):
     export_viewer(tmp_path / "w", trace, compare=synthetic_trace(t=96, block=16))
+
+
+def test_incoming_index_is_the_transpose(exported):
+  trace, out, _ = exported
+  l = trace[1]
+  idx, mass = np.asarray(l.mask.indices)[2], np.asarray(l.mass)[2]
+  n_k = l.mask.num_k_blocks
+  for c in range(n_k):
+    t, cc = divmod(c, 8)
+    got = tiles.read_incoming((out / f"tiles/l1/h2/in_{t}.bin").read_bytes())
+    a, b = got["colptr"][cc], got["colptr"][cc + 1]
+    rows, slots = np.nonzero(idx == c)
+    np.testing.assert_array_equal(got["rows"][a:b], rows)
+    np.testing.assert_array_equal(got["mass"][a:b], mass[rows, slots])

@@ -3,7 +3,7 @@
     export_viewer("run1/viewer", trace, text=text, offsets=offsets, sentences=sents)
 
 Layout: manifest.json (layers, heads, block sizes, the pyramid, the overview numbers, needle), tiles/
-(tiles.py), text/{i}.json (token pieces, `text_chunk` tokens per file), sentences.json (token spans,
+(tiles.py), text/{i}.json (token pieces, `text_chunk` tokens per file), search.bin (text.search_index), sentences.json (token spans,
 labels, importance), vertical.bin (float32[L, N, S] vertical scores), and the page (page.py). The page
 fetches manifest.json first and then only what is on screen.
 """
@@ -23,7 +23,7 @@ import numpy as np
 
 from stream_jax.trace import Trace
 from stream_jax.viewer import page, summary, tiles
-from stream_jax.viewer.text import chunks, pieces_from_offsets, pieces_from_tokenizer
+from stream_jax.viewer.text import chunks, pieces_from_offsets, pieces_from_tokenizer, search_index
 
 FORMAT = 1
 TEXT_CHUNK = 4096  # tokens per text file (~20 KB)
@@ -91,8 +91,10 @@ def export_viewer(out_dir, trace: Trace, *, pieces: Optional[Sequence[str]] = No
     if len(pieces) != t_len:
       raise ValueError(f"{len(pieces)} token strings for a trace of {t_len} tokens")
     (out / "text").mkdir()
-    for i, c in enumerate(chunks(pieces, text_chunk)):
+    text_chunks = chunks(pieces, text_chunk)
+    for i, c in enumerate(text_chunks):
       (out / "text" / f"{i}.json").write_text(json.dumps(c, ensure_ascii=False))
+    (out / "search.bin").write_bytes(search_index(text_chunks))
 
   spans, sent_texts = None, None
   if sentences is not None:
@@ -137,7 +139,7 @@ def export_viewer(out_dir, trace: Trace, *, pieces: Optional[Sequence[str]] = No
     needle = dict(spans=ns.tolist(), blocks=sorted({b for s, e in ns for b in range(s // bk, (e - 1) // bk + 1)}))
   manifest = dict(
       format=FORMAT, title=title, tokens=t_len, num_heads=n_heads, tile_rows=tile_rows,
-      text_chunk=text_chunk if pieces is not None else None, layers=layers,
+      text_chunk=text_chunk if pieces is not None else None, text_index=pieces is not None, layers=layers,
       stats=dict(kept=_json_num(stats["kept"]), coverage=_json_num(stats["coverage"]),
                  anchor=_json_num(stats["anchor"]), receivers=stats["receivers"],
                  needle=_json_num(stats["needle"])),
@@ -159,7 +161,7 @@ def _write_layers(root: pathlib.Path, trace: Trace, n_heads: int, tile_rows: int
                                 coverage=None if l.coverage is None else np.asarray(l.coverage))
     layers.append(dict(layer=l.layer, kind=l.kind, mode=l.mode, window=l.window, block_q=m.block_q,
                        block_k=m.block_k, q_len=m.q_len, k_len=m.k_len, capacity=m.capacity,
-                       has_coverage=l.coverage is not None,
+                       has_coverage=l.coverage is not None, incoming=True,
                        levels=[dict(z=v.z, rows=v.rows, cols=v.cols, tiles=tiles.num_tiles(v.rows, tile_rows))
                                for v in levels]))
   return layers, nbytes

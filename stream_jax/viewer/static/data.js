@@ -35,6 +35,13 @@ window.SJV = window.SJV || {};
     return { rows, nnz, rowptr, cols, sum, max, rowcov };
   }
 
+  // The incoming index of a key-block range (tiles.py): per key block the query blocks keeping it and the mass.
+  function parseIncoming(buf) {
+    const head = new Int32Array(buf, 0, 4), cols = head[0], nnz = head[1];
+    const colptr = new Uint32Array(buf, 16, cols + 1), off = 16 + 4 * (cols + 1);
+    return { cols, nnz, colptr, rows: new Uint32Array(buf, off, nnz), mass: new Float32Array(buf, off + 4 * nnz, nnz) };
+  }
+
   // Index of col in the sorted cols[lo, hi), or -1.
   function findCol(cols, lo, hi, col) {
     const end = hi;
@@ -100,6 +107,20 @@ window.SJV = window.SJV || {};
       return null;
     }
 
+    // Incoming index tile t (key blocks [t * tile_rows, ...)) of a layer and head: a Promise, cached.
+    incoming(layer, head, t) {
+      const path = `tiles/l${layer}/h${head}/in_${t}.bin`;
+      let hit = this.tiles.get(path);
+      if (!hit) {
+        hit = {};
+        this.inflight++;
+        hit.promise = this.bytes(path).then((buf) => (hit.tile = parseIncoming(buf))).finally(() => { this.inflight--; });
+        this.tiles.set(path, hit);
+        while (this.tiles.size > MAX_TILES) this.tiles.delete(this.tiles.keys().next().value);
+      }
+      return hit.promise;
+    }
+
     async tileAsync(layer, head, z, t) {
       const got = this.tile(layer, head, z, t);
       if (got) return got;
@@ -145,4 +166,5 @@ window.SJV = window.SJV || {};
   SJV.Data = Data;
   SJV.parseTile = parseTile;
   SJV.findCol = findCol;
+  SJV.parseIncoming = parseIncoming;
 })(window.SJV);
