@@ -65,7 +65,8 @@
         this.busy++;
         this.routes.init().finally(() => { this.busy--; });
       }
-      await this.text.init();
+      this.textReady = this.text.init(); // a search waits for it (units, search index)
+      await this.textReady;
       this.prefetched = this.text.prefetch(); // the rest of the text, in the background: searches scan memory
     }
 
@@ -171,6 +172,7 @@
       this.busy++;
       try {
         const out = document.getElementById("search-result");
+        if (this.textReady) await this.textReady;
         const tok = await this.text.search(needle, this.searchFrom);
         if (tok < 0) { out.textContent = "not found"; out.dataset.token = ""; return; }
         this.searchFrom = tok + 1;
