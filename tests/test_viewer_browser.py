@@ -318,6 +318,10 @@ def test_search_jumps_to_the_place_in_the_map(browser, synthetic):
                        "return [m.view.y0 + c.height / 2 * m.view.bpp, m.view.x0 + c.width / 2 * m.view.bpp]")
   assert abs(centre[0] - (157 // 8 + 0.5)) < 1 and abs(centre[1] - (157 // 8 + 0.5)) < 1
   assert js(browser, "return document.querySelector('#text .unit.found').dataset.unit") == str(157 // 7)
+  # the search index lets only the chunks that can hold the match be read: 157 is in chunk 2 of 64 tokens
+  may = js(browser, "return SJV.app.text.candidates('w157 w158').then(f => [0, 1, 2, 3, 4].map(c => !!f(c)))")
+  assert may[2] and not may[0] and not may[3] and not may[4]
+  assert js(browser, "return SJV.app.text.candidates('w63 w64').then(f => [0, 1, 2].map(c => !!f(c)))")[0]
   box.clear()
   box.send_keys("w63 w64")
   js(browser, "SJV.app.searchFrom = 0")
@@ -419,5 +423,121 @@ def test_routes_panel_draws_the_route_and_opens_an_edge(browser, tmp_path):
         str(l), str(n)]
     assert js(browser, "return SJV.app.mark") == {"q": j, "k": c}
     check_hover(browser, trace, l, n, j, c, [f"w{i} " for i in range(300)])
+  finally:
+    server.shutdown()
+
+
+# ------------------------------------------------------------------------------------ two traces side by side
+
+
+def entry(trace, layer_pos, head, q, k):
+  """(kept, float32 mass) of key block k in query block q's row."""
+  idx = np.asarray(trace[layer_pos].mask.indices)[head, q]
+  mass = np.asarray(trace[layer_pos].mass)[head, q]
+  hit = np.nonzero(idx == k)[0]
+  return (True, float(mass[hit[0]])) if hit.size else (False, None)
+
+
+def test_compare_maps_side_by_side_share_view_and_hover(browser, tmp_path):
+  trace = synthetic_trace()
+  dense = synthetic_trace(top_k=12)  # the same tokens, more blocks kept: the "dense" side
+  pieces = [f"w{i} " for i in range(300)]
+  out = export_viewer(tmp_path / "v", trace, pieces=pieces, compare=dense, compare_label="dense", label="sparse",
+                      tile_rows=8, top=8)
+  server = serve(out)
+  try:
+    browser.get(server.url)
+    wait_idle(browser)
+    assert js(browser, "return [document.getElementById('map-label').textContent, "
+                       "document.getElementById('map2-label').textContent]") == ["sparse", "dense"]
+    ink = js(browser, """return ['map', 'map2'].map(id => { const c = document.getElementById(id);
+      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+      for (let i = 0; i < d.length; i += 4) if (d[i] + d[i + 1] + d[i + 2] < 3 * 245) n++; return n; });""")
+    assert ink[0] > 0 and ink[1] > ink[0], ink  # both drawn; the denser trace has more cells
+    idx = np.asarray(trace[1].mask.indices)[0]
+    didx = np.asarray(dense[1].mask.indices)[0]
+    q = 30
+    only_dense = sorted(set(didx[q][didx[q] >= 0]) - set(idx[q][idx[q] >= 0]))
+    cases = [(q, int(idx[q][idx[q] >= 0][1]), "map"), (q, int(only_dense[0]), "map2"), (20, 19, "map")]
+    for q, k, canvas in cases:
+      js(browser, "SJV.app.map.centre(arguments[0], arguments[1], 24)", q, k)
+      wait_idle(browser)
+      views = js(browser, "return [SJV.app.map.view, SJV.app.map2.view, SJV.app.map.lastDraw.z, SJV.app.map2.lastDraw.z]")
+      assert views[0] == views[1] and views[2] == views[3] == 0, "one zoom and pan for both maps"
+      xy = js(browser, f"return SJV.app.{'map' if canvas == 'map' else 'map2'}.cellCentre(arguments[0], arguments[1])",
+              q, k)
+      browser.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": xy["x"] + 3, "y": xy["y"] - 3})
+      browser.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": xy["x"], "y": xy["y"]})
+      end = time.time() + 20
+      got = None
+      while time.time() < end and not got:
+        got = js(browser, """const hv = document.querySelector('#hover .hv[data-level="0"]');
+          if (!hv || hv.dataset.q != arguments[0] || hv.dataset.k != arguments[1]) return null;
+          const read = (sel) => [...hv.querySelectorAll(sel)].map(e => [e.dataset.kept === 'true', e.dataset.mass]);
+          return {main: read('.hv-head'), cmp: read('.hv-cmp'),
+                  labels: [...hv.querySelectorAll('.hv-src')].map(e => e.textContent),
+                  boxes: [...document.querySelectorAll('.hoverbox')].map(b => b.hidden ? null :
+                     [parseFloat(b.style.left), parseFloat(b.style.top)])};""", q, k)
+        time.sleep(0.05)
+      assert got, f"no hover panel for ({q}, {k})"
+      wait_idle(browser)
+      assert got["labels"] == ["sparse", "dense"]
+      for side, tr in (("main", trace), ("cmp", dense)):
+        kept, mass = entry(tr, 1, 0, q, k)
+        ((shown_kept, shown_mass),) = got[side]
+        assert shown_kept == kept and (not kept or float(shown_mass) == mass), (side, q, k, got[side], mass)
+      assert got["boxes"][0] is not None and got["boxes"][0] == got["boxes"][1], "the hovered cell outlined on both"
+    assert entry(dense, 1, 0, *cases[1][:2])[0] and not entry(trace, 1, 0, *cases[1][:2])[0]
+  finally:
+    server.shutdown()
+
+
+def test_routes_success_and_failure_side_by_side_with_ablation_marks(browser, tmp_path):
+  from stream_jax.analysis import causal, routes  # pylint: disable=import-outside-toplevel
+  from stream_jax.trace import Trace  # pylint: disable=import-outside-toplevel
+  from selenium.webdriver.support.ui import Select  # pylint: disable=import-outside-toplevel
+  samples, expect = [], []
+  for seed, success, flipped in ((0, True, True), (3, False, None), (5, True, False)):
+    tr = Trace(synthetic_trace(seed=seed).layers[:2])
+    last = np.asarray(tr[1].mask.indices)[0, -1]
+    spans = np.array([[int(last[1]) * 8 + 2, int(last[1]) * 8 + 5]])
+    ab = None if flipped is None else dict(route_flipped=flipped, random_flipped=1, random_runs=3)
+    samples.append(dict(trace=tr, needle_spans=spans, success=success, label=f"seed {seed}",
+                        prediction=f"answer {seed}", ablation=ab, main=seed == 0))
+    rt = routes.route(tr, spans)
+    needle = np.asarray(routes.span_blocks(spans, 8, 300))
+    heads = {(int(l), int(h)) for l, h in np.argwhere(causal.route_heads(rt, needle))}
+    edges = rt.edge_list(min_weight=1e-3)[:400]
+    ver = [bool(flipped) and (l, n) in heads and bool(needle[c]) for l, n, c, j, w in edges]
+    expect.append((edges, ver))
+  assert any(expect[0][1]), "the verified sample must have an edge the ablation cut"
+  out = export_viewer(tmp_path / "v", samples[0]["trace"], pieces=[f"w{i} " for i in range(300)],
+                      needle_spans=samples[0]["needle_spans"], routes=samples)
+  server = serve(out)
+  read = """return [...document.querySelectorAll('.route-col')].map(c => ({sample: +c.dataset.sample,
+    success: c.dataset.success, label: c.querySelector('.route-label').textContent,
+    verdict: c.querySelector('.verdict').textContent, prediction: c.querySelector('.prediction').textContent,
+    edges: [...c.querySelectorAll('.edge')].map(e => [e.querySelector('title').textContent,
+                                                      e.classList.contains('verified')])}));"""
+  try:
+    browser.get(server.url)
+    wait_idle(browser)
+    cols = js(browser, read)
+    assert [(c["sample"], c["success"]) for c in cols] == [(0, "true"), (1, "false")], "a success and a failure"
+    assert js(browser, "return document.querySelector('.route-legend').textContent").count("verified by ablation")
+    for col in cols:
+      edges, ver = expect[col["sample"]]
+      assert col["label"] == samples[col["sample"]]["label"]
+      assert col["prediction"] == samples[col["sample"]]["prediction"]
+      assert len(col["edges"]) == len(edges) > 0
+      for (l, n, c, j, _), v, (title, shown) in zip(edges, ver, col["edges"]):
+        assert f"layer {l}, head {n}: key block {c} \u2192 query block {j}" in title
+        assert shown == v and (("verified by ablation" in title) == v)
+    assert cols[0]["verdict"].startswith("\u2714 verified by ablation") and "flipped 1/3" in cols[0]["verdict"]
+    assert cols[1]["verdict"] == "not verified by ablation"
+    Select(browser.find_elements("css selector", ".route-col .route-pick")[0]).select_by_value("2")
+    cols = js(browser, read)
+    assert cols[0]["sample"] == 2 and cols[0]["verdict"].startswith("\u2718 ablation did not flip")
+    assert not any(v for _, v in cols[0]["edges"]) and len(cols[0]["edges"]) == len(expect[2][0])
   finally:
     server.shutdown()

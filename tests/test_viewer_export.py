@@ -168,3 +168,35 @@ def test_notebook_display_inlines_small_traces_and_summarises_large_ones():
   batched = jax.tree_util.tree_map(lambda x: np.stack([x, x]), trace)
   assert TracedRun(logits=np.zeros((2, 3)), trace=batched)._repr_html_().startswith("<iframe")
   assert TracedRun(logits=np.zeros((1, 3)))._repr_html_() is None
+
+
+def test_compare_trace_tiles_and_checks(tmp_path):
+  trace, dense = synthetic_trace(t=96), synthetic_trace(t=96, top_k=8)
+  out = export_viewer(tmp_path / "v", trace, compare=dense, compare_label="dense", tile_rows=4, top=4)
+  m = json.loads((out / "manifest.json").read_text())
+  assert m["compare"]["label"] == "dense" and m["compare"]["main_label"] == "sparse"
+  assert [l["layer"] for l in m["compare"]["layers"]] == [0, 1, 2]
+  l = dense[1]
+  rows = l.mask.num_q_blocks
+  ptr, cols, sums, _, _ = read_level(out / "compare", 1, 2, 0, rows, 4)
+  idx, mass = np.asarray(l.mask.indices)[2], np.asarray(l.mass)[2]
+  for j in range(rows):
+    keep = idx[j] >= 0
+    np.testing.assert_array_equal(cols[ptr[j]:ptr[j + 1]], np.sort(idx[j][keep]))
+    np.testing.assert_array_equal(sums[ptr[j]:ptr[j + 1]], mass[j][keep][np.argsort(idx[j][keep])])
+  with pytest.raises(ValueError, match="would not line up"):
+    export_viewer(tmp_path / "w", trace, compare=synthetic_trace(t=96, block=16))
+
+
+def test_incoming_index_is_the_transpose(exported):
+  trace, out, _ = exported
+  l = trace[1]
+  idx, mass = np.asarray(l.mask.indices)[2], np.asarray(l.mass)[2]
+  n_k = l.mask.num_k_blocks
+  for c in range(n_k):
+    t, cc = divmod(c, 8)
+    got = tiles.read_incoming((out / f"tiles/l1/h2/in_{t}.bin").read_bytes())
+    a, b = got["colptr"][cc], got["colptr"][cc + 1]
+    rows, slots = np.nonzero(idx == c)
+    np.testing.assert_array_equal(got["rows"][a:b], rows)
+    np.testing.assert_array_equal(got["mass"][a:b], mass[rows, slots])

@@ -10,6 +10,11 @@ Tile file (little-endian), `tiles/l{layer}/h{head}/z{level}_{tile}.bin`:
   uint32[rows + 1] rowptr;  uint16 or uint32[nnz] cols (ascending per row; padded to 4 bytes)
   float32[nnz] sum;  float32[nnz] max (flag 1);  float32[rows] row coverage, NaN where unknown (flag 2)
 Rows are the level's pooled query rows [tile * tile_rows, ...); cols are pooled key-block ids.
+
+Incoming index (level 0 transposed: who attends to a key block, read in time proportional to the hits),
+`tiles/l{layer}/h{head}/in_{tile}.bin` for key blocks [tile * tile_rows, ...):
+  int32[4] header: cols, nnz, 0, 0
+  uint32[cols + 1] colptr;  uint32[nnz] query block ids (ascending per key block);  float32[nnz] mass
 """
 
 from __future__ import annotations
@@ -111,6 +116,29 @@ def tile_bytes(lev: Level, bounds: np.ndarray, head: int, tile: int, tile_rows: 
   return b"".join(parts)
 
 
+def incoming_bytes(lev: Level, n_heads: int, n_cols: int, tile_rows: int):
+  """Yields (head, tile, bytes) of the incoming index of level 0 (see the module docstring)."""
+  gkey = lev.head.astype(np.int64) * n_cols + lev.col
+  order = np.argsort(gkey, kind="stable")  # rows stay ascending within a key block
+  gkey, rows, mass = gkey[order], lev.row[order].astype(np.uint32), lev.sum[order]
+  bounds = np.searchsorted(gkey, np.arange(n_heads * n_cols + 1))
+  for h in range(n_heads):
+    for t in range(num_tiles(n_cols, tile_rows)):
+      c0, c1 = t * tile_rows, min((t + 1) * tile_rows, n_cols)
+      cb = bounds[h * n_cols + c0: h * n_cols + c1 + 1]
+      a, b = int(cb[0]), int(cb[-1])
+      yield h, t, b"".join([np.asarray([c1 - c0, b - a, 0, 0], np.int32).tobytes(), (cb - a).astype(np.uint32).tobytes(),
+                            rows[a:b].tobytes(), mass[a:b].astype(np.float32).tobytes()])
+
+
+def read_incoming(data: bytes) -> dict:
+  cols, nnz = np.frombuffer(data, np.int32, 2)
+  colptr = np.frombuffer(data, np.uint32, cols + 1, 16)
+  off = 16 + 4 * (cols + 1)
+  return dict(colptr=colptr, rows=np.frombuffer(data, np.uint32, nnz, off),
+              mass=np.frombuffer(data, np.float32, nnz, off + 4 * nnz))
+
+
 def num_tiles(rows: int, tile_rows: int) -> int:
   return -(-rows // tile_rows)
 
@@ -135,6 +163,9 @@ def write_layer(root: pathlib.Path, layer: int, levels: list[Level], n_heads: in
         data = tile_bytes(lev, bnd, h, t, tile_rows, cov)
         (d / f"z{lev.z}_{t}.bin").write_bytes(data)
         total += len(data)
+  for h, t, data in incoming_bytes(levels[0], n_heads, levels[0].cols, tile_rows):
+    (root / f"tiles/l{layer}/h{h}/in_{t}.bin").write_bytes(data)
+    total += len(data)
   return total
 
 

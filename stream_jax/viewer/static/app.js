@@ -31,10 +31,16 @@
 
     layerInfo() { return this.data.m.layers[this.layerIndex]; }
 
+    // The compare trace's entry for the current layer (null without one or when it lacks the layer).
+    compareLayer() {
+      const c = this.data.m.compare, L = this.layerInfo();
+      return c ? c.layers.find((x) => x.layer === L.layer) || null : null;
+    }
+
     // True when nothing is loading or drawing: tests wait for it.
     idle() {
-      return this.ready && this.busy === 0 && this.data.inflight === 0 && !this.map.drawPending &&
-        !!this.map.lastDraw && this.map.lastDraw.missing === 0;
+      return this.ready && this.busy === 0 && this.data.inflight === 0 &&
+        this.maps.every((mp) => !mp.drawPending && !!mp.lastDraw && mp.lastDraw.missing === 0);
     }
 
     async start() {
@@ -44,7 +50,8 @@
       document.getElementById("info").textContent =
         `${m.tokens.toLocaleString()} tokens \u00b7 ${m.layers.length} layers \u00b7 ${m.num_heads} heads` +
         (m.needle ? ` \u00b7 needle in key block(s) ${m.needle.blocks.join(", ")}` : "");
-      this.map = new SJV.BlockMap(document.getElementById("map"), this);
+      this.maps = [this.map = new SJV.BlockMap(document.getElementById("map"), this)];
+      if (m.compare) this.compareMaps(m.compare);
       this.data.onload = () => this.map.request();
       this.text = new SJV.TextView(document.getElementById("text"), document.getElementById("details"), this);
       this.controls();
@@ -58,8 +65,24 @@
         this.busy++;
         this.routes.init().finally(() => { this.busy--; });
       }
-      await this.text.init();
+      this.textReady = this.text.init(); // a search waits for it (units, search index)
+      await this.textReady;
       this.prefetched = this.text.prefetch(); // the rest of the text, in the background: searches scan memory
+    }
+
+    // Two traces: the maps side by side (smaller), one view, one hover.
+    compareMaps(cmp) {
+      document.body.classList.add("compare");
+      document.getElementById("map2-box").hidden = false;
+      document.getElementById("map-label").textContent = cmp.main_label;
+      document.getElementById("map2-label").textContent = cmp.label;
+      for (const id of ["map", "map2"]) {
+        const c = document.getElementById(id);
+        c.width = c.height = 480;
+      }
+      this.map2 = new SJV.BlockMap(document.getElementById("map2"), this, "compare/", this.map.shared);
+      this.maps.push(this.map2);
+      this.map.peers = this.map2.peers = this.maps;
     }
 
     controls() {
@@ -149,6 +172,7 @@
       this.busy++;
       try {
         const out = document.getElementById("search-result");
+        if (this.textReady) await this.textReady;
         const tok = await this.text.search(needle, this.searchFrom);
         if (tok < 0) { out.textContent = "not found"; out.dataset.token = ""; return; }
         this.searchFrom = tok + 1;

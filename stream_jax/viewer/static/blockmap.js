@@ -2,7 +2,9 @@
 // The block map of one layer and head (or the mean over heads): query blocks down, key blocks across,
 // colour = attention share. The view is (x0, y0, bpp): the key / query block at the canvas' top-left corner
 // and blocks per canvas pixel. It draws from the pyramid level whose cells are about one pixel, and fetches
-// only the tiles (row ranges) of that level that are on screen.
+// only the tiles (row ranges) of that level that are on screen. With a second trace (the export's `compare`,
+// e.g. the dense trace next to the sparse one) two BlockMaps share one view (zoom, pan) and one hover: the
+// second reads its tiles under compare/ (`src`).
 
 (function (SJV) {
   // White -> yellow -> red -> purple: share of attention on a log scale from 1e-4 to 1.
@@ -22,20 +24,28 @@
   }
 
   class BlockMap {
-    constructor(canvas, app) {
+    constructor(canvas, app, src = "", shared = null) {
       this.canvas = canvas;
       this.ctx = canvas.getContext("2d");
       this.app = app;
       this.data = app.data;
-      this.view = { x0: 0, y0: 0, bpp: 1 };
-      this.agg = "sum";
+      this.src = src; // "": the trace's tiles; "compare/": the second trace's
+      this.shared = shared || { view: { x0: 0, y0: 0, bpp: 1 }, agg: "sum" }; // one view for synced maps
+      this.peers = [this]; // the maps sharing the view (this one included)
+      this.box = canvas.parentElement ? canvas.parentElement.querySelector(".hoverbox") : null;
       this.drawPending = false;
       this.lastDraw = null; // {z, missing}
       this.hoverSeq = 0;
       this.bind();
     }
 
-    get L() { return this.app.layerInfo(); }
+    get view() { return this.shared.view; }
+    set view(v) { this.shared.view = v; }
+    get agg() { return this.shared.agg; }
+    set agg(a) { this.shared.agg = a; }
+    get L() { return this.app.layerInfo(); } // geometry (blocks, levels): the same for both traces
+    // This map's layer entry: the trace's, or the compare trace's layer of the same id (null: it has none).
+    source() { return this.src ? this.app.compareLayer() : this.L; }
     heads() { return this.app.head < 0 ? [...Array(this.data.m.num_heads).keys()] : [this.app.head]; }
 
     fitAll() {
@@ -72,7 +82,9 @@
                y: rect.top + c.clientTop + ((q + 0.5 - this.view.y0) / this.view.bpp) * sy };
     }
 
-    request() {
+    request() { for (const m of this.peers) m.requestOne(); }
+
+    requestOne() {
       if (this.drawPending) return;
       this.drawPending = true;
       requestAnimationFrame(() => { this.drawPending = false; this.draw(); });
@@ -85,7 +97,7 @@
       const r0 = Math.max(0, Math.floor(this.view.y0 / f)), r1 = Math.min(lev.rows, Math.ceil((this.view.y0 + h) / f));
       const out = [];
       for (let t = Math.floor(r0 / R); r1 > r0 && t <= Math.floor((r1 - 1) / R); t++) {
-        for (const head of this.heads()) out.push({ t, head, tile: this.data.tile(L.layer, head, z, t) });
+        for (const head of this.heads()) out.push({ t, head, tile: this.data.tile(L.layer, head, z, t, true, this.src) });
       }
       return { out, r0, r1 };
     }
@@ -94,7 +106,7 @@
       const t0 = performance.now();
       const W = this.canvas.width, H = this.canvas.height, v = this.view, L = this.L;
       const z = this.level(), f = 2 ** z, R = this.data.m.tile_rows, heads = this.heads().length;
-      const { out, r0, r1 } = this.visibleTiles(z);
+      const { out, r0, r1 } = this.source() ? this.visibleTiles(z) : { out: [], r0: 0, r1: 0 };
       const val = new Float32Array(W * H);
       let missing = 0;
       for (const { t, tile } of out) {
@@ -134,11 +146,16 @@
         px[o + 3] = 255;
       }
       this.ctx.putImageData(img, 0, 0);
+      if (!this.source()) {
+        this.ctx.fillStyle = "#888"; this.ctx.font = "14px sans-serif";
+        this.ctx.fillText(`layer ${L.layer} is not in this trace`, 16, 24);
+      }
       this.overlay();
+      this.placeBox();
       this.lastDraw = { z, missing, ms: performance.now() - t0 };
       if (!missing && this.app.firstPaint === undefined) this.app.firstPaint = performance.now(); // since navigation
       const info = document.getElementById("level");
-      if (info) {
+      if (info && !this.src) {
         info.textContent = `level ${z} (${f}\u00d7${f} blocks per cell)` + (missing ? `, loading ${missing} tile(s)` : "");
         info.dataset.level = z;
       }
@@ -217,25 +234,46 @@
       c.addEventListener("mouseleave", () => { /* keep the last hover shown: it can be read and copied */ });
     }
 
-    // Fills the hover panel for the cell under canvas pixel (x, y).
-    async hover(x, y, t0 = performance.now()) {
-      const seq = ++this.hoverSeq, v = this.view, L = this.L, z = this.level(), f = 2 ** z, R = this.data.m.tile_rows;
-      const qb = v.y0 + y * v.bpp, kb = v.x0 + x * v.bpp;
-      const r = Math.floor(qb / f), c = Math.floor(kb / f), lev = L.levels[z];
-      const panel = document.getElementById("hover");
-      if (r < 0 || c < 0 || r >= lev.rows || c >= lev.cols) { panel.innerHTML = ""; return; }
-      const hits = [];
+    // The hovered cell's outline on this map (a positioned box: no redraw of the canvas).
+    placeBox() {
+      const cell = this.shared.hover, box = this.box;
+      if (!box) return;
+      if (!cell) { box.hidden = true; return; }
+      const v = this.view, c = this.canvas, s = c.clientWidth / c.width, f = 2 ** cell.z;
+      box.hidden = false;
+      box.style.left = `${c.offsetLeft + c.clientLeft + ((cell.c * f - v.x0) / v.bpp) * s}px`;
+      box.style.top = `${c.offsetTop + c.clientTop + ((cell.r * f - v.y0) / v.bpp) * s}px`;
+      box.style.width = box.style.height = `${Math.max(3, (f / v.bpp) * s)}px`;
+    }
+
+    // Per head of this map's trace: cell (r, c) of level z in the cached tiles (rank in its row, row size).
+    hitsAt(r, c, z) {
+      const L = this.source(), R = this.data.m.tile_rows, hits = [];
+      if (!L) return hits;
       for (const head of this.heads()) {
-        const tile = this.data.tile(L.layer, head, z, Math.floor(r / R), false);
+        const tile = this.data.tile(L.layer, head, z, Math.floor(r / R), false, this.src);
         if (!tile) continue;
         const rr = r % R, a = tile.rowptr[rr], b = tile.rowptr[rr + 1];
         const e = SJV.findCol(tile.cols, a, b, c);
         const rank = e < 0 ? 0 : 1 + this.rankOf(tile, a, b, e);
         hits.push({ head, e, tile, a, b, rr, rank, count: b - a });
       }
+      return hits;
+    }
+
+    // Fills the hover panel for the cell under canvas pixel (x, y): every synced map's numbers.
+    async hover(x, y, t0 = performance.now()) {
+      const seq = ++this.hoverSeq, v = this.view, L = this.L, z = this.level(), f = 2 ** z;
+      const qb = v.y0 + y * v.bpp, kb = v.x0 + x * v.bpp;
+      const r = Math.floor(qb / f), c = Math.floor(kb / f), lev = L.levels[z];
+      const panel = document.getElementById("hover");
+      if (r < 0 || c < 0 || r >= lev.rows || c >= lev.cols) { panel.innerHTML = ""; return; }
+      this.shared.hover = { r, c, z };
+      for (const m of this.peers) m.placeBox();
+      const groups = this.peers.map((m) => ({ map: m, hits: m.hitsAt(r, c, z) }));
       this.app.busy++;
       try {
-        const html = z === 0 ? await this.hoverBlock(r, c, hits) : this.hoverPooled(r, c, f, hits);
+        const html = z === 0 ? await this.hoverBlock(r, c, groups) : this.hoverPooled(r, c, f, groups);
         if (seq === this.hoverSeq) {
           panel.innerHTML = html;
           this.lastHoverMs = performance.now() - t0; // input event -> panel filled (the benchmark reads it)
@@ -253,14 +291,25 @@
       return n;
     }
 
-    async hoverBlock(j, c, hits) {
+    // Label of a map's lines in the hover panel (only when two traces are shown).
+    sourceLabel(m) {
+      const cmp = this.data.m.compare;
+      if (!cmp || this.peers.length < 2) return "";
+      return `<div class="hv-src" data-side="${m.src ? "compare" : "main"}">${SJV.esc(m.src ? cmp.label : cmp.main_label)}</div>`;
+    }
+
+    async hoverBlock(j, c, groups) {
       const L = this.L, off = L.k_len - L.q_len, esc = SJV.esc;
       const qa = off + j * L.block_q, qb = off + Math.min((j + 1) * L.block_q, L.q_len);
       const ka = c * L.block_k, kb = Math.min((c + 1) * L.block_k, L.k_len);
       const [qt, kt] = await Promise.all([this.data.tokens(qa, qb), this.data.tokens(ka, kb)]);
       const rows = qb - qa, fmt = SJV.fmt;
+      let all = "";
+      for (const { map, hits } of groups) {
       let lines = "";
       let mean = 0;
+      const cls = map.src ? "hv-cmp" : "hv-head";
+      if (!map.source()) lines = `<div class="${cls}-none">layer ${L.layer} is not in this trace</div>`;
       for (const h of hits) {
         const kept = h.e >= 0, mass = kept ? h.tile.sum[h.e] : 0;
         const cov = h.tile.rowcov ? h.tile.rowcov[h.rr] : NaN;
@@ -270,28 +319,33 @@
         const covText = Number.isNaN(cov)
           ? `row holds ${fmt(rowsum / rows)} of the block's attention (sparse trace: no dense coverage)`
           : `row coverage ${fmt(cov)}`;
-        lines += `<div class="hv-head" data-head="${h.head}" data-kept="${kept}" data-mass="${kept ? mass : ""}"` +
+        lines += `<div class="${cls}" data-head="${h.head}" data-kept="${kept}" data-mass="${kept ? mass : ""}"` +
           ` data-rank="${h.rank}" data-count="${h.count}" data-rowcov="${Number.isNaN(cov) ? "" : cov}">` +
           `head ${h.head}: ` + (kept
             ? `mass <b class="mass">${fmt(mass)}</b> (share ${fmt(mass / rows)}), rank <b class="rank">${h.rank}</b> of ${h.count} kept in the row; ${covText}`
             : `not kept (${h.count} blocks kept in the row; ${covText})`) + `</div>`;
       }
       if (hits.length > 1) lines = `<div>mean over heads: mass ${fmt(mean)}</div>` + lines;
+      all += this.sourceLabel(map) + lines;
+      }
       return `<div class="hv" data-level="0" data-q="${j}" data-k="${c}">` +
         `<div><b>query block ${j}</b> (tokens ${qa}\u2013${qb - 1}) <span class="qtext">${esc(qt)}</span></div>` +
         `<div><b>key block ${c}</b> (tokens ${ka}\u2013${kb - 1}) <span class="ktext">${esc(kt)}</span></div>` +
-        `<div class="hv-layer">layer ${L.layer} (${L.kind}, ${L.mode})</div>${lines}</div>`;
+        `<div class="hv-layer">layer ${L.layer} (${L.kind}, ${L.mode})</div>${all}</div>`;
     }
 
-    hoverPooled(r, c, f, hits) {
+    hoverPooled(r, c, f, groups) {
       const L = this.L, fmt = SJV.fmt;
       const nq = Math.ceil(L.q_len / L.block_q), nk = Math.ceil(L.k_len / L.block_k);
       const q1 = Math.min((r + 1) * f, nq) - 1, k1 = Math.min((c + 1) * f, nk) - 1;
       let lines = "";
+      for (const { map, hits } of groups) {
+      lines += this.sourceLabel(map);
       for (const h of hits) {
         lines += h.e < 0 ? `<div>head ${h.head}: nothing kept here</div>`
-          : `<div class="hv-head" data-head="${h.head}" data-sum="${h.tile.sum[h.e]}" data-max="${h.tile.max[h.e]}">head ${h.head}: ` +
+          : `<div class="${map.src ? "hv-cmp" : "hv-head"}" data-head="${h.head}" data-sum="${h.tile.sum[h.e]}" data-max="${h.tile.max[h.e]}">head ${h.head}: ` +
             `mass summed over the cell <b>${fmt(h.tile.sum[h.e])}</b>, largest block ${fmt(h.tile.max[h.e])}</div>`;
+      }
       }
       return `<div class="hv" data-level="${Math.log2(f)}" data-r="${r}" data-c="${c}"><div><b>query blocks ${r * f}\u2013${q1}</b> \u00d7 ` +
         `<b>key blocks ${c * f}\u2013${k1}</b> (${f}\u00d7${f} blocks per cell: zoom in for tokens)</div>${lines}</div>`;

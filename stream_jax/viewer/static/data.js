@@ -35,6 +35,13 @@ window.SJV = window.SJV || {};
     return { rows, nnz, rowptr, cols, sum, max, rowcov };
   }
 
+  // The incoming index of a key-block range (tiles.py): per key block the query blocks keeping it and the mass.
+  function parseIncoming(buf) {
+    const head = new Int32Array(buf, 0, 4), cols = head[0], nnz = head[1];
+    const colptr = new Uint32Array(buf, 16, cols + 1), off = 16 + 4 * (cols + 1);
+    return { cols, nnz, colptr, rows: new Uint32Array(buf, off, nnz), mass: new Float32Array(buf, off + 4 * nnz, nnz) };
+  }
+
   // Index of col in the sorted cols[lo, hi), or -1.
   function findCol(cols, lo, hi, col) {
     const end = hi;
@@ -74,11 +81,12 @@ window.SJV = window.SJV || {};
       return this.m;
     }
 
-    tilePath(layer, head, z, t) { return `tiles/l${layer}/h${head}/z${z}_${t}.bin`; }
+    // src: "" for the trace, "compare/" for the export's second trace.
+    tilePath(layer, head, z, t, src = "") { return `${src}tiles/l${layer}/h${head}/z${z}_${t}.bin`; }
 
     // The tile if cached; otherwise starts loading it (unless `load` is false) and returns null.
-    tile(layer, head, z, t, load = true) {
-      const path = this.tilePath(layer, head, z, t);
+    tile(layer, head, z, t, load = true, src = "") {
+      const path = this.tilePath(layer, head, z, t, src);
       const hit = this.tiles.get(path);
       if (hit) {
         this.tiles.delete(path); this.tiles.set(path, hit); // LRU order
@@ -97,6 +105,20 @@ window.SJV = window.SJV || {};
       this.tiles.set(path, entry);
       while (this.tiles.size > MAX_TILES) this.tiles.delete(this.tiles.keys().next().value);
       return null;
+    }
+
+    // Incoming index tile t (key blocks [t * tile_rows, ...)) of a layer and head: a Promise, cached.
+    incoming(layer, head, t) {
+      const path = `tiles/l${layer}/h${head}/in_${t}.bin`;
+      let hit = this.tiles.get(path);
+      if (!hit) {
+        hit = {};
+        this.inflight++;
+        hit.promise = this.bytes(path).then((buf) => (hit.tile = parseIncoming(buf))).finally(() => { this.inflight--; });
+        this.tiles.set(path, hit);
+        while (this.tiles.size > MAX_TILES) this.tiles.delete(this.tiles.keys().next().value);
+      }
+      return hit.promise;
     }
 
     async tileAsync(layer, head, z, t) {
@@ -144,4 +166,5 @@ window.SJV = window.SJV || {};
   SJV.Data = Data;
   SJV.parseTile = parseTile;
   SJV.findCol = findCol;
+  SJV.parseIncoming = parseIncoming;
 })(window.SJV);

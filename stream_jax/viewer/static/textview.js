@@ -42,6 +42,12 @@
         this.units = Array.from({ length: n }, (_, i) => [i * bk, Math.min((i + 1) * bk, m.tokens)]);
         this.kind = "block";
       }
+      if (m.text_index) { // the search index (small): loaded now so that a search never scans unloaded text
+        this.index = this.data.bytes("search.bin").then((buf) => {
+          const h = new Int32Array(buf, 0, 4);
+          return { chunks: h[0], m: h[1], words: new Uint32Array(buf, 16) };
+        }).catch(() => null);
+      }
       if (!this.importance && !this.vertical) this.shade = "none";
       else if (!this.importance) this.shade = "head";
       const sel = document.getElementById("shade");
@@ -176,8 +182,33 @@
       // incoming: every later query block whose kept blocks include one of the unit's key blocks
       const k0 = Math.floor(a / L.block_k), k1 = Math.floor((b - 1) / L.block_k) + 1;
       const inc = new Map();
+      const spread = (j, got) => { // row j gives the unit `got`: shared among the units its queries are in
+        const qa = off + j * L.block_q, qb = qa + qRows(j);
+        for (const v of this.unitsIn(qa, qb)) {
+          if (v <= u) continue;
+          const [va, vb] = this.units[v];
+          inc.set(v, (inc.get(v) || 0) + (got * overlap(va, vb, qa, qb)) / qRows(j) / heads.length);
+        }
+      };
+      if (incoming && L.incoming) { // the export's key block -> query blocks index: work in proportion to hits
+        for (const h of heads) {
+          const ts = [];
+          for (let t = Math.floor(k0 / R); t * R < k1; t++) ts.push(t);
+          const idx = await Promise.all(ts.map((t) => this.data.incoming(L.layer, h, t)));
+          const byRow = new Map();
+          for (const [i, tile] of idx.entries()) {
+            for (let c = Math.max(k0, ts[i] * R); c < Math.min(k1, ts[i] * R + tile.cols); c++) {
+              const w = overlap(a, b, c * L.block_k, c * L.block_k + kCols(c)) / kCols(c), cc = c - ts[i] * R;
+              for (let e = tile.colptr[cc]; e < tile.colptr[cc + 1]; e++) {
+                byRow.set(tile.rows[e], (byRow.get(tile.rows[e]) || 0) + tile.mass[e] * w);
+              }
+            }
+          }
+          for (const j of [...byRow.keys()].sort((x, y) => x - y)) if (byRow.get(j) > 0) spread(j, byRow.get(j));
+        }
+      }
       const jFirst = Math.max(0, Math.floor((k0 * L.block_k - off) / L.block_q));
-      for (const h of incoming ? heads : []) {
+      for (const h of incoming && !L.incoming ? heads : []) { // older exports: scan the later rows
         const ts = [];
         for (let t = Math.floor(jFirst / R); t * R < nq; t++) ts.push(t);
         const loaded = await Promise.all(ts.map((t) => this.data.tileAsync(L.layer, h, 0, t)));
@@ -190,13 +221,7 @@
               const c = tile.cols[e];
               if (c >= k0 && c < k1) got += (tile.sum[e] * overlap(a, b, c * L.block_k, c * L.block_k + kCols(c))) / kCols(c);
             }
-            if (got <= 0) continue;
-            const qa = off + j * L.block_q, qb = qa + qRows(j);
-            for (const v of this.unitsIn(qa, qb)) {
-              if (v <= u) continue;
-              const [va, vb] = this.units[v];
-              inc.set(v, (inc.get(v) || 0) + (got * overlap(va, vb, qa, qb)) / qRows(j) / heads.length);
-            }
+            if (got > 0) spread(j, got);
           }
         }
       }
@@ -283,11 +308,31 @@
       this.prefetchMs = performance.now() - t0; // the benchmark reports it
     }
 
+    // Chunk filter from the search index (text.py): chunk c may hold a match starting in it only when every
+    // trigram of the query is in its bit set or the next chunk's. Without an index (or a query under three
+    // characters) every chunk may.
+    async candidates(lower) {
+      const idx = this.index ? await this.index : null;
+      if (!idx || lower.length < 3 || lower.length > 2000) return () => true;
+      const K = [0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x2C1B3C6D], W = idx.m >>> 5, bits = [];
+      for (let i = 0; i + 2 < lower.length; i++) {
+        let h = (Math.imul(lower.charCodeAt(i), K[0]) ^ Math.imul(lower.charCodeAt(i + 1), K[1]) ^
+                 Math.imul(lower.charCodeAt(i + 2), K[2])) >>> 0;
+        h = (h ^ (h >>> 15)) >>> 0;
+        h = Math.imul(h, K[3]) >>> 0;
+        h = (h ^ (h >>> 13)) >>> 0;
+        bits.push(h & (idx.m - 1));
+      }
+      const has = (c, b) => c < idx.chunks && (idx.words[c * W + (b >>> 5)] >>> (b & 31)) & 1;
+      return (c) => bits.every((b) => has(c, b) || has(c + 1, b));
+    }
+
     // Finds `needle` (case-insensitive) at or after token `from`, wrapping around; the token index or -1.
     async search(needle, from) {
       const m = this.data.m;
       if (!needle || !this.data.hasText()) return -1;
       const n = m.text_chunk, chunks = Math.ceil(m.tokens / n), lower = needle.toLowerCase();
+      const may = await this.candidates(lower);
       const tokenAt = (starts, i) => { // last token starting at or before char i
         let lo = 0, hi = starts.length - 1;
         while (lo < hi) { const mid = (lo + hi + 1) >> 1; if (starts[mid] <= i) lo = mid; else hi = mid - 1; }
@@ -296,6 +341,7 @@
       const first = Math.floor(from / n);
       for (const [c0, c1, min] of [[first, chunks, from], [0, first + 1, 0]]) {
         for (let c = c0; c < c1; c++) {
+          if (!may(c)) continue; // no match can start in this chunk: not fetched
           const { text, starts } = await this.chunkText(c);
           for (let i = text.indexOf(lower); i >= 0; i = text.indexOf(lower, i + 1)) {
             const tok = c * n + tokenAt(starts, i);
