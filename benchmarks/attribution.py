@@ -62,6 +62,9 @@ def main():
   print(f"T={ids.shape[1]} (prompt {sample.length} + {model.decode(written)!r}); needle {sample.answers[0]!r} at "
         f"tokens {sample.value_spans.tolist()} (blocks {sample.needle_blocks(args.block)}); answer token "
         f"{answer} {model.decode([answer])!r}; sparse top-1 {top1} {model.decode([top1])!r}", flush=True)
+  if top1 != answer:
+    print(f"WARNING: the sparse model does not write the answer here (a failed retrieval): the metric is the "
+          f"logit of {model.decode([answer])!r} after {model.decode(written)!r}", flush=True)
   metric = lambda r: r.logits[0, answer]  # noqa: E731
 
   t0 = time.time()
