@@ -101,7 +101,8 @@ def dense_with_lse(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
            cap: Optional[float], suppress: Optional[jax.Array] = None,
-           forced: Optional[BlockMask] = None) -> tuple[jax.Array, Optional[LayerTrace]]:
+           forced: Optional[BlockMask] = None, gate: Optional[jax.Array] = None
+           ) -> tuple[jax.Array, Optional[LayerTrace]]:
   """One layer's attention over a whole sequence (positions 0..T-1).
 
   q: [B, T, N, H] (post QK-norm and RoPE), k, v: [B, T, K, H] -> out [B, T, N, H] and, on the Stream
@@ -111,6 +112,8 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
     stream_jax.intervene); the mask is still estimated from the unsuppressed logits, so the trace shows
     where the layer would look and how much mass the suppression leaves there.
   forced: a BlockMask [B, N, nQ, C] to attend through instead of the estimated / band mask.
+  gate: float[B|1, N, nQ, C] weights of the forced mask's blocks (see `sparse_attention`); sparse-output
+    Stream layers with a forced mask only (checked by `check_intervention`).
   """
   b, t, n, _ = q.shape
   pos = jnp.arange(t, dtype=jnp.int32)
@@ -140,6 +143,8 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
   dense_out = lse_dense = None
   if estimated and (exact or plan.coverage):
     dense_out, lse_dense = dense_with_lse(plan, q, k, v, scale=scale, cap=cap, visible=visible)
+  if gate is not None:
+    gate = jnp.broadcast_to(gate, mask.indices.shape)
   if mode == "window" and (visible is not None or resolve_backend(plan.backend, q.dtype) == "xla"):
     # The band's contiguous XLA path: the same numbers as the gathered one at ~half its time.
     out, stats = window_attention(q, k, v, window=plan.window, block_q=cfg.block_q, block_k=cfg.block_k,
@@ -147,7 +152,7 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
   else:
     out, stats = sparse_attention(q, k, v, mask, scale=scale, softcap=cap, window=plan.window,
                                   backend=plan.backend, lse_ref=lse_dense if exact else None,
-                                  key_mask=visible)
+                                  key_mask=visible, gate=gate)
   coverage = None
   if lse_dense is not None:
     coverage = block_coverage(stats.lse, lse_dense, cfg.block_q)

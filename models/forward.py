@@ -127,6 +127,12 @@ def check_intervention(intervention: Optional[Intervention], config: GemmaConfig
   if intervention.masks is not None and plans[0].stream is None:
     raise ValueError("intervention.masks (forced block masks) needs a Stream call (attention=StreamConfig())"
                      "; a dense call has no mask to replace")
+  if intervention.gates is not None:
+    for plan, g in zip(plans, intervention.gates):
+      if g is not None and (plan.dense or plan.output != "sparse"):
+        raise ValueError(f"intervention.gates[{plan.layer}]: gates weight the kept blocks of a layer whose "
+                         "output is sparse attention; this layer's output is dense (attention='dense', "
+                         "output='exact' or dense_layers), so a gate there would change nothing")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))

@@ -113,7 +113,7 @@ def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Atte
   plans = make_plans(config, attention, dense_layers, prune_local, backend, None, output, coverage)
   check_intervention(intervention, config, plans, ids.shape)
   step_iv = None if intervention is None or not intervention.suppresses else dataclasses.replace(
-      intervention.pad_keys(cache_len), masks=None)  # decoding steps: suppression only, over the cache
+      intervention.pad_keys(cache_len), masks=None, gates=None)  # decoding steps: suppression only, over the cache
   res, cache = _prefill(params, jnp.asarray(ids), intervention, config=config, dtype=dtype, plans=plans,
                         cache_len=cache_len, return_hidden=bool(return_hidden))
   prefill = traced_run(res, plans)

@@ -96,14 +96,14 @@ class SelfAttention(nn.Module):
     k = apply_rope(k, positions, inv_freq=inv)
     return q, k, v
 
-  def __call__(self, x: jax.Array, plan: LayerPlan, suppress=None, forced=None):
-    """Whole sequence: x [B, T, D] -> (out [B, T, D], LayerTrace | None, (k, v)); suppress / forced: this
-    layer's intervention (see `attend`)."""
+  def __call__(self, x: jax.Array, plan: LayerPlan, suppress=None, forced=None, gate=None):
+    """Whole sequence: x [B, T, D] -> (out [B, T, D], LayerTrace | None, (k, v)); suppress / forced / gate:
+    this layer's intervention (see `attend`)."""
     c = self.config
     t = x.shape[1]
     q, k, v = self.qkv(x, jnp.arange(t, dtype=jnp.int32))
     out, trace = attend(plan, q, k, v, scale=c.attn_scale, cap=c.attn_softcap, suppress=suppress,
-                        forced=forced)
+                        forced=forced, gate=gate)
     return self.attn_vec_einsum("btnh,nhd->btd", out), trace, (k, v)
 
   def extend(self, x: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array], suppress=None):
@@ -152,8 +152,8 @@ class Block(nn.Module):
     return map_positions(lambda blk, xc: xc + blk._post("post_ffw_norm", blk.mlp(blk.pre_ffw_norm(xc))),
                          self, x)
 
-  def __call__(self, x: jax.Array, plan: LayerPlan, suppress=None, forced=None):
-    a, trace, kv = self.attn(self.pre_attention_norm(x), plan, suppress, forced)
+  def __call__(self, x: jax.Array, plan: LayerPlan, suppress=None, forced=None, gate=None):
+    a, trace, kv = self.attn(self.pre_attention_norm(x), plan, suppress, forced, gate)
     x = x + self._post("post_attention_norm", a)
     return self._ffw(x), trace, kv
 
@@ -208,7 +208,8 @@ class Gemma(nn.Module):
     hidden, traces, kvs = [], [], []
     for i, (block, plan) in enumerate(zip(self.blocks, plans)):
       suppress, forced = (None, None) if intervention is None else intervention.layer(i)
-      x, trace, kv = block(x, plan, suppress, forced)
+      gate = None if intervention is None else intervention.gate(i)
+      x, trace, kv = block(x, plan, suppress, forced, gate)
       traces.append(trace)
       if return_hidden:
         hidden.append(x)

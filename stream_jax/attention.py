@@ -34,7 +34,8 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
                      mask: BlockMask, *, scale: Optional[float] = None, softcap: Optional[float] = None,
                      window: Optional[int] = None, q_chunk: Optional[int] = DEFAULT_Q_CHUNK,
                      backend: str = "xla", lse_ref: Optional[Float[Array, "*B N T"]] = None,
-                     key_mask: Optional[Bool[Array, "*B N S"]] = None
+                     key_mask: Optional[Bool[Array, "*B N S"]] = None,
+                     gate: Optional[Float[Array, "*B N nQ C"]] = None
                      ) -> tuple[Float[Array, "*B T N Hv"], AttentionStats]:
   """Exact softmax attention over the token set a BlockMask keeps.
 
@@ -60,6 +61,11 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
     key_mask: optional bool[..., N, S], False where head n may not see key s inside its kept blocks
       (an intervention's attention suppression; the rest renormalise). A query left with no visible key
       gets output 0, mass 0 and lse -inf. Runs on the XLA path (the kernel takes no key mask).
+    gate: optional float[..., N, nQ, C] >= 0, a weight on each kept block's softmax terms (shape of
+      `mass`): a query's probability of key s in slot c is gate[c] exp(logit) / sum_c' gate[c'] sum exp(.).
+      All ones is plain attention; 0 drops the block for that query block and head with the rest
+      renormalised (what a forced mask without the block, or a suppression of its keys, gives); the
+      derivative at 1 is attribution patching's first-order estimate of that ablation. The XLA path.
 
   Returns:
     out [..., T, N, Hv] in q's dtype, and AttentionStats (mass [..., N, nQ, C], lse [..., N, T]).
@@ -68,30 +74,33 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
   _check_mask(mask, t, s, n, q.shape[:-3])
   lse_ref = checks.per_head("lse_ref", lse_ref, q.shape[:-3], n, t, "queries", jnp.float32)
   key_mask = checks.per_head("key_mask", key_mask, q.shape[:-3], n, s, "keys", bool)
+  if gate is not None and tuple(gate.shape) != tuple(mask.indices.shape):
+    raise ValueError(f"gate must have the shape of mask.indices (and of stats.mass) [..., N, nQ, C] = "
+                     f"{tuple(mask.indices.shape)}, got {tuple(gate.shape)}")
   checks.check_positive("scale", scale)
   checks.check_positive("softcap", softcap)
   checks.check_window(window)
   checks.check_chunk(q_chunk)
   scale = numerics.resolve_scale(scale, h)
-  if key_mask is None and use_kernel(backend, lambda: kernel.unsupported(mask), q.dtype):
+  if key_mask is None and gate is None and use_kernel(backend, lambda: kernel.unsupported(mask), q.dtype):
     if mgpu_kernel.runs(q, v, mask):  # Hopper: the Mosaic GPU port (TMA + wgmma)
       return mgpu_kernel.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
                                           lse_ref=lse_ref)
     return kernel.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
                                    lse_ref=lse_ref)
   return _sparse_xla(q, k, v, mask, scale=scale, softcap=softcap, window=window, q_chunk=q_chunk,
-                     lse_ref=lse_ref, key_mask=key_mask)
+                     lse_ref=lse_ref, key_mask=key_mask, gate=gate)
 
 
 def _sparse_xla(q, k, v, mask: BlockMask, *, scale: float, softcap, window, q_chunk, lse_ref,
-                key_mask=None):
+                key_mask=None, gate=None):
   """The XLA reference (and CPU path) on validated inputs."""
   fn = functools.partial(_sparse, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
                          softcap=softcap, window=window, q_chunk=q_chunk)
   if q.ndim == 4:
-    out, mass, lse = jax.vmap(fn)(q, k, v, mask.indices, lse_ref, key_mask)
+    out, mass, lse = jax.vmap(fn)(q, k, v, mask.indices, lse_ref, key_mask, gate)
   else:
-    out, mass, lse = fn(q, k, v, mask.indices, lse_ref, key_mask)
+    out, mass, lse = fn(q, k, v, mask.indices, lse_ref, key_mask, gate)
   return out, AttentionStats(mass=mass, lse=lse)
 
 
@@ -108,9 +117,9 @@ def _check_mask(mask, t, s, n, batch):
   checks.check_block_ids(mask.indices, mask.num_k_blocks)  # concrete masks; under jit ids are not checked
 
 
-def _sparse(q, k, v, indices, lse_ref, key_mask, *, block_q, block_k, scale, softcap, window, q_chunk):
+def _sparse(q, k, v, indices, lse_ref, key_mask, gate=None, *, block_q, block_k, scale, softcap, window, q_chunk):
   """q [T, N, H], k/v [S, K, *], indices [N, nQ, C], lse_ref [N, T] (NaN rows: none) or None, key_mask
-  bool[N, S] or None -> out [T, N, Hv], mass [N, nQ, C], lse [N, T]. Without lse_ref the reference
+  bool[N, S] or None, gate float[N, nQ, C] or None -> out [T, N, Hv], mass [N, nQ, C], lse [N, T]. Without lse_ref the reference
   probabilities are not computed (one exp per kept logit saved)."""
   t, n, h = q.shape
   s, kv, hv = v.shape
@@ -122,13 +131,14 @@ def _sparse(q, k, v, indices, lse_ref, key_mask, *, block_q, block_k, scale, sof
   # [nK, bk, K, G] (padding keys come out False; the causal rule hides them anyway)
   km_blocks = None if key_mask is None else to_blocks(key_mask.T, block_k).reshape(-1, block_k, kv, g)
   idx = indices.reshape(kv, g, n_q, -1).transpose(2, 0, 1, 3)  # [nQ, K, G, C]
+  gt = None if gate is None else gate.astype(jnp.float32).reshape(kv, g, n_q, -1).transpose(2, 0, 1, 3)
   q_pos = query_positions(t, s, block_q)  # [nQ, bq]
   ref = None
   if lse_ref is not None:
     ref = jnp.pad(lse_ref, [(0, 0), (0, n_q * block_q - t)], constant_values=jnp.nan)
     ref = ref.reshape(kv, g, n_q, block_q).transpose(2, 0, 1, 3)  # [nQ, K, G, bq]
 
-  def one(qb, ids, ref_row, pos, kb, vb, km):
+  def one(qb, ids, gate_row, ref_row, pos, kb, vb, km):
     """qb [bq, H], ids [C], ref_row [bq] or None, pos [bq], kb/vb [nK, bk, *], km bool[nK, bk] or None -> out
     [bq, Hv], mass [C], lse [bq]."""
     safe = jnp.maximum(ids, 0)
@@ -141,7 +151,10 @@ def _sparse(q, k, v, indices, lse_ref, key_mask, *, block_q, block_k, scale, sof
       visible &= pos[None, :, None] - k_pos[:, None, :] < window
     if km is not None:
       visible &= km[safe][:, None, :]
-    probs, lse = numerics.masked_softmax(logits, visible, axes=(0, 2))
+    if gate_row is None:
+      probs, lse = numerics.masked_softmax(logits, visible, axes=(0, 2))
+    else:
+      probs, lse = numerics.masked_softmax(logits, visible, axes=(0, 2), weights=gate_row[:, None, None])
     out = jnp.einsum("cqk,ckh->qh", probs, vals.astype(jnp.float32))
     if ref_row is None:
       return out.astype(q.dtype), probs.sum((1, 2)), lse[0, :, 0]
@@ -152,17 +165,17 @@ def _sparse(q, k, v, indices, lse_ref, key_mask, *, block_q, block_k, scale, sof
     probs = jnp.where(jnp.isnan(ref_row)[None, :, None], probs, ref_probs)
     return out.astype(q.dtype), probs.sum((1, 2)), lse[0, :, 0]
 
-  per_head = jax.vmap(one, in_axes=(1, 0, 0, None, None, None, 2), out_axes=(1, 0, 0))  # G
-  per_head = jax.vmap(per_head, in_axes=(1, 0, 0, None, 2, 2, 2), out_axes=(1, 0, 0))  # K
+  per_head = jax.vmap(one, in_axes=(1, 0, 0, 0, None, None, None, 2), out_axes=(1, 0, 0))  # G
+  per_head = jax.vmap(per_head, in_axes=(1, 0, 0, 0, None, 2, 2, 2), out_axes=(1, 0, 0))  # K
 
   def block_fn(args):
-    qb, ids, ref_b, pos = args
-    return per_head(qb, ids, ref_b, pos, k_blocks, v_blocks, km_blocks)
+    qb, ids, gate_b, ref_b, pos = args
+    return per_head(qb, ids, gate_b, ref_b, pos, k_blocks, v_blocks, km_blocks)
 
   if q_chunk is None or q_chunk >= n_q:
-    out, mass, lse = jax.vmap(block_fn)((q_blocks, idx, ref, q_pos))
+    out, mass, lse = jax.vmap(block_fn)((q_blocks, idx, gt, ref, q_pos))
   else:
-    out, mass, lse = lax.map(block_fn, (q_blocks, idx, ref, q_pos), batch_size=q_chunk)
+    out, mass, lse = lax.map(block_fn, (q_blocks, idx, gt, ref, q_pos), batch_size=q_chunk)
   # out [nQ, bq, K, G, Hv]; mass [nQ, K, G, C]; lse [nQ, K, G, bq]
   out = out.reshape(n_q * block_q, n, hv)[:t]
   mass = mass.reshape(n_q, n, -1).transpose(1, 0, 2)

@@ -15,6 +15,12 @@ empty softmax sum, the same as a row with no visible key), never NaN.
 
 A forced mask replaces the estimated mask of a Stream layer (sparse or exact output): the layer attends
 through it (sparse) or reports the dense probability of its blocks (exact).
+
+Gates weight each kept block's softmax terms, per layer, shaped like the layer's mass [B|1, N, nQ, C]:
+ones are the plain forward, 0 drops that block for that query block and head with the rest renormalised
+(the same definition as suppression and as a forced mask without the block), so a gradient at ones is
+attribution patching's estimate of each edge's ablation (stream_jax.attribution). Sparse-output Stream
+layers only; gate the layers of a forward whose masks are forced, so that every gate has a fixed edge.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class Intervention:
   keys: Optional[jax.Array] = None
   heads: Optional[jax.Array] = None
   masks: Optional[tuple[Optional[BlockMask], ...]] = None
+  gates: Optional[tuple[Optional[jax.Array], ...]] = None
 
   @property
   def suppresses(self) -> bool:
@@ -57,6 +64,10 @@ class Intervention:
       sup = self.heads[l][None, :, None] & keys[:, None, :]
     mask = None if self.masks is None else self.masks[l]
     return sup, mask
+
+  def gate(self, l: int) -> Optional[jax.Array]:
+    """Layer l's gate float[B|1, N, nQ, C] on its kept blocks, or None."""
+    return None if self.gates is None else self.gates[l]
 
   def check(self, *, num_layers: int, num_heads: int, batch: int, length: int) -> None:
     """Validates the shapes against a model and its input (clear errors naming the argument)."""
@@ -85,6 +96,22 @@ class Intervention:
         if m is not None and (m.q_len != length or m.k_len != length):
           raise ValueError(f"intervention.masks[{l}] covers q_len={m.q_len}, k_len={m.k_len}; the input has "
                            f"T = {length} tokens")
+    if self.gates is not None:
+      if len(self.gates) != num_layers:
+        raise ValueError(f"intervention.gates must have one entry (float[B, N, nQ, C] or None) per layer: "
+                         f"{num_layers}, got {len(self.gates)}")
+      for l, g in enumerate(self.gates):
+        if g is None:
+          continue
+        mask = None if self.masks is None else self.masks[l]
+        if mask is None:
+          raise ValueError(f"intervention.gates[{l}] needs a forced mask for layer {l} (intervention.masks"
+                           f"[{l}]): a gate weights fixed edges, and an estimated mask could move under it")
+        shape = tuple(getattr(g, "shape", ()))
+        want = tuple(mask.indices.shape[-3:])
+        if len(shape) != 4 or shape[0] not in (1, batch) or shape[1:] != want:
+          raise ValueError(f"intervention.gates[{l}] must have shape [B, N, nQ, C] = [{batch} or 1, "
+                           f"{', '.join(map(str, want))}] (the forced mask's), got {shape}")
 
   def pad_keys(self, length: int) -> "Intervention":
     """Keys extended with unsuppressed positions up to `length` (a KV cache longer than the prompt)."""
@@ -207,7 +234,10 @@ def combine(a: Intervention, b: Intervention) -> Intervention:
   if a.masks is not None and b.masks is not None:
     raise ValueError("both interventions force masks; pass one {layer: mask} mapping")
   src = a if a.keys is not None else b
-  return Intervention(keys=src.keys, heads=src.heads, masks=a.masks if a.masks is not None else b.masks)
+  if a.gates is not None and b.gates is not None:
+    raise ValueError("both interventions gate edges; pass one per-layer gate tuple")
+  return Intervention(keys=src.keys, heads=src.heads, masks=a.masks if a.masks is not None else b.masks,
+                      gates=a.gates if a.gates is not None else b.gates)
 
 
 def _rows(x, item_ndim: int) -> tuple[list, bool]:

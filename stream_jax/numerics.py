@@ -38,15 +38,20 @@ def resolve_scale(scale: Optional[float], head_dim: int) -> float:
   return head_dim ** -0.5 if scale is None else float(scale)
 
 
-def masked_softmax(logits: jax.Array, visible: jax.Array, axes) -> tuple[jax.Array, jax.Array]:
+def masked_softmax(logits: jax.Array, visible: jax.Array, axes,
+                   weights: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """Softmax over `axes` restricted to `visible` (f32): (probs, lse with `axes` kept as size 1).
 
-  A row that sees nothing gets probabilities 0 and lse -inf (see the module docstring).
+  A row that sees nothing gets probabilities 0 and lse -inf (see the module docstring). `weights` (>= 0,
+  broadcast to logits) scale each term before normalising: w exp(x) / sum w exp(x), i.e. logits + log w
+  without the log, so a weight of 0 drops a term and the derivative at w = 1 stays finite.
   """
   logits = jnp.where(visible, logits, NEG_INF)
   m = logits.max(axes, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.where(visible, jnp.exp(logits - m), 0.0)
+  if weights is not None:
+    p = p * weights
   denom = p.sum(axes, keepdims=True)
   seen = denom > 0
   probs = p / jnp.where(seen, denom, 1.0)
