@@ -45,21 +45,26 @@ def test_calibrate_budget_refuses_what_it_cannot_calibrate():
 
 @pytest.mark.slow
 def test_calibrated_budget_reaches_the_target_on_held_out_real_text():
-  """The real 270M, 16-token blocks, coverage 0.9 (cap 64): calibrated on one half of the Python docs'
-  topics, the true coverage on the other half reaches the target within 0.02 in every global layer."""
+  """The real 270M at 4,096 tokens, 16-token blocks, coverage 0.9 (cap 64): the search is several rounds
+  deep, and the uncalibrated budget stops early (0.86-0.88 true coverage, measured). Calibrated on one half
+  of the Python docs' topics, the true coverage on the other half reaches the target within 0.02 in every
+  global layer (the issue's criterion), with a kept fraction within 1.2x the ideal selector's."""
   from pydoc_data import topics
-  from stream_jax.models import load_model
+  from stream_jax.models import forward, load_model
   model = load_model("gemma3-270m", dtype=jnp.float32, progress=False)
   keys = sorted(topics.topics)
   half = len(keys) // 2
-  calib = model.encode("\n\n".join(topics.topics[k] for k in keys[:half])[:24_000])[:2048]
-  held = model.encode("\n\n".join(topics.topics[k] for k in keys[half:])[:24_000])[:2048]
+  calib = model.encode("\n\n".join(topics.topics[k] for k in keys[:half])[:60_000])[:4096]
+  held = model.encode("\n\n".join(topics.topics[k] for k in keys[half:])[:60_000])[:4096]
+  assert len(calib) == len(held) == 4096
   cfg = sj.StreamConfig(block_q=16, block_k=16, top_k=64, coverage=0.9)
-  cal = calibration.calibrate_budget(model, calib, cfg, scales=(1.0, 2.0, 4.0, 8.0), progress=False)
+  cal = calibration.calibrate_budget(model, calib, cfg, scales=(1.0, 2.0, 3.0, 4.0), progress=False)
   print(calibration.summary(cal))
-  assert cal.reached
-  cov, _ = calibration.budget_coverage(model, held, cal.config)
-  raw, _ = calibration.budget_coverage(model, held, cfg)
-  print("held out: calibrated", np.round(cov, 3), "uncalibrated", np.round(raw, 3))
+  assert cal.reached and cal.config.dropped_scale > 1.0  # uncalibrated, the budget undershoots here
+  cov, kept = calibration.budget_coverage(model, held, cal.config)
+  print("held out: calibrated", np.round(cov, 3), "kept", round(kept, 3))
   assert min(cov) >= 0.9 - 0.02, cov
-  assert np.mean(cov) >= np.mean(raw)
+  ideal = forward(model, model.params, held, attention=sj.StreamConfig.ideal(block_q=16, block_k=16, top_k=64,
+                                                                             coverage=0.9),
+                  output="exact", last_only=True).trace
+  assert kept <= 1.2 * float(ideal.kept_fraction("global")), (kept, float(ideal.kept_fraction("global")))

@@ -80,6 +80,7 @@ def test_estimate_matches_reference(t, s, n, kv, h, batch, cfg, softcap, scale):
 # (scale 0.5-1 on integer inputs) so the budget keeps fewer blocks than it may in most rows.
 MASS_CASES = [
     (520, 560, 2, 1, 32, None, C(block_q=32, block_k=16, top_k=6, coverage=0.6), None, 0.5),
+    (520, 560, 2, 1, 32, None, C(block_q=32, block_k=16, top_k=6, coverage=0.6, dropped_scale=2.5), None, 0.5),
     (500, 540, 2, 2, 16, 2, C(block_q=32, block_k=16, top_k=4, representative="first", init_branches=6,
                               coverage=0.15), 5.0, 1.0),
     (400, 400, 2, 1, 16, None, C(block_q=16, block_k=32, top_k=3, sink_blocks=0, window_blocks=1,
