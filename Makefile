@@ -37,7 +37,7 @@ $(STAMP): $(DEMO_STAMP)
 # Two pytest workers (pytest-xdist), one per core, each test file on one worker so module fixtures (the
 # real model) load once: XLA compilation is single-threaded, so this halves the suite's wall time.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
