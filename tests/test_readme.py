@@ -27,6 +27,7 @@ CHECKS = {
     "Causal tests": "run.logits.shape[:2] == (1, T) and bool(np.isfinite(np.asarray(run.logits)).all())",
     "Faithfulness": "0 < float(trace.coverage()) <= 1 and trace.layers[5].coverage.shape[:2] == (1, 4)",
     "Multi-GPU": "len(trace) == 18 and run.logits.shape[0] == 2",
+    "Exploring": "(folder / 'index.html').exists() and (both / 'compare').is_dir() and len(sents) > 10",
     "Composing": "bcoo.shape == blocks.shape == (1, 4, 11, 11) and len(best) == 3 and "
                  "measured * e['estimate'] > 0",
 }

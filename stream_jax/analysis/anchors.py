@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,9 @@ import numpy as np
 
 from stream_jax import checks
 from stream_jax.mask import num_blocks
-from stream_jax.trace import Trace
+
+if TYPE_CHECKING:  # annotations only: the analysis reads traces, it needs no trace code at run time
+  from stream_jax.trace import Trace
 
 # ---------------------------------------------------------------------------------------------------------
 # Text -> sentences -> token spans

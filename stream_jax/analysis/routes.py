@@ -16,7 +16,7 @@ Comparing successful and failed retrievals then shows which layers/heads carry n
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,9 @@ import numpy as np
 
 from stream_jax.mask import num_blocks
 from stream_jax import checks
-from stream_jax.trace import LayerTrace, Trace
+
+if TYPE_CHECKING:  # annotations only: the analysis reads traces, it needs no trace code at run time
+  from stream_jax.trace import LayerTrace, Trace
 
 
 SINK_BLOCK = 0  # the attention sink: the block holding BOS
