@@ -141,8 +141,7 @@ def _ideal_xla(q, k, lse, key_mask, *, config: StreamConfig, scale, softcap, win
   lse_chunks = common.pad_axis(lse, 1, n_qc * qc * bq).reshape(kv, g, n_qc, qc * bq).transpose(2, 0, 1, 3)
   k_pad = common.pad_axis(k, 0, n_kc * kc * bk)
   km_pad = common.pad_axis(jnp.broadcast_to(key_mask, (n, s)), 1, n_kc * kc * bk).reshape(kv, g, -1)
-  diag = common.pad_axis(diagonal_blocks(t, s, bq, bk), 0, n_qc * qc).reshape(n_qc, qc)
-  rows_valid = jnp.clip(t - jnp.arange(n_qc * qc) * bq, 0, bq).astype(jnp.float32).reshape(n_qc, qc)
+  diag, rows_valid = _chunk_rows(t, s, bq, bk, qc, n_qc)
 
   def chunk_fn(args):
     i, rows, row_lse, diag_c, valid_c = args  # rows [qc bq, K, G, H], row_lse [K, G, qc bq]
@@ -187,8 +186,7 @@ def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, qu
   per = kernel.DEFAULT_BLOCKS_PER_PROGRAM
   qc = -(-min(query_blocks, n_q) // per) * per  # whole programs per chunk
   n_qc = -(-n_q // qc)
-  diag = common.pad_axis(diagonal_blocks(t, s, bq, bk), 0, n_qc * qc).reshape(n_qc, qc)
-  rows_valid = jnp.clip(t - jnp.arange(n_qc * qc) * bq, 0, bq).astype(jnp.float32).reshape(n_qc, qc)
+  diag, rows_valid = _chunk_rows(t, s, bq, bk, qc, n_qc)
 
   def chunk_fn(args):
     i, diag_c, valid_c = args
@@ -205,6 +203,14 @@ def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, qu
   mass = jnp.moveaxis(mass, 0, 2).reshape(b, n, n_qc * qc, -1)[:, :, :n_q]
   cov = jnp.moveaxis(cov, 0, 2).reshape(b, n, n_qc * qc)[:, :, :n_q]
   return idx, mass, cov
+
+
+def _chunk_rows(t: int, s: int, bq: int, bk: int, qc: int, n_qc: int):
+  """Per chunk of qc query blocks: each block's diagonal key block and its valid query rows (0 for the
+  padding blocks of the last chunk), both [n_qc, qc]."""
+  diag = common.pad_axis(diagonal_blocks(t, s, bq, bk), 0, n_qc * qc).reshape(n_qc, qc)
+  rows_valid = jnp.clip(t - jnp.arange(n_qc * qc) * bq, 0, bq).astype(jnp.float32).reshape(n_qc, qc)
+  return diag, rows_valid
 
 
 def _select_chunk(table, diag_c, valid_c, *, config: StreamConfig):
