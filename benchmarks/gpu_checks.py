@@ -7,11 +7,11 @@
 4. Dense-density masks (more kept slots than the fused accumulator takes): the second mass pass equals the
    fused accumulator and the XLA reference, with and without `lse_ref`.
 5. A random-weight Gemma 3 config: output="exact" logits equal attention="dense" (cuDNN and XLA).
-6. The Mosaic GPU attention kernel (kernels/attention_mgpu.py, no interpret mode) equals the XLA reference:
+6. The Mosaic GPU attention kernel (kernels/blocksparse_mosaic.py, no interpret mode) equals the XLA reference:
    out, block mass and lse, float16 / bfloat16, GQA, ragged T, soft-cap, sliding window, lse_ref.
-7. The Mosaic GPU estimate kernel (kernels/estimate_mgpu.py): masks equal the Triton kernel's and the XLA
+7. The Mosaic GPU estimate kernel (kernels/estimate_mosaic.py): masks equal the Triton kernel's and the XLA
    reference's, row for row (ragged T, no search round, soft-cap, wide first level, batch, exact ties).
-9. The Triton block-mass kernel of the ideal kept set (kernels/block_mass.py) equals the XLA reference
+9. The Triton block-mass kernel of the ideal kept set (kernels/ideal_triton.py) equals the XLA reference
    (`ideal_mask`): kept sets row for row up to near-ties, masses and coverage; with the cuDNN lse.
 8. The Triton estimate kernel with mass scores and coverage budgets (`StreamConfig.faithful()` and others)
    equals the XLA reference row for row, up to rows whose estimates tie within the GPU's rounding.
@@ -73,7 +73,7 @@ def check_pallas_f32(t=8192, n=8, kv=4, h=256):
 
 
 def check_second_mass_pass(t=8192, n=8, kv=4, h=128):
-  from stream_jax.kernels import attention as kattention  # pylint: disable=import-outside-toplevel
+  from stream_jax.kernels import blocksparse_triton as kattention  # pylint: disable=import-outside-toplevel
   for dtype in (jnp.bfloat16, jnp.float32):
     q, k, v = (_rand((t, x, h), 20 + i, dtype) for i, x in enumerate((n, kv, kv)))
     mask = sj.window_mask(n, t, t, block_q=64, block_k=64, window=None)  # every causal block: C = t / 64
@@ -101,7 +101,8 @@ MGPU_CASES = (
 
 def check_mgpu_attention(cases=MGPU_CASES):
   """Returns the number of failed cases (an exception or a difference above the tolerance)."""
-  from stream_jax.kernels import attention_mgpu  # pylint: disable=import-outside-toplevel
+  from stream_jax.kernels import blocksparse_mosaic  # pylint: disable=import-outside-toplevel
+  from stream_jax.kernels.implementations import Call  # pylint: disable=import-outside-toplevel
   failed = 0
   for t, n, kv, h, dtype, cap, win, with_ref, cfg in cases:
     def run(t=t, n=n, kv=kv, h=h, dtype=dtype, cap=cap, win=win, with_ref=with_ref, cfg=cfg):
@@ -112,11 +113,11 @@ def check_mgpu_attention(cases=MGPU_CASES):
         _, ref = dense.dense_attention(q[None], k[None], v[None], q_pos=jnp.arange(t), k_pos=jnp.arange(t),
                                        scale=h ** -0.5, softcap=cap, window=win, return_lse=True)
         ref = ref[0]
-      why = attention_mgpu.unsupported(q, v, mask)
+      why = blocksparse_mosaic.unsupported(Call.attention(q, v, mask))
       if why:
         raise ValueError(why)
       ox, sx = sj.sparse_attention(q, k, v, mask, softcap=cap, window=win, backend="xla", lse_ref=ref)
-      om, sm = attention_mgpu.sparse_attention(q, k, v, mask, softcap=cap, window=win, lse_ref=ref)
+      om, sm = blocksparse_mosaic.sparse_attention(q, k, v, mask, softcap=cap, window=win, lse_ref=ref)
       d_out = float(jnp.abs(om.astype(jnp.float32) - ox.astype(jnp.float32)).max())
       d_mass = float(jnp.abs(sm.mass - sx.mass).max())
       finite = jnp.isfinite(sx.lse)
@@ -159,8 +160,9 @@ def check_mgpu_estimate(cases=ESTIMATE_CASES):
   """Masks of the Mosaic GPU estimate kernel vs the Triton kernel and the XLA reference (share of equal
   rows; integer inputs must match the reference in every row). Returns the failed case count. Its speed is
   benchmarks/mosaic.py's `sparse_stream_mgpu` row."""
-  from stream_jax.kernels import estimate as kestimate  # pylint: disable=import-outside-toplevel
-  from stream_jax.kernels import estimate_mgpu  # pylint: disable=import-outside-toplevel
+  from stream_jax.kernels import estimate_triton as kestimate  # pylint: disable=import-outside-toplevel
+  from stream_jax.kernels import estimate_mosaic  # pylint: disable=import-outside-toplevel
+  from stream_jax.kernels.implementations import Call  # pylint: disable=import-outside-toplevel
   failed = 0
   for b, t, extra, n, kv, h, dtype, cap, cfg, integer in cases:
     def run(b=b, t=t, extra=extra, n=n, kv=kv, h=h, dtype=dtype, cap=cap, cfg=cfg, integer=integer):
@@ -170,10 +172,10 @@ def check_mgpu_estimate(cases=ESTIMATE_CASES):
       k = _rand(lead + (t + extra, kv, h), 51, dtype)
       if integer:  # small integers: every logit exact in bf16 products and f32 sums, many exact ties
         q, k = (jnp.round(x * 1.5).clip(-3, 3).astype(dtype) for x in (q, k))
-      why = estimate_mgpu.unsupported(q, config)
+      why = estimate_mosaic.unsupported(Call.estimate(q, config))
       if why:
         raise ValueError(why)
-      mm = estimate_mgpu.estimate_mask(q, k, config, softcap=cap)
+      mm = estimate_mosaic.estimate_mask(q, k, config, softcap=cap)
       mt = kestimate.estimate_mask(q, k, config, softcap=cap)
       mx = sj.estimate_mask(q, k, config, softcap=cap, backend="xla")
       rows = lambda a, b: float(jnp.mean(jnp.all(a.indices == b.indices, -1) & (a.counts == b.counts)))
@@ -200,7 +202,7 @@ MASS_CASES = (
 def check_mass(cases=MASS_CASES, sharpen=4.0):
   """Masks of the Triton estimate kernel with mass scores vs the XLA reference (share of equal rows; keys
   scaled by `sharpen` so that the coverage budget keeps fewer blocks than it may). Returns failures."""
-  from stream_jax.kernels import estimate as kestimate  # pylint: disable=import-outside-toplevel
+  from stream_jax.kernels import estimate_triton as kestimate  # pylint: disable=import-outside-toplevel
   failed = 0
   for t, extra, n, kv, h, dtype, cap, cfg, integer in cases:
     def run(t=t, extra=extra, n=n, kv=kv, h=h, dtype=dtype, cap=cap, cfg=cfg, integer=integer):

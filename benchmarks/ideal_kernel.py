@@ -25,7 +25,7 @@ from jax import lax
 
 import stream_jax as sj
 from stream_jax import ideal
-from stream_jax.kernels import block_mass
+from stream_jax.kernels import ideal_triton
 
 
 def timed(fn, *args, reps=5):
@@ -74,7 +74,7 @@ def main(argv=None):
       @jax.jit
       def rows(q, k, lse, warps=warps, stages=stages, per=per, chunk=chunk):
         def one(i, acc):
-          r = block_mass.mass_rows(q, k, lse, i * chunk, n_rows=chunk, block_q=64, block_k=64, q_len=t,
+          r = ideal_triton.mass_rows(q, k, lse, i * chunk, n_rows=chunk, block_q=64, block_k=64, q_len=t,
                                    k_len=t, scale=scale, softcap=None, window=None, num_warps=warps,
                                    num_stages=stages, blocks_per_program=per)
           return acc + r.sum()

@@ -11,8 +11,8 @@
    1/16, default StreamConfig): estimate (xla, pallas), sparse attention + mass (xla, pallas),
    cuDNN dense causal attention (jax.nn.dot_product_attention, implementation="cudnn"), with achieved
    TFLOP/s (useful FLOPs: the dots the algorithm needs) against the measured bf16 matmul ceiling.
-"pallas" is what `backend="pallas"` runs: on Hopper the Mosaic GPU ports where they are the default
-(STREAM_JAX_PALLAS_ESTIMATE / _ATTENTION=triton for the Triton kernels; benchmarks/mosaic.py compares both).
+"pallas" is what `backend="pallas"` runs: on Hopper the Mosaic GPU ports where they take the call
+(`backend="triton"` runs the Triton kernels; benchmarks/mosaic.py compares both).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import numpy as np
 
 import stream_jax as sj
 from stream_jax.numerics import num_rounds
-from stream_jax.kernels import attention as kattention
-from stream_jax.kernels import estimate as kestimate
+from stream_jax.kernels import blocksparse_triton as kattention
+from stream_jax.kernels import estimate_triton as kestimate
 
 N_HEADS, KV_HEADS, HEAD_DIM = 8, 4, 256
 SCALE = 256 ** -0.5  # Gemma 3: query_pre_attn_scalar 256

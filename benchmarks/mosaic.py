@@ -52,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import stream_jax as sj
-from stream_jax.kernels import estimate as kestimate
-from stream_jax.kernels import estimate_mgpu
+from stream_jax.kernels import estimate_triton as kestimate
+from stream_jax.kernels import estimate_mosaic
 
 KERNELS = ("sparse_full", "sparse_full_fused", "sparse_stream", "sparse_stream_mgpu", "triton_mha",
            "mosaic_flash", "cudnn")
@@ -189,7 +189,7 @@ def first(x):
 def sparse_fn(mask, num_warps=None, fused_mass=None):
   """Our Triton kernel (the kernel module itself: on a Hopper GPU the public entry now runs the Mosaic
   port), default launch or a launch sweep / a forced mass path."""
-  from stream_jax.kernels import attention as kattention  # pylint: disable=import-outside-toplevel
+  from stream_jax.kernels import blocksparse_triton as kattention  # pylint: disable=import-outside-toplevel
 
   def f(q, k, v, idx, cnt):
     m = sj.BlockMask(idx, cnt, mask.block_q, mask.block_k, mask.q_len, mask.k_len, mask.config)
@@ -199,18 +199,18 @@ def sparse_fn(mask, num_warps=None, fused_mass=None):
 
 
 def estimate_fn(module, cfg, **launch):
-  """The Triton (kernels.estimate) or Mosaic GPU (kernels.estimate_mgpu) estimate kernel, called directly."""
+  """The Triton (kernels.estimate_triton) or Mosaic GPU (kernels.estimate_mosaic) estimate kernel, called directly."""
   return jax.jit(lambda q, k: (lambda m: (m.indices, m.counts))(
       module.estimate_mask(q, k, cfg, scale=1.0, **launch)))
 
 
 def mgpu_fn(mask, stages=None, order="qblk_last"):
-  """The Mosaic GPU port of our kernel (kernels/attention_mgpu.py) on the same mask."""
-  from stream_jax.kernels import attention_mgpu  # pylint: disable=import-outside-toplevel
+  """The Mosaic GPU port of our kernel (kernels/blocksparse_mosaic.py) on the same mask."""
+  from stream_jax.kernels import blocksparse_mosaic  # pylint: disable=import-outside-toplevel
 
   def f(q, k, v, idx, cnt):
     m = sj.BlockMask(idx, cnt, mask.block_q, mask.block_k, mask.q_len, mask.k_len, mask.config)
-    out, st = attention_mgpu.sparse_attention(q, k, v, m, scale=1.0, stages=stages, order=order)
+    out, st = blocksparse_mosaic.sparse_attention(q, k, v, m, scale=1.0, stages=stages, order=order)
     return out, st.mass, st.lse
   return jax.jit(f)
 
@@ -378,7 +378,7 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
         log(f"  sparse_stream_mgpu {tried} (Triton {ms:.3f} ms), out diff {diff:.2e}")
         by_depth = {}
         for depth in (2, 3, 4):  # the estimate kernel's key ring
-          est_m = estimate_fn(estimate_mgpu, cfg, stages=depth)
+          est_m = estimate_fn(estimate_mosaic, cfg, stages=depth)
           idx_m, cnt_m = est_m(q3, k3)
           same = float(np.mean(np.all(np.asarray(idx_m) == np.asarray(idx), -1)
                                & (np.asarray(cnt_m) == np.asarray(cnt))))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from stream_jax import checks
-from stream_jax.models.attention import Attention, make_plans
+from stream_jax.models.plans import Attention, make_plans
 from stream_jax.models.config import GemmaConfig
 from stream_jax.models.transformer import Gemma, check_dtype, traced_run
 from stream_jax.intervene import Intervention
@@ -108,7 +108,8 @@ def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
   if tokens.ndim != 2 or tokens.shape[1] < 1:
     raise ValueError(f"tokens must have shape [B, T] or [T] with T >= 1, got {tokens.shape}")
   check_context(config, tokens.shape[1], f"tokens (T={tokens.shape[1]})")
-  plans = make_plans(config, attention, dense_layers, prune_local, backend, dense_impl, output, coverage)
+  plans = make_plans(config, attention, dense_layers, prune_local, backend, dense_impl, output, coverage,
+                     dtype=dtype)
   check_intervention(intervention, config, plans, tokens.shape)
   out = _forward(params, tokens.astype(jnp.int32), intervention, config=config, dtype=dtype, plans=plans,
                  last_only=bool(last_only), return_hidden=bool(return_hidden))

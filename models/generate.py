@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stream_jax import checks
-from stream_jax.models.attention import Attention, make_plans
+from stream_jax.models.plans import Attention, make_plans
 from stream_jax.intervene import Intervention
 from stream_jax.models.forward import check_context, check_intervention, model_config, params_dtype, wrap_params
 from stream_jax.models.transformer import Gemma, traced_run
@@ -110,7 +110,7 @@ def generate(model, params, prompt, *, max_new_tokens: int = 32, attention: Atte
       stops.add(eot)
   b, t = ids.shape
   cache_len = -(-(t + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-  plans = make_plans(config, attention, dense_layers, prune_local, backend, None, output, coverage)
+  plans = make_plans(config, attention, dense_layers, prune_local, backend, None, output, coverage, dtype=dtype)
   check_intervention(intervention, config, plans, ids.shape)
   step_iv = None if intervention is None or not intervention.suppresses else dataclasses.replace(
       intervention.pad_keys(cache_len), masks=None, gates=None)  # decoding steps: suppression only, over the cache

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stream_jax.models import cache as cache_lib
-from stream_jax.models.attention import Attention
+from stream_jax.models.plans import Attention
 from stream_jax.models.config import GemmaConfig
 from stream_jax.models.forward import forward
 from stream_jax.models.generate import Generation, generate

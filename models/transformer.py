@@ -25,7 +25,8 @@ import jax.numpy as jnp
 
 from stream_jax import dense as dense_lib, numerics
 from stream_jax.intervene import Intervention
-from stream_jax.models.attention import Attention, LayerPlan, attend, make_plans
+from stream_jax.models.attend import attend
+from stream_jax.models.plans import Attention, LayerPlan, make_plans
 from stream_jax.models.config import GemmaConfig
 from stream_jax.models.layers import Embedder, FeedForward, RMSNorm, apply_rope, map_positions
 from stream_jax.trace import Trace, TracedRun
@@ -194,7 +195,8 @@ class Gemma(nn.Module):
                return_hidden: bool = False, output: str = "sparse", coverage: bool = False) -> TracedRun:
     """`Gemma(config).apply(params, tokens [B, T], attention="dense" | StreamConfig, ...)` -> TracedRun;
     the same contract as `stream_jax.models.forward` (which adds jit and input checks)."""
-    plans = make_plans(self.config, attention, dense_layers, prune_local, backend, None, output, coverage)
+    plans = make_plans(self.config, attention, dense_layers, prune_local, backend, None, output, coverage,
+                       dtype=self.dtype)
     return traced_run(self.run(tokens, plans, last_only=last_only, return_hidden=return_hidden), plans)
 
   def run(self, tokens: jax.Array, plans: tuple[LayerPlan, ...], *, last_only: bool = False,

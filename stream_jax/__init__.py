@@ -28,12 +28,13 @@ from stream_jax.mask import (
 from stream_jax.numerics import AttentionStats
 from stream_jax.estimate import estimate_mask
 from stream_jax.ideal import IdealTrace, ideal_mask
-from stream_jax.attention import (
+from stream_jax.blocksparse import (
     block_coverage,
-    dense_attention,
     dense_block_mass,
+    reference_attention,
     sparse_attention,
 )
+from stream_jax.dense import dense_attention
 from stream_jax.band import window_attention
 
 __version__ = "0.1.0"

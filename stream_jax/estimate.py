@@ -1,5 +1,5 @@
 """Hierarchical top-k block-mask estimation: the op entry `estimate_mask` and its XLA reference (the CPU
-path and the oracle of the Pallas kernel in stream_jax/kernels/estimate.py).
+path and the oracle of the Pallas kernel in stream_jax/kernels/estimate_triton.py).
 
 For each query head and query block the search range (key blocks strictly between the sink and the window)
 is split into `branches` contiguous nodes; every round splits each kept node into halves and keeps the
@@ -27,11 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from stream_jax import checks, numerics
-from stream_jax.backend import use_kernel
 from stream_jax.config import StreamConfig
-from stream_jax.kernels import common, shares
-from stream_jax.kernels import estimate as kernel
-from stream_jax.kernels import estimate_mgpu as mgpu_kernel
+from stream_jax.kernels import common, estimate_mosaic, estimate_triton, implementations, shares
 from stream_jax.mask import BlockMask, from_candidates, num_blocks, to_blocks
 from stream_jax.numerics import DEFAULT_Q_CHUNK, NEG_INF, num_rounds
 
@@ -53,8 +50,9 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
                   backend: str = "xla") -> BlockMask:
   """Per-head top-k key-block mask by hierarchical refinement.
 
-  The one entry of the op: validates once, then runs the XLA reference below or the Pallas kernel
-  (stream_jax.kernels.estimate), which assume valid inputs. NaN/inf in q or k are refused (ValueError)
+  The one entry of the op: validates once, then runs one implementation (kernels/implementations.py): the
+  XLA reference below, the Triton kernel (kernels/estimate_triton.py) or the Mosaic GPU port
+  (kernels/estimate_mosaic.py), which assume valid inputs. NaN/inf in q or k are refused (ValueError)
   when the arrays are concrete; under jit they cannot be checked and give a mask that looks normal but
   is arbitrary.
 
@@ -65,12 +63,10 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
     scale: logit scale (the model's; default H ** -0.5); positive and finite.
     softcap: optional logit soft-cap `c * tanh(x / c)`, as the model applies it.
     q_chunk: query blocks scored per sequential step (memory bound, XLA path); None = all at once.
-    backend: "xla" (the reference), "pallas" (the GPU kernel; interpreted off the GPU) or "auto" (the
-      kernel on a GPU for 16-bit inputs when it supports the config: block_k >= 16, and no "oracle"
-      representative with mass scores; else the reference: float32 dots are far faster in XLA). On a
-      Hopper GPU, 16-bit inputs with 64 x 64 blocks, max scores and top_k <= 32 run the Mosaic GPU port
-      (kernels/estimate_mgpu.py), the rest (mass scores and coverage budgets included) the Triton kernel
-      (STREAM_JAX_PALLAS_ESTIMATE=triton forces Triton).
+    backend: an implementation, "xla" (the reference), "triton" (interpreted off the GPU) or "mosaic"
+      (Hopper: 16-bit inputs, 64 x 64 blocks, max scores, top_k <= 32), or a policy: "pallas" (the
+      Mosaic port where it takes the call, else Triton) or "auto" (the same on a GPU for 16-bit inputs,
+      the reference otherwise and for what no kernel takes). See `kernels.implementations.choose`.
 
   Returns:
     BlockMask with indices int32[..., N, nQ, C] and counts int32[..., N, nQ], C = config.capacity.
@@ -88,10 +84,11 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
   checks.check_positive("softcap", softcap)
   checks.check_chunk(q_chunk)
   scale = numerics.resolve_scale(scale, h)
-  if use_kernel(backend, lambda: kernel.unsupported(config), q.dtype):
-    if mgpu_kernel.runs(q, config):  # Hopper: the Mosaic GPU port (TMA + wgmma)
-      return mgpu_kernel.estimate_mask(q, k, config, scale=scale, softcap=softcap)
-    return kernel.estimate_mask(q, k, config, scale=scale, softcap=softcap)
+  impl = implementations.choose("estimate_mask", backend, implementations.Call.estimate(q, config))
+  if impl == "mosaic":
+    return estimate_mosaic.estimate_mask(q, k, config, scale=scale, softcap=softcap)
+  if impl == "triton":
+    return estimate_triton.estimate_mask(q, k, config, scale=scale, softcap=softcap)
   return _estimate_xla(q, k, config, scale=scale, softcap=softcap, q_chunk=q_chunk)
 
 

@@ -28,10 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from stream_jax import checks, numerics
-from stream_jax.backend import use_kernel
 from stream_jax.config import StreamConfig
-from stream_jax.kernels import block_mass as kernel
-from stream_jax.kernels import common
+from stream_jax.kernels import common, ideal_triton, implementations
 from stream_jax.mask import BlockMask, diagonal_blocks, num_blocks
 from stream_jax.numerics import NEG_INF
 
@@ -78,8 +76,9 @@ def ideal_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], lse: Fl
       suppression; `lse` must be the pass's with the same keys hidden).
     query_blocks: query blocks per chunk (memory: N x query_blocks x nK floats per chunk); None: 8 on the
       XLA path, 64 in the kernel.
-    backend: "xla" (the reference), "pallas" (the Triton block-mass kernel, kernels/block_mass.py;
-      interpreted off the GPU) or "auto" (the kernel on a GPU for 16-bit inputs without a key_mask).
+    backend: an implementation, "xla" (the reference) or "triton" (the block-mass kernel,
+      kernels/ideal_triton.py; interpreted off the GPU; no key_mask), or a policy, "pallas" or "auto"
+      (the kernel on a GPU for 16-bit inputs without a key_mask). See `kernels.implementations.choose`.
 
   Returns:
     IdealTrace(mask, mass, coverage); mask.config is `config`.
@@ -107,7 +106,8 @@ def ideal_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], lse: Fl
                                    or query_blocks < 1):
     raise ValueError(f"query_blocks must be None or an integer >= 1, got {query_blocks!r}")
   scale = numerics.resolve_scale(scale, h)
-  if use_kernel(backend, lambda: kernel.unsupported(config.block_q, config.block_k, has_key_mask), q.dtype):
+  call = implementations.Call.ideal(q, config, key_mask=has_key_mask)
+  if implementations.choose("ideal_mask", backend, call) == "triton":
     idx, mass, cov = _ideal_kernel(q if batch else q[None], k if batch else k[None],
                                    (lse if batch else lse[None]).astype(jnp.float32), config=config,
                                    scale=scale, softcap=softcap, window=window,
@@ -183,14 +183,14 @@ def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, qu
   t, s = q.shape[1], k.shape[1]
   bq, bk = config.block_q, config.block_k
   n_q, n_k = num_blocks(t, bq), num_blocks(s, bk)
-  per = kernel.DEFAULT_BLOCKS_PER_PROGRAM
+  per = ideal_triton.DEFAULT_BLOCKS_PER_PROGRAM
   qc = -(-min(query_blocks, n_q) // per) * per  # whole programs per chunk
   n_qc = -(-n_q // qc)
   diag, rows_valid = _chunk_rows(t, s, bq, bk, qc, n_qc)
 
   def chunk_fn(args):
     i, diag_c, valid_c = args
-    table = kernel.mass_rows(q, k, lse, i * qc, n_rows=qc, block_q=bq, block_k=bk, q_len=t, k_len=s,
+    table = ideal_triton.mass_rows(q, k, lse, i * qc, n_rows=qc, block_q=bq, block_k=bk, q_len=t, k_len=s,
                              scale=scale, softcap=softcap, window=window, interpret=interpret,
                              blocks_per_program=per)  # [B, N, qc, nK]
     return jax.vmap(functools.partial(_select_chunk, config=config), in_axes=(0, None, None))(

@@ -31,10 +31,7 @@ import numpy as np
 from stream_jax import outdir
 from stream_jax.outdir import MARKER, ReportPathError, ReportWarning  # pylint: disable=W0611
 from stream_jax.trace import Trace
-# Trace I/O lives beside Trace; re-exported here, where it was, so `from stream_jax.report import load_trace`
-# keeps working.
-from stream_jax.trace_io import (TRACE_DIR, TRACE_META, _layer_meta, load_trace,  # pylint: disable=W0611
-                                 save_trace)
+from stream_jax.trace_io import save_trace
 
 def to_jsonable(x: Any) -> Any:
   """numpy/jax scalars and arrays, dataclasses, tuples -> plain JSON values (NaN -> None)."""

@@ -7,19 +7,20 @@ Several GPUs of one host: build a mesh and call `sharded_forward` instead of `fo
     m = load_model("gemma3-270m")
     mesh = sharding.make_mesh(data=2, model=1)           # 2 GPUs, one prompt batch shard each
     run = sharding.sharded_forward(m, m.params, tokens, mesh, attention=StreamConfig())  # a TracedRun
-    sharding.save_trace("out/run", trace)                # each device writes its own shards (orbax)
+    trace_io.save_trace("out/run", run.trace)            # each device writes its own shards (orbax)
 
 `data` splits the batch B (a sweep of many prompts traced as one batch: NIAH samples, faithfulness
 texts); `model` splits the query heads N (q / o projections, K/V heads when `model` divides K, else they
 are replicated) and the MLP hidden dim F (tensor parallelism, for models or lengths that do not fit one
-card). The traces come back sharded like the heads ([B, N, nQ, C] over data x model) and `save_trace`
-writes them without gathering them to one host. The results equal a single-device `forward`.
+card). The traces come back sharded like the heads ([B, N, nQ, C] over data x model) and
+`trace_io.save_trace` writes them without gathering them to one host (`trace_io.load_trace(path, mesh)`
+restores them into shards). The results equal a single-device `forward`.
 
 On a multi-host pod (several machines, one process per host) call `jax.distributed.initialize()` first
 thing in every process (arguments from the cluster's environment: SLURM, Kubernetes / GKE and TPU pods
 are detected; else pass coordinator_address, num_processes, process_id), then run the same program in
 every process: `make_mesh` spans all hosts' devices (`jax.devices()` is global), every process passes the
-same global tokens and parameters (each keeps only its devices' shards), and `save_trace` to a path all
+same global tokens and parameters (each keeps only its devices' shards), and `trace_io.save_trace` to a path all
 hosts can write (a shared file system or a bucket) has each host write its own shards. Keep `model`
 within one host (its collectives run every layer, NVLink is much faster than the network) and spread
 `data` across hosts.
@@ -27,7 +28,7 @@ within one host (its collectives run every layer, NVLink is much faster than the
 How it works: `jax.jit` with the parameters and tokens placed by `NamedSharding` and the outputs
 constrained to their shardings; XLA's partitioner inserts the collectives (one all-reduce after the
 attention output projection and one after the MLP per layer when model > 1; none for data parallelism).
-The Pallas kernels (backend="pallas", or "auto" on a GPU) are opaque to the partitioner, so with them the
+The Pallas kernels (backend "pallas", "triton", "mosaic", or "auto" on a GPU) are opaque to the partitioner, so with them the
 forward runs under `shard_map` over "data", each device tracing its batch shard with the single-device
 program; model > 1 with Pallas is refused (use backend="xla"). On CPU, Pallas runs in interpret mode,
 which lowers to XLA ops, so the tests exercise the same `shard_map` path.
@@ -36,10 +37,7 @@ which lowers to XLA ops, so the tests exercise the same `shard_map` path.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-import pathlib
 from typing import Optional, Sequence
 
 import jax
@@ -47,10 +45,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from stream_jax import checks
-from stream_jax.backend import resolve_backend
+from stream_jax.kernels.implementations import may_use_kernels
 from stream_jax.config import StreamConfig
-from stream_jax.mask import BlockMask
-from stream_jax.trace import LayerTrace, Trace, TracedRun
+from stream_jax.trace import TracedRun
 
 AXES = ("data", "model")
 FORCE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
@@ -205,9 +202,10 @@ def jitted_forward(model, mesh: Mesh, **forward_kwargs):
   check_mesh(config, mesh)
   _, model_size = axis_sizes(mesh)
   stream = isinstance(forward_kwargs.get("attention"), StreamConfig)
-  pallas = stream and resolve_backend(forward_kwargs.get("backend", "xla")) == "pallas"
+  backend = forward_kwargs.get("backend", "xla")
+  pallas = stream and may_use_kernels(backend)
   if pallas and model_size > 1:
-    raise ValueError(f"backend='pallas' cannot run with mesh axis model={model_size}: the Pallas kernels run "
+    raise ValueError(f"backend={backend!r} cannot run with mesh axis model={model_size}: the Pallas kernels run "
                      "whole heads per device under shard_map, without the partitioner's collectives; use "
                      "backend='xla' for tensor parallelism, or model=1 (data parallel)")
   return _compiled(config, mesh, _freeze(forward_kwargs), pallas)
@@ -240,69 +238,3 @@ def sharded_forward(model, params, tokens, mesh: Mesh, **forward_kwargs):
 
 
 # ------------------------------------------------------------------------------------------- trace io
-
-
-TRACE_DIR = "trace"
-TRACE_META = "trace.json"
-
-
-def _arrays(trace: Trace) -> dict:
-  layers = []
-  for l in trace.layers:
-    d = dict(indices=l.mask.indices, counts=l.mask.counts, mass=l.mass)
-    if l.coverage is not None:
-      d["coverage"] = l.coverage
-    layers.append(d)
-  return {"layers": layers}
-
-
-def save_trace(path: str | os.PathLike, trace: Trace) -> None:
-  """Writes a (sharded) Trace with orbax without gathering it: every process writes the shards its
-  devices hold. The folder layout is `stream_jax.report.save_trace`'s (so `report.load_trace` reads it on
-  one host), plus each layer's coverage when the trace has one. Every process must call it (on a pod, with
-  a path all hosts can write)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  (slow import)
-  from stream_jax.trace_io import _layer_meta  # pylint: disable=import-outside-toplevel
-
-  if not isinstance(trace, Trace):
-    raise TypeError(f"trace must be a stream_jax.trace.Trace, got {type(trace).__name__}")
-  path = pathlib.Path(path).absolute()
-  path.mkdir(parents=True, exist_ok=True)
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(path / TRACE_DIR, _arrays(trace), force=True)
-  ckpt.wait_until_finished()
-  if jax.process_index() == 0:
-    meta = {"layers": [dict(_layer_meta(l), coverage=l.coverage is not None) for l in trace.layers]}
-    (path / TRACE_META).write_text(json.dumps(meta, indent=1))
-
-
-def load_trace(path: str | os.PathLike, mesh: Mesh) -> Trace:
-  """Restores what `save_trace` (or `report.save_trace`) wrote directly into shards on `mesh`: each device
-  reads only its part ([B, N, ...] over ("data", "model"); an axis the mesh does not divide is
-  replicated)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-  path = pathlib.Path(path).absolute()
-  data, model = axis_sizes(mesh)
-  if not (path / TRACE_META).exists() or not (path / TRACE_DIR).is_dir():
-    raise FileNotFoundError(f"no saved trace at {path} (need {TRACE_META} and {TRACE_DIR}/)")
-  meta = json.loads((path / TRACE_META).read_text())["layers"]
-  ckpt = ocp.StandardCheckpointer()
-  shapes = ckpt.metadata(path / TRACE_DIR).item_metadata.tree
-
-  def target(m):
-    shape = tuple(m.shape)
-    spec = P(*[axis if len(shape) > i and shape[i] % size == 0 else None
-               for i, (axis, size) in enumerate((("data", data), ("model", model)))])
-    return jax.ShapeDtypeStruct(shape, m.dtype, sharding=NamedSharding(mesh, spec))
-  arrays = ckpt.restore(path / TRACE_DIR, jax.tree_util.tree_map(target, shapes))["layers"]
-  if len(arrays) != len(meta):
-    raise ValueError(f"trace at {path} is inconsistent: {len(meta)} layers described, {len(arrays)} saved")
-  layers = []
-  for m, a in zip(meta, arrays):
-    cfg = None if m["config"] is None else StreamConfig(**m["config"])
-    mask = BlockMask(a["indices"], a["counts"], int(m["block_q"]), int(m["block_k"]), int(m["q_len"]),
-                     int(m["k_len"]), cfg)
-    layers.append(LayerTrace(mask, a["mass"], m["layer"], m["kind"], m["mode"], m["window"],
-                             a.get("coverage")))
-  return Trace(tuple(layers))

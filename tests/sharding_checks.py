@@ -87,10 +87,10 @@ def pallas(params, tokens):
 
 def orbax_roundtrip(trace, mesh):
   """A sharded exact trace (with coverage) is written shard by shard and restored into the same shards."""
-  from stream_jax.report import load_trace as load_one_host
+  from stream_jax.trace_io import load_trace, save_trace
   with tempfile.TemporaryDirectory() as tmp:
-    sharding.save_trace(tmp, trace)
-    back = sharding.load_trace(tmp, mesh)
+    save_trace(tmp, trace)
+    back = load_trace(tmp, mesh)
     a, b = leaves(trace), leaves(back)
     assert a.keys() == b.keys() and any("coverage" in k for k in a), sorted(b)
     for k in a:
@@ -99,10 +99,10 @@ def orbax_roundtrip(trace, mesh):
     assert [(l.layer, l.kind, l.mode, l.window, l.mask.q_len, l.mask.config) for l in back.layers] == \
         [(l.layer, l.kind, l.mode, l.window, l.mask.q_len, l.mask.config) for l in trace.layers]
     square = sharding.make_mesh(data=2, model=2)
-    other = sharding.load_trace(tmp, square)  # restored straight into another mesh's shards
+    other = load_trace(tmp, square)  # restored straight into another mesh's shards
     assert other.layers[1].mass.sharding.is_equivalent_to(sharding.trace_sharding(square), 4)
     np.testing.assert_array_equal(np.asarray(other.layers[1].mass), np.asarray(trace.layers[1].mass))
-    one = load_one_host(tmp)  # the same folder format as report.save_trace
+    one = load_trace(tmp)  # on one host: the same folder
     np.testing.assert_array_equal(np.asarray(one.layers[1].mass), np.asarray(trace.layers[1].mass))
   print("ok orbax round-trip", flush=True)
 

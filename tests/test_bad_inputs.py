@@ -14,7 +14,7 @@ from stream_jax.analysis import anchors, faithfulness, niah, routes
 from stream_jax.models import GemmaConfig, forward, generate, init_params
 from stream_jax.models.config import gemma3_layer_kinds
 from stream_jax.models.load import LoadedModel, load_model, peek_config
-from stream_jax.report import load_trace, save_trace
+from stream_jax.trace_io import load_trace, save_trace
 from stream_jax.trace import LayerTrace, Trace
 
 CFG = GemmaConfig(family="gemma3", vocab_size=97, num_layers=2, embed_dim=32, hidden_dim=64, num_heads=4,

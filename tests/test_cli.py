@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from stream_jax import cli
-from stream_jax.report import MARKER, load_trace
+from stream_jax.report import MARKER
+from stream_jax.trace_io import load_trace
 
 CLI = [sys.executable, "-m", "stream_jax.cli"]
 

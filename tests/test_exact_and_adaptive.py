@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import stream_jax as sj
-from stream_jax.attention import dense_block_mass
+from stream_jax.blocksparse import dense_block_mass
 from stream_jax.models import forward
 from stream_jax.models.params import init_params
 from tiny_models import tiny_config, tokens
@@ -292,7 +292,7 @@ def test_report_summarises_the_pruned_regime_and_coverage():
 def test_exact_trace_round_trips_and_plots_coverage(tmp_path):
   from stream_jax import plots
   from stream_jax.analysis.faithfulness import kept_fractions
-  from stream_jax.report import load_trace, save_trace
+  from stream_jax.trace_io import load_trace, save_trace
   cfg = tiny_config()
   params = init_params(cfg, seed=1, scale=0.3)
   sc = C.faithful(block_q=8, block_k=8, top_k=4)

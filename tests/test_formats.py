@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.experimental import sparse
 
-from stream_jax import StreamConfig, dense_attention, estimate_mask, formats, intervene as I, sparse_attention
+from stream_jax import StreamConfig, estimate_mask, reference_attention, formats, intervene as I, sparse_attention
 from stream_jax.mask import masks_equal, to_dense, window_mask
 from stream_jax.models import forward, init_params
 from tiny_models import tiny_config, tokens
@@ -100,7 +100,7 @@ def test_flex_attention_through_the_export_equals_sparse_attention():
     bm = formats.to_torch_block_mask(mask, window=window)
     theirs = flex_attention(tq, tk, tv, block_mask=bm, enable_gqa=True).transpose(1, 2).numpy()
     np.testing.assert_allclose(theirs, np.asarray(ours), atol=2e-5)
-    assert np.abs(np.asarray(dense_attention(q, k, v, window=window)) - theirs).max() > 1e-3  # not dense
+    assert np.abs(np.asarray(reference_attention(q, k, v, window=window)) - theirs).max() > 1e-3  # not dense
     # The block lists themselves (what a compiled flex_attention skips by): torch's dense block view and
     # the token mask its mask_mod implies equal ours.
     np.testing.assert_array_equal(bm.to_dense().numpy().astype(bool), np.asarray(formats.to_block_matrix(mask)))

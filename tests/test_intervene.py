@@ -172,7 +172,7 @@ def test_intervened_stream_forward_allocates_nothing_quadratic():
   cfg = tiny_config(layers=2, window=256).replace(layer_kinds=("local", "global"))
   params = jax.eval_shape(lambda: init_params(cfg))
   from stream_jax.models.forward import _forward
-  from stream_jax.models.attention import make_plans
+  from stream_jax.models.plans import make_plans
 
   def temp(t):
     iv = jax.eval_shape(lambda: I.suppress_spans([(100, 200)], length=t, num_layers=2, num_heads=4))

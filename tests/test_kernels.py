@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import stream_jax as sj
-from stream_jax.kernels import attention as kattention
-from stream_jax.kernels import estimate as kestimate
+from stream_jax.kernels import blocksparse_triton as kattention
+from stream_jax.kernels import estimate_triton as kestimate
 from stream_jax.mask import BlockMask
 
 from cuda_lowering import lower_for_cuda, sds as _sds
@@ -180,11 +180,11 @@ def test_attention_full_mask_equals_dense_and_bf16():
   q, k, v = _normal_qkv(3, 300, 300, 2, 1, 32)
   mask = sj.window_mask(2, 300, 300, block_q=32, block_k=16)  # every causal block
   out, _ = kattention.sparse_attention(q, k, v, mask, interpret=True)
-  _close(out, sj.dense_attention(q, k, v), 1e-5)
+  _close(out, sj.reference_attention(q, k, v), 1e-5)
   # Local layer: exact sliding window through the window's block cover.
   local = sj.window_mask(2, 300, 300, block_q=32, block_k=16, window=40)
   out, _ = kattention.sparse_attention(q, k, v, local, window=40, interpret=True)
-  _close(out, sj.dense_attention(q, k, v, window=40), 1e-5)
+  _close(out, sj.reference_attention(q, k, v, window=40), 1e-5)
   # bf16 inputs: p is rounded to bf16 before the PV product (flash-style), the reference keeps f32.
   qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
   mask = sj.estimate_mask(qb, kb, C(block_q=32, block_k=16, top_k=4))
@@ -308,19 +308,21 @@ def test_attention_kernel_lse_ref_matches_reference():
 def test_auto_keeps_float32_on_xla_on_a_gpu(monkeypatch):
   """On a GPU "auto" runs the kernels for 16-bit inputs only: their float32 dots run at full precision on
   CUDA cores, 200-290x (estimate) and 40x (attention) slower than the XLA path at T = 32k on an H100."""
-  from stream_jax import backend  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(backend.jax, "default_backend", lambda: "gpu")
-  assert backend.resolve_backend("auto", jnp.bfloat16) == "pallas"
-  assert backend.resolve_backend("auto", jnp.float16) == "pallas"
-  assert backend.resolve_backend("auto", jnp.float32) == "xla"
-  assert backend.resolve_backend("auto") == "pallas"
-  assert backend.resolve_backend("pallas", jnp.float32) == "pallas"  # asked for explicitly: it runs
-  assert backend.use_kernel("auto", lambda: None, jnp.bfloat16)
-  assert not backend.use_kernel("auto", lambda: None, jnp.float32)
-  assert not backend.use_kernel("auto", lambda: "unsupported", jnp.bfloat16)
-  with pytest.raises(ValueError, match="unsupported"):
-    backend.use_kernel("pallas", lambda: "unsupported", jnp.float32)
-  monkeypatch.setattr(backend.jax, "default_backend", lambda: "cpu")
-  assert backend.resolve_backend("auto", jnp.bfloat16) == "xla"
+  from stream_jax.kernels import implementations as impls  # pylint: disable=import-outside-toplevel
+  from stream_jax.kernels.implementations import Call  # pylint: disable=import-outside-toplevel
+  call = lambda dtype, cfg=C(block_q=32, block_k=32): Call.estimate(  # noqa: E731
+      jax.ShapeDtypeStruct((512, 4, 64), dtype), cfg)
+  monkeypatch.setattr(impls, "on_gpu", lambda: True)  # (not Hopper: no_hopper still says CPU)
+  assert impls.choose("estimate_mask", "auto", call(jnp.bfloat16)) == "triton"
+  assert impls.choose("estimate_mask", "auto", call(jnp.float16)) == "triton"
+  assert impls.choose("estimate_mask", "auto", call(jnp.float32)) == "xla"
+  assert impls.choose("estimate_mask", "pallas", call(jnp.float32)) == "triton"  # asked for explicitly: it runs
+  oracle = C(block_q=32, block_k=32, score="mass", representative="oracle", top_k=4)
+  assert impls.choose("estimate_mask", "auto", call(jnp.bfloat16, oracle)) == "xla"  # no kernel takes it
+  with pytest.raises(ValueError, match="oracle.*use backend='xla'"):
+    impls.choose("estimate_mask", "pallas", call(jnp.float32, oracle))
+  monkeypatch.setattr(impls, "on_gpu", lambda: False)
+  assert impls.choose("estimate_mask", "auto", call(jnp.bfloat16)) == "xla"
   with pytest.raises(ValueError, match="backend must be one of"):
-    backend.resolve_backend("triton")
+    impls.choose("estimate_mask", "cuda", call(jnp.bfloat16))
+

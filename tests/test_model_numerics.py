@@ -11,7 +11,7 @@ import pytest
 from stream_jax import StreamConfig
 from stream_jax.models import Gemma, PRESETS, forward, generate, init_params
 from stream_jax.dense import dense_attention
-from stream_jax.models.attention import make_plans
+from stream_jax.models.plans import make_plans
 from stream_jax.models.layers import Embedder, RMSNorm, apply_rope
 from tiny_models import tiny_config, tokens  # noqa: E402
 

@@ -53,7 +53,7 @@ def _run_blocked(code):
 def test_core_imports_and_runs_without_the_optional_packages():
   out = _run_blocked("""
 import numpy as np
-import stream_jax, stream_jax.estimate, stream_jax.attention, stream_jax.trace, stream_jax.trace_io
+import stream_jax, stream_jax.estimate, stream_jax.blocksparse, stream_jax.trace, stream_jax.trace_io
 import stream_jax.analysis, stream_jax.report
 q = np.random.default_rng(0).standard_normal((64, 2, 8)).astype(np.float32)
 mask = stream_jax.estimate_mask(q, q, stream_jax.StreamConfig(block_q=16, block_k=16, top_k=1))

@@ -17,7 +17,8 @@ import pytest
 import stream_jax as sj
 from stream_jax import outdir
 from stream_jax.outdir import remove_report
-from stream_jax.report import MARKER, ReportPathError, ReportWarning, check_out_dir, load_trace, write_report
+from stream_jax.report import MARKER, ReportPathError, ReportWarning, check_out_dir, write_report
+from stream_jax.trace_io import load_trace
 from stream_jax.trace import LayerTrace, Trace
 
 

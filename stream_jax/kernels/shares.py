@@ -1,5 +1,5 @@
 """The mass-score arithmetic both estimators share: the XLA reference (stream_jax/estimate.py) and the Pallas
-kernel (kernels/estimate.py) with `score="mass"` and a coverage budget.
+kernel (kernels/estimate_triton.py) with `score="mass"` and a coverage budget.
 
 Written once, in ops Triton lowers (no sort, stack or isfinite), so that both make their decisions from
 the same formulas in the same order: in interpret mode the kernel's masks equal the reference's, and on a

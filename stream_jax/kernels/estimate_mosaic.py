@@ -21,7 +21,7 @@ Limits (`unsupported`): float16 / bfloat16, 64 x 64 blocks, query_stride 1, scor
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +29,12 @@ from jax import lax
 
 from stream_jax import numerics
 from stream_jax.config import StreamConfig
-from stream_jax.kernels import common, mosaic
+from stream_jax.kernels import common, mosaic_common
 from stream_jax.mask import BlockMask, num_blocks
 from stream_jax.numerics import num_rounds
+
+if TYPE_CHECKING:
+  from stream_jax.kernels.implementations import Call
 
 BLOCK = 64
 SLOTS = 64  # node slots in shared memory: 2 x top_k children, or the first level's branches
@@ -39,11 +42,12 @@ DEFAULT_STAGES = 2  # key-block ring depth: 3 was within 2% at head dim 128, 4 s
 # at 256 (one CTA per SM instead of two)
 
 
-def unsupported(q: jax.Array, config: StreamConfig) -> Optional[str]:
-  """Why this kernel cannot take these inputs, or None."""
-  h = q.shape[-1]
-  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
-    return f"the Mosaic GPU estimate kernel takes float16 / bfloat16 inputs, got {jnp.dtype(q.dtype).name}"
+def unsupported(call: Call) -> Optional[str]:
+  """Why this kernel cannot take a call (kernels.implementations.Call), or None. Where it can, "pallas" and
+  "auto" prefer it to Triton on Hopper."""
+  h, config = call.head_dim, call.config
+  if call.dtype not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+    return f"the Mosaic GPU estimate kernel takes float16 / bfloat16 inputs, got {call.dtype.name}"
   if (config.block_q, config.block_k, config.query_stride) != (BLOCK, BLOCK, 1):
     return "the Mosaic GPU estimate kernel needs 64 x 64 blocks and query_stride 1"
   if config.score != "max" or config.representative != "center":  # (a coverage budget implies "mass")
@@ -55,15 +59,9 @@ def unsupported(q: jax.Array, config: StreamConfig) -> Optional[str]:
   return None
 
 
-def runs(q: jax.Array, config: StreamConfig) -> bool:
-  """Whether `backend="pallas"` runs this kernel rather than the Triton one: on a Hopper GPU for inputs it
-  takes. STREAM_JAX_PALLAS_ESTIMATE=triton keeps Triton; =mosaic makes an input it cannot take an error."""
-  return mosaic.runs_port("STREAM_JAX_PALLAS_ESTIMATE", unsupported(q, config))
-
-
 def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Optional[float] = None,
                   softcap: Optional[float] = None, stages: Optional[int] = None) -> BlockMask:
-  """The Mosaic GPU peer of `kernels.estimate.estimate_mask` (same arguments and outputs; GPU only, no
+  """The Mosaic GPU peer of `kernels.estimate_triton.estimate_mask` (same arguments and outputs; GPU only, no
   interpret mode: its tests lower it for CUDA on the CPU and run it on the device, gpu_checks.py). Checks
   nothing beyond `unsupported`, which the caller asks first."""
   t, s, h = q.shape[-3], k.shape[-3], q.shape[-1]
@@ -87,7 +85,7 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, stages):
   k = common.pad_axis(k, 1, n_k * BLOCK)
   top_k, branches, sink, wb = config.top_k, config.branches, config.sink_blocks, config.window_blocks
   cap = config.capacity
-  out_len = mosaic.tma_length(cap + 1)  # block ids, then the count last
+  out_len = mosaic_common.tma_length(cap + 1)  # block ids, then the count last
   rounds = num_rounds(n_k, branches)
   offset = s - t
   dtype = q.dtype
@@ -265,7 +263,7 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, stages):
   def entry(q_ref, k_ref, o_ref):
     pl.run_scoped(
         lambda *scratch: kernel(q_ref, k_ref, o_ref, scratch),
-        mosaic.tiled_smem((BLOCK, h), dtype), mosaic.tiled_smem((stages, BLOCK, h), dtype),
+        mosaic_common.tiled_smem((BLOCK, h), dtype), mosaic_common.tiled_smem((stages, BLOCK, h), dtype),
         plgpu.SMEM((SLOTS,), jnp.int32), plgpu.SMEM((SLOTS,), jnp.int32), plgpu.SMEM((SLOTS,), jnp.float32),
         plgpu.SMEM((SLOTS,), jnp.int32), plgpu.SMEM((SLOTS,), jnp.int32), plgpu.SMEM((out_len,), jnp.int32),
         plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=stages))

@@ -1,6 +1,7 @@
 """Block-sparse attention over a BlockMask: the op entry `sparse_attention` and its XLA reference (the CPU
-path and the oracle of the Pallas kernel in stream_jax/kernels/attention.py); block-level attention mass;
-the small-input dense references built on stream_jax.dense.
+path and the oracle of the Pallas kernels, kernels/blocksparse_triton.py and blocksparse_mosaic.py);
+block-level attention mass; the small-input references (`reference_attention`, `dense_block_mass`) built on
+stream_jax.dense.
 
 Each query block attends to its C kept key blocks only: the C x block_k keys are gathered and one exact
 softmax runs over them in fp32 (the one-step case of the online softmax: C is small and static), so memory
@@ -18,16 +19,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from stream_jax import checks, dense, numerics
-from stream_jax.backend import use_kernel
-from stream_jax.kernels import attention as kernel
-from stream_jax.kernels import attention_mgpu as mgpu_kernel
+from stream_jax.kernels import blocksparse_mosaic, blocksparse_triton, implementations
 from stream_jax.mask import DENSE_LIMIT, BlockMask, num_blocks, query_positions, to_blocks
 from stream_jax.numerics import DEFAULT_Q_CHUNK, NEG_INF, AttentionStats
 
 if TYPE_CHECKING:  # shapes for readers and type checkers (no runtime dependency); enforced by checks
   from jaxtyping import Array, Bool, Float
 
-__all__ = ["AttentionStats", "block_coverage", "dense_attention", "dense_block_mass", "sparse_attention"]
+__all__ = ["AttentionStats", "block_coverage", "dense_block_mass", "reference_attention", "sparse_attention"]
 
 
 def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v: Float[Array, "*B S K Hv"],
@@ -39,8 +38,9 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
                      ) -> tuple[Float[Array, "*B T N Hv"], AttentionStats]:
   """Exact softmax attention over the token set a BlockMask keeps.
 
-  The one entry of the op: validates once, then runs the XLA reference below or the Pallas kernel
-  (stream_jax.kernels.attention), which assume valid inputs.
+  The one entry of the op: validates once, then runs one implementation (kernels/implementations.py): the
+  XLA reference below, the Triton kernel (kernels/blocksparse_triton.py) or the Mosaic GPU port
+  (kernels/blocksparse_mosaic.py), which assume valid inputs.
 
   Args:
     q: [T, N, H] or [B, T, N, H]; k: [S, K, H] / [B, S, K, H]; v: [S, K, Hv] / [B, S, K, Hv].
@@ -50,11 +50,11 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
     scale: logit scale (default H ** -0.5); softcap: optional `c * tanh(x / c)` on logits.
     window: sliding window W (query sees keys with pos(q) - pos(k) < W), None = global causal.
     q_chunk: query blocks per sequential step (memory bound); None = all at once.
-    backend: "xla" (the reference), "pallas" (the GPU kernel; interpreted off the GPU) or "auto" (the
-      kernel on a GPU for 16-bit inputs when it supports the mask: block sizes >= 16; else the
-      reference: float32 dots are far faster in XLA). On a Hopper GPU, 16-bit inputs with 64 x 64 blocks
-      run the Mosaic GPU port (kernels/attention_mgpu.py), the rest the Triton kernel
-      (STREAM_JAX_PALLAS_ATTENTION=triton forces Triton).
+    backend: an implementation, "xla" (the reference), "triton" (block sizes >= 16; interpreted off the
+      GPU) or "mosaic" (Hopper: 16-bit inputs, 64 x 64 blocks), or a policy: "pallas" (the Mosaic port
+      where it takes the call, else Triton) or "auto" (the same on a GPU for 16-bit inputs, the reference
+      otherwise and for what no kernel takes). See `kernels.implementations.choose`. A key_mask or gate
+      runs on the reference under either policy (the kernels take neither).
     lse_ref: optional float32[..., N, T] log softmax denominators of a reference attention over the
       same logits (dense attention's, for an exact trace): block mass becomes exp(logit - lse_ref)
       summed, the reference's probability, instead of the kept softmax's. The output is unchanged.
@@ -82,12 +82,17 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
   checks.check_window(window)
   checks.check_chunk(q_chunk)
   scale = numerics.resolve_scale(scale, h)
-  if key_mask is None and gate is None and use_kernel(backend, lambda: kernel.unsupported(mask), q.dtype):
-    if mgpu_kernel.runs(q, v, mask):  # Hopper: the Mosaic GPU port (TMA + wgmma)
-      return mgpu_kernel.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
-                                          lse_ref=lse_ref)
-    return kernel.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
-                                   lse_ref=lse_ref)
+  intervened = key_mask is not None or gate is not None
+  if intervened and backend in implementations.POLICIES:
+    backend = "xla"
+  call = implementations.Call.attention(q, v, mask, key_mask=key_mask is not None, gate=gate is not None)
+  impl = implementations.choose("sparse_attention", backend, call)
+  if impl == "mosaic":
+    return blocksparse_mosaic.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
+                                               lse_ref=lse_ref)
+  if impl == "triton":
+    return blocksparse_triton.sparse_attention(q, k, v, mask, scale=scale, softcap=softcap, window=window,
+                                               lse_ref=lse_ref)
   return _sparse_xla(q, k, v, mask, scale=scale, softcap=softcap, window=window, q_chunk=q_chunk,
                      lse_ref=lse_ref, key_mask=key_mask, gate=gate)
 
@@ -206,10 +211,10 @@ def block_coverage(lse_kept: jax.Array, lse_ref: jax.Array, block_q: int) -> jax
   return share.sum(-1) / jnp.maximum(rows.sum(-1), 1)
 
 
-def dense_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v: Float[Array, "*B S K Hv"], *,
-                    scale: Optional[float] = None, softcap: Optional[float] = None,
-                    window: Optional[int] = None, token_mask: Optional[Bool[Array, "*B N T S"]] = None,
-                    return_probs: bool = False):
+def reference_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
+                        v: Float[Array, "*B S K Hv"], *, scale: Optional[float] = None,
+                        softcap: Optional[float] = None, window: Optional[int] = None,
+                        token_mask: Optional[Bool[Array, "*B N T S"]] = None, return_probs: bool = False):
   """Dense reference of `sparse_attention` (same inputs; small T only): `stream_jax.dense.dense_attention`
   in float32 on its T x S path, with the queries the last T of the S positions.
 
@@ -219,7 +224,7 @@ def dense_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v:
   t, s, n, _, h = checks.check_qkv(q, k, v)
   checks.check_positive("scale", scale)
   if n * t * s > 4 * DENSE_LIMIT:
-    raise ValueError(f"dense_attention builds N x T x S = {n} x {t} x {s} logits, above the reference "
+    raise ValueError(f"reference_attention builds N x T x S = {n} x {t} x {s} logits, above the reference "
                      f"limit {4 * DENSE_LIMIT}; use sparse_attention for long inputs")
   batch = q.shape[:-3]
   b = batch[0] if batch else 1
@@ -241,7 +246,7 @@ def dense_block_mass(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], *
   """Exact dense attention mass per (query block, key block): float32[..., N, nQ, nK] (small inputs)."""
   t, s, _, _, _ = checks.check_qkv(q, k)
   v = jnp.zeros(k.shape[:-1] + (1,), k.dtype)
-  _, probs = dense_attention(q, k, v, scale=scale, softcap=softcap, window=window, return_probs=True)
+  _, probs = reference_attention(q, k, v, scale=scale, softcap=softcap, window=window, return_probs=True)
   n_q, n_k = num_blocks(t, block_q), num_blocks(s, block_k)
   pad = [(0, 0)] * (probs.ndim - 2) + [(0, n_q * block_q - t), (0, n_k * block_k - s)]
   probs = jnp.pad(probs, pad)

@@ -30,7 +30,7 @@ def test_full_mask_equals_dense_and_mass_equals_block_mass(case):
   q, k, v = _qkv(sum(case[:5]), t, s, n, kv, h)
   mask = sj.window_mask(n, t, s, block_q=bq, block_k=bk, window=None)
   out, stats = jax.jit(lambda *a: sj.sparse_attention(*a, softcap=softcap, window=window))(q, k, v, mask)
-  ref = sj.dense_attention(q, k, v, softcap=softcap, window=window)
+  ref = sj.reference_attention(q, k, v, softcap=softcap, window=window)
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
   dense_mass = sj.dense_block_mass(q, k, block_q=bq, block_k=bk, softcap=softcap, window=window)
   np.testing.assert_allclose(stats.mass, sj.take_blocks(dense_mass, mask), atol=1e-5)
@@ -57,7 +57,7 @@ def test_sparse_mask_equals_dense_restricted_to_the_same_tokens(rep):
   assert allowed.mean() < 0.5, "the test needs a really sparse mask"
   ref64, probs = numpy_attention(q, k, v, allowed, h ** -0.5)
   np.testing.assert_allclose(out, ref64, atol=2e-5)
-  np.testing.assert_allclose(out, sj.dense_attention(q, k, v, token_mask=allowed), atol=1e-5)
+  np.testing.assert_allclose(out, sj.reference_attention(q, k, v, token_mask=allowed), atol=1e-5)
   # mass: the restricted probabilities summed per kept block
   n_q = mask.num_q_blocks
   pad = np.pad(probs, [(0, 0), (0, n_q * 16 - t), (0, mask.num_k_blocks * 16 - s)])
@@ -75,7 +75,7 @@ def test_window_mask_gives_exact_local_attention_in_linear_memory():
                                     sj.window_mask(n, t, t, block_q=32, block_k=16), window=w)),
                                                 (n, t, t)))
   out, _ = sj.sparse_attention(q, k, v, mask, window=w)
-  np.testing.assert_allclose(out, sj.dense_attention(q, k, v, window=w), atol=1e-5)
+  np.testing.assert_allclose(out, sj.reference_attention(q, k, v, window=w), atol=1e-5)
 
 
 def test_batch_rank4_and_bf16():
@@ -92,7 +92,7 @@ def test_batch_rank4_and_bf16():
     o, s = sj.sparse_attention(q[i], k[i], v[i], one)
     np.testing.assert_array_equal(out[i], o)
     np.testing.assert_allclose(stats.mass[i], s.mass, atol=1e-6)
-    ref = sj.dense_attention(q[i].astype(jnp.float32), k[i].astype(jnp.float32),
+    ref = sj.reference_attention(q[i].astype(jnp.float32), k[i].astype(jnp.float32),
                              v[i].astype(jnp.float32), token_mask=sj.to_dense(one))
     np.testing.assert_allclose(np.asarray(o, np.float32), ref, atol=3e-2)
 

@@ -26,7 +26,7 @@ to within rounding (the documented tie case).
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -40,15 +40,20 @@ from stream_jax.kernels.common import SQ, count_true, gather, iota, take
 from stream_jax.mask import BlockMask, num_blocks
 from stream_jax.numerics import NEG_INF, num_rounds
 
+if TYPE_CHECKING:
+  from stream_jax.kernels.implementations import Call
+
 # Best of {4, 8} warps on an H100 at T=32k, H=256, 64 x 64 blocks (benchmarks/kernels.py).
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 2
 F32_NUM_STAGES = 1
 
 
-def unsupported(config: StreamConfig) -> Optional[str]:
-  """Why the kernel cannot run this config, or None: Triton dots need block_k >= 16, and mass scores with
-  the "oracle" representative (an exact sum over every block, for tests) run on the XLA path."""
+def unsupported(call: Call) -> Optional[str]:
+  """Why the kernel cannot run a call (kernels.implementations.Call), or None: Triton dots need
+  block_k >= 16, and mass scores with the "oracle" representative (an exact sum over every block, for
+  tests) run on the XLA path."""
+  config = call.config
   if config.block_k < common.MIN_DOT:
     return f"the Pallas estimate kernel needs block_k >= {common.MIN_DOT}, got block_k={config.block_k}"
   if config.score == "mass" and config.representative == "oracle":

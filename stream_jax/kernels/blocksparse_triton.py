@@ -22,7 +22,7 @@ Either way every output element is written by exactly one program (deterministic
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,9 @@ from stream_jax.kernels.common import SQ, iota
 from stream_jax.mask import BlockMask, num_blocks
 from stream_jax.numerics import NEG_INF, AttentionStats
 
+if TYPE_CHECKING:
+  from stream_jax.kernels.implementations import Call
+
 # Best of {4, 8} warps x {2, 3} stages on an H100 at T=32k, H=256, 64 x 64 blocks (benchmarks/kernels.py).
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 3
@@ -46,12 +49,15 @@ F32_NUM_STAGES = 1
 FUSED_MASS_FLOATS = 64 * (128 + 256)
 
 
-def unsupported(mask: BlockMask) -> Optional[str]:
-  """Why the kernel cannot run this mask layout, or None (Triton dots need both block sizes >= 16)."""
-  if mask.block_q >= common.MIN_DOT and mask.block_k >= common.MIN_DOT:
-    return None
-  return (f"the Pallas attention kernel needs block_q, block_k >= {common.MIN_DOT}, got "
-          f"{mask.block_q}, {mask.block_k}")
+def unsupported(call: Call) -> Optional[str]:
+  """Why the kernel cannot run a call (kernels.implementations.Call), or None: Triton dots need both block
+  sizes >= 16, and the kernel takes no intervention's key_mask or gate."""
+  if call.block_q < common.MIN_DOT or call.block_k < common.MIN_DOT:
+    return (f"the Pallas attention kernel needs block_q, block_k >= {common.MIN_DOT}, got "
+            f"{call.block_q}, {call.block_k}")
+  if call.key_mask or call.gate:
+    return "the Pallas attention kernels take no key_mask or gate (interventions run on the XLA path)"
+  return None
 
 
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, *,

@@ -15,7 +15,7 @@ flash-attention pass.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,9 @@ from stream_jax import numerics
 from stream_jax.kernels import common
 from stream_jax.kernels.common import SQ, iota
 from stream_jax.numerics import NEG_INF
+
+if TYPE_CHECKING:
+  from stream_jax.kernels.implementations import Call
 
 # Key blocks per store of the output row.
 GROUP = 16
@@ -39,12 +42,12 @@ DEFAULT_NUM_STAGES = 3
 DEFAULT_BLOCKS_PER_PROGRAM = 4
 
 
-def unsupported(block_q: int, block_k: int, has_key_mask: bool) -> Optional[str]:
-  """Why the kernel cannot take this layout, or None."""
-  if block_q < common.MIN_DOT or block_k < common.MIN_DOT:
-    return (f"the Pallas block-mass kernel needs block_q, block_k >= {common.MIN_DOT}, got {block_q}, "
-            f"{block_k}")
-  if has_key_mask:
+def unsupported(call: Call) -> Optional[str]:
+  """Why the kernel cannot take a call (kernels.implementations.Call), or None."""
+  if call.block_q < common.MIN_DOT or call.block_k < common.MIN_DOT:
+    return (f"the Pallas block-mass kernel needs block_q, block_k >= {common.MIN_DOT}, got {call.block_q}, "
+            f"{call.block_k}")
+  if call.key_mask:
     return "the Pallas block-mass kernel takes no key_mask (interventions run on the XLA path)"
   return None
 

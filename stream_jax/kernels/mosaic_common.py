@@ -1,37 +1,16 @@
-"""What the two Mosaic GPU ports (attention_mgpu.py, estimate_mgpu.py) share: the choice between a port and
-its Triton peer, the swizzled shared-memory tiles their TMA copies and wgmma products read, and the length
-of the int32 rows they copy by TMA.
-
-The ports run on Hopper only (wgmma, TMA) and have no interpret mode, so each has an environment switch:
-`auto` (the default) runs the port on a Hopper GPU whenever it takes the inputs (both were measured faster
-than their Triton peers on every shape tried), `triton` keeps the Triton kernel, `mosaic` makes an input
-the port cannot take an error that says why.
+"""What the two Mosaic GPU ports (blocksparse_mosaic.py, estimate_mosaic.py) share: the Hopper check, the
+swizzled shared-memory tiles their TMA copies and wgmma products read, and the length of the int32 rows
+they copy by TMA. Which implementation runs is decided in kernels/implementations.py.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-CHOICES = ("auto", "triton", "mosaic")
 TMA_INT32 = 32  # a warpgroup's TMA copies move multiples of 128 bytes: 32 int32 / float32
-
-
-def runs_port(env: str, why_not: Optional[str]) -> bool:
-  """Whether `backend="pallas"` runs the Mosaic GPU port: `why_not` is why the port cannot take these
-  inputs (None if it can); `env` names the switch (STREAM_JAX_PALLAS_ATTENTION / _ESTIMATE)."""
-  choice = os.environ.get(env, "auto")
-  if choice not in CHOICES:
-    raise ValueError(f"{env} must be auto (the default), triton or mosaic, got {choice!r}")
-  if choice == "triton":
-    return False
-  why_not = why_not or no_hopper()
-  if why_not and choice == "mosaic":
-    raise ValueError(f"{env}=mosaic: {why_not}")
-  return why_not is None
 
 
 def no_hopper() -> Optional[str]:

@@ -23,16 +23,19 @@ block_q = 64, block_k = 64, head dims multiples of 64 up to 256, C <= MAX_SLOTS.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from stream_jax import numerics
-from stream_jax.kernels import common, mosaic
+from stream_jax.kernels import common, mosaic_common
 from stream_jax.mask import BlockMask, num_blocks
 from stream_jax.numerics import NEG_INF, AttentionStats
+
+if TYPE_CHECKING:
+  from stream_jax.kernels.implementations import Call
 
 BLOCK = 64  # rows of a wgmma tile per warpgroup; the kernel's block_q and block_k
 MAX_SLOTS = 64  # kept blocks per query block: the [64, C] mass accumulator lives in registers
@@ -43,32 +46,29 @@ DEFAULT_STAGES = 2  # K/V ring depth (2 keeps two CTAs per SM at head dim 128)
 GRID_ORDERS = {"heads_last": ("batch", "qblk", "heads"), "qblk_last": ("heads", "batch", "qblk")}
 
 
-def unsupported(q: jax.Array, v: jax.Array, mask: BlockMask) -> Optional[str]:
-  """Why this kernel cannot take these inputs, or None."""
-  h, hv = q.shape[-1], v.shape[-1]
-  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
-    return f"the Mosaic GPU attention kernel takes float16 / bfloat16 inputs, got {jnp.dtype(q.dtype).name}"
-  if (mask.block_q, mask.block_k) != (BLOCK, BLOCK):
-    return f"the Mosaic GPU attention kernel needs 64 x 64 blocks, got {mask.block_q} x {mask.block_k}"
+def unsupported(call: Call) -> Optional[str]:
+  """Why this kernel cannot take a call (kernels.implementations.Call), or None. Where it can, "pallas" and
+  "auto" prefer it to Triton on Hopper: 1.13-1.28x Triton's speed on every Stream-mask shape measured on an
+  H100 (benchmarks/RESULTS.md)."""
+  h, hv = call.head_dim, call.head_dim_v
+  if call.dtype not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+    return f"the Mosaic GPU attention kernel takes float16 / bfloat16 inputs, got {call.dtype.name}"
+  if (call.block_q, call.block_k) != (BLOCK, BLOCK):
+    return f"the Mosaic GPU attention kernel needs 64 x 64 blocks, got {call.block_q} x {call.block_k}"
   if h % 64 or hv % 64 or not 64 <= h <= 256 or not 64 <= hv <= 256:
     return f"the Mosaic GPU attention kernel needs head dims in 64, 128, 192, 256, got {h}, {hv}"
-  if mask.indices.shape[-1] > MAX_SLOTS:
-    return f"the Mosaic GPU attention kernel keeps at most {MAX_SLOTS} blocks per row, got {mask.capacity}"
+  if call.slots > MAX_SLOTS:
+    return f"the Mosaic GPU attention kernel keeps at most {MAX_SLOTS} blocks per row, got {call.slots}"
+  if call.key_mask or call.gate:
+    return "the Pallas attention kernels take no key_mask or gate (interventions run on the XLA path)"
   return None
-
-
-def runs(q: jax.Array, v: jax.Array, mask: BlockMask) -> bool:
-  """Whether `backend="pallas"` runs this kernel rather than the Triton one: on a Hopper GPU for inputs it
-  takes (1.13-1.28x Triton's speed on every Stream-mask shape measured on an H100, benchmarks/RESULTS.md).
-  STREAM_JAX_PALLAS_ATTENTION=triton keeps Triton; =mosaic makes an input it cannot take an error."""
-  return mosaic.runs_port("STREAM_JAX_PALLAS_ATTENTION", unsupported(q, v, mask))
 
 
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, *,
                      scale: Optional[float] = None, softcap: Optional[float] = None,
                      window: Optional[int] = None, lse_ref: Optional[jax.Array] = None,
                      stages=None, order: str = "qblk_last") -> tuple[jax.Array, AttentionStats]:
-  """The Mosaic GPU peer of `kernels.attention.sparse_attention` (same arguments and outputs; GPU only,
+  """The Mosaic GPU peer of `kernels.blocksparse_triton.sparse_attention` (same arguments and outputs; GPU only,
   no interpret mode: its tests run on the device, benchmarks/gpu_checks.py). Checks nothing beyond
   `unsupported`, which the caller asks first."""
   t, n, h = q.shape[-3:]
@@ -100,8 +100,8 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
   k = common.pad_axis(k, 1, n_k * BLOCK)
   v = common.pad_axis(v, 1, n_k * BLOCK)
   lse_ref = common.pad_axis(lse_ref.astype(jnp.float32), 2, n_q * BLOCK)  # padding rows see no key
-  slots = mosaic.tma_length(cap)  # mass row length
-  table_len = mosaic.tma_length(cap + 1)  # block ids, then the count last
+  slots = mosaic_common.tma_length(cap)  # mass row length
+  table_len = mosaic_common.tma_length(cap + 1)  # block ids, then the count last
   table = jnp.concatenate([
       indices.astype(jnp.int32), jnp.full(indices.shape[:-1] + (table_len - cap - 1,), -1, jnp.int32),
       counts.astype(jnp.int32)[..., None]], axis=-1)  # [B, N, nQ, table_len]: ids, then the count last
@@ -212,7 +212,7 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
     plgpu.wait_smem_to_gmem(0)
 
   def entry(q_ref, k_ref, v_ref, table_ref, ref_ref, o_ref, mass_ref, lse_out_ref):
-    tiled = mosaic.tiled_smem
+    tiled = mosaic_common.tiled_smem
     pl.run_scoped(
         lambda *scratch: kernel(q_ref, k_ref, v_ref, table_ref, ref_ref, o_ref, mass_ref, lse_out_ref,
                                 scratch),
