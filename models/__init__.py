@@ -14,7 +14,7 @@ except ModuleNotFoundError as _e:
   from stream_jax.extras import missing_extra
   raise missing_extra(_e, "stream_jax.models") from _e
 
-from stream_jax.models.config import PRESETS, REASONING_PRESETS, GemmaConfig, get_config
+from stream_jax.models.decoder_config import PRESETS, REASONING_PRESETS, GemmaConfig, get_config
 from stream_jax.models.families import from_hf_config
 from stream_jax.models.transformer import Gemma, check_dtype
 from stream_jax.models.params import ShapeMismatchError, MissingTensorError, init_params

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stream_jax.models.config import GemmaConfig, from_hf_gemma
+from stream_jax.models.decoder_config import GemmaConfig, from_hf_gemma
 
 # Keys of a config.json that do not change the decoder's forward pass (generic PretrainedConfig keys,
 # generation defaults, bookkeeping). Anything outside this set and the family's own keys is refused.

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from stream_jax import checks
 from stream_jax.models.plans import Attention, make_plans
-from stream_jax.models.config import GemmaConfig
+from stream_jax.models.decoder_config import GemmaConfig
 from stream_jax.models.transformer import Gemma, check_dtype, traced_run
 from stream_jax.intervene import Intervention
 from stream_jax.trace import TracedRun

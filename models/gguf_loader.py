@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from stream_jax.models.config import GemmaConfig, gemma2_layer_kinds, gemma3_layer_kinds, match_preset
+from stream_jax.models.decoder_config import GemmaConfig, gemma2_layer_kinds, gemma3_layer_kinds, match_preset
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHS = ("gemma3", "gemma2", "llama", "qwen2", "qwen3")
@@ -58,7 +58,7 @@ class GGUFError(ValueError):
   """The file is not a usable GGUF checkpoint of a supported model."""
 
 
-def hf_name(gguf_name: str, arch: str = "gemma3") -> Optional[str]:
+def gguf_to_hf_name(gguf_name: str, arch: str = "gemma3") -> Optional[str]:
   """GGUF tensor name -> HF name (no prefix); None for tensors the decoder does not use."""
   if gguf_name in _GLOBAL:
     return _GLOBAL[gguf_name]
@@ -315,7 +315,7 @@ def config_from_reader(reader, path: str = "") -> GemmaConfig:
 
 def _reasoning_config(reader, arch: str, get, path: str) -> GemmaConfig:
   """Llama / Qwen2 / Qwen3 config from GGUF metadata (every layer global, SwiGLU, plain RMSNorm)."""
-  from stream_jax.models.config import reasoning_config  # pylint: disable=import-outside-toplevel
+  from stream_jax.models.decoder_config import reasoning_config  # pylint: disable=import-outside-toplevel
   names = {t.name: t for t in reader.tensors}
   emb = _embedding_tensor(reader, path)
   layers, d, n, kv, h = _shape_fields(get)
@@ -383,7 +383,7 @@ def read_gguf(path: str, dtype, progress: bool = True):
   arch = config.family
   by_hf = {}
   for t in reader.tensors:
-    name = hf_name(t.name, arch)
+    name = gguf_to_hf_name(t.name, arch)
     if name is not None:
       by_hf[name] = t
     if t.name == "rope_freqs.weight" and config.rope_llama3 is not None:

@@ -14,7 +14,7 @@ import json
 import os
 import struct
 
-from stream_jax.models.config import GemmaConfig
+from stream_jax.models.decoder_config import GemmaConfig
 from stream_jax.models.families import from_hf_config
 
 
@@ -25,7 +25,7 @@ class SafetensorsError(ValueError):
 _SKIP = ("vision_tower", "multi_modal_projector", "vision_model", "embed_vision", "audio")
 
 
-def hf_name(name: str):
+def decoder_name(name: str):
   """Checkpoint name -> decoder name without prefix (`layers.3.mlp.up_proj.weight`), None to skip.
 
   `lm_head.weight` keeps its name: untied configs (Llama, Qwen) read it, tied ones ignore it."""
@@ -110,7 +110,7 @@ def read_hf(directory: str, dtype, progress: bool = True):
     for key in check_safetensors(path):
       if key == "__metadata__":
         continue
-      name = hf_name(key)
+      name = decoder_name(key)
       if name is not None:
         where[name] = (path, key)
   handles = {}

@@ -22,7 +22,7 @@ import numpy as np
 
 from stream_jax.models import cache as cache_lib
 from stream_jax.models.plans import Attention
-from stream_jax.models.config import GemmaConfig
+from stream_jax.models.decoder_config import GemmaConfig
 from stream_jax.models.forward import forward
 from stream_jax.models.generate import Generation, generate
 from stream_jax.models.params import cast_params

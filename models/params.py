@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stream_jax.models.config import GemmaConfig
+from stream_jax.models.decoder_config import GemmaConfig
 
 NORMS = {
     "input_layernorm": "pre_attention_norm",

@@ -114,7 +114,7 @@ def _implementations(backend: str, stream: Optional[StreamConfig], prune: bool, 
   if prune:
     kept = Call(dtype, head_dim, head_dim, bq, bk, stream.capacity, stream)
     search = stream.select == "search"
-    return implementations.plan(backend, estimate=kept if search else None, attention=kept,
+    return implementations.for_layer(backend, estimate=kept if search else None, attention=kept,
                                 ideal=None if search else kept)
   band = Call(dtype, head_dim, head_dim, bq, bk, (bq + window - 2) // bk + 2 if window else 0)
-  return implementations.plan(backend, estimate=None, attention=band, ideal=None)
+  return implementations.for_layer(backend, estimate=None, attention=band, ideal=None)

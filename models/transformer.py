@@ -27,7 +27,7 @@ from stream_jax import dense as dense_lib, numerics
 from stream_jax.intervene import Intervention
 from stream_jax.models.attend import attend
 from stream_jax.models.plans import Attention, LayerPlan, make_plans
-from stream_jax.models.config import GemmaConfig
+from stream_jax.models.decoder_config import GemmaConfig
 from stream_jax.models.layers import Embedder, FeedForward, RMSNorm, apply_rope, map_positions
 from stream_jax.trace import Trace, TracedRun
 

@@ -12,7 +12,7 @@ import stream_jax as sj
 from stream_jax import plots
 from stream_jax.analysis import anchors, faithfulness, niah, routes
 from stream_jax.models import GemmaConfig, forward, generate, init_params
-from stream_jax.models.config import gemma3_layer_kinds
+from stream_jax.models.decoder_config import gemma3_layer_kinds
 from stream_jax.models.load import LoadedModel, load_model, peek_config
 from stream_jax.trace_io import load_trace, save_trace
 from stream_jax.trace import LayerTrace, Trace

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stream_jax.models import GemmaConfig
-from stream_jax.models.config import gemma3_layer_kinds
+from stream_jax.models.decoder_config import gemma3_layer_kinds
 
 
 def tiny_config(family="gemma3", layers=6, window=16, **kw):

@@ -146,7 +146,7 @@ def choose(op: str, backend: str, call: Call) -> str:
   return "xla"
 
 
-def plan(backend: str, *, estimate: Optional[Call], attention: Call, ideal: Optional[Call]) -> Implementations:
+def for_layer(backend: str, *, estimate: Optional[Call], attention: Call, ideal: Optional[Call]) -> Implementations:
   """Every op's implementation for one layer of a model (None: the layer never runs that op)."""
   pick = lambda op, call: "xla" if call is None else choose(op, backend, call)  # noqa: E731
   return Implementations(estimate_mask=pick("estimate_mask", estimate),
