@@ -16,7 +16,7 @@ O(T x W).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,8 @@ from stream_jax.trace import LayerTrace
 
 def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
            cap: Optional[float], suppress: Optional[jax.Array] = None,
-           forced: Optional[BlockMask] = None, gate: Optional[jax.Array] = None
+           forced: Optional[BlockMask] = None, gate: Optional[jax.Array] = None,
+           on_kept: Optional[Callable[[BlockMask], BlockMask]] = None
            ) -> tuple[jax.Array, Optional[LayerTrace]]:
   """One layer's attention over a whole sequence (positions 0..T-1).
 
@@ -47,6 +48,8 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
   forced: a BlockMask [B, N, nQ, C] to attend through instead of the estimated / band mask.
   gate: float[B|1, N, nQ, C] weights of the forced mask's blocks (see `sparse_attention`); sparse-output
     Stream layers with a forced mask only (checked by `check_intervention`).
+  on_kept: the "kept" hook point (stream_jax.hooks): the forced or estimated kept set goes through it
+    before attention, and what it returns is attended through.
   """
   b, t, n, _ = q.shape
   visible = None if suppress is None else jnp.broadcast_to(~suppress, (b, n, t))
@@ -54,7 +57,8 @@ def attend(plan: LayerPlan, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
     return _dense_layer(plan, q, k, v, scale=scale, cap=cap, visible=visible)
   if plan.prune and forced is None and plan.stream.select == "ideal":
     return _ideal_layer(plan, q, k, v, scale=scale, cap=cap, visible=visible)
-  return _stream_layer(plan, q, k, v, scale=scale, cap=cap, visible=visible, forced=forced, gate=gate)
+  return _stream_layer(plan, q, k, v, scale=scale, cap=cap, visible=visible, forced=forced, gate=gate,
+                       on_kept=on_kept)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
@@ -102,10 +106,14 @@ def _dense_layer(plan: LayerPlan, q, k, v, *, scale, cap, visible):
   return _dense(plan, q, k, v, scale=scale, cap=cap, visible=visible), None
 
 
-def _stream_layer(plan: LayerPlan, q, k, v, *, scale, cap, visible, forced, gate):
+def _stream_layer(plan: LayerPlan, q, k, v, *, scale, cap, visible, forced, gate, on_kept=None):
   """A Stream layer whose kept set is forced, searched, or its window's band: kept set, reference, kept
   attention, output."""
   mask, mode = _kept_set(plan, q, k, scale=scale, cap=cap, forced=forced)
+  if on_kept is not None and mode != "window":
+    hooked = on_kept(mask)
+    if hooked is not mask:  # a replacement is a forced mask: chosen for by its shape, like an intervention's
+      mask, forced = hooked, hooked
   exact = plan.output == "exact"
   reference = None
   if mode != "window" and (exact or plan.coverage):

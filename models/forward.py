@@ -16,6 +16,7 @@ from stream_jax import checks
 from stream_jax.models.plans import Attention, make_plans
 from stream_jax.models.decoder_config import GemmaConfig
 from stream_jax.models.transformer import Gemma, check_dtype, traced_run
+from stream_jax.hooks import Hook, check_hooks
 from stream_jax.intervene import Intervention
 from stream_jax.trace import TracedRun
 
@@ -49,17 +50,20 @@ def params_dtype(params) -> jnp.dtype:
   return check_dtype(wrap_params(params)["params"]["embedder"]["input_embedding"].dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "plans", "last_only", "return_hidden"))
-def _forward(params, tokens, intervention, *, config, dtype, plans, last_only, return_hidden):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "plans", "last_only", "return_hidden", "hooks"))
+def _forward(params, tokens, intervention, hook_args=None, *, config, dtype, plans, last_only, return_hidden,
+             hooks=()):
   return Gemma(config, dtype).apply(params, tokens, plans, last_only=last_only, return_hidden=return_hidden,
-                                    intervention=intervention, method=Gemma.run)
+                                    intervention=intervention, hooks=hooks, hook_args=hook_args,
+                                    method=Gemma.run)
 
 
 def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
             dense_layers: Sequence[int] = (), prune_local: bool = False, backend: str = "xla",
             return_hidden: bool = False, last_only: bool = False, dense_impl: Optional[str] = None,
             output: str = "sparse", coverage: bool = False,
-            intervention: Optional[Intervention] = None) -> TracedRun:
+            intervention: Optional[Intervention] = None, hooks: Sequence[Hook] = (),
+            hook_args=None) -> TracedRun:
   """Run the decoder on token ids.
 
   Args:
@@ -91,6 +95,11 @@ def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
     intervention: per-layer overrides (stream_jax.intervene): attention to chosen keys suppressed in
       chosen layers / heads (any mode), forced block masks (Stream calls). A pytree argument of the
       compiled function: new values of the same shapes reuse the executable.
+    hooks: named hooks (stream_jax.hooks.Hook): your pure functions at named points of each layer (q, k,
+      v, kept set, trace, attention output, residual), which read or replace values and emit extras into
+      `TracedRun.hooked`. Static: the same function objects reuse the compiled forward.
+    hook_args: a pytree the hooks receive (their third argument): an argument of the compiled function,
+      so new values of the same shapes reuse the executable (and jax.vmap over it batches a sweep).
 
   Returns:
     TracedRun (stream_jax.trace): logits float32[B, T, V] ([B, V] if last_only); trace, a Trace with one
@@ -111,8 +120,9 @@ def forward(model, params, tokens: jax.Array, *, attention: Attention = "dense",
   plans = make_plans(config, attention, dense_layers, prune_local, backend, dense_impl, output, coverage,
                      dtype=dtype)
   check_intervention(intervention, config, plans, tokens.shape)
-  out = _forward(params, tokens.astype(jnp.int32), intervention, config=config, dtype=dtype, plans=plans,
-                 last_only=bool(last_only), return_hidden=bool(return_hidden))
+  hooks = check_hooks(hooks, config.num_layers)
+  out = _forward(params, tokens.astype(jnp.int32), intervention, hook_args, config=config, dtype=dtype,
+                 plans=plans, last_only=bool(last_only), return_hidden=bool(return_hidden), hooks=hooks)
   return traced_run(out, plans)
 
 

@@ -17,19 +17,21 @@ Norm scales are f32 (the `(1 + w)` is applied in f32); everything else has the m
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from stream_jax import dense as dense_lib, numerics
+from stream_jax import hooks as hooks_lib
 from stream_jax.intervene import Intervention
 from stream_jax.models.attend import attend
 from stream_jax.models.plans import Attention, LayerPlan, make_plans
 from stream_jax.models.decoder_config import GemmaConfig
 from stream_jax.models.layers import Embedder, FeedForward, RMSNorm, apply_rope, map_positions
-from stream_jax.trace import Trace, TracedRun
+from stream_jax.trace import LayerTrace, Trace, TracedRun
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -97,14 +99,23 @@ class SelfAttention(nn.Module):
     k = apply_rope(k, positions, inv_freq=inv)
     return q, k, v
 
-  def __call__(self, x: jax.Array, plan: LayerPlan, suppress=None, forced=None, gate=None):
+  def __call__(self, x: jax.Array, plan: LayerPlan, suppress=None, forced=None, gate=None,
+               hook: Optional[Callable] = None):
     """Whole sequence: x [B, T, D] -> (out [B, T, D], LayerTrace | None, (k, v)); suppress / forced / gate:
-    this layer's intervention (see `attend`)."""
+    this layer's intervention (see `attend`); hook(point, value) -> value: the layer's named hook points
+    (stream_jax.hooks)."""
     c = self.config
     t = x.shape[1]
     q, k, v = self.qkv(x, jnp.arange(t, dtype=jnp.int32))
+    if hook is not None:
+      q, k, v = hook("q", q), hook("k", k), hook("v", v)
     out, trace = attend(plan, q, k, v, scale=c.attn_scale, cap=c.attn_softcap, suppress=suppress,
-                        forced=forced, gate=gate)
+                        forced=forced, gate=gate,
+                        on_kept=None if hook is None else functools.partial(hook, "kept"))
+    if hook is not None:
+      if isinstance(trace, LayerTrace):  # (a dense call has none; dense_impl="capture" gives probabilities)
+        trace = hook("trace", trace)
+      out = hook("attention_out", out)
     return self.attn_vec_einsum("btnh,nhd->btd", out), trace, (k, v)
 
   def extend(self, x: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array], suppress=None):
@@ -153,10 +164,11 @@ class Block(nn.Module):
     return map_positions(lambda blk, xc: xc + blk._post("post_ffw_norm", blk.mlp(blk.pre_ffw_norm(xc))),
                          self, x)
 
-  def __call__(self, x: jax.Array, plan: LayerPlan, suppress=None, forced=None, gate=None):
-    a, trace, kv = self.attn(self.pre_attention_norm(x), plan, suppress, forced, gate)
+  def __call__(self, x: jax.Array, plan: LayerPlan, suppress=None, forced=None, gate=None, hook=None):
+    a, trace, kv = self.attn(self.pre_attention_norm(x), plan, suppress, forced, gate, hook)
     x = x + self._post("post_attention_norm", a)
-    return self._ffw(x), trace, kv
+    x = self._ffw(x)
+    return (x if hook is None else hook("residual", x)), trace, kv
 
   def extend(self, x, start, cache, suppress=None):
     a, cache = self.attn.extend(self.pre_attention_norm(x), start, cache, suppress)
@@ -201,17 +213,21 @@ class Gemma(nn.Module):
 
   def run(self, tokens: jax.Array, plans: tuple[LayerPlan, ...], *, last_only: bool = False,
           return_hidden: bool = False, return_kv: bool = False,
-          intervention: Optional[Intervention] = None):
+          intervention: Optional[Intervention] = None, hooks: tuple[hooks_lib.Hook, ...] = (),
+          hook_args=None):
     """tokens int[B, T] -> dict(logits float32[B, T, V] (or [B, V] if last_only), traces (per layer,
     None on dense layers of a dense call; the probabilities with dense_impl="capture"), hidden
     [L, B, T, D] (the residual stream after each layer, before the final norm), kv (per layer (k, v)
-    [B, T, K, H]))."""
+    [B, T, K, H]), hooked (the hooks' extras by name and layer, when hooks are given))."""
     x = self.embedder.encode(tokens)
-    hidden, traces, kvs = [], [], []
+    hidden, traces, kvs, extras = [], [], [], {}
     for i, (block, plan) in enumerate(zip(self.blocks, plans)):
       suppress, forced = (None, None) if intervention is None else intervention.layer(i)
       gate = None if intervention is None else intervention.gate(i)
-      x, trace, kv = block(x, plan, suppress, forced, gate)
+      hook = None
+      if any(h.at(i) for h in hooks):
+        hook = functools.partial(_run_hooks, hooks, layer=i, args=hook_args, extras=extras)
+      x, trace, kv = block(x, plan, suppress, forced, gate, hook)
       traces.append(trace)
       if return_hidden:
         hidden.append(x)
@@ -223,6 +239,8 @@ class Gemma(nn.Module):
       out["hidden"] = jnp.stack(hidden)
     if return_kv:
       out["kv"] = tuple(kvs)
+    if hooks:
+      out["hooked"] = extras
     return out
 
   def extend(self, tokens: jax.Array, start: jax.Array, cache, *, last_only: bool = True,
@@ -239,10 +257,14 @@ class Gemma(nn.Module):
     return logits, tuple(new)
 
 
+def _run_hooks(hooks, point, value, *, layer, args, extras):
+  return hooks_lib.apply(hooks, point, value, layer, args, extras)
+
+
 def traced_run(out: dict, plans: tuple[LayerPlan, ...]) -> TracedRun:
   """The TracedRun of `Gemma.run`'s outputs under `plans`."""
   traces = tuple(out["traces"])
   stream = plans[0].stream is not None
   capture = not stream and plans[0].dense_impl == "capture"
   return TracedRun(logits=out["logits"], trace=Trace(layers=traces) if stream else None,
-                   hidden=out.get("hidden"), probs=traces if capture else None)
+                   hidden=out.get("hidden"), probs=traces if capture else None, hooked=out.get("hooked"))

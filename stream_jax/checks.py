@@ -107,8 +107,12 @@ def is_concrete(x) -> bool:
 
 def check_finite(name: str, x) -> None:
   """Concrete arrays only: NaN/inf inputs give masks and outputs that look normal but mean nothing."""
-  if is_concrete(x) and not bool(jnp.isfinite(x).all()):
-    bad = int((~jnp.isfinite(x)).sum())
+  if not is_concrete(x):
+    return
+  with jax.ensure_compile_time_eval():  # a concrete array closed over by a jitted caller: checked now
+    finite = bool(jnp.isfinite(x).all())
+    bad = 0 if finite else int((~jnp.isfinite(x)).sum())
+  if bad:
     raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf); a mask or output computed from "
                      "them would look normal but mean nothing")
 
@@ -139,7 +143,8 @@ def token_ids(tokens, vocab_size: int, name: str = "tokens") -> np.ndarray | jax
     raise TypeError(f"{name} must be integer token ids, got dtype {tokens.dtype} (floats are not "
                     "truncated to ids)")
   if is_concrete(tokens) and tokens.size:
-    lo, hi = int(tokens.min()), int(tokens.max())
+    with jax.ensure_compile_time_eval():  # concrete ids closed over by a jitted caller: checked now
+      lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= vocab_size:
       raise ValueError(f"{name} holds ids outside the vocabulary [0, {vocab_size - 1}] (min {lo}, max {hi})")
   return tokens

@@ -126,6 +126,7 @@ class TracedRun:
     (None unless return_hidden): layer l's output is hidden[l]; the embeddings are not included.
   probs: dense_impl="capture" only: per layer the attention probabilities [B, N, T, S] (T x S per head:
     the dense capture Stream replaces, kept for measurements); None otherwise.
+  hooked: the extras named hooks emitted (stream_jax.hooks), {name: {layer: pytree}}; None without hooks.
 
   A pytree, so a TracedRun crosses jit / vmap / device_put; `row(b)` drops the batch axis for
   single-prompt analysis.
@@ -135,6 +136,7 @@ class TracedRun:
   trace: Optional[Trace] = None
   hidden: Optional[jax.Array] = None
   probs: Optional[tuple[jax.Array, ...]] = None
+  hooked: Optional[dict] = None
 
   def _repr_html_(self) -> Optional[str]:
     """Notebook display of the trace (batch row 0); None (plain repr) without a trace."""
@@ -148,7 +150,8 @@ class TracedRun:
     return int(self.logits.shape[0])
 
   def row(self, b: int) -> "TracedRun":
-    """Batch row b with the batch axis removed (hidden [L, T, D], trace arrays [N, ...])."""
+    """Batch row b with the batch axis removed (hidden [L, T, D], trace arrays [N, ...]; hooks' extras are
+    kept as they are: their shapes are the hook's)."""
     size = self.batch_size
     if not -size <= b < size:
       raise IndexError(f"row index b={b} out of range for a batch of {size}")
@@ -157,4 +160,4 @@ class TracedRun:
         logits=self.logits[b],
         trace=None if self.trace is None else jax.tree_util.tree_map(take, self.trace),
         hidden=None if self.hidden is None else self.hidden[:, b],
-        probs=None if self.probs is None else tuple(p[b] for p in self.probs))
+        probs=None if self.probs is None else tuple(p[b] for p in self.probs), hooked=self.hooked)

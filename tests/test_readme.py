@@ -29,7 +29,8 @@ CHECKS = {
     "Multi-GPU": "len(trace) == 18 and run.logits.shape[0] == 2",
     "Exploring": "(folder / 'index.html').exists() and (both / 'compare').is_dir() and len(sents) > 10",
     "Composing": "bcoo.shape == blocks.shape == (1, 4, 11, 11) and len(best) == 3 and "
-                 "measured * e['estimate'] > 0",
+                 "measured * e['estimate'] > 0 and silenced.hooked['last'][5].shape == (1, 640) and "
+                 "sorted(silenced.hooked['last']) == list(range(18))",
 }
 
 
