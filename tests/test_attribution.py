@@ -157,3 +157,36 @@ def test_bad_gates_name_the_argument(tiny):
     forward(cfg, params, x, attention=SC, intervention=I.Intervention(masks=attr.masks, gates=ones[:2]))
   with pytest.raises(ValueError, match=r"slot 3 of layer 5, .* is padding"):
     drop_edge(attr.masks, 5, 0, 0, 0, 3)
+
+
+def _grad_temp_bytes(t: int) -> int:
+  """Compiled temporaries of the gated forward's backward pass (every layer gated) at length t."""
+  from stream_jax.models.forward import _forward  # pylint: disable=import-outside-toplevel
+  from stream_jax.models.plans import make_plans  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(window=64)
+  params = init_params(cfg, seed=0)
+  stream = StreamConfig(block_q=32, block_k=32, top_k=4)
+  plans = make_plans(cfg, stream)
+  ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
+  run = jax.eval_shape(lambda p, x: _forward(p, x, None, config=cfg, dtype=jnp.dtype(jnp.float32), plans=plans,
+                                             last_only=True, return_hidden=False), params, ids)
+  masks = tuple(l.mask for l in run["traces"])
+  gates = tuple(jax.ShapeDtypeStruct(l.mass.shape, jnp.float32) for l in run["traces"])
+
+  def metric(g, m, p, x):
+    out = _forward(p, x, I.Intervention(masks=m, gates=g), config=cfg, dtype=jnp.dtype(jnp.float32), plans=plans,
+                   last_only=True, return_hidden=False)
+    return out["logits"][0, 5]
+  grad = jax.jit(jax.grad(metric)).lower(gates, masks, params, ids).compile()
+  return grad.memory_analysis().temp_size_in_bytes
+
+
+def test_edge_gradients_take_memory_linear_in_t():
+  """The backward pass through every kept edge stores the sparse forward's residuals, O(T): 4x the tokens
+  take at most ~4.5x the temporaries (T x T probabilities would take 16x), below what dense attribution's
+  probabilities alone would hold (every layer's and head's float32 T x T)."""
+  small, large = _grad_temp_bytes(1024), _grad_temp_bytes(4096)
+  print(f"backward temporaries: T=1024 {small:,} B, T=4096 {large:,} B ({large / small:.2f}x)")
+  assert large <= 4.5 * small, (small, large)
+  cfg = tiny_config()
+  assert large < 0.5 * cfg.num_layers * cfg.num_heads * 4096 * 4096 * 4, large
