@@ -12,6 +12,8 @@
   runs     the pipelines (trace_text, faithfulness_pair, niah_sweep, answer_niah, anchors_for_text, demo)
            and their result dataclasses; no printing, plotting or files
   reports  result -> report folder (report.json, trace, figures, index.html) via stream_jax.report
+  ablation the causal tests that intervene on the model: attention suppression (suppression_matrix) and
+           route ablation (verify_routes); their pure parts are stream_jax.analysis.causal
 
 The `stream-jax` command, the notebooks in colab/ and benchmarks/analysis_evidence.py call these. Needs the
 [models] extra (and [viz] for reports' figures).

@@ -18,10 +18,12 @@ import numpy as np
 
 from stream_jax.analysis import anchors, faithfulness, niah, routes
 from stream_jax.analysis.anchors import AnchorReport, Sentences
+from stream_jax.analysis.causal import RouteVerification
 from stream_jax.analysis.faithfulness import FaithfulnessReport
 from stream_jax.analysis.niah import NiahSample, NiahTask
 from stream_jax.analysis.routes import GroupedComparison, Route
 from stream_jax.config import StreamConfig
+from stream_jax.experiments import ablation
 from stream_jax.trace import Trace
 
 # Shortest needle prompt: the template, the needle and the question take about 90 tokens.
@@ -363,7 +365,7 @@ class NiahSweep:
   rows: tuple[NiahRow, ...]
   comparison: GroupedComparison
   settings: Settings
-  ablation: Optional[Any] = None  # causal.RouteVerification when the sweep verified routes
+  ablation: Optional[RouteVerification] = None  # when the sweep verified routes
 
   def by_length(self) -> dict[int, list[float]]:
     out: dict[int, list[float]] = {}
@@ -479,7 +481,7 @@ def niah_sweep(model, lengths: Sequence[int], settings: Settings = Settings(), *
   seed, seed + 1, ...), answered after a Stream prefill (`answer_niah`), scored by string match, with the
   needle mass of each prefill's trace and its comparison between successes and failures.
 
-  verify_routes=R > 0 also runs the causal test on the same prompts (`causal.verify_routes`, the dense
+  verify_routes=R > 0 also runs the causal test on the same prompts (`ablation.verify_routes`, the dense
   model traced exactly): for each answered prompt, the needle blocks suppressed in the route's heads vs R
   draws of as many random kept blocks in the same heads vs the needle in every head; answer flips counted."""
   task = niah_task(variant, lengths, depths)
@@ -495,15 +497,14 @@ def niah_sweep(model, lengths: Sequence[int], settings: Settings = Settings(), *
                      dense=dense, route=route, depths=[d for _, d, _ in jobs],
                      seeds=[seed + s for _, _, s in jobs], progress=progress)
   name = variant if isinstance(variant, str) else "custom"
-  ablation = None
+  verified = None
   if verify_routes:
-    from stream_jax.analysis import causal  # pylint: disable=import-outside-toplevel
     kw = dict(route or {})
-    ablation = causal.verify_routes(model, model.params, prompts, settings.config, n_random=int(verify_routes),
-                                    seed=seed, max_new_tokens=max_new_tokens, tokenizer=model.tokenizer,
-                                    everywhere=True, progress=progress, backend=settings.backend,
-                                    residual=kw.get("residual", 0.5), threshold=kw.get("threshold", 1e-3))
-  return NiahSweep(name, rows, compare(rows), settings, ablation)
+    verified = ablation.verify_routes(model, model.params, prompts, settings.config, n_random=int(verify_routes),
+                                      seed=seed, max_new_tokens=max_new_tokens, tokenizer=model.tokenizer,
+                                      everywhere=True, progress=progress, backend=settings.backend,
+                                      residual=kw.get("residual", 0.5), threshold=kw.get("threshold", 1e-3))
+  return NiahSweep(name, rows, compare(rows), settings, verified)
 
 
 # ------------------------------------------------------------------------------------------------- anchors
