@@ -102,7 +102,7 @@ def orbax_roundtrip(trace, mesh):
     other = sharding.load_trace(tmp, square)  # restored straight into another mesh's shards
     assert other.layers[1].mass.sharding.is_equivalent_to(sharding.trace_sharding(square), 4)
     np.testing.assert_array_equal(np.asarray(other.layers[1].mass), np.asarray(trace.layers[1].mass))
-    one = load_one_host(tmp)  # the same folder format as report.save_trace
+    one = load_one_host(tmp)  # the same folder format as trace_io.save_trace
     np.testing.assert_array_equal(np.asarray(one.layers[1].mass), np.asarray(trace.layers[1].mass))
   print("ok orbax round-trip", flush=True)
 
