@@ -136,6 +136,7 @@ class SampleAblation:
   random_runs: int = 0
   everywhere_flipped: Optional[bool] = None  # the needle blocks suppressed in every layer and head
   needle_mass: Optional[np.ndarray] = None  # float32[L, N] at the final query block
+  heads: Optional[np.ndarray] = None  # bool[L, N] the route's heads, where the needle was suppressed
 
 
 @dataclasses.dataclass(frozen=True)

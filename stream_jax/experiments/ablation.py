@@ -174,5 +174,5 @@ def verify_routes(model, params, samples: Sequence[niah.NiahSample], config, *, 
       every = niah.match_all(generate(model, params, ids, intervention=eiv, **kw).text[0], sample.answers) < 1
     out.append(SampleAblation(**base, route_heads=int(where.sum()), needle_blocks=tuple(map(int, ids_needle)),
                               route_flipped=bool(flipped), route_prediction=r_pred, random_flipped=int(rand),
-                              random_runs=runs, everywhere_flipped=every))
+                              random_runs=runs, everywhere_flipped=every, heads=where))
   return RouteVerification(tuple(out))

@@ -602,7 +602,9 @@ def all_blocks(config: StreamConfig, length: int) -> StreamConfig:
 class DemoResult(_FromPair):
   """`demo`: one needle prompt answered after a dense and after a Stream prefill; the two prefills give
   faithfulness (dense vs Stream over every position) and coverage; the needle's mass and route in the
-  Stream trace, and its mass in the dense model's attention (dense_needle_mass) as the contrast."""
+  Stream trace, and its mass in the dense model's attention (dense_needle_mass) as the contrast.
+  dense_trace: the dense prefill's trace (every block kept, exact mass) of the same tokens, the viewer's
+  map beside the Stream one."""
 
   sample: NiahSample
   pair: FaithfulnessPair
@@ -614,6 +616,7 @@ class DemoResult(_FromPair):
   needle_blocks: tuple[int, ...]
   settings: Settings
   dense_needle_mass: Optional[np.ndarray] = None
+  dense_trace: Optional[Trace] = None
 
   @property
   def needle_in_sink(self) -> bool:
@@ -689,4 +692,4 @@ def demo(model, settings: Settings = Settings(), *, length: int = DEMO_LENGTH, s
       sample=sample, pair=pair, answers=answers,
       retrieved={k: niah.match_all(v, sample.answers) == 1 for k, v in answers.items()}, timings=timings,
       needle_mass=needle_mass, route=route, needle_blocks=sample.needle_blocks(cfg.block_k),
-      settings=settings, dense_needle_mass=dense_mass)
+      settings=settings, dense_needle_mass=dense_mass, dense_trace=dense_run.trace)
