@@ -96,6 +96,8 @@ def test_demo_and_its_report(tmp_path):
   for name in ("index.html", "route.png", "needle_mass.png", "mask_layer5.png", "report.json"):
     assert (out / name).stat().st_size > 0, name
   assert len(load_trace(out)) == 6
+  manifest = json.loads((out / "viewer" / "manifest.json").read_text())
+  assert manifest["compare"]["main_label"] == "Stream (sparse)" and len(res.dense_trace) == 6
   with pytest.raises(ex.InputError, match="--length must be >= 128"):
     ex.demo(tiny_model(), SETTINGS, length=100)
 
@@ -217,6 +219,9 @@ def test_niah_report_claims_no_trace_and_compares_within_lengths(tmp_path):
   html = (out / "index.html").read_text()
   assert "load_trace" not in html and "holds no trace" in html
   assert "What this run shows" in html and "160 tokens" in html
+  routes_json = json.loads((out / "viewer" / "routes.json").read_text())["samples"]  # every row's route
+  assert [r["label"] for r in routes_json] == [f"160 tokens, seed {r.seed}" for r in res.rows]
+  assert [r["main"] for r in routes_json] == [i == reports.viewer_row(res) for i in range(len(res.rows))]
   if not res.comparison.comparable:
     assert "nothing comparable" in html and "largest gap" not in html
 
