@@ -81,7 +81,7 @@ def test_niah_sweep_batches_and_records_rows():
   assert res.comparison.n_success + res.comparison.n_failure == 2
   one = ex.answer_niah(tiny_model(), [res.rows[0].sample], SETTINGS, max_new_tokens=2)
   assert one[0].prediction == res.rows[0].prediction  # a batch row answers as the prompt alone
-  with pytest.raises(ex.InputError, match="--depths are percentages"):
+  with pytest.raises(ex.InputError, match="depths are percentages"):
     ex.niah_sweep(tiny_model(), [160], SETTINGS, depths=(150,))
 
 
@@ -98,7 +98,7 @@ def test_demo_and_its_report(tmp_path):
   assert len(load_trace(out)) == 6
   manifest = json.loads((out / "viewer" / "manifest.json").read_text())
   assert manifest["compare"]["main_label"] == "Stream (sparse)" and len(res.dense_trace) == 6
-  with pytest.raises(ex.InputError, match="--length must be >= 128"):
+  with pytest.raises(ex.InputError, match="length must be >= 128"):
     ex.demo(tiny_model(), SETTINGS, length=100)
 
 

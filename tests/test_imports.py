@@ -6,6 +6,7 @@ Read from the source (ast, function-level imports included), so a lazy import ca
 import ast
 import importlib
 import pathlib
+import re
 
 import pytest
 
@@ -202,3 +203,21 @@ def test_the_environment_scan_sees_every_form(tmp_path):
   src = tmp_path / "m.py"
   src.write_text("import os\nfrom os import getenv\ndef f():\n  return os.environ.get('A'), os.getenv('B')\n")
   assert [h.split(":")[0] for h in _reads_environment(src)] == ["line 2", "line 4", "line 4"]
+
+
+def _flag_strings(path: pathlib.Path) -> list[str]:
+  """String constants, docstrings aside, that name a command-line flag ("--top-k")."""
+  flag = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
+  tree = ast.parse(path.read_text())
+  docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+  return [f"line {n.lineno}: {n.value!r}" for n in ast.walk(tree)
+          if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs and flag.search(n.value)]
+
+
+def test_experiments_name_parameters_not_flags():
+  """Experiments raise errors (InputError.params) and write notes naming their Python parameters; the CLI
+  (stream_jax/cli.py) says them as its flags."""
+  found = {name: hits for name, path in SOURCES.items() if name.startswith("stream_jax.experiments")
+           and (hits := _flag_strings(path))}
+  assert not found, f"CLI wording outside the CLI: {found}"
+  assert _flag_strings(SOURCES["stream_jax.cli"])  # the scan sees flags where they belong
