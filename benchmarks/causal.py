@@ -27,7 +27,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from stream_jax import StreamConfig  # noqa: E402  pylint: disable=wrong-import-position
-from stream_jax.analysis import anchors, causal, niah, routes  # noqa: E402  pylint: disable=wrong-import-position
+from stream_jax.analysis import anchors, niah, routes  # noqa: E402  pylint: disable=wrong-import-position
+from stream_jax.experiments import ablation  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def anchors_part(model, args, cfg, out):
@@ -51,7 +52,7 @@ def anchors_part(model, args, cfg, out):
   rep = anchors.thought_anchors(run.trace, sents)
   t_trace = time.time() - t0
   t0 = time.time()
-  sm = causal.suppression_matrix(model, model.params, ids, sents.tokens, batch=args.batch)
+  sm = ablation.suppression_matrix(model, model.params, ids, sents.tokens, batch=args.batch)
   t_sup = time.time() - t0
   rho = sm.correlation(rep.importance)
   print(f"\n== attention suppression vs receiver heads: {len(ids)} tokens, {len(sents)} sentences ==")
@@ -74,8 +75,8 @@ def routes_part(model, args, cfg, out, length):
   samples = [niah.generate_sample(model.tokenizer, length, niah.NiahTask(depths=(d,)), seed=args.seed + i)
              for i, d in enumerate(depths)]
   t0 = time.time()
-  ver = causal.verify_routes(model, model.params, samples, cfg, n_random=args.random, seed=args.seed,
-                             tokenizer=model.tokenizer, everywhere=True, max_new_tokens=12)
+  ver = ablation.verify_routes(model, model.params, samples, cfg, n_random=args.random, seed=args.seed,
+                               tokenizer=model.tokenizer, everywhere=True, max_new_tokens=12)
   secs = time.time() - t0
   print(f"\n== route ablation: {args.n} samples of {length} tokens ==")
   print(ver.format())

@@ -5,7 +5,8 @@ safetensors, the embedded Gemma 3 270M), tokenizer and greedy generation.
     from stream_jax import StreamConfig
     from stream_jax.models import load_model, forward
     m = load_model("gemma3-270m")
-    logits, trace = forward(m, m.params, m.encode("..."), attention=StreamConfig())
+    run = forward(m, m.params, m.encode("..."), attention=StreamConfig())  # TracedRun
+    run.logits, run.trace                # float32[1, T, V]; the Trace (per layer: kept blocks, mass)
 """
 
 try:  # the [models] extra: a clear message instead of a bare ModuleNotFoundError deep in an import chain

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pathlib
+import re
 import sys
 import time
 import warnings
@@ -16,10 +18,11 @@ from typing import Optional, Sequence
 
 import stream_jax
 from stream_jax import outdir
+from stream_jax.analysis import niah
 from stream_jax.analysis.faithfulness import format_report
 from stream_jax.config import StreamConfig
 from stream_jax.experiments import reports, runs
-from stream_jax.experiments.runs import InputError as CliError, pruning_notice  # pylint: disable=W0611
+from stream_jax.experiments.runs import InputError as CliError
 
 EXIT_USAGE = 2
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(StreamConfig)}
@@ -36,6 +39,80 @@ STREAM_OPTIONS = (  # --flag, type, help; defaults: StreamConfig's
      "StreamConfig.faithful()); default: a fixed --top-k"),
     ("score", ("max", "mass"), "block score: max logit (the paper's; default without --coverage) or "
      "estimated attention mass (default with --coverage)"))
+
+
+# The Python parameters that experiments' messages and notes name (InputError.params), and the flags that
+# set them: the CLI says "--top-k" where the library says "top_k".
+FLAGS = {"top_k": "--top-k", "block_q": "--block-q", "block_k": "--block-k", "dense_layers": "--dense-layers",
+         "length": "--length", "lengths": "--lengths", "depths": "--depths", "variant": "--variant",
+         "seed": "--seed"}
+# The parameters the notes (pruning notice, sink note) name; the notes' prose uses no other of these words.
+NOTE_PARAMS = ("top_k", "block_q", "block_k", "seed")
+
+
+def flag_wording(text: str, params) -> str:
+  """`text` with each of `params` (Python parameter names) written as its flag, where it stands as a word."""
+  names = [p for p in params if p in FLAGS]
+  if not names:
+    return text
+  pattern = r"(?<![\w-])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")(?!\w)"
+  return re.sub(pattern, lambda m: FLAGS[m.group(1)], text)
+
+
+def notes_wording(notes):
+  """A result's notes ({title: text}) with the parameters they advise on written as flags."""
+  return {k: flag_wording(v, NOTE_PARAMS) for k, v in (notes or {}).items()}
+
+
+def pruning_notice(kept: float, tokens: int, cfg: StreamConfig) -> Optional[str]:
+  """`runs.pruning_notice` in the CLI's words (flags)."""
+  notice = runs.pruning_notice(kept, tokens, cfg)
+  return None if notice is None else flag_wording(notice, NOTE_PARAMS)
+
+
+def read_text(path, option: str = "--file") -> str:
+  """A UTF-8 text file's contents; missing, binary, non-UTF-8 and empty files raise InputError naming
+  `option`."""
+  name = str(path)
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise CliError(f"{option}: {name!r} does not exist or is not a file")
+  raw = path.read_bytes()
+  if b"\0" in raw[:65536]:
+    raise CliError(f"{option}: {name!r} is a binary file, not text")
+  text = raw.decode("utf-8", errors="replace")
+  if text.count("\ufffd") > max(8, len(text) // 100):
+    raise CliError(f"{option}: {name!r} is not UTF-8 text ({text.count(chr(0xfffd))} undecodable bytes)")
+  if not text.strip():
+    raise CliError(f"{option}: {name!r} is empty")
+  return text
+
+
+def peek_model(name_or_path: str):
+  """The model's config from its file header or config.json (no weights); InputError naming --model."""
+  from stream_jax.extras import models  # pylint: disable=import-outside-toplevel
+  load_lib = models().load
+  if name_or_path.lower() not in load_lib.EMBEDDED and not pathlib.Path(name_or_path).exists():
+    raise CliError(f"--model: {name_or_path!r} is neither a known name ('gemma3-270m') nor an existing "
+                     "file or directory")
+  try:
+    return load_lib.peek_config(name_or_path)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CliError(f"--model: {e}") from None
+
+
+def niah_haystack(task: niah.NiahTask, variant: str, path: Optional[str]) -> Optional[str]:
+  """The essay haystack's prose from a UTF-8 file (None: the default); only for essay variants."""
+  if not path:
+    return None
+  if task.haystack != "essay":
+    essays = sorted(k for k, v in niah.VARIANTS.items() if v.haystack == "essay")
+    raise CliError(f"--haystack-file is for the essay variants ({', '.join(essays)}); {variant} uses the "
+                     f"{task.haystack} haystack")
+  try:
+    return niah.read_haystack_file(path)
+  except (OSError, ValueError) as e:
+    raise CliError(f"--haystack-file: {e}") from None
 
 
 def _int_arg(name, many=False, lo=1):
@@ -92,7 +169,7 @@ def preflight(args, st, *, lengths: Sequence[int] = (), what: str = "the prompt"
   if how == outdir.IN_PLACE:
     print(f"note: --out {args.out} cannot be renamed (a mount point, or its parent folder is not writable): "
           "the report will be written into it in place when complete", flush=True)
-  config = runs.peek_model(args.model)
+  config = peek_model(args.model)
   n = config.num_layers
   if getattr(args, "plot_layer", None) is not None and not 0 <= args.plot_layer < n:
     raise CliError(f"--plot-layer must be in [0, {n - 1}] ({config.name} has {n} layers), got "
@@ -133,9 +210,10 @@ def _print(*texts, notes=None) -> None:
 
 def cmd_trace(args, st, model):
   res = runs.trace_text(model, args.text_, st, output=args.output, oracle=args.oracle, progress=True)
-  _print(table := format_report(res.report, f"dense vs Stream, {len(res.ids)} tokens"), notes=res.notes)
+  notes = notes_wording(res.notes)
+  _print(table := format_report(res.report, f"dense vs Stream, {len(res.ids)} tokens"), notes=notes)
   return _writing(lambda: reports.write_trace(res, model, args.out, force=args.force, plot_layer=args.plot_layer,
-                                             table=table))
+                                             table=table, notes=notes))
 
 
 def cmd_demo(args, st, model):
@@ -145,10 +223,11 @@ def cmd_demo(args, st, model):
   res = runs.demo(model, st, length=args.length, seed=args.seed, max_new_tokens=args.max_new_tokens,
                   progress=True, log=lambda line: print(line, flush=True))
   table = format_report(res.report, f"dense vs Stream, {res.sample.length} tokens")
-  _print(table, res.format(), notes=res.notes)
+  notes = notes_wording(res.notes)
+  _print(table, res.format(), notes=notes)
   timings = dict(res.timings, total_s=time.perf_counter() - args.started)
   out = _writing(lambda: reports.write_demo(res, model, args.out, force=args.force, table=table,
-                                            timings=timings))
+                                            notes=notes, timings=timings))
   return f"{out}  ({time.perf_counter() - args.started:.0f} s)"
 
 
@@ -166,16 +245,18 @@ def cmd_niah(args, st, model):
                         samples=args.samples, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
                         verify_routes=args.verify_routes, progress=True)
   abl = "" if res.ablation is None else "\n\n" + res.ablation.format()
-  _print(text := res.table() + "\n\n" + res.comparison.format() + abl, notes=res.notes)
+  notes = notes_wording(res.notes)
+  _print(text := res.table() + "\n\n" + res.comparison.format() + abl, notes=notes)
   task = (f"RULER {args.variant}: {args.samples} sample(s) per length{' and depth' if args.depths else ''}; "
           f"lengths {', '.join(map(str, args.lengths))}")
-  return reports.write_niah(res, model, args.out, force=args.force, task=task, text=text)
+  return reports.write_niah(res, model, args.out, force=args.force, task=task, text=text, notes=notes)
 
 
 def cmd_anchors(args, st, model):
   res = runs.anchors_for_text(model, args.text_, st, top_heads=args.top_heads)
-  _print(text := res.format(args.show), notes=res.notes)
-  return reports.write_anchors(res, model, args.out, force=args.force, text=text)
+  notes = notes_wording(res.notes)
+  _print(text := res.format(args.show), notes=notes)
+  return reports.write_anchors(res, model, args.out, force=args.force, text=text, notes=notes)
 
 
 def cmd_view(args) -> int:
@@ -204,7 +285,6 @@ def resolve_viewer(path, out=None):
   trace saved at PATH (a report folder or a `save_trace` folder; without its text: positions only)."""
   import hashlib  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
-  import pathlib  # pylint: disable=import-outside-toplevel
   from stream_jax import viewer  # pylint: disable=import-outside-toplevel
   from stream_jax.trace_io import TRACE_META, load_trace  # pylint: disable=import-outside-toplevel
   p = pathlib.Path(path).expanduser().absolute()
@@ -235,10 +315,10 @@ def run(args) -> int:
     lengths, what = (args.length,), "--length"
   elif args.command == "niah":
     task = runs.niah_task(args.variant, args.lengths, args.depths)
-    args.haystack = runs.niah_haystack(task, args.variant, args.haystack_file)
+    args.haystack = niah_haystack(task, args.variant, args.haystack_file)
     lengths, what = args.lengths, "--lengths entry"
   elif args.command in ("trace", "anchors"):
-    args.text_ = args.text if getattr(args, "text", None) is not None else runs.read_text(args.file, "--file")
+    args.text_ = args.text if getattr(args, "text", None) is not None else read_text(args.file, "--file")
     if not args.text_.strip():
       raise CliError("the input text is empty")
   preflight(args, st, lengths=lengths, what=what)  # a text's length is checked once it is tokenized
@@ -347,7 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except Exception as e:  # pylint: disable=broad-except  (one line for the user; --debug for the traceback)
     if getattr(args, "debug", False):
       raise
-    msg = " ".join(str(e).split()) or type(e).__name__
+    msg = " ".join(flag_wording(str(e), getattr(e, "params", ())).split()) or type(e).__name__
     if not isinstance(e, (CliError, ValueError, TypeError, OSError, KeyError)):
       msg = f"{type(e).__name__}: {msg}"
     msg = msg[:400] + " ..." if len(msg) > 400 else msg

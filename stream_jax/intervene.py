@@ -227,19 +227,6 @@ def force_masks(masks: Mapping[int, BlockMask], *, num_layers: int) -> Intervent
   return Intervention(masks=tuple(out))
 
 
-def combine(a: Intervention, b: Intervention) -> Intervention:
-  """Both interventions: suppression from one, forced masks from the other (each may have only one)."""
-  if a.keys is not None and b.keys is not None:
-    raise ValueError("both interventions suppress keys; build one suppression (e.g. one span list)")
-  if a.masks is not None and b.masks is not None:
-    raise ValueError("both interventions force masks; pass one {layer: mask} mapping")
-  src = a if a.keys is not None else b
-  if a.gates is not None and b.gates is not None:
-    raise ValueError("both interventions gate edges; pass one per-layer gate tuple")
-  return Intervention(keys=src.keys, heads=src.heads, masks=a.masks if a.masks is not None else b.masks,
-                      gates=a.gates if a.gates is not None else b.gates)
-
-
 def _rows(x, item_ndim: int) -> tuple[list, bool]:
   """(rows, batched): x is one item (an array of rank item_ndim: [k, 2] spans or [k] block ids) or a list of
   such items, one per batch row (ragged lengths allowed)."""

@@ -357,9 +357,10 @@ def plot_success_failure(success, failure, title: str = "needle mass at the fina
 
 
 def plot_suppression(result, receiver=None, title: str = "attention suppression") -> Figure:
-  """A SuppressionMatrix (stream_jax.analysis.causal): the sentence x sentence matrix (row k: effect on
-  sentence k of suppressing column j, mean log KL; blank above the diagonal) and, with `receiver` (float[S]
-  receiver-head importance), a rank scatter of suppression importance against it, Spearman in the title."""
+  """A SuppressionMatrix (`experiments.ablation.suppression_matrix`): the sentence x sentence matrix (row
+  k: effect on sentence k of suppressing column j, mean log KL; blank above the diagonal) and, with
+  `receiver` (float[S] receiver-head importance), a rank scatter of suppression importance against it,
+  Spearman in the title."""
   m = np.asarray(result.matrix, np.float64)
   fig, axes = _figure(1, 2 if receiver is not None else 1,
                       figsize=(MAX_WIDTH_IN if receiver is not None else 5.5, 4.4))

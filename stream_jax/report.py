@@ -213,7 +213,8 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
                  sections: Optional[Mapping[str, str]] = None, title: str = "stream_jax report",
                  force: bool = False, intro: Optional[Mapping[str, Any]] = None,
                  notes: Optional[Mapping[str, str]] = None, captions: Optional[Mapping[str, str]] = None,
-                 viewer: Optional[Mapping[str, Any]] = None, conclusion: str = "") -> pathlib.Path:
+                 viewer: Optional[Mapping[str, Any]] = None, conclusion: str = "",
+                 keep_trace: bool = True) -> pathlib.Path:
   """Writes report.json, trace/, <name>.png figures and index.html into `out_dir`, atomically.
 
   Args:
@@ -229,8 +230,11 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
     notes: notices shown above the numbers (e.g. "pruning does nothing at these settings").
     captions: figure name -> what the figure shows and how to read it.
     viewer: with a trace, also write the interactive viewer into viewer/ (`stream-jax view <folder>`):
-      keyword arguments of `stream_jax.viewer.export_viewer` (the token text, sentences, needle spans).
+      keyword arguments of `stream_jax.viewer.export_viewer` (the token text, sentences, needle spans, a
+      `compare=` trace of the same tokens, `routes=`).
     conclusion: "What this run shows": paragraphs (blank-line separated) derived from this run's numbers.
+    keep_trace: save `trace` into the folder; False: it only feeds the viewer (a sweep's report shows one
+      sample's trace but keeps none, so "the trace" of the folder would mean nothing).
   """
   out, how = outdir.plan(out_dir, force=force)
   label, existed = f"--out {os.fspath(out_dir)}", out.exists()
@@ -245,15 +249,15 @@ def write_report(out_dir: str | os.PathLike, *, report: Mapping[str, Any], summa
       else:
         fig(str(png))
       names.append(png.name)
-    if trace is not None:
+    if trace is not None and keep_trace:
       save_trace(tmp, trace)
-      if viewer is not None:
-        from stream_jax.viewer import export_viewer  # pylint: disable=import-outside-toplevel
-        export_viewer(tmp / "viewer", trace, title=title, **viewer)
+    if trace is not None and viewer is not None:
+      from stream_jax.viewer import export_viewer  # pylint: disable=import-outside-toplevel
+      export_viewer(tmp / "viewer", trace, title=title, **viewer)
     (tmp / "report.json").write_text(json.dumps(to_jsonable(report), indent=1))
     (tmp / "index.html").write_text(_html(title, summary, names, sections or {}, intro=intro or {},
                                           notes=notes or {}, captions=captions or {},
-                                          conclusion=conclusion, has_trace=trace is not None,
+                                          conclusion=conclusion, has_trace=trace is not None and keep_trace,
                                           viewer=trace is not None and viewer is not None))
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

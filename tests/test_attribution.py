@@ -126,7 +126,7 @@ def test_zero_gates_on_a_key_block_equal_the_drop_blocks_intervention(tiny):
   drop = I.drop_blocks([block], block_k=SC.block_k, length=T, num_layers=cfg.num_layers,
                        num_heads=cfg.num_heads, layers=[layer], heads=[head])
   dropped = forward(cfg, params, x, attention=SC,
-                    intervention=I.combine(drop, I.Intervention(masks=attr.masks)))
+                    intervention=dataclasses.replace(drop, masks=attr.masks))
   np.testing.assert_allclose(np.asarray(gated.logits), np.asarray(dropped.logits), atol=1e-5)
   assert np.abs(np.asarray(gated.logits) - np.asarray(forward(cfg, params, x, attention=SC).logits)).max() > 1e-5
 

@@ -1,5 +1,6 @@
-"""Causal tests: the suppression matrix against the reference's definition computed independently, and
-route ablation on the trained associative-recall fixture (its route is known)."""
+"""Causal tests (experiments.ablation runs them, analysis.causal computes from arrays): the suppression
+matrix against the reference's definition computed independently, and route ablation on the trained
+associative-recall fixture (its route is known)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from stream_jax import StreamConfig, intervene as I
 from stream_jax.analysis import causal as C, routes as R
 from stream_jax.dense import dense_attention
+from stream_jax.experiments import ablation as A
 from stream_jax.models import forward, init_params
 from test_analysis_routes import BLOCK, T, _batch, _dense_logits, _qkv, _stream_trace, trained_recall_model
 from tiny_models import tiny_config, tokens
@@ -30,7 +32,7 @@ def test_suppression_matrix_equals_one_suppression_at_a_time():
   p = init_params(cfg, seed=7, scale=0.3)
   x = np.asarray(tokens(1, 40, seed=3))[0]
   spans = np.array([[1, 8], [8, 15], [15, 22], [22, 31], [31, 40]])
-  sm = C.suppression_matrix(cfg, p, x, spans, batch=3, chunk=16, progress=False)
+  sm = A.suppression_matrix(cfg, p, x, spans, batch=3, chunk=16, progress=False)
   base = np.asarray(forward(cfg, p, x).logits[0], np.float64)
   for j, (s, e) in enumerate(spans):
     iv = I.suppress_spans([(s, e)], length=40, num_layers=cfg.num_layers, num_heads=cfg.num_heads)
@@ -42,7 +44,7 @@ def test_suppression_matrix_equals_one_suppression_at_a_time():
       else:
         want = np.mean(np.log(kl[sk:ek] + 1e-9))
         np.testing.assert_allclose(sm.matrix[k, j], want, rtol=1e-3, atol=1e-3)
-  one = C.suppression_matrix(cfg, p, x, spans, batch=1, chunk=40, progress=False)
+  one = A.suppression_matrix(cfg, p, x, spans, batch=1, chunk=40, progress=False)
   np.testing.assert_allclose(one.matrix, sm.matrix, rtol=1e-4, atol=1e-4)
   want_imp = [np.nanmean(sm.matrix[j + 1:, j]) for j in range(4)] + [np.nan]
   np.testing.assert_allclose(sm.importance, want_imp)
@@ -54,11 +56,11 @@ def test_suppression_matrix_bad_input():
   p = init_params(cfg, seed=7)
   x = np.asarray(tokens(1, 20))[0]
   with pytest.raises(ValueError, match="at least 2 sentences"):
-    C.suppression_matrix(cfg, p, x, [[1, 5]], progress=False)
+    A.suppression_matrix(cfg, p, x, [[1, 5]], progress=False)
   with pytest.raises(ValueError, match=r"spans\[1\]"):
-    C.suppression_matrix(cfg, p, x, [[1, 5], [5, 30]], progress=False)
+    A.suppression_matrix(cfg, p, x, [[1, 5], [5, 30]], progress=False)
   with pytest.raises(ValueError, match="one sequence"):
-    C.suppression_matrix(cfg, p, x[None], [[1, 5], [5, 9]], progress=False)
+    A.suppression_matrix(cfg, p, x[None], [[1, 5], [5, 9]], progress=False)
 
 
 def test_route_ablation_flips_the_recalled_value_random_ablation_does_not():

@@ -217,3 +217,13 @@ def test_a_mount_point_out_is_announced_before_loading(files, capsys, monkeypatc
   assert cli.main(["trace", "--text", "hello there", "--out", str(vol)]) == 2
   out = capsys.readouterr().out
   assert f"note: --out {vol} cannot be renamed" in out and "in place" in out
+
+
+def test_experiments_name_parameters_and_the_cli_says_flags():
+  from stream_jax.experiments import runs  # pylint: disable=import-outside-toplevel
+  with pytest.raises(runs.InputError) as e:
+    runs.niah_task("single_1", [10])
+  assert str(e.value).startswith("lengths entries must be >= 128") and e.value.params == ("lengths",)
+  assert cli.flag_wording(str(e.value), e.value.params).startswith("--lengths entries must be >= 128")
+  import stream_jax as sj  # pylint: disable=import-outside-toplevel
+  assert "try top_k 1" in runs.pruning_notice(1.0, 600, sj.StreamConfig())

@@ -81,7 +81,7 @@ def test_niah_sweep_batches_and_records_rows():
   assert res.comparison.n_success + res.comparison.n_failure == 2
   one = ex.answer_niah(tiny_model(), [res.rows[0].sample], SETTINGS, max_new_tokens=2)
   assert one[0].prediction == res.rows[0].prediction  # a batch row answers as the prompt alone
-  with pytest.raises(ex.InputError, match="--depths are percentages"):
+  with pytest.raises(ex.InputError, match="depths are percentages"):
     ex.niah_sweep(tiny_model(), [160], SETTINGS, depths=(150,))
 
 
@@ -96,7 +96,9 @@ def test_demo_and_its_report(tmp_path):
   for name in ("index.html", "route.png", "needle_mass.png", "mask_layer5.png", "report.json"):
     assert (out / name).stat().st_size > 0, name
   assert len(load_trace(out)) == 6
-  with pytest.raises(ex.InputError, match="--length must be >= 128"):
+  manifest = json.loads((out / "viewer" / "manifest.json").read_text())
+  assert manifest["compare"]["main_label"] == "Stream (sparse)" and len(res.dense_trace) == 6
+  with pytest.raises(ex.InputError, match="length must be >= 128"):
     ex.demo(tiny_model(), SETTINGS, length=100)
 
 
@@ -217,6 +219,9 @@ def test_niah_report_claims_no_trace_and_compares_within_lengths(tmp_path):
   html = (out / "index.html").read_text()
   assert "load_trace" not in html and "holds no trace" in html
   assert "What this run shows" in html and "160 tokens" in html
+  routes_json = json.loads((out / "viewer" / "routes.json").read_text())["samples"]  # every row's route
+  assert [r["label"] for r in routes_json] == [f"160 tokens, seed {r.seed}" for r in res.rows]
+  assert [r["main"] for r in routes_json] == [i == reports.viewer_row(res) for i in range(len(res.rows))]
   if not res.comparison.comparable:
     assert "nothing comparable" in html and "largest gap" not in html
 

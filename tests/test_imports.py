@@ -6,6 +6,7 @@ Read from the source (ast, function-level imports included), so a lazy import ca
 import ast
 import importlib
 import pathlib
+import re
 
 import pytest
 
@@ -148,3 +149,76 @@ def test_the_display_edge_is_taken_only_when_a_notebook_renders():
           "bad = sorted(m for m in sys.modules if m.startswith('stream_jax.viewer')); assert not bad, bad")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------- boundaries
+
+
+def test_analysis_never_imports_the_model():
+  """`stream_jax.analysis` is pure functions of traces and arrays: the experiments that run the model live
+  in `stream_jax.experiments` (function-level imports count: the graph is read from the source)."""
+  analysis = [n for n in GRAPH if n == "stream_jax.analysis" or n.startswith("stream_jax.analysis.")]
+  bad = {n: sorted(d for d in GRAPH[n] if d.startswith("stream_jax.models")) for n in analysis}
+  assert "stream_jax.analysis.causal" in bad  # the scan sees the package
+  bad = {k: v for k, v in bad.items() if v}
+  assert not bad, f"analysis modules import the model: {bad}"
+
+
+# Modules that still read the environment, being removed (issue 27): empty this as each goes. The kernel
+# choice must become an argument resolved when plans are made; the parameter cache a `cache_dir` argument
+# of the loaders (models/load.py), with the CLI reading STREAM_JAX_CACHE.
+ENV_READERS_BEING_REMOVED = {"stream_jax/kernels/mosaic.py", "models/cache.py"}
+# The command line is where the environment becomes arguments.
+ENV_READERS = {"stream_jax/cli.py"}
+ENV_NAMES = {"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"}
+
+
+def _reads_environment(path: pathlib.Path) -> list[str]:
+  """`os.environ`, `os.getenv`, `from os import environ` and the like in a module's source (any depth)."""
+  found = []
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Attribute) and node.attr in ENV_NAMES:
+      found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    elif isinstance(node, ast.ImportFrom) and node.module == "os" and \
+        {a.name for a in node.names} & ENV_NAMES:
+      found.append(f"line {node.lineno}: from os import {', '.join(a.name for a in node.names)}")
+  return found
+
+
+def _repo_path(path: pathlib.Path) -> str:
+  return path.relative_to(ROOT.parent).as_posix()
+
+
+def test_only_the_cli_reads_the_environment():
+  """The library and the model port take what they need as arguments (a setting read from the environment
+  while a function is traced is not part of its jit cache key); the CLI reads the environment."""
+  readers = {_repo_path(p): hits for p in SOURCES.values() if (hits := _reads_environment(p))}
+  assert "stream_jax/cli.py" in readers  # the scan finds the one that is allowed
+  unexpected = {k: v for k, v in readers.items() if k not in ENV_READERS | ENV_READERS_BEING_REMOVED}
+  assert not unexpected, f"environment read outside the CLI: {unexpected}"
+  gone = ENV_READERS_BEING_REMOVED - set(readers)
+  assert not gone, f"{sorted(gone)} no longer read the environment: remove them from ENV_READERS_BEING_REMOVED"
+
+
+def test_the_environment_scan_sees_every_form(tmp_path):
+  src = tmp_path / "m.py"
+  src.write_text("import os\nfrom os import getenv\ndef f():\n  return os.environ.get('A'), os.getenv('B')\n")
+  assert [h.split(":")[0] for h in _reads_environment(src)] == ["line 2", "line 4", "line 4"]
+
+
+def _flag_strings(path: pathlib.Path) -> list[str]:
+  """String constants, docstrings aside, that name a command-line flag ("--top-k")."""
+  flag = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
+  tree = ast.parse(path.read_text())
+  docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+  return [f"line {n.lineno}: {n.value!r}" for n in ast.walk(tree)
+          if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs and flag.search(n.value)]
+
+
+def test_experiments_name_parameters_not_flags():
+  """Experiments raise errors (InputError.params) and write notes naming their Python parameters; the CLI
+  (stream_jax/cli.py) says them as its flags."""
+  found = {name: hits for name, path in SOURCES.items() if name.startswith("stream_jax.experiments")
+           and (hits := _flag_strings(path))}
+  assert not found, f"CLI wording outside the CLI: {found}"
+  assert _flag_strings(SOURCES["stream_jax.cli"])  # the scan sees flags where they belong

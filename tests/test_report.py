@@ -244,6 +244,18 @@ def test_a_report_without_trace_says_so_and_shows_its_conclusion(tmp_path):
   assert "load_trace" in html and "What this run shows" not in html
 
 
+def test_a_trace_can_feed_the_viewer_without_being_kept(tmp_path):
+  """keep_trace=False (a sweep's report): the viewer maps the trace, the folder keeps no trace and says so."""
+  out = write_report(tmp_path / "r", report={}, summary={}, trace=_trace(), viewer={}, keep_trace=False)
+  html = (out / "index.html").read_text()
+  assert "holds no trace" in html and 'href="viewer/index.html"' in html
+  assert (out / "viewer" / "manifest.json").is_file() and not (out / "trace.json").exists()
+  with pytest.raises(FileNotFoundError):
+    load_trace(out)
+  kept = write_report(tmp_path / "k", report={}, summary={}, trace=_trace(), viewer={})
+  assert (kept / "trace.json").is_file() and (kept / "viewer" / "manifest.json").is_file()
+
+
 def test_every_faithfulness_number_has_a_name_and_an_explanation():
   """The seven pruned-regime and coverage keys used to appear raw in the HTML."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel

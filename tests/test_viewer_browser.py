@@ -438,6 +438,39 @@ def entry(trace, layer_pos, head, q, k):
   return (True, float(mass[hit[0]])) if hit.size else (False, None)
 
 
+def maps_ink(d):
+  """Non-white pixels of the two block maps' canvases (main, compare)."""
+  return js(d, """return ['map', 'map2'].map(id => { const c = document.getElementById(id);
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+    for (let i = 0; i < d.length; i += 4) if (d[i] + d[i + 1] + d[i + 2] < 3 * 245) n++; return n; });""")
+
+
+def hover_both(d, q, k, canvas="map"):
+  """Centres both maps on cell (q, k) at level 0, moves the mouse onto it in `canvas` ("map" or "map2"),
+  returns the hover panel: (kept, mass) per head of each trace, the source labels and the two outlines."""
+  js(d, "SJV.app.map.centre(arguments[0], arguments[1], 24)", q, k)
+  wait_idle(d)
+  views = js(d, "return [SJV.app.map.view, SJV.app.map2.view, SJV.app.map.lastDraw.z, SJV.app.map2.lastDraw.z]")
+  assert views[0] == views[1] and views[2] == views[3] == 0, "one zoom and pan for both maps"
+  xy = js(d, f"return SJV.app.{canvas}.cellCentre(arguments[0], arguments[1])", q, k)
+  d.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": xy["x"] + 3, "y": xy["y"] - 3})
+  d.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": xy["x"], "y": xy["y"]})
+  end = time.time() + 20
+  got = None
+  while time.time() < end and not got:
+    got = js(d, """const hv = document.querySelector('#hover .hv[data-level="0"]');
+      if (!hv || hv.dataset.q != arguments[0] || hv.dataset.k != arguments[1]) return null;
+      const read = (sel) => [...hv.querySelectorAll(sel)].map(e => [e.dataset.kept === 'true', e.dataset.mass]);
+      return {main: read('.hv-head'), cmp: read('.hv-cmp'),
+              labels: [...hv.querySelectorAll('.hv-src')].map(e => e.textContent),
+              boxes: [...document.querySelectorAll('.hoverbox')].map(b => b.hidden ? null :
+                 [parseFloat(b.style.left), parseFloat(b.style.top)])};""", q, k)
+    time.sleep(0.05)
+  assert got, f"no hover panel for ({q}, {k})"
+  wait_idle(d)
+  return got
+
+
 def test_compare_maps_side_by_side_share_view_and_hover(browser, tmp_path):
   trace = synthetic_trace()
   dense = synthetic_trace(top_k=12)  # the same tokens, more blocks kept: the "dense" side
@@ -450,9 +483,7 @@ def test_compare_maps_side_by_side_share_view_and_hover(browser, tmp_path):
     wait_idle(browser)
     assert js(browser, "return [document.getElementById('map-label').textContent, "
                        "document.getElementById('map2-label').textContent]") == ["sparse", "dense"]
-    ink = js(browser, """return ['map', 'map2'].map(id => { const c = document.getElementById(id);
-      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
-      for (let i = 0; i < d.length; i += 4) if (d[i] + d[i + 1] + d[i + 2] < 3 * 245) n++; return n; });""")
+    ink = maps_ink(browser)
     assert ink[0] > 0 and ink[1] > ink[0], ink  # both drawn; the denser trace has more cells
     idx = np.asarray(trace[1].mask.indices)[0]
     didx = np.asarray(dense[1].mask.indices)[0]
@@ -460,27 +491,7 @@ def test_compare_maps_side_by_side_share_view_and_hover(browser, tmp_path):
     only_dense = sorted(set(didx[q][didx[q] >= 0]) - set(idx[q][idx[q] >= 0]))
     cases = [(q, int(idx[q][idx[q] >= 0][1]), "map"), (q, int(only_dense[0]), "map2"), (20, 19, "map")]
     for q, k, canvas in cases:
-      js(browser, "SJV.app.map.centre(arguments[0], arguments[1], 24)", q, k)
-      wait_idle(browser)
-      views = js(browser, "return [SJV.app.map.view, SJV.app.map2.view, SJV.app.map.lastDraw.z, SJV.app.map2.lastDraw.z]")
-      assert views[0] == views[1] and views[2] == views[3] == 0, "one zoom and pan for both maps"
-      xy = js(browser, f"return SJV.app.{'map' if canvas == 'map' else 'map2'}.cellCentre(arguments[0], arguments[1])",
-              q, k)
-      browser.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": xy["x"] + 3, "y": xy["y"] - 3})
-      browser.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": xy["x"], "y": xy["y"]})
-      end = time.time() + 20
-      got = None
-      while time.time() < end and not got:
-        got = js(browser, """const hv = document.querySelector('#hover .hv[data-level="0"]');
-          if (!hv || hv.dataset.q != arguments[0] || hv.dataset.k != arguments[1]) return null;
-          const read = (sel) => [...hv.querySelectorAll(sel)].map(e => [e.dataset.kept === 'true', e.dataset.mass]);
-          return {main: read('.hv-head'), cmp: read('.hv-cmp'),
-                  labels: [...hv.querySelectorAll('.hv-src')].map(e => e.textContent),
-                  boxes: [...document.querySelectorAll('.hoverbox')].map(b => b.hidden ? null :
-                     [parseFloat(b.style.left), parseFloat(b.style.top)])};""", q, k)
-        time.sleep(0.05)
-      assert got, f"no hover panel for ({q}, {k})"
-      wait_idle(browser)
+      got = hover_both(browser, q, k, canvas)
       assert got["labels"] == ["sparse", "dense"]
       for side, tr in (("main", trace), ("cmp", dense)):
         kept, mass = entry(tr, 1, 0, q, k)
@@ -490,6 +501,14 @@ def test_compare_maps_side_by_side_share_view_and_hover(browser, tmp_path):
     assert entry(dense, 1, 0, *cases[1][:2])[0] and not entry(trace, 1, 0, *cases[1][:2])[0]
   finally:
     server.shutdown()
+
+
+# The routes panel's columns as shown: sample, success, label, verdict, answer, and each edge's title and mark.
+ROUTE_COLUMNS = """return [...document.querySelectorAll('.route-col')].map(c => ({sample: +c.dataset.sample,
+  success: c.dataset.success, label: c.querySelector('.route-label').textContent,
+  verdict: c.querySelector('.verdict').textContent, prediction: c.querySelector('.prediction').textContent,
+  edges: [...c.querySelectorAll('.edge')].map(e => [e.querySelector('title').textContent,
+                                                    e.classList.contains('verified')])}));"""
 
 
 def test_routes_success_and_failure_side_by_side_with_ablation_marks(browser, tmp_path):
@@ -514,11 +533,7 @@ def test_routes_success_and_failure_side_by_side_with_ablation_marks(browser, tm
   out = export_viewer(tmp_path / "v", samples[0]["trace"], pieces=[f"w{i} " for i in range(300)],
                       needle_spans=samples[0]["needle_spans"], routes=samples)
   server = serve(out)
-  read = """return [...document.querySelectorAll('.route-col')].map(c => ({sample: +c.dataset.sample,
-    success: c.dataset.success, label: c.querySelector('.route-label').textContent,
-    verdict: c.querySelector('.verdict').textContent, prediction: c.querySelector('.prediction').textContent,
-    edges: [...c.querySelectorAll('.edge')].map(e => [e.querySelector('title').textContent,
-                                                      e.classList.contains('verified')])}));"""
+  read = ROUTE_COLUMNS
   try:
     browser.get(server.url)
     wait_idle(browser)
@@ -541,3 +556,102 @@ def test_routes_success_and_failure_side_by_side_with_ablation_marks(browser, tm
     assert not any(v for _, v in cols[0]["edges"]) and len(cols[0]["edges"]) == len(expect[2][0])
   finally:
     server.shutdown()
+
+
+# ------------------------------------------------------------------------------- the report folders' viewers
+
+
+@pytest.fixture(scope="module")
+def report_viewers(tmp_path_factory):
+  """The demo's and the niah report's folders, written by the report writers from the tiny model's runs
+  (tests/test_experiments.py). The random tiny model answers no needle, so the niah sweep runs with every
+  answer counted as found (the ablations then run), and one row is made a failure and its neighbour's
+  ablation a flip afterwards: what is under test is the wiring from the results to the page."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from stream_jax.analysis import causal, niah  # pylint: disable=import-outside-toplevel
+  from test_experiments import SETTINGS, ex, reports, tiny_model  # pylint: disable=import-outside-toplevel
+  tmp = tmp_path_factory.mktemp("reports")
+  demo = ex.demo(tiny_model(), SETTINGS, length=200, seed=2, max_new_tokens=3)
+  demo_out = reports.write_demo(demo, tiny_model(), tmp / "demo", table="t")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(niah, "match_all", lambda pred, answers: 1.0)
+    sweep = ex.niah_sweep(tiny_model(), [160], SETTINGS, samples=2, seed=5, max_new_tokens=2, verify_routes=1)
+  v = next(i for i, a in enumerate(sweep.ablation.samples) if a.route_flipped is not None)
+  rows = [dataclasses.replace(r, score=1.0 if i == v else 0.0) for i, r in enumerate(sweep.rows)]
+  abl = [dataclasses.replace(a, route_flipped=True) if i == v else a for i, a in enumerate(sweep.ablation.samples)]
+  sweep = dataclasses.replace(sweep, rows=tuple(rows), ablation=causal.RouteVerification(tuple(abl)))
+  niah_out = reports.write_niah(sweep, tiny_model(), tmp / "niah", text="t")
+  servers = [serve(demo_out / "viewer"), serve(niah_out / "viewer")]
+  yield dict(demo=(demo, demo_out, servers[0].url), niah=(sweep, v, niah_out, servers[1].url))
+  for server in servers:
+    server.shutdown()
+
+
+def test_demo_report_shows_the_dense_map_beside_the_stream_map(browser, report_viewers):
+  res, out, url = report_viewers["demo"]
+  assert 'href="viewer/index.html"' in (out / "index.html").read_text()
+  browser.get(url)
+  wait_idle(browser)
+  labels = js(browser, "return [document.getElementById('map-label').textContent, "
+                       "document.getElementById('map2-label').textContent]")
+  assert labels == ["Stream (sparse)", "dense (every block, exact mass)"]
+  layer_pos = int(js(browser, "return document.getElementById('layer').value"))
+  assert res.trace[layer_pos].kind == "global"
+  ink = maps_ink(browser)
+  assert ink[0] > 0 and ink[1] > ink[0], ink  # both drawn; the dense side keeps every block
+  sparse, dense = res.trace, res.dense_trace
+  idx = np.asarray(sparse[layer_pos].mask.indices)[0]
+  q = idx.shape[0] - 1
+  dense_only = sorted(set(np.asarray(dense[layer_pos].mask.indices)[0, q].tolist()) - set(idx[q].tolist()) - {-1})
+  assert dense_only, "the dense trace keeps blocks the Stream trace pruned"
+  for k, canvas in ((int(idx[q][idx[q] >= 0][0]), "map"), (dense_only[0], "map2")):
+    got = hover_both(browser, q, k, canvas)
+    assert got["labels"] == labels
+    for side, tr in (("main", sparse), ("cmp", dense)):
+      kept, mass = entry(tr, layer_pos, 0, q, k)
+      ((shown_kept, shown_mass),) = got[side]
+      assert shown_kept == kept and (not kept or float(shown_mass) == mass), (side, q, k, got[side], mass)
+  assert not entry(sparse, layer_pos, 0, q, dense_only[0])[0] and entry(dense, layer_pos, 0, q, dense_only[0])[0]
+
+
+def test_niah_report_shows_success_and_failure_routes_with_the_ablation(browser, report_viewers):
+  from stream_jax.analysis import routes  # pylint: disable=import-outside-toplevel
+  sweep, v, out, url = report_viewers["niah"]
+  html = (out / "index.html").read_text()
+  assert 'href="viewer/index.html"' in html and "holds no trace" in html
+  browser.get(url)
+  wait_idle(browser)
+  cols = js(browser, ROUTE_COLUMNS)
+  f = 1 - v
+  assert [(c["sample"], c["success"]) for c in cols] == [(v, "true"), (f, "false")], "a success and a failure"
+  ab = sweep.ablation.samples[v]
+  for col in cols:
+    row = sweep.rows[col["sample"]]
+    spans = row.sample.value_spans
+    assert col["label"] == f"160 tokens, seed {row.seed}" and col["prediction"] == row.prediction.strip()
+    rt = routes.route(row.trace, spans)
+    needle = np.asarray(routes.span_blocks(spans, 16, row.length))
+    edges = rt.edge_list(min_weight=1e-3)[:400]
+    cut = {(int(l), int(h)) for l, h in np.argwhere(ab.heads)} if col["sample"] == v else set()
+    flow = js(browser, "return document.querySelector(`.route-col[data-sample='${arguments[0]}'] p.help`).textContent",
+              col["sample"])
+    assert " ".join(f"{x:.3f}" for x in np.asarray(rt.needle_flow)) in flow  # the trace's route, per layer
+    assert len(col["edges"]) == len(edges) > 0
+    for (l, n, c, j, w), (title, shown) in zip(edges, col["edges"]):
+      fmt = js(browser, "return SJV.fmt(arguments[0])", float(w))
+      assert f"layer {row.trace[l].layer}, head {n}: key block {c} \u2192 query block {j}, weight {fmt}" in title
+      assert shown == ((l, n) in cut and bool(needle[c])), (title, shown)
+  assert cols[0]["verdict"].startswith("\u2714 verified by ablation")
+  assert f"flipped {ab.random_flipped}/{ab.random_runs}" in cols[0]["verdict"]
+  assert any(shown for _, shown in cols[0]["edges"]), "the ablation cut edges of the route"
+  # the block map is the success's trace: an edge of its route opens its cell with the trace's mass
+  main = sweep.rows[v]
+  l, n, c, j, _ = routes.route(main.trace, main.sample.value_spans).edge_list(min_weight=1e-3)[0]
+  js(browser, "document.querySelector('.route-col .edge[data-i=\"0\"]').dispatchEvent(new MouseEvent('click'))")
+  wait_idle(browser)
+  assert js(browser, "return [document.getElementById('layer').value, document.getElementById('head').value]") == [
+      str(l), str(n)]
+  got = hover_cell(browser, j, c)
+  kept, mass = entry(main.trace, l, n, j, c)
+  (h,) = got["heads"]
+  assert kept and h["kept"] and float(h["mass"]) == mass

@@ -12,6 +12,8 @@
   runs     the pipelines (trace_text, faithfulness_pair, niah_sweep, answer_niah, anchors_for_text, demo)
            and their result dataclasses; no printing, plotting or files
   reports  result -> report folder (report.json, trace, figures, index.html) via stream_jax.report
+  ablation the causal tests that intervene on the model: attention suppression (suppression_matrix) and
+           route ablation (verify_routes); their pure parts are stream_jax.analysis.causal
 
 The `stream-jax` command, the notebooks in colab/ and benchmarks/analysis_evidence.py call these. Needs the
 [models] extra (and [viz] for reports' figures).
@@ -20,13 +22,12 @@ The `stream-jax` command, the notebooks in colab/ and benchmarks/analysis_eviden
 from stream_jax.experiments.runs import (
     MIN_SENTENCES, NIAH_MIN_TOKENS, AnchorsResult, DemoResult, FaithfulnessPair, InputError, NiahRow, NiahSweep,
     Settings, TextTrace, anchors_for_text, answer_niah, check_length, check_needle_length, check_settings,
-    compare, context_length, demo, faithfulness_pair, first_global, niah_haystack, niah_sweep, niah_task,
-    peek_model, pruning_notice, read_text, trace_text)
+    compare, context_length, demo, faithfulness_pair, first_global, niah_sweep, niah_task, pruning_notice,
+    trace_text)
 
 __all__ = [
     "MIN_SENTENCES", "NIAH_MIN_TOKENS", "AnchorsResult", "DemoResult", "FaithfulnessPair", "InputError",
     "NiahRow", "NiahSweep", "Settings", "TextTrace", "anchors_for_text", "answer_niah", "check_length",
     "check_needle_length", "check_settings", "compare", "context_length", "demo", "faithfulness_pair",
-    "first_global", "niah_haystack", "niah_sweep", "niah_task", "peek_model", "pruning_notice", "read_text",
-    "trace_text",
+    "first_global", "niah_sweep", "niah_task", "pruning_notice", "trace_text",
 ]

@@ -18,6 +18,7 @@ from stream_jax.experiments.runs import (AnchorsResult, DemoResult, NiahSweep, S
                                          first_global)
 from stream_jax.extras import require
 from stream_jax.report import write_report
+from stream_jax.viewer.export import route_samples
 
 MODES = {
     "sparse": "sparse: the traced model computes attention with the kept blocks only, so it is a pruned "
@@ -121,6 +122,14 @@ def _viewer(model, text: str, ids, offsets=None, **extra) -> dict:
     return dict(tokenizer=model.tokenizer, ids=ids, **extra)
   extra.setdefault("sentences", anchors.sentences(text, offsets))
   return dict(text=text, offsets=offsets, tokenizer=model.tokenizer, ids=ids, **extra)
+
+
+def _dense_beside(dense_trace) -> dict:
+  """The viewer's `compare=` arguments: the dense prefill's trace (same tokens, every block kept, exact
+  mass) drawn beside the Stream trace's map; none without it."""
+  if dense_trace is None:
+    return {}
+  return dict(compare=dense_trace, compare_label="dense (every block, exact mass)", label="Stream (sparse)")
 
 
 def heads_keeping(layer, blocks, query_block: int = -1) -> list[int]:
@@ -287,7 +296,8 @@ def write_demo(res: DemoResult, model, out, *, force: bool = False, table: str =
   }
   return write_report(
       out, title="stream-jax demo: needle in a haystack", summary=summary, trace=trace,
-      viewer=_viewer(model, sample.prompt, sample.ids, sample.offsets, needle_spans=spans),
+      viewer=_viewer(model, sample.prompt, sample.ids, sample.offsets, needle_spans=spans,
+                     **_dense_beside(res.dense_trace)),
       sections={"faithfulness": table}, force=force, intro=intro, notes=notes,
       conclusion=demo_conclusion(res),
       captions={
@@ -342,6 +352,12 @@ def niah_conclusion(res: NiahSweep) -> str:
   return "\n\n".join(paras)
 
 
+def viewer_row(res: NiahSweep) -> int:
+  """The row whose trace the niah report's viewer maps: the first success (its route reaches the needle),
+  else the first row; every row's route is in the routes panel."""
+  return next((i for i, r in enumerate(res.rows) if r.success), 0)
+
+
 def write_niah(res: NiahSweep, model, out, *, force: bool = False, task: str = "", text: str = "",
                notes: Optional[Mapping[str, str]] = None) -> pathlib.Path:
   notes = dict(res.notes if notes is None else notes)
@@ -372,8 +388,13 @@ def write_niah(res: NiahSweep, model, out, *, force: bool = False, task: str = "
       "longer matches after suppressing the needle blocks in the heads the route reads them with (red), after "
       "suppressing as many random kept blocks in the same heads (grey; sink, needle and the question's window "
       "excluded), and after suppressing the needle in every head (purple); counts above the bars.")
+  main = viewer_row(res)
+  row = res.rows[main]
   return write_report(
       out, title=f"stream-jax niah ({res.variant})", sections={"results": text}, figures=figures,
+      trace=row.trace, keep_trace=False, viewer=_viewer(
+          model, row.sample.prompt, row.sample.ids, row.sample.offsets, needle_spans=row.sample.value_spans,
+          routes=route_samples(res, main=main)),
       force=force, notes=notes, conclusion=niah_conclusion(res),
       intro={"mode": MODES["sparse"], "task": task, "Stream settings": res.settings.describe()},
       captions=captions, summary=summary,

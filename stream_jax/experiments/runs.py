@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import pathlib
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -18,10 +17,12 @@ import numpy as np
 
 from stream_jax.analysis import anchors, faithfulness, niah, routes
 from stream_jax.analysis.anchors import AnchorReport, Sentences
+from stream_jax.analysis.causal import RouteVerification
 from stream_jax.analysis.faithfulness import FaithfulnessReport
 from stream_jax.analysis.niah import NiahSample, NiahTask
 from stream_jax.analysis.routes import GroupedComparison, Route
 from stream_jax.config import StreamConfig
+from stream_jax.experiments import ablation
 from stream_jax.trace import Trace
 
 # Shortest needle prompt: the template, the needle and the question take about 90 tokens.
@@ -33,7 +34,12 @@ MIN_SENTENCES = 6
 
 
 class InputError(ValueError):
-  """A problem with the user's input (too long, too short, empty), not a bug."""
+  """A problem with the user's input (too long, too short, empty), not a bug. `params`: the Python
+  parameters the message names, so a front end (the CLI) can name its own options for them instead."""
+
+  def __init__(self, message: str, *params: str):
+    super().__init__(message)
+    self.params = params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,31 +81,15 @@ def context_length(config) -> int:
   return config.max_length
 
 
-def check_length(model, n_tokens: int, what: str) -> None:
-  """InputError unless 2 <= n_tokens <= the context of `model` (a loaded model or its config)."""
+def check_length(model, n_tokens: int, what: str, param: Optional[str] = None) -> None:
+  """InputError unless 2 <= n_tokens <= the context of `model` (a loaded model or its config); `what`
+  names the input, `param` the parameter it came from (when `what` names one)."""
   limit = context_length(getattr(model, "config", model))
+  params = (param,) if param else ()
   if n_tokens > limit:
-    raise InputError(f"{what} has {n_tokens} tokens, longer than the model's context of {limit}")
+    raise InputError(f"{what} has {n_tokens} tokens, longer than the model's context of {limit}", *params)
   if n_tokens < 2:
-    raise InputError(f"{what} has {n_tokens} token(s); need at least 2")
-
-
-def read_text(path, option: str = "--file") -> str:
-  """A UTF-8 text file's contents; missing, binary, non-UTF-8 and empty files raise InputError naming
-  `option`."""
-  name = str(path)
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise InputError(f"{option}: {name!r} does not exist or is not a file")
-  raw = path.read_bytes()
-  if b"\0" in raw[:65536]:
-    raise InputError(f"{option}: {name!r} is a binary file, not text")
-  text = raw.decode("utf-8", errors="replace")
-  if text.count("\ufffd") > max(8, len(text) // 100):
-    raise InputError(f"{option}: {name!r} is not UTF-8 text ({text.count(chr(0xfffd))} undecodable bytes)")
-  if not text.strip():
-    raise InputError(f"{option}: {name!r} is empty")
-  return text
+    raise InputError(f"{what} has {n_tokens} token(s); need at least 2", *params)
 
 
 def pruning_notice(kept: float, tokens: int, cfg: StreamConfig) -> Optional[str]:
@@ -111,50 +101,23 @@ def pruning_notice(kept: float, tokens: int, cfg: StreamConfig) -> Optional[str]
   return (f"Stream keeps {kept:.1%} of the token pairs: pruning does (almost) nothing at these settings. "
           f"{tokens} tokens make {n_k} key blocks of {cfg.block_k}, and every query block keeps up to "
           f"{cfg.capacity} (sink {cfg.sink_blocks} + top-k {cfg.top_k} + window {cfg.window_blocks}). "
-          f"For this length try --top-k {top_k}, or smaller blocks (--block-q/--block-k "
+          f"For this length try top_k {top_k}, or smaller blocks (block_q/block_k "
           f"{max(8, cfg.block_k // 4)}), or a longer input.")
 
 
-def peek_model(name_or_path: str):
-  """The model's config from its file header or config.json (no weights); InputError naming --model."""
-  from stream_jax.extras import models  # pylint: disable=import-outside-toplevel
-  load_lib = models().load
-  if name_or_path.lower() not in load_lib.EMBEDDED and not pathlib.Path(name_or_path).exists():
-    raise InputError(f"--model: {name_or_path!r} is neither a known name ('gemma3-270m') nor an existing "
-                     "file or directory")
-  try:
-    return load_lib.peek_config(name_or_path)
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise InputError(f"--model: {e}") from None
-
-
 def check_settings(config, settings: Settings, lengths: Sequence[int] = (), what: str = "the prompt") -> None:
-  """InputError (naming the option) unless the settings and prompt lengths fit the model's config."""
+  """InputError (naming the parameter) unless the settings and prompt lengths fit the model's config."""
   n, cfg, limit = config.num_layers, settings.config, context_length(config)
   bad = [i for i in settings.dense_layers if not 0 <= i < n]
   if bad:
-    raise InputError(f"--dense-layers {','.join(map(str, bad))}: layer ids must be in [0, {n - 1}] "
-                     f"({config.name} has {n} layers)")
+    raise InputError(f"dense_layers {','.join(map(str, bad))}: layer ids must be in [0, {n - 1}] "
+                     f"({config.name} has {n} layers)", "dense_layers")
   for length in lengths:
     if length > limit:
       raise InputError(f"{what} of {length} tokens is longer than the model's context of {limit}")
   if cfg.top_k * cfg.block_k > limit:
-    raise InputError(f"--top-k {cfg.top_k} x --block-k {cfg.block_k} = {cfg.top_k * cfg.block_k} keys per "
-                     f"query block is more than the model's context of {limit} tokens")
-
-
-def niah_haystack(task: NiahTask, variant: str, path: Optional[str]) -> Optional[str]:
-  """The essay haystack's prose from a UTF-8 file (None: the default); only for essay variants."""
-  if not path:
-    return None
-  if task.haystack != "essay":
-    essays = sorted(k for k, v in niah.VARIANTS.items() if v.haystack == "essay")
-    raise InputError(f"--haystack-file is for the essay variants ({', '.join(essays)}); {variant} uses the "
-                     f"{task.haystack} haystack")
-  try:
-    return niah.read_haystack_file(path)
-  except (OSError, ValueError) as e:
-    raise InputError(f"--haystack-file: {e}") from None
+    raise InputError(f"top_k {cfg.top_k} x block_k {cfg.block_k} = {cfg.top_k * cfg.block_k} keys per "
+                     f"query block is more than the model's context of {limit} tokens", "top_k", "block_k")
 
 
 def _pruning_notes(kept: float, tokens: int, cfg: StreamConfig) -> dict[str, str]:
@@ -363,7 +326,7 @@ class NiahSweep:
   rows: tuple[NiahRow, ...]
   comparison: GroupedComparison
   settings: Settings
-  ablation: Optional[Any] = None  # causal.RouteVerification when the sweep verified routes
+  ablation: Optional[RouteVerification] = None  # when the sweep verified routes
 
   def by_length(self) -> dict[int, list[float]]:
     out: dict[int, list[float]] = {}
@@ -398,30 +361,30 @@ def compare(rows: Sequence[NiahRow]) -> GroupedComparison:
                                [r.needle_depth for r in rows], visible=[r.visible for r in rows])
 
 
-def check_needle_length(length: int, option: str = "--length") -> None:
+def check_needle_length(length: int) -> None:
   if length < NIAH_MIN_TOKENS:
-    raise InputError(f"{option} must be >= {NIAH_MIN_TOKENS} (the needle, the question and the template "
-                     f"take about 90 tokens), got {length}")
+    raise InputError(f"length must be >= {NIAH_MIN_TOKENS} (the needle, the question and the template "
+                     f"take about 90 tokens), got {length}", "length")
 
 
 def niah_task(variant: Union[str, NiahTask], lengths: Sequence[int], depths: Sequence[float] = ()
               ) -> NiahTask:
-  """The task of a sweep after checking its options (InputError naming the option); runs before any model
-  loads."""
+  """The task of a sweep after checking its arguments (InputError naming the parameter); runs before any
+  model loads."""
   if isinstance(variant, NiahTask):
     task = variant
   elif variant not in niah.VARIANTS:
-    raise InputError(f"--variant must be one of {sorted(niah.VARIANTS)}, got {variant!r}")
+    raise InputError(f"variant must be one of {sorted(niah.VARIANTS)}, got {variant!r}", "variant")
   else:
     task = niah.VARIANTS[variant]
   if any(not 0 <= d <= 100 for d in depths):
-    raise InputError(f"--depths are percentages in [0, 100], got {list(depths)}")
+    raise InputError(f"depths are percentages in [0, 100], got {list(depths)}", "depths")
   if not lengths:
-    raise InputError("--lengths needs at least one prompt length, e.g. --lengths 600,3000")
+    raise InputError("lengths needs at least one prompt length (e.g. 600 and 3000 tokens)", "lengths")
   short = [n for n in lengths if n < NIAH_MIN_TOKENS]
   if short:
-    raise InputError(f"--lengths entries must be >= {NIAH_MIN_TOKENS} tokens (the needles, the question "
-                     f"and the template take about 90), got {','.join(map(str, short))}")
+    raise InputError(f"lengths entries must be >= {NIAH_MIN_TOKENS} tokens (the needles, the question "
+                     f"and the template take about 90), got {','.join(map(str, short))}", "lengths")
   return task
 
 
@@ -479,12 +442,12 @@ def niah_sweep(model, lengths: Sequence[int], settings: Settings = Settings(), *
   seed, seed + 1, ...), answered after a Stream prefill (`answer_niah`), scored by string match, with the
   needle mass of each prefill's trace and its comparison between successes and failures.
 
-  verify_routes=R > 0 also runs the causal test on the same prompts (`causal.verify_routes`, the dense
+  verify_routes=R > 0 also runs the causal test on the same prompts (`ablation.verify_routes`, the dense
   model traced exactly): for each answered prompt, the needle blocks suppressed in the route's heads vs R
   draws of as many random kept blocks in the same heads vs the needle in every head; answer flips counted."""
   task = niah_task(variant, lengths, depths)
   for n in lengths:
-    check_length(model, n, f"--lengths entry {n}")
+    check_length(model, n, f"lengths entry {n}", "lengths")
   jobs = [(n, d, s) for n in lengths for d in (depths or (None,)) for s in range(samples)]
   prompts = []
   for length, depth, s in jobs:
@@ -495,15 +458,14 @@ def niah_sweep(model, lengths: Sequence[int], settings: Settings = Settings(), *
                      dense=dense, route=route, depths=[d for _, d, _ in jobs],
                      seeds=[seed + s for _, _, s in jobs], progress=progress)
   name = variant if isinstance(variant, str) else "custom"
-  ablation = None
+  verified = None
   if verify_routes:
-    from stream_jax.analysis import causal  # pylint: disable=import-outside-toplevel
     kw = dict(route or {})
-    ablation = causal.verify_routes(model, model.params, prompts, settings.config, n_random=int(verify_routes),
-                                    seed=seed, max_new_tokens=max_new_tokens, tokenizer=model.tokenizer,
-                                    everywhere=True, progress=progress, backend=settings.backend,
-                                    residual=kw.get("residual", 0.5), threshold=kw.get("threshold", 1e-3))
-  return NiahSweep(name, rows, compare(rows), settings, ablation)
+    verified = ablation.verify_routes(model, model.params, prompts, settings.config, n_random=int(verify_routes),
+                                      seed=seed, max_new_tokens=max_new_tokens, tokenizer=model.tokenizer,
+                                      everywhere=True, progress=progress, backend=settings.backend,
+                                      residual=kw.get("residual", 0.5), threshold=kw.get("threshold", 1e-3))
+  return NiahSweep(name, rows, compare(rows), settings, verified)
 
 
 # ------------------------------------------------------------------------------------------------- anchors
@@ -601,7 +563,9 @@ def all_blocks(config: StreamConfig, length: int) -> StreamConfig:
 class DemoResult(_FromPair):
   """`demo`: one needle prompt answered after a dense and after a Stream prefill; the two prefills give
   faithfulness (dense vs Stream over every position) and coverage; the needle's mass and route in the
-  Stream trace, and its mass in the dense model's attention (dense_needle_mass) as the contrast."""
+  Stream trace, and its mass in the dense model's attention (dense_needle_mass) as the contrast.
+  dense_trace: the dense prefill's trace (every block kept, exact mass) of the same tokens, the viewer's
+  map beside the Stream one."""
 
   sample: NiahSample
   pair: FaithfulnessPair
@@ -613,6 +577,7 @@ class DemoResult(_FromPair):
   needle_blocks: tuple[int, ...]
   settings: Settings
   dense_needle_mass: Optional[np.ndarray] = None
+  dense_trace: Optional[Trace] = None
 
   @property
   def needle_in_sink(self) -> bool:
@@ -624,7 +589,7 @@ class DemoResult(_FromPair):
     if not self.needle_in_sink:
       return None
     return ("the needle shares key block 0 with BOS, the attention sink where most heads park attention: its "
-            "needle mass and route are inflated by the sink; try another --seed or smaller --block-k")
+            "needle mass and route are inflated by the sink; try another seed or smaller block_k")
 
   @property
   def notes(self) -> dict[str, str]:
@@ -654,7 +619,7 @@ def demo(model, settings: Settings = Settings(), *, length: int = DEMO_LENGTH, s
   stream, so faithfulness over every position needs no further forward. `log` gets a status line before and
   after each phase (with its time)."""
   check_needle_length(length)
-  check_length(model, length, "--length")
+  check_length(model, length, "length", "length")
   clock = _Clock(log)
   with clock("prompt_s", f"fitting a {length:,}-token needle prompt"):
     sample = niah.generate_sample(model.tokenizer, length, niah.VARIANTS["single_1"], seed=seed)
@@ -688,4 +653,4 @@ def demo(model, settings: Settings = Settings(), *, length: int = DEMO_LENGTH, s
       sample=sample, pair=pair, answers=answers,
       retrieved={k: niah.match_all(v, sample.answers) == 1 for k, v in answers.items()}, timings=timings,
       needle_mass=needle_mass, route=route, needle_blocks=sample.needle_blocks(cfg.block_k),
-      settings=settings, dense_needle_mass=dense_mass)
+      settings=settings, dense_needle_mass=dense_mass, dense_trace=dense_run.trace)

@@ -61,10 +61,10 @@ def export_viewer(out_dir, trace: Trace, *, pieces: Optional[Sequence[str]] = No
   layers must have the same heads, block sizes and lengths as `trace`'s layers of the same id.
   routes: route results to show in the routes panel, success and failure side by side (e.g. the samples of
   a needle sweep: `route_samples(sweep)`); each a mapping with trace (one sample's Trace), needle_spans,
-  success (bool), label, and optionally prediction, ablation (a `causal.SampleAblation` or a dict with
-  route_flipped, random_flipped, random_runs: the route verified by ablation when route_flipped), heads
-  (bool[L, N] the ablated heads; default `causal.route_heads` of the route) and main (True: the sample of
-  `trace`, whose edges open in the block map). Default: the route of `trace` to `needle_spans`.
+  success (bool), label, and optionally prediction, ablation (an `analysis.causal.SampleAblation` or a
+  dict with route_flipped, random_flipped, random_runs: the route verified by ablation when route_flipped),
+  heads (bool[L, N] the ablated heads; default `causal.route_heads` of the route) and main (True: the
+  sample of `trace`, whose edges open in the block map). Default: the route of `trace` to `needle_spans`.
   Returns the folder; manifest["export_seconds"] says how long it took.
   """
   t0 = time.perf_counter()
@@ -238,12 +238,13 @@ def route_sample_json(r: Mapping, batch_index: int = 0) -> Optional[dict]:
 
 def route_samples(sweep, main: Optional[int] = None) -> list[dict]:
   """`routes=` for export_viewer from a needle sweep (`experiments.runs.NiahSweep`): every row's trace,
-  needle, success and answer, and the route ablation of the same prompt when the sweep verified routes.
-  main: the row whose trace is the exported one."""
+  needle, success and answer, and the route ablation of the same prompt when the sweep verified routes
+  (with the heads it suppressed the needle in, so the edges it cut are the ones marked). main: the row whose
+  trace is the exported one."""
   abl = list(sweep.ablation.samples) if getattr(sweep, "ablation", None) is not None else [None] * len(sweep.rows)
   return [dict(trace=row.trace, needle_spans=row.sample.value_spans, success=row.success,
                label=f"{row.length} tokens, seed {row.seed}" + ("" if row.depth is None else f", depth {row.depth:g}%"),
-               prediction=row.prediction.strip(), ablation=a, main=i == main)
+               prediction=row.prediction.strip(), ablation=a, heads=getattr(a, "heads", None), main=i == main)
           for i, (row, a) in enumerate(zip(sweep.rows, abl))]
 
 
