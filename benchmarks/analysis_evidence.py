@@ -146,7 +146,7 @@ def main(argv=None):
     print(f"\n{len(sink)} sample(s) with the needle in the sink block are left out of the comparison")
   all_rows = [r for r in all_rows if not in_sink(r, cfg)]
   success = [r.success for r in all_rows]
-  comp = ex.compare(all_rows)
+  comp = ex.compare_niah_rows(all_rows)
   print("\n== needle mass at the final query block, successes vs failures (all lengths) ==")
   print(comp.format())
   for length in sorted({r.length for r in all_rows}):
@@ -154,7 +154,7 @@ def main(argv=None):
     ok = [r.success for r in rows]
     if any(ok) and not all(ok):  # within one length: no confound with the haystack size
       print(f"\n== the same at {length} tokens only ==")
-      print(ex.compare(rows).format())
+      print(ex.compare_niah_rows(rows).format())
   long_rows = [r for r in all_rows if r.length == max(x.length for x in all_rows)]
   glob = [i for i, k in enumerate(kinds) if k == "global"]
   for length in sorted({r.length for r in all_rows}):

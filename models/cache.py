@@ -1,9 +1,10 @@
 """On-disk cache of converted parameters and tokenizers, keyed by the source file's identity.
 
 Dequantizing a GGUF and building its tokenizer take tens of seconds; the converted arrays are saved once
-as an uncompressed .npz (bf16 stored as its uint16 bits) under `$STREAM_JAX_CACHE` (default
-`~/.cache/stream_jax`), so a second load reads arrays straight from disk. The key is (real path, size,
-mtime) of the source plus the dtype and a format version: editing or replacing the file invalidates it.
+as an uncompressed .npz (bf16 stored as its uint16 bits) under a cache folder (the loaders' `cache_dir`,
+default `~/.cache/stream_jax`; the `stream-jax` command reads `$STREAM_JAX_CACHE`), so a second load reads
+arrays straight from disk. The key is (real path, size, mtime) of the source plus the dtype and a format
+version: editing or replacing the file invalidates it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from stream_jax.models.decoder_config import GemmaConfig
 FORMAT_VERSION = 1
 
 
-def cache_root() -> str:
-  root = os.environ.get("STREAM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stream_jax")
+def cache_root(cache_dir: Optional[str] = None) -> str:
+  """The cache folder (created): `cache_dir`, or ~/.cache/stream_jax. An argument, not an environment
+  read: the command line is where $STREAM_JAX_CACHE becomes one."""
+  root = os.fspath(cache_dir) if cache_dir else os.path.join(os.path.expanduser("~"), ".cache", "stream_jax")
   os.makedirs(root, exist_ok=True)
   return root
 

@@ -97,13 +97,13 @@ def default_dtype():
 
 
 def load_gguf(path: str, dtype=None, *, use_cache: bool = True, progress: bool = True,
-              tokenizer: bool = True) -> LoadedModel:
+              tokenizer: bool = True, cache_dir: Optional[str] = None) -> LoadedModel:
   from stream_jax.models.gguf_loader import MetadataReader, check_file, read_gguf  # pylint: disable=C0415
-  from stream_jax.models.tokenizer import gguf_tokenizer  # pylint: disable=import-outside-toplevel
+  from stream_jax.models.tokenizer import load_gguf_tokenizer  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   dtype = check_dtype(dtype or default_dtype())
   check_file(path)
-  entry = os.path.join(cache_lib.cache_root(), cache_lib.file_key(path, jnp.dtype(dtype).name) + ".npz")
+  entry = os.path.join(cache_lib.cache_root(cache_dir), cache_lib.file_key(path, jnp.dtype(dtype).name) + ".npz")
   hit = cache_lib.load_params(entry) if use_cache else None
   if hit is not None:
     config, params = hit
@@ -112,7 +112,7 @@ def load_gguf(path: str, dtype=None, *, use_cache: bool = True, progress: bool =
     config, params = read_gguf(path, dtype, progress=progress)
     if use_cache:
       cache_lib.save_params(entry, config, params)
-  tok = gguf_tokenizer(path, use_cache=use_cache) if tokenizer else None
+  tok = load_gguf_tokenizer(path, use_cache=use_cache, cache_dir=cache_dir) if tokenizer else None
   return LoadedModel(config, params, tok, dtype, os.path.realpath(path), time.perf_counter() - t0)
 
 
@@ -165,29 +165,31 @@ def peek_config(name_or_path: str = "gemma3-270m") -> GemmaConfig:
   return gguf_loader.config_from_reader(gguf_loader.MetadataReader(src), src)
 
 
-def load_tokenizer(name_or_path: str = "gemma3-270m", *, use_cache: bool = True):
+def load_tokenizer(name_or_path: str = "gemma3-270m", *, use_cache: bool = True,
+                   cache_dir: Optional[str] = None):
   """The tokenizer of a checkpoint without its weights (a second or two once cached): to count a text's
   tokens before the slow load. None when a checkpoint directory has no tokenizer files."""
-  from stream_jax.models.tokenizer import gguf_tokenizer, hf_tokenizer  # pylint: disable=import-outside-toplevel
+  from stream_jax.models.tokenizer import hf_tokenizer, load_gguf_tokenizer  # pylint: disable=C0415
   src = resolve_source(name_or_path)
   if os.path.isdir(src):
     return hf_tokenizer(src)
-  return gguf_tokenizer(src, use_cache=use_cache)
+  return load_gguf_tokenizer(src, use_cache=use_cache, cache_dir=cache_dir)
 
 
 def load_model(name_or_path: str = "gemma3-270m", dtype=None, *, use_cache: bool = True,
-               progress: bool = True, tokenizer: bool = True) -> LoadedModel:
+               progress: bool = True, tokenizer: bool = True, cache_dir: Optional[str] = None) -> LoadedModel:
   """Load a Gemma 2/3 checkpoint offline.
 
   Args:
     name_or_path: "gemma3-270m" (the embedded default), a .gguf file, or an HF checkpoint directory.
     dtype: jnp.float32 or jnp.bfloat16 (float16 is rejected: Gemma 3 overflows it); None = float32 on
       CPU, bfloat16 elsewhere.
-    use_cache: reuse / write converted GGUF parameters and tokenizer under $STREAM_JAX_CACHE.
+    use_cache: reuse / write converted GGUF parameters and tokenizer in the cache folder.
+    cache_dir: that folder (default ~/.cache/stream_jax; `stream-jax` passes $STREAM_JAX_CACHE).
     progress: tqdm progress bar while converting tensors.
     tokenizer: also load the tokenizer.
   """
   src = resolve_source(name_or_path)
   if os.path.isdir(src):
     return load_hf(src, dtype, progress=progress, tokenizer=tokenizer)
-  return load_gguf(src, dtype, use_cache=use_cache, progress=progress, tokenizer=tokenizer)
+  return load_gguf(src, dtype, use_cache=use_cache, progress=progress, tokenizer=tokenizer, cache_dir=cache_dir)

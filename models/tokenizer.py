@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Optional
 
 from stream_jax.models.cache import cache_root, file_key
 
@@ -20,15 +21,15 @@ def _auto():
   return AutoTokenizer
 
 
-def gguf_tokenizer(path: str, use_cache: bool = True):
-  """The tokenizer stored in a GGUF file (cached as tokenizer.json)."""
-  target = os.path.join(cache_root(), file_key(path, "tokenizer") + "-tokenizer")
+def load_gguf_tokenizer(path: str, use_cache: bool = True, cache_dir: Optional[str] = None):
+  """The tokenizer stored in a GGUF file (cached as tokenizer.json under `cache_dir`, see models/cache.py)."""
+  target = os.path.join(cache_root(cache_dir), file_key(path, "tokenizer") + "-tokenizer")
   if use_cache and os.path.exists(os.path.join(target, "tokenizer.json")):
     return _auto().from_pretrained(target, local_files_only=True)
   tok = _convert_gguf(path)
   check_not_char_level(tok, path)
   if use_cache:
-    tmp = tempfile.mkdtemp(dir=cache_root(), suffix=".tmp")
+    tmp = tempfile.mkdtemp(dir=cache_root(cache_dir), suffix=".tmp")
     try:
       tok.save_pretrained(tmp)
       if os.path.exists(target):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import re
 import sys
@@ -64,7 +65,7 @@ def notes_wording(notes):
   return {k: flag_wording(v, NOTE_PARAMS) for k, v in (notes or {}).items()}
 
 
-def pruning_notice(kept: float, tokens: int, cfg: StreamConfig) -> Optional[str]:
+def pruning_notice_in_flags(kept: float, tokens: int, cfg: StreamConfig) -> Optional[str]:
   """`runs.pruning_notice` in the CLI's words (flags)."""
   notice = runs.pruning_notice(kept, tokens, cfg)
   return None if notice is None else flag_wording(notice, NOTE_PARAMS)
@@ -183,7 +184,7 @@ def check_text(args, config) -> None:
   """A text longer than the model's context is refused before the weights load: the tokenizer alone
   counts its tokens (it loads in a second or two once cached), and is kept for `load`."""
   from stream_jax.extras import models  # pylint: disable=import-outside-toplevel
-  tok = models().load.load_tokenizer(args.model)
+  tok = models().load.load_tokenizer(args.model, cache_dir=cache_dir())
   if tok is None:
     return
   what = "--text" if getattr(args, "text", None) is not None else f"--file {args.file}"
@@ -191,12 +192,19 @@ def check_text(args, config) -> None:
   args.tokenizer_ = tok
 
 
+def cache_dir():
+  """Where converted GGUF parameters and tokenizers are cached: $STREAM_JAX_CACHE, else the loaders'
+  default (~/.cache/stream_jax). The library takes it as an argument; the command line reads it here."""
+  return os.environ.get("STREAM_JAX_CACHE") or None
+
+
 def load(args):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from stream_jax.extras import models  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   tok = getattr(args, "tokenizer_", None)
-  model = models().load_model(args.model, dtype=jnp.dtype(args.dtype), tokenizer=tok is None)
+  model = models().load_model(args.model, dtype=jnp.dtype(args.dtype), tokenizer=tok is None,
+                              cache_dir=cache_dir())
   if tok is not None:
     model.tokenizer = tok
   print(f"loaded {model.source} ({model.config.name}, {model.config.num_layers} layers, {args.dtype}) in "
@@ -284,7 +292,6 @@ def resolve_viewer(path, out=None):
   """The viewer folder of PATH: PATH itself or PATH/viewer when already exported, else an export of the
   trace saved at PATH (a report folder or a `save_trace` folder; without its text: positions only)."""
   import hashlib  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   from stream_jax import viewer  # pylint: disable=import-outside-toplevel
   from stream_jax.trace_io import TRACE_META, load_trace  # pylint: disable=import-outside-toplevel
   p = pathlib.Path(path).expanduser().absolute()

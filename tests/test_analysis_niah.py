@@ -104,9 +104,9 @@ def test_string_match_all_and_evaluate():
 def gemma_tokenizer():
   """The embedded Gemma 3 270M's tokenizer (offline; converted from the GGUF once, then cached)."""
   load = pytest.importorskip("stream_jax.models.load")
-  from stream_jax.models.tokenizer import gguf_tokenizer
+  from stream_jax.models.tokenizer import load_gguf_tokenizer
   try:
-    return gguf_tokenizer(load.embedded_gguf_path())
+    return load_gguf_tokenizer(load.embedded_gguf_path())
   except ImportError as e:  # the embedded model package is missing
     pytest.skip(str(e))
 

@@ -214,7 +214,6 @@ def test_a_truncated_gguf_is_refused_before_the_slow_reader(tmp_path, monkeypatc
   """A complete header with tensor data cut short (an interrupted download): found from the header alone,
   before gguf.GGUFReader parses the file (15+ s on the embedded model), by load_model and peek_config."""
   import gguf  # pylint: disable=import-outside-toplevel
-  monkeypatch.setenv("STREAM_JAX_CACHE", str(tmp_path / "cache"))
   path = tmp_path / "m.gguf"
   _tiny_gguf(path)
   data = path.read_bytes()
@@ -222,7 +221,7 @@ def test_a_truncated_gguf_is_refused_before_the_slow_reader(tmp_path, monkeypatc
   MetadataReader(str(path))  # the whole file passes
   path.write_bytes(data[:-100])
   monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: pytest.fail("the slow reader must not run"))
-  for fn in (lambda: load_model(str(path), tokenizer=False, progress=False), lambda: peek_config(str(path))):
+  for fn in (lambda: load_model(str(path), tokenizer=False, progress=False, cache_dir=tmp_path / "cache"), lambda: peek_config(str(path))):
     with pytest.raises(ValueError, match=r"m.gguf is truncated: its tensor data ends at byte \d+ but the file "
                        r"has \d+ bytes \(100 bytes missing"):
       fn()

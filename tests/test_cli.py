@@ -153,9 +153,9 @@ def test_debug_shows_the_traceback(files):
 def test_pruning_notice_says_what_to_change():
   import stream_jax as sj  # pylint: disable=import-outside-toplevel
   cfg = sj.StreamConfig()
-  msg = cli.pruning_notice(1.0, 600, cfg)
+  msg = cli.pruning_notice_in_flags(1.0, 600, cfg)
   assert "pruning does (almost) nothing" in msg and "--top-k" in msg and "10 key blocks" in msg
-  assert cli.pruning_notice(0.5, 4096, cfg) is None
+  assert cli.pruning_notice_in_flags(0.5, 4096, cfg) is None
 
 
 def test_version_and_help_with_defaults(capsys):

@@ -91,15 +91,15 @@ def test_the_conversion_imports_no_torch_and_fills_a_cold_cache(gguf_path, tmp_p
   script = textwrap.dedent(f"""
       import sys
       sys.modules["torch"] = None  # as if not installed: `import torch` raises, find_spec says absent
-      from stream_jax.models.tokenizer import gguf_tokenizer
-      tok = gguf_tokenizer({str(gguf_path)!r})
+      from stream_jax.models.tokenizer import load_gguf_tokenizer
+      tok = load_gguf_tokenizer({str(gguf_path)!r}, cache_dir={str(tmp_path / "cache")!r})
       ids = tok("The grass is green.")["input_ids"]
-      again = gguf_tokenizer({str(gguf_path)!r})
+      again = load_gguf_tokenizer({str(gguf_path)!r}, cache_dir={str(tmp_path / "cache")!r})
       assert again("The grass is green.")["input_ids"] == ids
       assert sys.modules["torch"] is None
       print(ids)
   """)
-  env = dict(os.environ, STREAM_JAX_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path / "home"))
+  env = dict(os.environ, HOME=str(tmp_path / "home"))
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().startswith("[2, ")  # BOS, then the text

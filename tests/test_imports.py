@@ -164,10 +164,6 @@ def test_analysis_never_imports_the_model():
   assert not bad, f"analysis modules import the model: {bad}"
 
 
-# Modules that still read the environment, being removed (issue 27): empty this as each goes. The kernel
-# choice must become an argument resolved when plans are made; the parameter cache a `cache_dir` argument
-# of the loaders (models/load.py), with the CLI reading STREAM_JAX_CACHE.
-ENV_READERS_BEING_REMOVED = {"stream_jax/kernels/mosaic.py", "models/cache.py"}
 # The command line is where the environment becomes arguments.
 ENV_READERS = {"stream_jax/cli.py"}
 ENV_NAMES = {"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"}
@@ -194,10 +190,8 @@ def test_only_the_cli_reads_the_environment():
   while a function is traced is not part of its jit cache key); the CLI reads the environment."""
   readers = {_repo_path(p): hits for p in SOURCES.values() if (hits := _reads_environment(p))}
   assert "stream_jax/cli.py" in readers  # the scan finds the one that is allowed
-  unexpected = {k: v for k, v in readers.items() if k not in ENV_READERS | ENV_READERS_BEING_REMOVED}
+  unexpected = {k: v for k, v in readers.items() if k not in ENV_READERS}
   assert not unexpected, f"environment read outside the CLI: {unexpected}"
-  gone = ENV_READERS_BEING_REMOVED - set(readers)
-  assert not gone, f"{sorted(gone)} no longer read the environment: remove them from ENV_READERS_BEING_REMOVED"
 
 
 def test_the_environment_scan_sees_every_form(tmp_path):

@@ -203,14 +203,13 @@ def transformers_from_gguf(path):
 @pytest.mark.parametrize("arch", ["gemma3", "gemma2"])
 def test_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch, arch):
   """head_dim = query_pre_attn_scalar = 256 so that transformers' GGUF defaults and llama.cpp's agree."""
-  monkeypatch.setenv("STREAM_JAX_CACHE", str(tmp_path / "cache"))
   make = gemma3_hf if arch == "gemma3" else gemma2_hf
   kw = {} if arch == "gemma3" else dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
   src = make(vocab=128, d=64, head_dim=256, qscale=256, seed=4, **kw)
   path = tmp_path / f"tiny-{arch}.gguf"
   write_gguf(path, src, arch)
   ref = transformers_from_gguf(str(path))
-  loaded = load_model(str(path), dtype=jnp.float32, tokenizer=False, progress=False)
+  loaded = load_model(str(path), dtype=jnp.float32, tokenizer=False, progress=False, cache_dir=tmp_path / "cache")
   assert loaded.config.family == arch and loaded.config.head_dim == 256
   # norms: the file stores 1 + w; the port holds w
   np.testing.assert_allclose(np.asarray(loaded.params["params"]["layer_1"]["pre_ffw_norm"]["scale"]),
@@ -219,13 +218,13 @@ def test_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch, arch):
   # the converted params are cached: the second load reads the cache and gives identical params
   cached = list((tmp_path / "cache").glob("*.npz"))
   assert len(cached) == 1
-  again = load_model(str(path), dtype=jnp.float32, tokenizer=False, progress=False)
+  again = load_model(str(path), dtype=jnp.float32, tokenizer=False, progress=False, cache_dir=tmp_path / "cache")
   np.testing.assert_array_equal(np.asarray(again.params["params"]["layer_0"]["attn"]["q_einsum"]["w"]),
                                 np.asarray(loaded.params["params"]["layer_0"]["attn"]["q_einsum"]["w"]))
-  b16 = load_model(str(path), dtype=jnp.bfloat16, tokenizer=False, progress=False)
+  b16 = load_model(str(path), dtype=jnp.bfloat16, tokenizer=False, progress=False, cache_dir=tmp_path / "cache")
   assert b16.params["params"]["embedder"]["input_embedding"].dtype == jnp.bfloat16
   assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # keyed by dtype too
-  b16c = load_model(str(path), dtype=jnp.bfloat16, tokenizer=False, progress=False)  # from cache: bf16 bits
+  b16c = load_model(str(path), dtype=jnp.bfloat16, tokenizer=False, progress=False, cache_dir=tmp_path / "cache")  # from cache: bf16 bits
   np.testing.assert_array_equal(np.asarray(b16c.params["params"]["embedder"]["input_embedding"], np.float32),
                                 np.asarray(b16.params["params"]["embedder"]["input_embedding"], np.float32))
 
@@ -250,7 +249,6 @@ def test_error_missing_and_not_a_checkpoint(tmp_path):
 
 
 def test_error_truncated_gguf_and_unsupported(tmp_path, monkeypatch):
-  monkeypatch.setenv("STREAM_JAX_CACHE", str(tmp_path / "cache"))
   src = gemma3_hf(vocab=64, d=32, head_dim=32, qscale=32, layers=2, seed=5)
   path = tmp_path / "ok.gguf"
   write_gguf(path, src)
@@ -258,10 +256,10 @@ def test_error_truncated_gguf_and_unsupported(tmp_path, monkeypatch):
   cut = tmp_path / "cut.gguf"
   cut.write_bytes(data[: len(data) * 2 // 3])
   with pytest.raises(GGUFError, match="truncated"):
-    load_model(str(cut), tokenizer=False, progress=False)
+    load_model(str(cut), tokenizer=False, progress=False, cache_dir=tmp_path / "cache")
   cut.write_bytes(data[:64])  # cut inside the metadata
   with pytest.raises(GGUFError, match="truncated or corrupt"):
-    load_model(str(cut), tokenizer=False, progress=False)
+    load_model(str(cut), tokenizer=False, progress=False, cache_dir=tmp_path / "cache")
   for arch, error in (("falcon", "unsupported architecture 'falcon'"),  # llama is supported since issue 15
                       ("llama", "metadata key llama.embedding_length is missing")):
     other = tmp_path / f"{arch}.gguf"
@@ -270,7 +268,7 @@ def test_error_truncated_gguf_and_unsupported(tmp_path, monkeypatch):
     w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(GGUFError, match=error):
-      load_model(str(other), tokenizer=False, progress=False)
+      load_model(str(other), tokenizer=False, progress=False, cache_dir=tmp_path / "cache")
   Q = gguf.GGMLQuantizationType
   odd = tmp_path / "q8k.gguf"
   real_quantize = gguf.quants.quantize

@@ -415,11 +415,10 @@ def test_gguf_cache_and_header_peek(gguf_files, tmp_path, monkeypatch):
   """The converted-parameter cache restores the family switches (tuples included); the header-only reader
   gives the same config as the full reader (Llama-3 factor aside: it is read from the rope_freqs data)."""
   from stream_jax.models.load import peek_config
-  monkeypatch.setenv("STREAM_JAX_CACHE", str(tmp_path / "cache"))
   for family in sorted(FAMILIES):
     path, _ = gguf_files[family]
-    first = load_model(path, jnp.float32, progress=False, tokenizer=False)
-    again = load_model(path, jnp.float32, progress=False, tokenizer=False)
+    first = load_model(path, jnp.float32, progress=False, tokenizer=False, cache_dir=tmp_path / "cache")
+    again = load_model(path, jnp.float32, progress=False, tokenizer=False, cache_dir=tmp_path / "cache")
     assert again.config == first.config and hash(again.config) == hash(first.config)
     ids = token_ids(12)
     np.testing.assert_array_equal(np.asarray(forward(again, again.params, ids).logits),

@@ -22,12 +22,12 @@ The `stream-jax` command, the notebooks in colab/ and benchmarks/analysis_eviden
 from stream_jax.experiments.runs import (
     MIN_SENTENCES, NIAH_MIN_TOKENS, AnchorsResult, DemoResult, FaithfulnessPair, InputError, NiahRow, NiahSweep,
     Settings, TextTrace, anchors_for_text, answer_niah, check_length, check_needle_length, check_settings,
-    compare, context_length, demo, faithfulness_pair, first_global, niah_sweep, niah_task, pruning_notice,
+    compare_niah_rows, context_length, demo, faithfulness_pair, first_global, niah_sweep, niah_task, pruning_notice,
     trace_text)
 
 __all__ = [
     "MIN_SENTENCES", "NIAH_MIN_TOKENS", "AnchorsResult", "DemoResult", "FaithfulnessPair", "InputError",
     "NiahRow", "NiahSweep", "Settings", "TextTrace", "anchors_for_text", "answer_niah", "check_length",
-    "check_needle_length", "check_settings", "compare", "context_length", "demo", "faithfulness_pair",
+    "check_needle_length", "check_settings", "compare_niah_rows", "context_length", "demo", "faithfulness_pair",
     "first_global", "niah_sweep", "niah_task", "pruning_notice", "trace_text",
 ]

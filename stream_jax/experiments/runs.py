@@ -353,7 +353,7 @@ class NiahSweep:
     return "\n".join(lines)
 
 
-def compare(rows: Sequence[NiahRow]) -> GroupedComparison:
+def compare_niah_rows(rows: Sequence[NiahRow]) -> GroupedComparison:
   """routes.compare_groups of the rows' needle mass, successes vs failures within each (length, depth),
   over the layers that can see the needle in every prompt of the group."""
   return routes.compare_groups([r.needle_mass for r in rows], [r.success for r in rows],
@@ -465,7 +465,7 @@ def niah_sweep(model, lengths: Sequence[int], settings: Settings = Settings(), *
                                       seed=seed, max_new_tokens=max_new_tokens, tokenizer=model.tokenizer,
                                       everywhere=True, progress=progress, backend=settings.backend,
                                       residual=kw.get("residual", 0.5), threshold=kw.get("threshold", 1e-3))
-  return NiahSweep(name, rows, compare(rows), settings, verified)
+  return NiahSweep(name, rows, compare_niah_rows(rows), settings, verified)
 
 
 # ------------------------------------------------------------------------------------------------- anchors
