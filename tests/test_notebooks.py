@@ -33,3 +33,13 @@ def test_quickstart_runs(tmp_path, monkeypatch):
 def test_analysis_notebooks_run(name, png, tmp_path, monkeypatch):
   _run(name, tmp_path, monkeypatch)
   assert (tmp_path / png).stat().st_size > 0
+
+
+def test_edge_attribution_notebook_runs(tmp_path, monkeypatch):
+  """Gradients vs ablations on a needle prompt (the 270M, 300 tokens): both figures are drawn and the
+  printed rank correlation is a number."""
+  nb = _run("edge_attribution", tmp_path, monkeypatch)
+  text = _outputs(nb)
+  assert "kept edges; metric" in text and "Spearman" in text
+  for png in ("atp_vs_ablation.png", "needle_route.png"):
+    assert (tmp_path / png).stat().st_size > 0

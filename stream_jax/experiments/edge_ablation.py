@@ -99,10 +99,11 @@ def check_edges(model, prompt: NeedlePrompt, config: StreamConfig, *, top: int =
   best = [r for r in rows if not r["random"]]
   est = np.array([r["estimate"] for r in best])
   real = np.array([r["measured"] for r in best])
-  return EdgeCheck(float(attr.value), tuple(rows), _spearman(est, real), float(np.corrcoef(est, real)[0, 1]),
+  return EdgeCheck(float(attr.value), tuple(rows), spearman(est, real), float(np.corrcoef(est, real)[0, 1]),
                    float(np.mean(np.sign(est) == np.sign(real))), num_edges)
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-  rank = lambda x: np.argsort(np.argsort(x)).astype(np.float64)  # noqa: E731  (float effects: no ties)
+def spearman(a, b) -> float:
+  """Rank correlation (float effects: no ties)."""
+  rank = lambda x: np.argsort(np.argsort(np.asarray(x))).astype(np.float64)  # noqa: E731
   return float(np.corrcoef(rank(a), rank(b))[0, 1])
