@@ -349,8 +349,8 @@ class GroupedComparison:
     for g in self.comparable:
       if g.depth is None and len(set(np.round(g.depths))) > 1:
         out.append(f"{_where(g)}: needle depth is random per sample ({min(g.depths):.0f}%-"
-                   f"{max(g.depths):.0f}%), so depth differs between successes and failures; pass --depths "
-                   "for a controlled comparison")
+                   f"{max(g.depths):.0f}%), so depth differs between successes and failures; fix the needle "
+                   "depths for a controlled comparison")
     return out
 
   def format(self, n: int = 8) -> str:
