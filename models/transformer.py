@@ -102,13 +102,17 @@ class SelfAttention(nn.Module):
   def __call__(self, x: jax.Array, plan: LayerPlan, suppress=None, forced=None, gate=None,
                hook: Optional[Callable] = None):
     """Whole sequence: x [B, T, D] -> (out [B, T, D], LayerTrace | None, (k, v)); suppress / forced / gate:
-    this layer's intervention (see `attend`); hook(point, value) -> value: the layer's named hook points
-    (stream_jax.hooks)."""
+    this layer's intervention (see `attend`); hook: the layer's named hook points (stream_jax.hooks.
+    LayerHooks: hook(point, value) -> value)."""
     c = self.config
     t = x.shape[1]
     q, k, v = self.qkv(x, jnp.arange(t, dtype=jnp.int32))
     if hook is not None:
       q, k, v = hook("q", q), hook("k", k), hook("v", v)
+      if hook.has("visible"):  # the suppression materialised only for a hook that asks for it
+        b, n = q.shape[0], q.shape[2]
+        seen = jnp.ones((b, n, t), bool) if suppress is None else ~jnp.broadcast_to(suppress, (b, n, t))
+        suppress = ~hook("visible", seen)
     out, trace = attend(plan, q, k, v, scale=c.attn_scale, cap=c.attn_softcap, suppress=suppress,
                         forced=forced, gate=gate,
                         on_kept=None if hook is None else functools.partial(hook, "kept"))
@@ -226,7 +230,7 @@ class Gemma(nn.Module):
       gate = None if intervention is None else intervention.gate(i)
       hook = None
       if any(h.at(i) for h in hooks):
-        hook = functools.partial(_run_hooks, hooks, layer=i, args=hook_args, extras=extras)
+        hook = hooks_lib.LayerHooks(hooks, i, hook_args, extras)
       x, trace, kv = block(x, plan, suppress, forced, gate, hook)
       traces.append(trace)
       if return_hidden:
@@ -255,10 +259,6 @@ class Gemma(nn.Module):
       new.append(kv)
     logits = self.logits(x[:, -1:])[:, 0] if last_only else self.logits(x)
     return logits, tuple(new)
-
-
-def _run_hooks(hooks, point, value, *, layer, args, extras):
-  return hooks_lib.apply(hooks, point, value, layer, args, extras)
 
 
 def traced_run(out: dict, plans: tuple[LayerPlan, ...]) -> TracedRun:

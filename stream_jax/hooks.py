@@ -14,6 +14,9 @@
 Points, per layer, in the order they run (penzai names its sub-layers, gemma exposes attention through a
 named identity hook; these are ours):
   "q", "k", "v"      after QK-norm and RoPE: q [B, T, N, H], k, v [B, T, K, H];
+  "visible"          bool [B, N, T]: the keys each head may see at all (all True, or an intervention's
+                     suppression); what is returned is the layer's suppression (Thought Anchors' attention
+                     suppression: hidden keys get zero probability, the rest renormalise);
   "kept"             a Stream layer's kept set before attention, a BlockMask [B, N, nQ, C] (estimated, or
                      an intervention's forced mask; not on local layers kept exact as their window's band,
                      nor on select="ideal" layers, whose set the dense pass decides): the returned mask is
@@ -27,8 +30,9 @@ pytree of arrays) is collected in `TracedRun.hooked[hook.name][layer]`.
 The functions are static (part of the jit cache key: pass the same function objects to reuse the
 compiled forward); `hook_args` is a pytree argument of the compiled function, so new values of the same
 shapes reuse it (a sweep over heads or gains compiles once), and a vmap over hook_args batches a sweep.
-Nothing here is T x T: a hook sees what the layer holds. Interventions (stream_jax.intervene) act at the
-same points: a forced mask is what a "kept" hook returns (see `force_kept`).
+Nothing here is T x T: a hook sees what the layer holds. Interventions (stream_jax.intervene) are hooks of
+these points: suppression and dropped blocks are what a "visible" hook returns (`suppress_keys`), a forced
+mask what a "kept" hook returns (`force_kept`); their arrays are hook_args.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import jax
 
 from stream_jax.mask import BlockMask
 
-POINTS = ("q", "k", "v", "kept", "trace", "attention_out", "residual")
+POINTS = ("q", "k", "v", "visible", "kept", "trace", "attention_out", "residual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +123,27 @@ def apply(hooks: Sequence[Hook], point: str, value, layer: int, args, extras: di
   return value
 
 
-def has(hooks: Sequence[Hook], point: str, layer: int) -> bool:
-  return any(h.point == point and h.at(layer) for h in hooks)
+@dataclasses.dataclass(frozen=True)
+class LayerHooks:
+  """The hooks that fire at one layer, bound to their args and the extras collector: what a layer calls
+  as `hook(point, value)`."""
+
+  hooks: tuple[Hook, ...]
+  layer: int
+  args: Any
+  extras: dict
+
+  def __call__(self, point: str, value):
+    return apply(self.hooks, point, value, self.layer, self.args, self.extras)
+
+  def has(self, point: str) -> bool:
+    return any(h.point == point and h.at(self.layer) for h in self.hooks)
+
+
+def suppress_keys(layers: Sequence[int], name: str = "suppressed") -> Hook:
+  """A "visible" hook that hides `args[name]`, bool [B|1, N|1, T] keys, from every head of `layers`:
+  `intervene.suppress_spans` / `drop_blocks` as a hook (new key sets reuse the compiled forward)."""
+  return Hook("visible", lambda vis, layer, args: vis & ~args[name], layers=tuple(layers), name=name)
 
 
 def force_kept(layers: Sequence[int], name: str = "forced") -> Hook:

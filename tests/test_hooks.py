@@ -85,6 +85,22 @@ def test_a_kept_hook_equals_the_forced_mask_intervention():
   assert np.abs(np.asarray(by_hook.logits) - np.asarray(base.logits)).max() > 1e-4
 
 
+def test_a_visible_hook_equals_the_suppression_intervention():
+  """Keys 10..29 hidden from every head of layers 1 and 3: suppress_keys as a hook and suppress_spans as an
+  intervention give the same forward (and dropping a whole key block the same as drop_blocks)."""
+  layers = (1, 3)
+  keys = jnp.zeros((1, 1, IDS.shape[1]), bool).at[..., 10:30].set(True)
+  by_hook = _run(hooks=(hooks.suppress_keys(layers),), hook_args={"suppressed": keys})
+  by_intervention = _run(intervention=intervene.suppress_spans(
+      [(10, 30)], length=IDS.shape[1], num_layers=CFG.num_layers, num_heads=CFG.num_heads, layers=layers))
+  _same(by_hook, by_intervention)
+  assert np.abs(np.asarray(by_hook.logits) - np.asarray(_run().logits)).max() > 1e-4
+  block = jnp.zeros((1, 1, IDS.shape[1]), bool).at[..., 32:48].set(True)  # key block 2 of 16 tokens
+  dropped = intervene.drop_blocks([2], block_k=16, length=IDS.shape[1], num_layers=CFG.num_layers,
+                                  num_heads=CFG.num_heads, layers=layers)
+  _same(_run(hooks=(hooks.suppress_keys(layers),), hook_args={"suppressed": block}), _run(intervention=dropped))
+
+
 def test_new_hook_args_reuse_the_compiled_forward_and_vmap_batches_a_sweep():
   hook = Hook("attention_out", lambda x, l, a: x * a[None, None, :, None].astype(x.dtype), layers=(3,))
   _run(hooks=(hook,), hook_args=jnp.ones(CFG.num_heads))
