@@ -22,8 +22,9 @@ from stream_jax import outdir
 from stream_jax.analysis import niah
 from stream_jax.analysis.faithfulness import format_report
 from stream_jax.config import StreamConfig
-from stream_jax.experiments import reports, runs
-from stream_jax.experiments.runs import InputError as CliError
+from stream_jax import experiments as ex
+from stream_jax.experiments import reports
+from stream_jax.experiments.settings import InputError as CliError
 
 EXIT_USAGE = 2
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(StreamConfig)}
@@ -66,8 +67,8 @@ def notes_wording(notes):
 
 
 def pruning_notice_in_flags(kept: float, tokens: int, cfg: StreamConfig) -> Optional[str]:
-  """`runs.pruning_notice` in the CLI's words (flags)."""
-  notice = runs.pruning_notice(kept, tokens, cfg)
+  """`ex.pruning_notice` in the CLI's words (flags)."""
+  notice = ex.pruning_notice(kept, tokens, cfg)
   return None if notice is None else flag_wording(notice, NOTE_PARAMS)
 
 
@@ -155,12 +156,12 @@ def _common(p, out):
   a("--debug", action="store_true", help="show the full traceback of an error")
 
 
-def settings(args) -> runs.Settings:
+def settings(args) -> ex.Settings:
   try:
     cfg = StreamConfig(**{f: getattr(args, f) for f in (o[0].replace("-", "_") for o in STREAM_OPTIONS)})
   except ValueError as e:  # name the command-line option, not the dataclass field
     raise CliError(str(e).replace("StreamConfig.", "--").replace("_", "-")) from None
-  return runs.Settings(cfg, args.dense_layers, args.prune_local, args.backend)
+  return ex.Settings(cfg, args.dense_layers, args.prune_local, args.backend)
 
 
 def preflight(args, st, *, lengths: Sequence[int] = (), what: str = "the prompt"):
@@ -175,7 +176,7 @@ def preflight(args, st, *, lengths: Sequence[int] = (), what: str = "the prompt"
   if getattr(args, "plot_layer", None) is not None and not 0 <= args.plot_layer < n:
     raise CliError(f"--plot-layer must be in [0, {n - 1}] ({config.name} has {n} layers), got "
                    f"{args.plot_layer}")
-  runs.check_settings(config, st, lengths, what)
+  ex.check_settings(config, st, lengths, what)
   if getattr(args, "text_", None) is not None:
     check_text(args, config)
 
@@ -188,7 +189,7 @@ def check_text(args, config) -> None:
   if tok is None:
     return
   what = "--text" if getattr(args, "text", None) is not None else f"--file {args.file}"
-  runs.check_length(config, len(tok(args.text_)["input_ids"]), what)
+  ex.check_length(config, len(tok(args.text_)["input_ids"]), what)
   args.tokenizer_ = tok
 
 
@@ -217,7 +218,7 @@ def _print(*texts, notes=None) -> None:
 
 
 def cmd_trace(args, st, model):
-  res = runs.trace_text(model, args.text_, st, output=args.output, oracle=args.oracle, progress=True)
+  res = ex.trace_text(model, args.text_, st, output=args.output, oracle=args.oracle, progress=True)
   notes = notes_wording(res.notes)
   _print(table := format_report(res.report, f"dense vs Stream, {len(res.ids)} tokens"), notes=notes)
   return _writing(lambda: reports.write_trace(res, model, args.out, force=args.force, plot_layer=args.plot_layer,
@@ -228,7 +229,7 @@ def cmd_demo(args, st, model):
   """Needle in a haystack (4,096 tokens by default): a dense and a Stream prefill, each answering greedily;
   faithfulness over the pruned regime and coverage from the two prefills; the needle's attention in both
   and its route in the Stream trace."""
-  res = runs.demo(model, st, length=args.length, seed=args.seed, max_new_tokens=args.max_new_tokens,
+  res = ex.demo(model, st, length=args.length, seed=args.seed, max_new_tokens=args.max_new_tokens,
                   progress=True, log=lambda line: print(line, flush=True))
   table = format_report(res.report, f"dense vs Stream, {res.sample.length} tokens")
   notes = notes_wording(res.notes)
@@ -249,7 +250,7 @@ def _writing(write):
 
 
 def cmd_niah(args, st, model):
-  res = runs.niah_sweep(model, args.lengths, st, variant=args.variant, depths=args.depths, seed=args.seed,
+  res = ex.niah_sweep(model, args.lengths, st, variant=args.variant, depths=args.depths, seed=args.seed,
                         samples=args.samples, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
                         verify_routes=args.verify_routes, progress=True)
   abl = "" if res.ablation is None else "\n\n" + res.ablation.format()
@@ -261,7 +262,7 @@ def cmd_niah(args, st, model):
 
 
 def cmd_anchors(args, st, model):
-  res = runs.anchors_for_text(model, args.text_, st, top_heads=args.top_heads)
+  res = ex.anchors_for_text(model, args.text_, st, top_heads=args.top_heads)
   notes = notes_wording(res.notes)
   _print(text := res.format(args.show), notes=notes)
   return reports.write_anchors(res, model, args.out, force=args.force, text=text, notes=notes)
@@ -318,10 +319,10 @@ def run(args) -> int:
   args.started, st = time.perf_counter(), settings(args)
   lengths, what = (), "the prompt"
   if args.command == "demo":
-    runs.check_needle_length(args.length)
+    ex.check_needle_length(args.length)
     lengths, what = (args.length,), "--length"
   elif args.command == "niah":
-    task = runs.niah_task(args.variant, args.lengths, args.depths)
+    task = ex.niah_task(args.variant, args.lengths, args.depths)
     args.haystack = niah_haystack(task, args.variant, args.haystack_file)
     lengths, what = args.lengths, "--lengths entry"
   elif args.command in ("trace", "anchors"):
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = lambda name, **kw: sub.add_parser(name, formatter_class=HelpFormatter, **kw)
   d = parser("demo", help="needle-in-a-haystack trace of the embedded Gemma 3 270M, with report",
              description=cmd_demo.__doc__)
-  d.add_argument("--length", type=_int_arg("--length"), default=runs.DEMO_LENGTH, help="prompt tokens "
+  d.add_argument("--length", type=_int_arg("--length"), default=ex.DEMO_LENGTH, help="prompt tokens "
                  "(default 4,096: the default StreamConfig keeps about half of the global layers' causal "
                  "pairs, so the numbers measure pruning, and the demo takes under 3 minutes on 2 CPU cores)")
   d.add_argument("--seed", type=int, default=1, help="needle/key/depth seed (seed 1 is a prompt the 270M "

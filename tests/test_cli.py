@@ -220,7 +220,7 @@ def test_a_mount_point_out_is_announced_before_loading(files, capsys, monkeypatc
 
 
 def test_experiments_name_parameters_and_the_cli_says_flags():
-  from stream_jax.experiments import runs  # pylint: disable=import-outside-toplevel
+  from stream_jax import experiments as runs  # pylint: disable=import-outside-toplevel
   with pytest.raises(runs.InputError) as e:
     runs.niah_task("single_1", [10])
   assert str(e.value).startswith("lengths entries must be >= 128") and e.value.params == ("lengths",)

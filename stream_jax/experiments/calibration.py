@@ -66,8 +66,8 @@ def calibrate_budget(model, tokens, config: StreamConfig, *, scales: Sequence[fl
   scales = sorted(float(s) for s in scales)
   if not scales or scales[0] <= 0:
     raise ValueError(f"scales must be positive numbers, got {scales}")
-  from stream_jax.experiments.runs import _bar  # pylint: disable=import-outside-toplevel
-  bar = _bar(len(scales), "calibrating the coverage budget", "exact pass", progress)
+  from stream_jax.experiments.settings import progress_bar  # pylint: disable=import-outside-toplevel
+  bar = progress_bar(len(scales), "calibrating the coverage budget", "exact pass", progress)
   rows, chosen = [], None
   try:
     for s in scales:

@@ -14,8 +14,11 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from stream_jax.experiments.runs import (AnchorsResult, DemoResult, NiahSweep, Settings, TextTrace,
-                                         first_global)
+from stream_jax.experiments.anchoring import AnchorsResult
+from stream_jax.experiments.needle_demo import DemoResult
+from stream_jax.experiments.needles import NiahSweep
+from stream_jax.experiments.settings import Settings, first_global
+from stream_jax.experiments.tracing import TextTrace
 from stream_jax.extras import require
 from stream_jax.report import write_report
 from stream_jax.viewer.export import route_samples

@@ -237,7 +237,7 @@ def route_sample_json(r: Mapping, batch_index: int = 0) -> Optional[dict]:
 
 
 def route_samples(sweep, main: Optional[int] = None) -> list[dict]:
-  """`routes=` for export_viewer from a needle sweep (`experiments.runs.NiahSweep`): every row's trace,
+  """`routes=` for export_viewer from a needle sweep (`experiments.NiahSweep`): every row's trace,
   needle, success and answer, and the route ablation of the same prompt when the sweep verified routes
   (with the heads it suppressed the needle in, so the edges it cut are the ones marked). main: the row whose
   trace is the exported one."""
