@@ -21,9 +21,10 @@ Configs (`--configs`, comma list):
   ideal<P>      StreamConfig.ideal(coverage=P/100, top_k=--adaptive-max-k), output="exact": the ideal kept set
                 (blocks by true dense mass; its coverage is exact, so kept is the ideal selector's cost)
   idealsparse<P> the same set with output="sparse": the model attends through the ideal set (the frontier)
+  adaptive<P>[k<N>]s<S>  the adaptive budget with StreamConfig.dropped_scale = S (a calibrated budget, see
+                stream_jax.experiments.calibration and benchmarks/ideal_calibration.py)
   <name>-exact  any config above with output="exact": its trace's coverage is then the *true* coverage of
                 the estimator's kept set (the calibration column: asked vs true)
-Configs whose API this checkout lacks are skipped with a note.
 
 Sources: benchmarks/corpora.py (READMEs of installed distributions, scipy docstrings; torch_docs on request).
 
@@ -43,7 +44,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import inspect
 import json
 import math
 import os
@@ -64,16 +64,11 @@ from stream_jax import StreamConfig  # noqa: E402  pylint: disable=wrong-import-
 from stream_jax.analysis import faithfulness as faithfulness_lib  # noqa: E402  pylint: disable=wrong-import-position
 from stream_jax.analysis.faithfulness import output_metrics_from_hidden  # noqa: E402  pylint: disable=wrong-import-position
 from stream_jax.mask import BlockMask, kept_fraction  # noqa: E402  pylint: disable=wrong-import-position
-from stream_jax.trace import LayerTrace  # noqa: E402  pylint: disable=wrong-import-position
 
 DEFAULT_CONFIGS = "k8,k16,k32,k64,k128,oracle16,adaptive90,adaptive95,exact"
 DEFAULT_OUT = "benchmarks/results/faithfulness.jsonl"
 DEFAULT_PLOT = "benchmarks/results/faithfulness.png"
 REGIME_K = 16
-
-
-class Unsupported(Exception):
-  """A config this checkout's API cannot run (printed as a note, not an error)."""
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -112,16 +107,6 @@ def config_start(t: int, cfg: StreamConfig, top_k: Optional[int] = None) -> int:
 # Configs
 # ---------------------------------------------------------------------------------------------------------
 
-def api_features() -> dict:
-  """What the installed stream_jax offers (the adaptive / exact / coverage surfaces are recent)."""
-  from stream_jax.models import forward  # pylint: disable=import-outside-toplevel
-  fields = {f.name for f in dataclasses.fields(StreamConfig)}
-  params = inspect.signature(forward).parameters
-  return dict(score="score" in fields, coverage_target="coverage" in fields, output="output" in params,
-              coverage_pass="coverage" in params,
-              trace_coverage="coverage" in {f.name for f in dataclasses.fields(LayerTrace)})
-
-
 @dataclasses.dataclass(frozen=True)
 class Variant:
   name: str
@@ -129,10 +114,10 @@ class Variant:
   output: str = "sparse"
 
 
-def make_variant(name: str, base: StreamConfig, api: dict, adaptive_max_k: int = 128) -> Variant:
-  """The forward call a config name stands for; Unsupported where this API lacks it, ValueError if bad."""
+def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Variant:
+  """The forward call a config name stands for; ValueError if the name is not one."""
   if name.endswith("-exact"):
-    inner = make_variant(name[:-len("-exact")], base, api, adaptive_max_k)
+    inner = make_variant(name[:-len("-exact")], base, adaptive_max_k)
     return Variant(name, inner.config, output="exact")
   m = re.fullmatch(r"(ideal|idealsparse)(\d+)", name)
   if m:
@@ -141,30 +126,25 @@ def make_variant(name: str, base: StreamConfig, api: dict, adaptive_max_k: int =
       raise ValueError(f"--configs: {name!r}: the coverage target must be in (0, 100]")
     cfg = base.replace(top_k=adaptive_max_k, coverage=pct / 100, select="ideal")
     return Variant(name, cfg, output="exact" if m.group(1) == "ideal" else "sparse")
-  m = re.fullmatch(r"(k|mass|oracle)(\d+)|adaptive(\d+)(?:k(\d+))?|exact(\d+)?", name)
+  m = re.fullmatch(r"(k|mass|oracle)(\d+)|adaptive(\d+)(?:k(\d+))?(?:s(\d+(?:\.\d+)?))?|exact(\d+)?", name)
   if m is None:
-    raise ValueError(f"--configs: unknown config {name!r} (k<N>, mass<N>, oracle<N>, adaptive<P>[k<N>], "
-                     "exact)")
+    raise ValueError(f"--configs: unknown config {name!r} (k<N>, mass<N>, oracle<N>, adaptive<P>[k<N>][s<S>], "
+                     "exact, ideal<P>, idealsparse<P>, <name>-exact)")
   if m.group(1):
     kind, k = m.group(1), int(m.group(2))
     if kind == "k":
       return Variant(name, base.replace(top_k=k))
     if kind == "oracle":
       return Variant(name, base.replace(top_k=k, representative="oracle"))
-    if not api["score"]:
-      raise Unsupported("StreamConfig has no `score` field")
     return Variant(name, base.replace(top_k=k, score="mass"))
   if name.startswith("adaptive"):
-    if not api["coverage_target"]:
-      raise Unsupported("StreamConfig has no `coverage` field (adaptive sparsity)")
     pct = int(m.group(3))
     if not 0 < pct <= 100:
       raise ValueError(f"--configs: {name!r}: the coverage target must be in (0, 100]")
     k = int(m.group(4)) if m.group(4) else adaptive_max_k
-    return Variant(name, base.replace(top_k=k, coverage=pct / 100))
-  if not api["output"]:
-    raise Unsupported("forward() has no `output` argument (exact-output tracing)")
-  return Variant(name, base.replace(top_k=int(m.group(5))) if m.group(5) else base, output="exact")
+    scale = float(m.group(5)) if m.group(5) else 1.0
+    return Variant(name, base.replace(top_k=k, coverage=pct / 100, dropped_scale=scale))
+  return Variant(name, base.replace(top_k=int(m.group(6))) if m.group(6) else base, output="exact")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,7 +161,7 @@ def trace_stats(trace, start: int) -> dict:
   """Kept fractions (whole sequence, pruned rows) and coverage over the global layers of a trace."""
   layers = trace.select(kind="global")
   out = dict(kept=float(trace.kept_fraction()), kept_pruned=None, coverage=None, coverage_pruned=None,
-             coverage_min_head=None)
+             coverage_min_head=None, coverage_layers=None, coverage_layer_min=None)
   if not layers:
     return out
   block_q = layers[0].mask.block_q
@@ -197,6 +177,9 @@ def trace_stats(trace, start: int) -> dict:
       reg = cov[..., sb:]
       out["coverage_pruned"] = float(reg.mean())
       out["coverage_min_head"] = float(reg.mean(-1).min())
+      # per global layer, the mean over heads and pruned query blocks (calibration's criterion)
+      out["coverage_layers"] = [float(c) for c in reg.mean((-2, -1))]
+      out["coverage_layer_min"] = min(out["coverage_layers"])
   return out
 
 
@@ -207,7 +190,7 @@ def _stats(kl, top1, top5) -> dict:
               top5=float(np.mean(top5)))
 
 
-def measure(model, params, tokens: np.ndarray, variant: Variant, dense_final, *, regime_k: int, api: dict,
+def measure(model, params, tokens: np.ndarray, variant: Variant, dense_final, *, regime_k: int,
             backend: str, chunk: int) -> dict:
   """One Stream forward against the dense residual stream of the same tokens: one result row."""
   from stream_jax.models import forward, logits_from_hidden  # pylint: disable=import-outside-toplevel
@@ -216,7 +199,7 @@ def measure(model, params, tokens: np.ndarray, variant: Variant, dense_final, *,
   kw = {}
   if variant.output == "exact":
     kw["output"] = "exact"
-  elif api["coverage_pass"]:
+  else:
     kw["coverage"] = True
   t0 = time.perf_counter()
   _run = forward(model, params, jnp.asarray(tokens)[None], attention=cfg, return_hidden=True,
@@ -440,7 +423,6 @@ def main(argv=None, model=None) -> list[dict]:
       print(f"{s}: {len(ids):,} tokens ({corpora.source_versions(s)}) -> {args.dump_tokens}/{s}.npy")
     return []
 
-  api = api_features()
   lengths = args.lengths or ([4096, 8192] if cpu else [4096, 8192, 16384, 32768])
   oracle_max = args.oracle_max_len if args.oracle_max_len is not None else (8192 if cpu else 1 << 62)
   dense_impl = args.dense_impl
@@ -448,9 +430,7 @@ def main(argv=None, model=None) -> list[dict]:
   variants = []
   for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
     try:
-      variants.append(make_variant(name, base, api, args.adaptive_max_k))
-    except Unsupported as e:
-      print(f"note: skipping {name}: {e}", flush=True)
+      variants.append(make_variant(name, base, args.adaptive_max_k))
     except ValueError as e:
       p.error(str(e))
 
@@ -473,7 +453,7 @@ def main(argv=None, model=None) -> list[dict]:
   model_name = os.path.basename(model.source) if model.source else model.config.name
   device = jax.devices()[0].device_kind
   print(f"device: {device} ({jax.default_backend()}), model {model_name}, {dtype.name}, block {args.block}, "
-        f"lengths {lengths}, configs {[v.name for v in variants]}, api {api}", flush=True)
+        f"lengths {lengths}, configs {[v.name for v in variants]}", flush=True)
 
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   jobs = [(s, t) for s in sources for t in lengths]
@@ -499,10 +479,11 @@ def main(argv=None, model=None) -> list[dict]:
         bar.update()
         continue
       row = dict(source=s, T=t, config=v.name, top_k=v.config.top_k, representative=v.config.representative,
-                 score=getattr(v.config, "score", "max"), coverage_target=getattr(v.config, "coverage", None),
+                 score=v.config.score, coverage_target=v.config.coverage, select=v.config.select,
+                 dropped_scale=v.config.dropped_scale,
                  output=v.output, block=args.block, dtype=dtype.name, model=model_name, device=device,
                  backend=args.backend, dense_impl=dense_impl, dense_seconds=dense_seconds, date=date)
-      row.update(measure(model, model.params, ids, v, dense_final, regime_k=args.regime_k, api=api,
+      row.update(measure(model, model.params, ids, v, dense_final, regime_k=args.regime_k,
                          backend=args.backend, chunk=args.chunk))
       run_rows.append(row)
       with open(args.out, "a") as f:

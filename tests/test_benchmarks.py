@@ -106,9 +106,8 @@ def test_faithfulness_main_tiny_model(tmp_path, capsys):
   tok_dir.mkdir()
   ids = np.concatenate([[2], np.random.default_rng(0).integers(3, 512, 299)]).astype(np.int32)
   np.save(tok_dir / "readmes.npy", ids)
-  api = faithfulness.api_features()
   # one sparse config and one that must equal dense (each config is a compile of its own: ~5 s of CPU)
-  configs = ["k2", "exact2" if api["output"] else "k64"]
+  configs = ["k2", "exact2"]
   out = tmp_path / "faith.jsonl"
   argv = ["--sources", "readmes", "--tokens", str(tok_dir), "--lengths", "256", "--block", "16",
           "--regime-k", "2", "--configs", ",".join(configs + ["oracle2"]), "--oracle-max-len", "128",
@@ -123,14 +122,12 @@ def test_faithfulness_main_tiny_model(tmp_path, capsys):
   assert k2["pruned_start"] == 80 and k2["n_pruned"] == 176 and k2["own_start"] == 80
   assert k2["kept"] < 1.0 and k2["kept_pruned"] < k2["kept"]
   assert k2["kl_mean"] > 1e-6 and 0.0 <= k2["top1"] <= 1.0 and k2["kl_p99"] >= k2["kl_mean"]
-  if "k64" in by:  # keeps everything: exactly dense
-    k64 = by["k64"]
-    assert k64["kept"] == 1.0 and k64["own_start"] == 256 and k64["kl_mean_own"] is None
-    assert abs(k64["kl_mean"]) < 1e-5 and k64["top1"] == 1.0
-  else:  # dense logits, the k2 mask
-    ex = by["exact2"]
-    assert abs(ex["kl_mean"]) < 1e-5 and ex["top1"] == 1.0 and ex["kept"] < 1.0
-    assert 0 < ex["coverage_pruned"] <= 1.0 and ex["coverage_min_head"] <= ex["coverage_pruned"]
+  ex = by["exact2"]  # dense logits, the k2 mask
+  assert abs(ex["kl_mean"]) < 1e-5 and ex["top1"] == 1.0 and ex["kept"] < 1.0
+  assert 0 < ex["coverage_pruned"] <= 1.0 and ex["coverage_min_head"] <= ex["coverage_pruned"]
+  layers = ex["coverage_layers"]  # one global layer: its mean is the whole mean
+  assert len(layers) == 1 and abs(layers[0] - ex["coverage_pruned"]) < 1e-6
+  assert ex["coverage_layer_min"] == min(layers)
   rows_md = faithfulness.main(["--markdown", "--out", str(out), "--plot", str(tmp_path / "f.png")])
   printed = capsys.readouterr().out
   assert len(rows_md) == len(rows) and printed.count("| readmes | 256 |") == len(configs)
@@ -139,19 +136,18 @@ def test_faithfulness_main_tiny_model(tmp_path, capsys):
 
 def test_faithfulness_config_names():
   from stream_jax import StreamConfig
-  api = faithfulness.api_features()
   base = StreamConfig()
-  assert faithfulness.make_variant("k32", base, api).config.top_k == 32
-  assert faithfulness.make_variant("oracle16", base, api).config.representative == "oracle"
+  assert faithfulness.make_variant("k32", base).config.top_k == 32
+  assert faithfulness.make_variant("oracle16", base).config.representative == "oracle"
   import pytest
   with pytest.raises(ValueError, match="unknown config"):
-    faithfulness.make_variant("k", base, api)
-  if api["coverage_target"]:
-    v = faithfulness.make_variant("adaptive95k64", base, api)
-    assert (v.config.coverage, v.config.top_k) == (0.95, 64)
-  else:
-    with pytest.raises(faithfulness.Unsupported):
-      faithfulness.make_variant("adaptive95", base, api)
+    faithfulness.make_variant("k", base)
+  v = faithfulness.make_variant("adaptive95k64", base)
+  assert (v.config.coverage, v.config.top_k, v.config.dropped_scale) == (0.95, 64, 1.0)
+  v = faithfulness.make_variant("adaptive90s2.5-exact", base, 256)
+  assert (v.config.coverage, v.config.top_k, v.config.dropped_scale, v.output) == (0.9, 256, 2.5, "exact")
+  v = faithfulness.make_variant("idealsparse95", base, 64)
+  assert (v.config.select, v.config.coverage, v.config.top_k, v.output) == ("ideal", 0.95, 64, "sparse")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,272 @@
+"""Ideal kept sets and the calibrated coverage budget on real weights and real prose (issue 26, items 1-2).
+
+Per key-block size (block_q = block_k), one process, one model:
+  1. calibration: `stream_jax.experiments.calibration.calibrate_budget` on a calibration text (the Python
+     docs' topics, `pydoc_data`, which the faithfulness sources leave out on purpose) for each target:
+     the smallest StreamConfig.dropped_scale whose true coverage (exact pass) reaches the target in every
+     global layer, mean over the pruned query blocks;
+  2. held out: `benchmarks/faithfulness.py` on the faithfulness sources (readmes, scipy_docs) with
+       ideal<P>                 the ideal kept set, exact output (kept = the ideal selector's cost),
+       idealsparse<P>           the same set, sparse output (the model attends through it: KL, top-1),
+       adaptive<P>-exact        the estimator's kept set, uncalibrated, its *true* coverage (asked vs true),
+       adaptive<P>s<S>-exact    the same with the calibrated scale S,
+       adaptive<P>s<S>          the calibrated budget, sparse output (KL, top-1).
+The cap (top_k) is --cap-tokens / block for every config, and every metric is over the same positions:
+from the first query block with more searchable key blocks than the cap (faithfulness.py's --regime-k = the
+cap, which is also calibrate_budget's "pruned query blocks").
+
+  # CPU: the calibration text's tokens (faithfulness.py --dump-tokens writes the others)
+  python benchmarks/ideal_calibration.py --dump-tokens benchmarks/tokens
+  # GPU (bf16), from token files and the GGUF
+  python benchmarks/ideal_calibration.py --tokens benchmarks/tokens --gguf /path/gemma-3-270m-q4_k_m.gguf \\
+      --length 32k --blocks 64,32,16 --out-dir benchmarks/results
+  # tables from the JSON lines
+  python benchmarks/ideal_calibration.py --summary --out-dir benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import faithfulness  # noqa: E402  pylint: disable=wrong-import-position
+
+CALIB_SOURCE = "pydoc_topics"
+HELD_OUT = ("readmes", "scipy_docs")
+SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+def pydoc_text() -> str:
+  """The Python docs' topics (the standard library's pydoc_data), in sorted key order."""
+  from pydoc_data import topics  # pylint: disable=import-outside-toplevel
+  return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+def _scale_name(s: float) -> str:
+  return f"{s:g}"
+
+
+def exact_stats(model, ids: np.ndarray, config, backend: str) -> dict:
+  """`calibration.budget_coverage`'s measurement (the same exact forward, so the same compiled executable
+  as the calibration's), plus the kept fraction over the pruned rows: per global layer the mean true
+  coverage over the pruned query blocks, the kept fraction of the global layers (whole sequence and pruned
+  rows)."""
+  from stream_jax.analysis.faithfulness import pruned_start  # pylint: disable=import-outside-toplevel
+  from stream_jax.models import forward  # pylint: disable=import-outside-toplevel
+  start = pruned_start(len(ids), config)
+  t0 = time.perf_counter()
+  trace = forward(model, model.params, ids, attention=config, output="exact", last_only=True,
+                  backend=backend).trace
+  layers = trace.select(kind="global")
+  cov = [float(np.asarray(l.coverage, np.float64)[..., start // config.block_q:].mean()) for l in layers]
+  st = faithfulness.trace_stats(trace, start)
+  return dict(coverage_layers=cov, coverage_layer_min=min(cov), coverage_mean=float(np.mean(cov)),
+              coverage_min_head=st["coverage_min_head"], kept=float(trace.kept_fraction("global")),
+              kept_pruned=st["kept_pruned"], pruned_start=start, seconds=time.perf_counter() - t0)
+
+
+def run_block(model, args, block: int, calib_ids: np.ndarray, held: dict, out_cal: str, out_faith: str) -> None:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from stream_jax import StreamConfig  # pylint: disable=import-outside-toplevel
+  from stream_jax.experiments import calibration  # pylint: disable=import-outside-toplevel
+  cap = args.cap_tokens // block
+  t = args.length
+  dtype = jnp.dtype(model.dtype).name
+  date = datetime.datetime.now().isoformat(timespec="seconds")
+  common = dict(T=t, block=block, cap=cap, dtype=dtype, backend=args.backend, date=date)
+
+  def write(path, row):
+    with open(path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  # 1. calibration on the calibration text
+  chosen = {}
+  for p in args.targets:
+    cfg = StreamConfig(block_q=block, block_k=block, top_k=cap, coverage=p / 100)
+    t0 = time.perf_counter()
+    cal = calibration.calibrate_budget(model, calib_ids[:t], cfg, scales=args.scales, backend=args.backend,
+                                       progress=False)
+    row = dict(kind="calibration", source=CALIB_SOURCE, target=p / 100, reached=cal.reached,
+               chosen_scale=cal.config.dropped_scale,
+               rows=[dict(scale=s, coverage_layers=list(c), kept=k) for s, c, k in cal.rows],
+               seconds=time.perf_counter() - t0, **common)
+    write(out_cal, row)
+    print(f"block {block} cap {cap} target {p}:\n{calibration.summary(cal)} ({row['seconds']:.0f} s)", flush=True)
+    chosen[p] = cal.config.dropped_scale
+  # 2. held out, exact passes (the executables of the calibration are reused): the ideal kept set, the
+  #    estimator's uncalibrated and calibrated kept sets, their true coverage
+  for s, ids in held.items():
+    for p in args.targets + args.ideal_extra:
+      variants = [("ideal", StreamConfig.ideal(block_q=block, block_k=block, top_k=cap, coverage=p / 100))]
+      if p in args.targets:
+        est = StreamConfig(block_q=block, block_k=block, top_k=cap, coverage=p / 100)
+        variants += [("search", est.replace(dropped_scale=sc)) for sc in sorted({1.0, chosen[p]})]
+      for select, cfg in variants:
+        row = dict(kind="exact", source=s, select=select, target=p / 100, dropped_scale=cfg.dropped_scale,
+                   calibrated=select == "search" and cfg.dropped_scale != 1.0, **common)
+        row.update(exact_stats(model, ids[:t], cfg, args.backend))
+        write(out_cal, row)
+        print(f"{s} block {block} {select} target {p} scale {cfg.dropped_scale:g}: true coverage per layer "
+              f"{' '.join(f'{c:.3f}' for c in row['coverage_layers'])}, kept {row['kept']:.3f} "
+              f"(pruned rows {row['kept_pruned']:.3f}) [{row['seconds']:.1f} s]", flush=True)
+  # 3. sparse outputs through faithfulness.py (KL, top-1 against dense over the same pruned positions)
+  configs = [f"idealsparse{p}" for p in args.targets]
+  if args.sparse_calibrated:
+    configs += [f"adaptive{p}s{_scale_name(chosen[p])}" for p in args.targets]
+  argv = ["--sources", ",".join(held), "--tokens", args.tokens, "--lengths", str(t),
+          "--block", str(block), "--adaptive-max-k", str(cap), "--regime-k", str(cap),
+          "--configs", ",".join(configs), "--out", out_faith, "--backend", args.backend,
+          "--dtype", dtype, "--chunk", str(args.chunk)]
+  print("faithfulness.py " + " ".join(argv), flush=True)
+  faithfulness.main(argv, model=model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------
+
+def _interp_ideal(ideal_rows: list[dict], cov: float):
+  """The ideal selector's kept fraction (global layers) at mean true coverage `cov`: linear through its
+  measured (coverage, kept) points, extrapolated from the nearest two outside their range (marked)."""
+  pts = sorted((r["coverage_mean"], r["kept"]) for r in ideal_rows)
+  if len(pts) < 2:
+    return None, False
+  i = next((i for i in range(len(pts) - 1) if cov <= pts[i + 1][0]), len(pts) - 2)
+  (c0, k0), (c1, k1) = pts[i], pts[i + 1]
+  inside = pts[0][0] <= cov <= pts[-1][0]
+  return (k0 + (k1 - k0) * (cov - c0) / (c1 - c0) if c1 > c0 else k0), inside
+
+
+def _f(key, spec):
+  return lambda r: format(r[key], spec)
+
+
+def _layers(v):
+  return " ".join(f"{x:.3f}" for x in v)
+
+
+def summary(out_dir: str) -> str:
+  """Markdown tables from --out-dir's ideal_calibration_fit.jsonl (calibration and exact rows) and
+  ideal_calibration.jsonl (faithfulness.py rows: sparse outputs)."""
+  fit = faithfulness.read_rows(os.path.join(out_dir, "ideal_calibration_fit.jsonl"))
+  faith = faithfulness.read_rows(os.path.join(out_dir, "ideal_calibration.jsonl"))
+  cal = {(r["block"], r["target"]): r for r in fit if r["kind"] == "calibration"}
+  ex = {}
+  for r in fit:
+    if r["kind"] == "exact":
+      ex[(r["block"], r["source"], r["select"], r["target"], r["dropped_scale"])] = r
+  sp = {(r["block"], r["source"], r["config"]): r for r in faith}
+  sources = [s for s in HELD_OUT if any(k[1] == s for k in ex)]
+  blocks = sorted({k[0] for k in ex})
+
+  def both(rows, fn):
+    return " / ".join("–" if r is None else fn(r) for r in rows)
+
+  lines = ["Ideal kept sets (held-out sources: " + " / ".join(sources) + "; coverage = true coverage, mean "
+           "over heads and pruned query blocks; per layer min = the lowest global layer's):", "",
+           "| block (cap) | target | kept, exact | kept, pruned rows | true coverage | per layer min | "
+           "sparse output: KL mean | top-1 change | coverage |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for b in blocks:
+    targets = sorted({k[3] for k in ex if k[0] == b and k[2] == "ideal"})
+    for p in targets:
+      rows = [ex.get((b, s, "ideal", p, 1.0)) for s in sources]
+      sps = [sp.get((b, s, f"idealsparse{round(p * 100)}")) for s in sources]
+      cap = next(r["cap"] for r in rows if r)
+      lines.append(f"| {b} ({cap}) | {p:.2f} | {both(rows, _f('kept', '.3f'))} | "
+                   f"{both(rows, _f('kept_pruned', '.3f'))} | {both(rows, _f('coverage_mean', '.3f'))} | "
+                   f"{both(rows, _f('coverage_layer_min', '.3f'))} | {both(sps, _f('kl_mean', '.4f'))} | "
+                   f"{both(sps, lambda r: format(1 - r['top1'], '.3f'))} | {both(sps, _f('coverage_pruned', '.3f'))} |")
+  lines += ["", "Calibration (dropped_scale fit on " + CALIB_SOURCE + "; held out: " + " / ".join(sources) + "):",
+            "", "| block | asked | dropped_scale | fit text: true coverage per layer | held out: true coverage per "
+            "layer | min − asked | kept | × ideal at same true coverage | × ideal at same target |",
+            "|---:|---:|---|---|---|---:|---:|---:|---:|"]
+  for (b, p), c in sorted(cal.items()):
+    fits = {r["scale"]: r for r in c["rows"]}
+    for scale in sorted({1.0, c["chosen_scale"]}):
+      label = f"{scale:g}" + ("" if scale == 1.0 else (" (calibrated)" if c["reached"] else " (not reached)"))
+      rows = [ex.get((b, s, "search", p, scale)) for s in sources]
+      got = [r for r in rows if r]
+      gap = min(r["coverage_layer_min"] for r in got) - p if got else None
+      ratios, same = [], []
+      for s, r in zip(sources, rows):
+        ideals = [v for k, v in ex.items() if k[0] == b and k[1] == s and k[2] == "ideal"]
+        if r is None:
+          continue
+        k_ideal, inside = _interp_ideal(ideals, r["coverage_mean"])
+        ratios.append("–" if k_ideal is None else f"{r['kept'] / k_ideal:.2f}" + ("" if inside else "*"))
+        at = ex.get((b, s, "ideal", p, 1.0))
+        same.append("–" if at is None else f"{r['kept'] / at['kept']:.2f}")
+      lines.append(f"| {b} | {p:.2f} | {label} | {_layers(fits[scale]['coverage_layers']) if scale in fits else '–'} | "
+                   f"{both(rows, lambda r: _layers(r['coverage_layers']))} | "
+                   f"{'–' if gap is None else f'{gap:+.3f}'} | {both(rows, _f('kept', '.3f'))} | "
+                   f"{' / '.join(ratios)} | {' / '.join(same)} |")
+  lines += ["", "(* extrapolated beyond the ideal points measured)"]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--tokens", default="benchmarks/tokens", help="token files (<source>.npy)")
+  p.add_argument("--dump-tokens", default=None, metavar="DIR", help=f"write DIR/{CALIB_SOURCE}.npy and exit")
+  p.add_argument("--gguf", default=None, help="GGUF path (default: the embedded Gemma 3 270M)")
+  p.add_argument("--length", type=lambda s: faithfulness.parse_lengths(s)[0], default=32768)
+  p.add_argument("--blocks", default="64,32,16")
+  p.add_argument("--targets", default="90,95", help="coverage targets, percent")
+  p.add_argument("--ideal-extra", default="", help="more ideal<P> targets (exact), for the interpolation")
+  p.add_argument("--cap-tokens", type=int, default=8192, help="top_k (the cap) = this / block")
+  p.add_argument("--scales", default=",".join(f"{s:g}" for s in SCALES), help="dropped_scale candidates")
+  p.add_argument("--sources", default=",".join(HELD_OUT))
+  p.add_argument("--sparse-calibrated", action="store_true", help="also the calibrated budget, sparse output")
+  p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
+  p.add_argument("--backend", default="xla")
+  p.add_argument("--chunk", type=int, default=256)
+  p.add_argument("--out-dir", default="benchmarks/results")
+  p.add_argument("--summary", action="store_true", help="print the tables of --out-dir's rows and exit")
+  args = p.parse_args(argv)
+  if args.summary:
+    print(summary(args.out_dir))
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from stream_jax.models import load_model  # pylint: disable=import-outside-toplevel
+  if args.dump_tokens:
+    m = load_model(args.gguf or "gemma3-270m", jnp.float32, progress=False)
+    ids = np.asarray(m.encode(pydoc_text()), np.int32)
+    os.makedirs(args.dump_tokens, exist_ok=True)
+    np.save(os.path.join(args.dump_tokens, f"{CALIB_SOURCE}.npy"), ids)
+    print(f"{CALIB_SOURCE}: {len(ids):,} tokens -> {args.dump_tokens}/{CALIB_SOURCE}.npy")
+    return
+  args.targets = [int(x) for x in args.targets.split(",") if x]
+  args.ideal_extra = [int(x) for x in args.ideal_extra.split(",") if x]
+  args.scales = [float(x) for x in args.scales.split(",") if x]
+  args.sources = [s for s in args.sources.split(",") if s]
+  dtype = jnp.dtype(args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
+  t0 = time.perf_counter()
+  model = load_model(args.gguf or "gemma3-270m", dtype, tokenizer=False, progress=False)
+  print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, {dtype.name}, model loaded in "
+        f"{time.perf_counter() - t0:.0f} s", flush=True)
+  calib_ids = np.load(os.path.join(args.tokens, f"{CALIB_SOURCE}.npy")).astype(np.int32)
+  if len(calib_ids) < args.length:
+    raise ValueError(f"{CALIB_SOURCE} has {len(calib_ids):,} tokens < --length {args.length:,}")
+  os.makedirs(args.out_dir, exist_ok=True)
+  out_cal = os.path.join(args.out_dir, "ideal_calibration_fit.jsonl")
+  out_faith = os.path.join(args.out_dir, "ideal_calibration.jsonl")
+  held = {s: np.load(os.path.join(args.tokens, f"{s}.npy")).astype(np.int32) for s in args.sources}
+  for b in [int(x) for x in args.blocks.split(",") if x]:
+    t1 = time.perf_counter()
+    run_block(model, args, b, calib_ids, held, out_cal, out_faith)
+    print(f"block {b} done in {time.perf_counter() - t1:.0f} s (total {time.perf_counter() - t0:.0f} s)",
+          flush=True)
+  print(summary(args.out_dir))
+
+
+if __name__ == "__main__":
+  main()
