@@ -33,7 +33,8 @@ def main():
 
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from stream_jax import StreamConfig  # pylint: disable=import-outside-toplevel
-  from stream_jax.experiments.edge_ablation import check_edges, needle_prompt, spearman  # pylint: disable=C0415
+  from stream_jax.analysis.anchors import spearman  # pylint: disable=import-outside-toplevel
+  from stream_jax.experiments.edge_ablation import check_edges, needle_prompt  # pylint: disable=C0415
   from stream_jax.models import load_model  # pylint: disable=import-outside-toplevel
 
   model = load_model("gemma3-270m", jnp.float32, progress=False)

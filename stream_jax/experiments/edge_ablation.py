@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from stream_jax.analysis import niah
+from stream_jax.analysis.anchors import spearman
 from stream_jax.attribution import drop_edge, edge_attribution, top_edges
 from stream_jax.config import StreamConfig
 from stream_jax.intervene import Intervention
@@ -102,8 +103,3 @@ def check_edges(model, prompt: NeedlePrompt, config: StreamConfig, *, top: int =
   return EdgeCheck(float(attr.value), tuple(rows), spearman(est, real), float(np.corrcoef(est, real)[0, 1]),
                    float(np.mean(np.sign(est) == np.sign(real))), num_edges)
 
-
-def spearman(a, b) -> float:
-  """Rank correlation (float effects: no ties)."""
-  rank = lambda x: np.argsort(np.argsort(np.asarray(x))).astype(np.float64)  # noqa: E731
-  return float(np.corrcoef(rank(a), rank(b))[0, 1])
