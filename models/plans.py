@@ -97,16 +97,18 @@ def make_plans(config, attention: Attention, dense_layers=(), prune_local: bool 
     prune = stream is not None and (kind == "global" or prune_local)
     plans.append(LayerPlan(layer=i, kind=kind, window=window, stream=stream,
                            dense=stream is None or i in dense_layers, prune=prune, backend=backend,
-                           impl=_implementations(backend, stream, prune, window, config.head_dim, dtype),
+                           impl=_implementations(backend, stream, prune, window, config.head_dim, dtype,
+                                                 output),
                            dense_impl=dense_impl, output=output,
                            coverage=bool(coverage) or output == "exact"))
   return tuple(plans)
 
 
 def _implementations(backend: str, stream: Optional[StreamConfig], prune: bool, window: Optional[int],
-                     head_dim: int, dtype) -> Implementations:
+                     head_dim: int, dtype, output: str = "sparse") -> Implementations:
   """What each op of one layer runs. A pruned layer estimates (or ranks, select="ideal") its kept set and
-  attends over `capacity` blocks; a layer kept exact attends over its window's block band."""
+  attends over `capacity` blocks (an ideal layer with exact output only ranks: its output is the dense
+  pass's); a layer kept exact attends over its window's block band."""
   if stream is None:
     return Implementations()
   dtype = jnp.dtype(dtype)
@@ -114,7 +116,8 @@ def _implementations(backend: str, stream: Optional[StreamConfig], prune: bool, 
   if prune:
     kept = Call(dtype, head_dim, head_dim, bq, bk, stream.capacity, stream)
     search = stream.select == "search"
-    return implementations.for_layer(backend, estimate=kept if search else None, attention=kept,
-                                ideal=None if search else kept)
+    attends = search or output == "sparse"
+    return implementations.for_layer(backend, estimate=kept if search else None,
+                                     attention=kept if attends else None, ideal=None if search else kept)
   band = Call(dtype, head_dim, head_dim, bq, bk, (bq + window - 2) // bk + 2 if window else 0)
   return implementations.for_layer(backend, estimate=None, attention=band, ideal=None)

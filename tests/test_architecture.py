@@ -80,7 +80,9 @@ def test_plans_carry_the_implementation_of_every_op():
     assert plans["global"] == Implementations("triton", "triton", "xla")
     assert plans["local"] == Implementations("xla", "triton", "xla")
   ideal = _by_kind(make_plans(config, StreamConfig.ideal(), backend="pallas", output="exact"))
-  assert ideal["global"] == Implementations("xla", "triton", "triton")
+  assert ideal["global"] == Implementations("xla", "xla", "triton")  # exact output: no sparse attention runs
+  ideal_sparse = _by_kind(make_plans(config, StreamConfig.ideal(), backend="pallas"))
+  assert ideal_sparse["global"] == Implementations("xla", "triton", "triton")
   assert set(_by_kind(make_plans(config, "dense", backend="pallas")).values()) == {xla}
 
 
