@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from stream_jax.config import StreamConfig
 from stream_jax.kernels import implementations
 from stream_jax.kernels.implementations import Call, Implementations
+from stream_jax.mask import band_capacity
 
 Attention = Union[str, StreamConfig]
 
@@ -119,5 +120,5 @@ def _implementations(backend: str, stream: Optional[StreamConfig], prune: bool, 
     attends = search or output == "sparse"
     return implementations.for_layer(backend, estimate=kept if search else None,
                                      attention=kept if attends else None, ideal=None if search else kept)
-  band = Call(dtype, head_dim, head_dim, bq, bk, (bq + window - 2) // bk + 2 if window else 0)
+  band = Call(dtype, head_dim, head_dim, bq, bk, band_capacity(bq, bk, window) if window else 0)
   return implementations.for_layer(backend, estimate=None, attention=band, ideal=None)

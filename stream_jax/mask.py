@@ -107,6 +107,12 @@ def from_candidates(candidates: jax.Array, valid: jax.Array, *, block_q: int, bl
   return BlockMask(indices, counts, block_q, block_k, q_len, k_len, config)
 
 
+def band_capacity(block_q: int, block_k: int, window: int) -> int:
+  """Key blocks a query block's W-key window can touch (before clipping to the grid): the capacity of
+  `window_mask`'s band."""
+  return (block_q + window - 2) // block_k + 2
+
+
 def window_mask(num_heads: int, q_len: int, k_len: int, *, block_q: int, block_k: int,
                 window: Optional[int] = None) -> BlockMask:
   """The exact block cover of causal (optionally sliding-window) attention.
@@ -126,7 +132,7 @@ def window_mask(num_heads: int, q_len: int, k_len: int, *, block_q: int, block_k
     if window < 1:
       raise ValueError(f"window must be >= 1 (keys including the query itself), got {window}")
     lo = jnp.maximum(first_pos - window + 1, 0) // block_k
-    cap = min(n_k, (block_q + window - 2) // block_k + 2)
+    cap = min(n_k, band_capacity(block_q, block_k, window))
   ids = lo[:, None] + jnp.arange(cap, dtype=jnp.int32)[None, :]
   valid = ids <= diag[:, None]
   indices = jnp.where(valid, ids, -1).astype(jnp.int32)

@@ -136,7 +136,7 @@ def load_trace(path: str | os.PathLike, mesh: Optional[Mesh] = None) -> Trace:
 def _shard_targets(shapes, mesh: Mesh):
   """Restore targets that place every saved array [B, N, ...] over the mesh's ("data", "model") axes."""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  sizes = mesh.shape  # axis name -> size
 
   def target(m):
     shape = tuple(m.shape)

@@ -27,8 +27,7 @@ from stream_jax.kernels import (blocksparse_mosaic, blocksparse_triton, estimate
 
 IMPLEMENTATIONS = ("xla", "triton", "mosaic")
 POLICIES = ("auto", "pallas")
-BACKENDS = ("xla", "pallas", "auto", "triton", "mosaic")
-OPS = ("estimate_mask", "sparse_attention", "ideal_mask")
+BACKENDS = IMPLEMENTATIONS + POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +74,7 @@ TABLES: dict[str, tuple[tuple[str, Callable[[Call], Optional[str]]], ...]] = {
                          ("xla", _xla)),
     "ideal_mask": (("triton", ideal_triton.unsupported), ("xla", _xla)),
 }
+OPS = tuple(TABLES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ def may_use_kernels(backend: str) -> bool:
   """Whether `backend` can run any Pallas kernel on this device (the kernels are opaque to the SPMD
   partitioner: tensor parallelism needs "xla")."""
   check_backend(backend)
-  return backend in ("pallas", "triton", "mosaic") or (backend == "auto" and on_gpu())
+  return backend != "xla" and (backend != "auto" or on_gpu())
 
 
 def why_not(op: str, name: str, call: Call) -> Optional[str]:
