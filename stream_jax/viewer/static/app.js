@@ -37,9 +37,9 @@
       return c ? c.layers.find((x) => x.layer === L.layer) || null : null;
     }
 
-    // True when nothing is loading or drawing: tests wait for it.
+    // True when nothing is loading or drawing (the text view's first paint included): tests wait for it.
     idle() {
-      return this.ready && this.busy === 0 && this.data.inflight === 0 &&
+      return this.ready && this.textShown && this.busy === 0 && this.data.inflight === 0 &&
         this.maps.every((mp) => !mp.drawPending && !!mp.lastDraw && mp.lastDraw.missing === 0);
     }
 
@@ -67,6 +67,7 @@
       }
       this.textReady = this.text.init(); // a search waits for it (units, search index)
       await this.textReady;
+      this.textShown = true;
       this.prefetched = this.text.prefetch(); // the rest of the text, in the background: searches scan memory
     }
 
