@@ -3,14 +3,14 @@
 Per key-block size (block_q = block_k), one process, one model:
   1. calibration: `stream_jax.experiments.calibration.calibrate_budget` on a calibration text (the Python
      docs' topics, `pydoc_data`, which the faithfulness sources leave out on purpose) for each target:
-     the smallest StreamConfig.dropped_scale whose true coverage (exact pass) reaches the target in every
-     global layer, mean over the pruned query blocks;
-  2. held out: `benchmarks/faithfulness.py` on the faithfulness sources (readmes, scipy_docs) with
-       ideal<P>                 the ideal kept set, exact output (kept = the ideal selector's cost),
-       idealsparse<P>           the same set, sparse output (the model attends through it: KL, top-1),
-       adaptive<P>-exact        the estimator's kept set, uncalibrated, its *true* coverage (asked vs true),
-       adaptive<P>s<S>-exact    the same with the calibrated scale S,
-       adaptive<P>s<S>          the calibrated budget, sparse output (KL, top-1).
+     per global layer, the smallest dropped_scale of a grid whose true coverage (exact pass) reaches the
+     target, mean over the pruned query blocks (StreamConfig.layer_scales; rows of kind
+     "calibration_layers"; the rows of kind "calibration" are the earlier one-scale-for-all fits);
+  2. held out, exact passes on the faithfulness sources (readmes, scipy_docs): the ideal kept set (the
+     ideal selector's cost), the estimator's kept set uncalibrated and calibrated: their *true* coverage
+     (asked vs true) and kept fraction;
+  3. `benchmarks/faithfulness.py` on the same sources with idealsparse<P> (the ideal set, sparse output:
+     the model attends through it: KL, top-1).
 The cap (top_k) is --cap-tokens / block for every config, and every metric is over the same positions:
 from the first query block with more searchable key blocks than the cap (faithfulness.py's --regime-k = the
 cap, which is also calibrate_budget's "pruned query blocks").
@@ -41,7 +41,6 @@ import faithfulness  # noqa: E402  pylint: disable=wrong-import-position
 
 CALIB_SOURCE = "pydoc_topics"
 HELD_OUT = ("readmes", "scipy_docs")
-SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
 def pydoc_text() -> str:
@@ -50,8 +49,16 @@ def pydoc_text() -> str:
   return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
 
 
-def _scale_name(s: float) -> str:
-  return f"{s:g}"
+def _scale_key(row: dict):
+  """An exact row's budget: its per-layer table (a tuple) or its one dropped_scale."""
+  return tuple(tuple(x) for x in row["layer_scales"]) if row.get("layer_scales") else row["dropped_scale"]
+
+
+def _scale_label(row_or_key) -> str:
+  key = _scale_key(row_or_key) if isinstance(row_or_key, dict) else row_or_key
+  if isinstance(key, tuple):
+    return "per layer " + " ".join(f"{l}:{s:g}" for l, s in key)
+  return f"scale {key:g}"
 
 
 def exact_stats(model, ids: np.ndarray, config, backend: str) -> dict:
@@ -87,40 +94,43 @@ def run_block(model, args, block: int, calib_ids: np.ndarray, held: dict, out_ca
     with open(path, "a") as f:
       f.write(json.dumps(row) + "\n")
 
-  # 1. calibration on the calibration text
+  # 1. calibration on the calibration text: one dropped_scale per global layer (StreamConfig.layer_scales)
   chosen = {}
   for p in args.targets:
     cfg = StreamConfig(block_q=block, block_k=block, top_k=cap, coverage=p / 100)
     t0 = time.perf_counter()
     cal = calibration.calibrate_budget(model, calib_ids[:t], cfg, scales=args.scales, backend=args.backend,
                                        progress=False)
-    row = dict(kind="calibration", source=CALIB_SOURCE, target=p / 100, reached=cal.reached,
-               chosen_scale=cal.config.dropped_scale,
-               rows=[dict(scale=s, coverage_layers=list(c), kept=k) for s, c, k in cal.rows],
+    row = dict(kind="calibration_layers", source=CALIB_SOURCE, target=p / 100, reached=cal.reached,
+               layer_scales=[list(x) for x in cal.config.layer_scales], unreached=list(cal.unreached),
+               coverage_layers=list(cal.coverage.coverage), kept_layers=list(cal.coverage.kept),
+               passes=[dict(scales=[list(x) for x in tried], coverage_layers=list(got.coverage),
+                            kept_layers=list(got.kept)) for tried, got in cal.passes],
                seconds=time.perf_counter() - t0, **common)
     write(out_cal, row)
     print(f"block {block} cap {cap} target {p}:\n{calibration.summary(cal)} ({row['seconds']:.0f} s)", flush=True)
-    chosen[p] = cal.config.dropped_scale
-  # 2. held out, exact passes (the executables of the calibration are reused): the ideal kept set, the
-  #    estimator's uncalibrated and calibrated kept sets, their true coverage
+    chosen[p] = cal.config
+  # 2. held out, exact passes: the ideal kept set, the estimator's uncalibrated and calibrated kept sets,
+  #    their true coverage
   for s, ids in held.items():
     for p in args.targets + args.ideal_extra:
       variants = [("ideal", StreamConfig.ideal(block_q=block, block_k=block, top_k=cap, coverage=p / 100))]
       if p in args.targets:
-        est = StreamConfig(block_q=block, block_k=block, top_k=cap, coverage=p / 100)
-        variants += [("search", est.replace(dropped_scale=sc)) for sc in sorted({1.0, chosen[p]})]
+        variants += [("search", StreamConfig(block_q=block, block_k=block, top_k=cap, coverage=p / 100)),
+                     ("search", chosen[p])]
       for select, cfg in variants:
         row = dict(kind="exact", source=s, select=select, target=p / 100, dropped_scale=cfg.dropped_scale,
-                   calibrated=select == "search" and cfg.dropped_scale != 1.0, **common)
+                   layer_scales=[list(x) for x in cfg.layer_scales], calibrated=bool(cfg.layer_scales),
+                   **common)
         row.update(exact_stats(model, ids[:t], cfg, args.backend))
         write(out_cal, row)
-        print(f"{s} block {block} {select} target {p} scale {cfg.dropped_scale:g}: true coverage per layer "
-              f"{' '.join(f'{c:.3f}' for c in row['coverage_layers'])}, kept {row['kept']:.3f} "
-              f"(pruned rows {row['kept_pruned']:.3f}) [{row['seconds']:.1f} s]", flush=True)
+        print(f"{s} block {block} {select} target {p} {_scale_label(row)}: true coverage per layer "
+              f"{_layers(row['coverage_layers'])}, kept {row['kept']:.3f} (pruned rows {row['kept_pruned']:.3f}) "
+              f"[{row['seconds']:.1f} s]", flush=True)
   # 3. sparse outputs through faithfulness.py (KL, top-1 against dense over the same pruned positions)
+  if args.skip_sparse:
+    return
   configs = [f"idealsparse{p}" for p in args.targets]
-  if args.sparse_calibrated:
-    configs += [f"adaptive{p}s{_scale_name(chosen[p])}" for p in args.targets]
   argv = ["--sources", ",".join(held), "--tokens", args.tokens, "--lengths", str(t),
           "--block", str(block), "--adaptive-max-k", str(cap), "--regime-k", str(cap),
           "--configs", ",".join(configs), "--out", out_faith, "--backend", args.backend,
@@ -158,11 +168,23 @@ def summary(out_dir: str) -> str:
   ideal_calibration.jsonl (faithfulness.py rows: sparse outputs)."""
   fit = faithfulness.read_rows(os.path.join(out_dir, "ideal_calibration_fit.jsonl"))
   faith = faithfulness.read_rows(os.path.join(out_dir, "ideal_calibration.jsonl"))
-  cal = {(r["block"], r["target"]): r for r in fit if r["kind"] == "calibration"}
+  # per (block, target): the budgets calibrated, each (its key in `ex`, label, fit-text coverage per layer)
+  cal = {}
+  for r in fit:
+    if r["kind"] == "calibration":  # one scale for every layer (the rows of 2026-12-03)
+      fits = {x["scale"]: x["coverage_layers"] for x in r["rows"]}
+      cal.setdefault((r["block"], r["target"]), {}).update(
+          {sc: (f"{sc:g}" + ("" if sc == 1.0 else " (calibrated)" if r["reached"] else " (not reached)"),
+                fits.get(sc)) for sc in (1.0, r["chosen_scale"])})
+    elif r["kind"] == "calibration_layers":
+      key = tuple(tuple(x) for x in r["layer_scales"])
+      label = "per layer " + " ".join(f"{l}:{sc:g}" for l, sc in key) + (" (not reached)" if r["unreached"] else "")
+      cal.setdefault((r["block"], r["target"]), {}).setdefault(1.0, ("1", None))
+      cal[(r["block"], r["target"])][key] = (label, r["coverage_layers"])
   ex = {}
   for r in fit:
     if r["kind"] == "exact":
-      ex[(r["block"], r["source"], r["select"], r["target"], r["dropped_scale"])] = r
+      ex[(r["block"], r["source"], r["select"], r["target"], _scale_key(r))] = r
   sp = {(r["block"], r["source"], r["config"]): r for r in faith}
   sources = [s for s in HELD_OUT if any(k[1] == s for k in ex)]
   blocks = sorted({k[0] for k in ex})
@@ -188,10 +210,8 @@ def summary(out_dir: str) -> str:
             "", "| block | asked | dropped_scale | fit text: true coverage per layer | held out: true coverage per "
             "layer | min − asked | kept | × ideal at same true coverage | × ideal at same target |",
             "|---:|---:|---|---|---|---:|---:|---:|---:|"]
-  for (b, p), c in sorted(cal.items()):
-    fits = {r["scale"]: r for r in c["rows"]}
-    for scale in sorted({1.0, c["chosen_scale"]}):
-      label = f"{scale:g}" + ("" if scale == 1.0 else (" (calibrated)" if c["reached"] else " (not reached)"))
+  for (b, p), budgets in sorted(cal.items()):
+    for scale, (label, fit_cov) in sorted(budgets.items(), key=lambda kv: (isinstance(kv[0], tuple), str(kv[0]))):
       rows = [ex.get((b, s, "search", p, scale)) for s in sources]
       got = [r for r in rows if r]
       gap = min(r["coverage_layer_min"] for r in got) - p if got else None
@@ -204,7 +224,7 @@ def summary(out_dir: str) -> str:
         ratios.append("–" if k_ideal is None else f"{r['kept'] / k_ideal:.2f}" + ("" if inside else "*"))
         at = ex.get((b, s, "ideal", p, 1.0))
         same.append("–" if at is None else f"{r['kept'] / at['kept']:.2f}")
-      lines.append(f"| {b} | {p:.2f} | {label} | {_layers(fits[scale]['coverage_layers']) if scale in fits else '–'} | "
+      lines.append(f"| {b} | {p:.2f} | {label} | {_layers(fit_cov) if fit_cov else '–'} | "
                    f"{both(rows, lambda r: _layers(r['coverage_layers']))} | "
                    f"{'–' if gap is None else f'{gap:+.3f}'} | {both(rows, _f('kept', '.3f'))} | "
                    f"{' / '.join(ratios)} | {' / '.join(same)} |")
@@ -222,9 +242,9 @@ def main(argv=None) -> None:
   p.add_argument("--targets", default="90,95", help="coverage targets, percent")
   p.add_argument("--ideal-extra", default="", help="more ideal<P> targets (exact), for the interpolation")
   p.add_argument("--cap-tokens", type=int, default=8192, help="top_k (the cap) = this / block")
-  p.add_argument("--scales", default=",".join(f"{s:g}" for s in SCALES), help="dropped_scale candidates")
+  p.add_argument("--scales", default=None, help="dropped_scale grid, comma-separated (default: calibration.SCALES)")
   p.add_argument("--sources", default=",".join(HELD_OUT))
-  p.add_argument("--sparse-calibrated", action="store_true", help="also the calibrated budget, sparse output")
+  p.add_argument("--skip-sparse", action="store_true", help="skip step 3 (sparse outputs through faithfulness.py)")
   p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
   p.add_argument("--backend", default="xla")
   p.add_argument("--chunk", type=int, default=256)
@@ -246,7 +266,8 @@ def main(argv=None) -> None:
     return
   args.targets = [int(x) for x in args.targets.split(",") if x]
   args.ideal_extra = [int(x) for x in args.ideal_extra.split(",") if x]
-  args.scales = [float(x) for x in args.scales.split(",") if x]
+  from stream_jax.experiments.calibration import SCALES  # pylint: disable=import-outside-toplevel
+  args.scales = [float(x) for x in args.scales.split(",") if x] if args.scales else list(SCALES)
   args.sources = [s for s in args.sources.split(",") if s]
   dtype = jnp.dtype(args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
   t0 = time.perf_counter()

@@ -92,13 +92,21 @@ def make_plans(config, attention: Attention, dense_layers=(), prune_local: bool 
   if dense_layers and output == "exact":
     raise ValueError("dense_layers applies to output='sparse' only: with output='exact' every layer's "
                      "output is already dense")
+  pruned = [i for i, kind in enumerate(config.layer_kinds)
+            if stream is not None and (kind == "global" or prune_local)]
+  if stream is not None and stream.layer_scales:
+    unused = [i for i, _ in stream.layer_scales if i not in pruned]
+    if unused:
+      raise ValueError(f"StreamConfig.layer_scales names layer(s) {unused}, which this call does not prune "
+                       f"(pruned: {pruned}{'' if prune_local else '; local layers need prune_local=True'})")
   plans = []
   for i, kind in enumerate(config.layer_kinds):
     window = config.sliding_window if kind == "local" else None
-    prune = stream is not None and (kind == "global" or prune_local)
-    plans.append(LayerPlan(layer=i, kind=kind, window=window, stream=stream,
+    prune = i in pruned
+    layer_stream = None if stream is None else stream.for_layer(i)
+    plans.append(LayerPlan(layer=i, kind=kind, window=window, stream=layer_stream,
                            dense=stream is None or i in dense_layers, prune=prune, backend=backend,
-                           impl=_implementations(backend, stream, prune, window, config.head_dim, dtype,
+                           impl=_implementations(backend, layer_stream, prune, window, config.head_dim, dtype,
                                                  output),
                            dense_impl=dense_impl, output=output,
                            coverage=bool(coverage) or output == "exact"))

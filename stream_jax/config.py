@@ -7,8 +7,9 @@ fails here, with the parameter's name, rather than deep inside XLA.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional
 
 Representative = Literal["center", "first", "oracle"]
 REPRESENTATIVES = ("center", "first", "oracle")
@@ -87,6 +88,11 @@ class StreamConfig:
       Attention is heavy-tailed, so a node's representative under-estimates the node's mean and the
       budget stops early (asked 0.95, the 270M's kept blocks held 0.89-0.90 at 32k); a scale > 1 keeps
       more. `stream_jax.experiments.calibration.calibrate_budget` learns it per model from an exact pass.
+    layer_scales: per-layer dropped_scale, ((layer id, scale), ...) (a dict is accepted); layers not named
+      use dropped_scale. One scale cannot serve every layer (at 32k the 270M's layer 11 needs 12 where
+      layer 17 needs 2, and the easy layers then keep far more than they need), so `calibrate_budget`
+      fits one per layer. The model's plans resolve it (`for_layer`); an op on one layer's q / k takes
+      `config.for_layer(layer)`.
   """
 
   block_q: int = 64
@@ -101,6 +107,7 @@ class StreamConfig:
   coverage: Optional[float] = None
   select: Select = "search"
   dropped_scale: float = 1.0
+  layer_scales: tuple[tuple[int, float], ...] = ()
 
   def __post_init__(self):
     # Integers of any kind (numpy's too) become plain ints; booleans, floats and absurd sizes are refused.
@@ -152,6 +159,7 @@ class StreamConfig:
     if isinstance(ds, bool) or not isinstance(ds, numbers.Real) or not 0.0 < float(ds) <= 1e4:
       raise ValueError(f"StreamConfig.dropped_scale must be a number in (0, 1e4], got {ds!r}")
     object.__setattr__(self, "dropped_scale", float(ds))
+    object.__setattr__(self, "layer_scales", _layer_scales(self.layer_scales))
     if self.select not in SELECTS:
       raise ValueError(f"StreamConfig.select must be one of {SELECTS}, got {self.select!r}")
     if self.coverage is not None and self.score != "mass":
@@ -188,9 +196,42 @@ class StreamConfig:
     """C: kept key blocks per query block at most (sink + searched + window)."""
     return self.sink_blocks + self.top_k + self.window_blocks
 
+  def for_layer(self, layer: int) -> "StreamConfig":
+    """The config layer `layer` runs: its own dropped_scale (from layer_scales), no per-layer table (so
+    layers with equal settings share one compiled op)."""
+    if not self.layer_scales:
+      return self
+    return dataclasses.replace(self, dropped_scale=dict(self.layer_scales).get(int(layer), self.dropped_scale),
+                               layer_scales=())
+
   def replace(self, **changes) -> "StreamConfig":
     """A copy with `changes`; changing `coverage` without naming `score` re-derives the score (so
     `StreamConfig().replace(coverage=0.9)` is adaptive with mass scores, and back with coverage=None)."""
     if "coverage" in changes and "score" not in changes:
       changes["score"] = None
     return dataclasses.replace(self, **changes)
+
+
+def _layer_scales(value) -> tuple[tuple[int, float], ...]:
+  """((layer, scale), ...) sorted by layer, from a mapping or pairs (lists too: a trace's saved config)."""
+  name = "StreamConfig.layer_scales"
+  pairs = value.items() if isinstance(value, Mapping) else value
+  try:
+    pairs = [tuple(p) for p in pairs]
+  except TypeError:
+    raise ValueError(f"{name} must be a dict or pairs (layer id, scale), got {value!r}") from None
+  out = {}
+  for p in pairs:
+    if len(p) != 2:
+      raise ValueError(f"{name} must be a dict or pairs (layer id, scale), got the entry {p!r}")
+    layer, scale = p
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= int(layer) <= MAX_SIZE:
+      raise ValueError(f"{name}: layer ids must be integers >= 0, got {layer!r}")
+    if (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale))
+        or not 0.0 < float(scale) <= 1e4):
+      raise ValueError(f"{name}: scales must be numbers in (0, 1e4] (like dropped_scale), got {scale!r} for "
+                       f"layer {layer}")
+    if int(layer) in out:
+      raise ValueError(f"{name}: layer {int(layer)} is named twice")
+    out[int(layer)] = float(scale)
+  return tuple(sorted(out.items()))

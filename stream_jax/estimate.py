@@ -73,6 +73,9 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
   """
   if not isinstance(config, StreamConfig):
     raise TypeError(f"config must be a StreamConfig, got {type(config).__name__}")
+  if config.layer_scales:
+    raise ValueError("StreamConfig.layer_scales holds per-layer scales, and estimate_mask sees one layer: pass "
+                     "config.for_layer(layer) (the model's plans do this for every layer)")
   if config.select != "search":
     raise ValueError(f"StreamConfig.select={config.select!r} ranks blocks by their true mass, which needs the "
                      "dense pass's log-sum-exp: call stream_jax.ideal_mask(q, k, lse, config), or run the "

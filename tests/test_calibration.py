@@ -1,12 +1,32 @@
-"""The estimator's coverage budget against true (exact) coverage: StreamConfig.dropped_scale and its
-calibration (stream_jax.experiments.calibration)."""
+"""The estimator's coverage budget against true (exact) coverage: StreamConfig.dropped_scale, its per-layer
+table (layer_scales) and their calibration (stream_jax.experiments.calibration)."""
 
+import types
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import stream_jax as sj
 from stream_jax.experiments import calibration
+from stream_jax.models import forward, init_params
+from tiny_models import tiny_config, tokens
+
+TINY = tiny_config(layers=12)  # global layers 5 and 11
+
+
+def _sharper_layer_11(params):
+  """Layer 11's queries x4 (its query-norm scale + 3): sharper attention, so it needs a different scale."""
+  params = jax.tree_util.tree_map(lambda x: x, params)
+  norm = params["params"]["layer_11"]["attn"]["query_norm"]
+  norm["scale"] = norm["scale"] + 3.0
+  return params
+
+
+TINY_MODEL = types.SimpleNamespace(config=TINY, params=_sharper_layer_11(init_params(TINY, seed=1)))
+TINY_IDS = np.asarray(tokens(1, 512, seed=4))[0]
+TINY_CFG = sj.StreamConfig(block_q=16, block_k=16, top_k=12, coverage=0.79)
 
 
 def _qk(t=2048, n=4, kv=2, h=32, seed=0):
@@ -36,6 +56,57 @@ def test_dropped_scale_validation(value):
     sj.StreamConfig(coverage=0.9, dropped_scale=value)
 
 
+def test_layer_scales_validation_and_resolution():
+  c = sj.StreamConfig(coverage=0.9, dropped_scale=2.0, layer_scales={11: 8, 5: 3.5})
+  assert c.layer_scales == ((5, 3.5), (11, 8.0))
+  assert c.for_layer(5) == sj.StreamConfig(coverage=0.9, dropped_scale=3.5)
+  assert c.for_layer(4) == sj.StreamConfig(coverage=0.9, dropped_scale=2.0)
+  assert sj.StreamConfig(layer_scales=[[5, 3.5], [11, 8]]).layer_scales == c.layer_scales  # JSON round trip
+  for bad, word in (({5: 0}, "scales"), ({-1: 2.0}, "layer ids"), ([(5, 2.0), (5, 3.0)], "twice"),
+                    (3, "pairs"), ([(1, 2, 3)], "pairs"), ({True: 2.0}, "layer ids")):
+    with pytest.raises(ValueError, match="layer_scales"):
+      sj.StreamConfig(coverage=0.9, layer_scales=bad)
+  q, k = _qk(t=256)
+  with pytest.raises(ValueError, match=r"for_layer"):
+    sj.estimate_mask(q, k, c)
+  with pytest.raises(ValueError, match=r"layer\(s\) \[3\].*pruned: \[5, 11\]"):
+    forward(TINY_MODEL, TINY_MODEL.params, TINY_IDS[:64], attention=c.replace(layer_scales={3: 2.0}))
+
+
+def test_each_layer_runs_its_own_scale():
+  """A per-layer table gives each layer exactly the mask a uniform config with its scale gives."""
+  run = lambda cfg: forward(TINY_MODEL, TINY_MODEL.params, TINY_IDS, attention=cfg, output="exact",
+                            last_only=True).trace
+  mixed = run(TINY_CFG.replace(layer_scales={11: 16.0}))
+  one, sixteen = run(TINY_CFG), run(TINY_CFG.replace(dropped_scale=16.0))
+  for layer, ref in ((5, one), (11, sixteen)):
+    np.testing.assert_array_equal(np.asarray(mixed[layer].mask.indices), np.asarray(ref[layer].mask.indices))
+  assert not np.array_equal(np.asarray(one[11].mask.counts), np.asarray(sixteen[11].mask.counts))
+
+
+def test_per_layer_calibration_equals_a_sweep_of_uniform_scales():
+  """The bisection's choice per layer is the smallest grid scale whose uniform exact pass reaches the
+  target in that layer (brute force: every scale of the grid, all layers at once), with those passes'
+  coverage; a grid that stops too early leaves a layer unreached at its largest scale."""
+  grid = (0.5, 1.0, 2.0, 4.0, 8.0)
+  sweep = {s: calibration.budget_coverage(TINY_MODEL, TINY_IDS, TINY_CFG.replace(dropped_scale=s)) for s in grid}
+  layers = sweep[1.0].layers
+  assert layers == (5, 11)
+  for scales in (grid, grid[:4]):
+    cal = calibration.calibrate_budget(TINY_MODEL, TINY_IDS, TINY_CFG, scales=scales, progress=False)
+    print(calibration.summary(cal))
+    assert len(cal.passes) == int(np.ceil(np.log2(len(scales) + 1))) and cal.coverage.layers == layers
+    want = {l: next((s for s in scales if sweep[s].of(l) >= TINY_CFG.coverage), None) for l in layers}
+    for l in layers:
+      assert dict(cal.config.layer_scales)[l] == (want[l] or scales[-1])
+      assert cal.coverage.of(l) == pytest.approx(sweep[want[l] or scales[-1]].of(l), abs=1e-6)
+    assert cal.unreached == tuple(l for l in layers if want[l] is None)
+    if scales == grid:  # here the layers need different scales, both above 1
+      assert None not in want.values() and len(set(want.values())) == 2 and min(want.values()) > 1, want
+    else:  # and layer 5 needs more than the short grid has
+      assert want[5] is None and want[11] is not None and not cal.reached
+
+
 def test_calibrate_budget_refuses_what_it_cannot_calibrate():
   with pytest.raises(ValueError, match="coverage"):
     calibration.calibrate_budget(None, np.arange(10), sj.StreamConfig())
@@ -46,11 +117,12 @@ def test_calibrate_budget_refuses_what_it_cannot_calibrate():
 @pytest.mark.slow
 def test_calibrated_budget_reaches_the_target_on_held_out_real_text():
   """The real 270M at 4,096 tokens, 16-token blocks, coverage 0.9 (cap 64): the search is several rounds
-  deep, and the uncalibrated budget stops early (0.86-0.88 true coverage, measured). Calibrated on one half
-  of the Python docs' topics, the true coverage on the other half reaches the target within 0.02 in every
-  global layer (the issue's criterion), with a kept fraction within 1.2x the ideal selector's."""
+  deep, and the uncalibrated budget stops early (0.86-0.88 true coverage, measured). Calibrated per layer
+  on one half of the Python docs' topics, the true coverage on the other half reaches the target within
+  0.02 in every global layer (the issue's criterion), with a kept fraction within 1.15x the ideal
+  selector's (the issue's bound; the ideal's own coverage is lower where its cap binds, so this is strict)."""
   from pydoc_data import topics
-  from stream_jax.models import forward, load_model
+  from stream_jax.models import load_model
   model = load_model("gemma3-270m", dtype=jnp.float32, progress=False)
   keys = sorted(topics.topics)
   half = len(keys) // 2
@@ -58,13 +130,17 @@ def test_calibrated_budget_reaches_the_target_on_held_out_real_text():
   held = model.encode("\n\n".join(topics.topics[k] for k in keys[half:])[:60_000])[:4096]
   assert len(calib) == len(held) == 4096
   cfg = sj.StreamConfig(block_q=16, block_k=16, top_k=64, coverage=0.9)
-  cal = calibration.calibrate_budget(model, calib, cfg, scales=(1.0, 2.0, 3.0, 4.0), progress=False)
+  before = calibration.budget_coverage(model, held, cfg)
+  cal = calibration.calibrate_budget(model, calib, cfg, progress=False)
   print(calibration.summary(cal))
-  assert cal.reached and cal.config.dropped_scale > 1.0  # uncalibrated, the budget undershoots here
-  cov, kept = calibration.budget_coverage(model, held, cal.config)
-  print("held out: calibrated", np.round(cov, 3), "kept", round(kept, 3))
-  assert min(cov) >= 0.9 - 0.02, cov
+  assert cal.reached and max(s for _, s in cal.config.layer_scales) > 1.0
+  assert min(before.coverage) < 0.9 - 0.02  # uncalibrated, the budget undershoots here
+  got = calibration.budget_coverage(model, held, cal.config)
+  print("held out: uncalibrated", np.round(before.coverage, 3), "kept", round(before.kept_mean, 3),
+        "calibrated", np.round(got.coverage, 3), "kept", round(got.kept_mean, 3))
+  assert min(got.coverage) >= 0.9 - 0.02, got
   ideal = forward(model, model.params, held, attention=sj.StreamConfig.ideal(block_q=16, block_k=16, top_k=64,
                                                                              coverage=0.9),
                   output="exact", last_only=True).trace
-  assert kept <= 1.2 * float(ideal.kept_fraction("global")), (kept, float(ideal.kept_fraction("global")))
+  print("ideal kept", float(ideal.kept_fraction("global")))
+  assert got.kept_mean <= 1.15 * float(ideal.kept_fraction("global")), (got, float(ideal.kept_fraction("global")))

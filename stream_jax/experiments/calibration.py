@@ -1,14 +1,18 @@
-"""Calibrating the estimator's coverage budget against exact coverage, per model (DESIGN §11, Calibration).
+"""Calibrating the estimator's coverage budget against exact coverage, per model and layer (DESIGN §11).
 
 An adaptive config keeps, per head and query block, the fewest searched blocks whose *estimated* share
 reaches the target; the share of the dropped search range is estimated from one representative block per
 dropped node, which under-estimates heavy-tailed attention, so the budget stops early: asked 0.95, the
 real 270M's kept blocks held 0.89-0.90 of the true attention at 32k. `StreamConfig.dropped_scale`
-multiplies that estimate. `calibrate_budget` learns the scale from one exact pass per candidate on a
-calibration text (output="exact" makes each trace's coverage the true share of the estimator's kept set)
-and returns the smallest scale with which every global layer's mean true coverage over the pruned query
-blocks reaches the target. `budget_coverage` is the measurement both use: run it on held-out text to check
-that the calibration transfers.
+multiplies that estimate, and layers differ (at 32k layer 11 needs 12 where layer 17 needs 2), so
+`calibrate_budget` fits one scale per pruned layer (`StreamConfig.layer_scales`): the smallest of a grid
+whose true coverage (an exact pass: output="exact" makes each trace's coverage the true share of the
+estimator's kept set), mean over the pruned query blocks, reaches the target.
+
+With exact output every layer's input is the dense model's whatever the kept sets are, so the layers
+calibrate independently and at once: each pass runs every layer at its own candidate, a bisection over the
+grid per layer (ceil(log2(len(scales) + 1)) passes). `budget_coverage` is the measurement: run it on
+held-out text to check that the calibration transfers.
 """
 
 from __future__ import annotations
@@ -20,26 +24,55 @@ import numpy as np
 
 from stream_jax.config import StreamConfig
 
-SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+# Geometric-ish, 1 to 32: five passes cover it; at 32k the 270M's layers needed 2 to 12+ (RESULTS.md).
+SCALES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetCoverage:
+  """One exact pass's measurement of a config's kept sets, per pruned layer (global layers, in order).
+
+  coverage: mean true coverage over heads and the pruned query blocks (the kept blocks' dense share).
+  kept: kept fraction of the layer's causal pairs (the whole sequence).
+  """
+
+  layers: tuple[int, ...]
+  coverage: tuple[float, ...]
+  kept: tuple[float, ...]
+
+  @property
+  def kept_mean(self) -> float:
+    """Kept fraction, mean over the layers (= Trace.kept_fraction("global"))."""
+    return float(np.mean(self.kept))
+
+  def of(self, layer: int) -> float:
+    return self.coverage[self.layers.index(layer)]
 
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-  """The calibrated config and what each candidate scale gave on the calibration text.
+  """The calibrated config and how it was found.
 
-  config: `config` with the chosen dropped_scale (the largest tried if none reached the target: then
-    `reached` is False and the cap (top_k) or the block size is what limits coverage).
-  rows: per scale tried, (scale, per-global-layer mean true coverage over pruned blocks, kept fraction).
+  config: the input config with `layer_scales` set, one scale per pruned layer (the grid's largest where
+    none reached the target: then that layer is in `unreached`, and the cap (top_k) or the block size is
+    what limits its coverage).
+  coverage: the calibration text's true coverage per layer at the chosen scales (measured, not predicted).
+  passes: every exact pass, (the per-layer scales it ran, its BudgetCoverage).
   """
 
   config: StreamConfig
-  reached: bool
-  rows: tuple[tuple[float, tuple[float, ...], float], ...]
+  coverage: BudgetCoverage
+  unreached: tuple[int, ...]
+  passes: tuple[tuple[tuple[tuple[int, float], ...], BudgetCoverage], ...]
+
+  @property
+  def reached(self) -> bool:
+    return not self.unreached
 
 
-def budget_coverage(model, tokens, config: StreamConfig, *, backend: str = "auto") -> tuple[tuple[float, ...], float]:
-  """(per global layer, the mean true coverage over the pruned query blocks; the kept fraction of the global
-  layers) of `config`'s estimated kept sets on `tokens`, from one exact forward."""
+def budget_coverage(model, tokens, config: StreamConfig, *, backend: str = "auto") -> BudgetCoverage:
+  """The true coverage and kept fraction, per global layer, of `config`'s estimated kept sets on `tokens`
+  (one exact forward; coverage over the pruned query blocks)."""
   from stream_jax.analysis.faithfulness import pruned_start  # pylint: disable=import-outside-toplevel
   from stream_jax.models import forward  # pylint: disable=import-outside-toplevel
   if config.coverage is None:
@@ -52,43 +85,65 @@ def budget_coverage(model, tokens, config: StreamConfig, *, backend: str = "auto
   trace = forward(model, model.params, ids, attention=config, output="exact", last_only=True,
                   backend=backend).trace
   layers = trace.select(kind="global")
-  cov = tuple(float(np.asarray(l.coverage, np.float64)[..., start:].mean()) for l in layers)
-  return cov, float(trace.kept_fraction("global"))
+  return BudgetCoverage(tuple(l.layer for l in layers),
+                        tuple(float(np.asarray(l.coverage, np.float64)[..., start:].mean()) for l in layers),
+                        tuple(float(np.mean(np.asarray(l.kept_fraction(), np.float64))) for l in layers))
 
 
 def calibrate_budget(model, tokens, config: StreamConfig, *, scales: Sequence[float] = SCALES,
                      backend: str = "auto", progress: bool = True) -> Calibration:
-  """The smallest `dropped_scale` (of `scales`, ascending) whose exact coverage reaches config.coverage in
-  every global layer on `tokens` (mean over the pruned query blocks)."""
+  """Per global layer, the smallest `dropped_scale` of `scales` whose exact coverage on `tokens` (mean over
+  the pruned query blocks) reaches config.coverage; returned as `config.replace(layer_scales=...)`."""
   if config.coverage is None or config.select != "search":
     raise ValueError("calibrate_budget calibrates the estimator's adaptive budget: pass a config with "
                      f"coverage set and select='search', got coverage={config.coverage}, select={config.select!r}")
-  scales = sorted(float(s) for s in scales)
-  if not scales or scales[0] <= 0:
-    raise ValueError(f"scales must be positive numbers, got {scales}")
+  grid = sorted({float(s) for s in scales})
+  if not grid or grid[0] <= 0:
+    raise ValueError(f"scales must be positive numbers, got {list(scales)}")
   from stream_jax.experiments.settings import progress_bar  # pylint: disable=import-outside-toplevel
-  bar = progress_bar(len(scales), "calibrating the coverage budget", "exact pass", progress)
-  rows, chosen = [], None
+  n = len(grid)
+  bar = progress_bar(int(np.ceil(np.log2(n + 1))), "calibrating the coverage budget", "exact pass", progress)
+  # Per layer, indices <= lo are known to miss the target and indices >= hi to reach it (hi = n: none yet).
+  lo, hi, seen, passes = None, None, {}, []
   try:
-    for s in scales:
-      cfg = config.replace(dropped_scale=s)
-      cov, kept = budget_coverage(model, tokens, cfg, backend=backend)
-      rows.append((s, cov, kept))
+    while lo is None or any(hi[l] - lo[l] > 1 for l in lo):
+      if lo is None:  # the layers are only known after the first pass: it tries the grid's middle everywhere
+        tried = {}
+        cfg = config.replace(dropped_scale=grid[(n - 1) // 2], layer_scales=())
+      else:
+        tried = {l: (lo[l] + hi[l]) // 2 if hi[l] - lo[l] > 1 else min(hi[l], n - 1) for l in lo}
+        cfg = config.replace(layer_scales={l: grid[i] for l, i in tried.items()})
+      got = budget_coverage(model, tokens, cfg, backend=backend)
+      if lo is None:
+        lo, hi = {l: -1 for l in got.layers}, {l: n for l in got.layers}
+        tried = {l: (n - 1) // 2 for l in got.layers}
+      passes.append((tuple((l, grid[i]) for l, i in tried.items()), got))
+      for l, i in tried.items():
+        seen[l, i] = (got.of(l), got.kept[got.layers.index(l)])
+        if got.of(l) >= config.coverage:
+          hi[l] = min(hi[l], i)
+        else:
+          lo[l] = max(lo[l], i)
       bar.update(1)
-      if min(cov) >= config.coverage:
-        chosen = cfg
-        break
   finally:
     bar.close()
-  reached = chosen is not None
-  return Calibration(chosen or config.replace(dropped_scale=scales[-1]), reached, tuple(rows))
+  chosen = {l: min(hi[l], n - 1) for l in lo}
+  layers = tuple(lo)
+  coverage = BudgetCoverage(layers, tuple(seen[l, chosen[l]][0] for l in layers),
+                            tuple(seen[l, chosen[l]][1] for l in layers))
+  return Calibration(config.replace(layer_scales={l: grid[i] for l, i in chosen.items()}), coverage,
+                     tuple(l for l in layers if hi[l] == n), tuple(passes))
 
 
 def summary(cal: Calibration, target: Optional[float] = None) -> str:
-  """A small table: scale, per-layer true coverage, kept fraction."""
-  lines = ["dropped_scale | true coverage per global layer (pruned blocks) | kept (global)"]
-  for s, cov, kept in cal.rows:
-    lines.append(f"{s:>13g} | {' '.join(f'{c:.3f}' for c in cov)} | {kept:.3f}")
+  """A small table: per pass the scales tried and the coverage they gave; the choice per layer."""
   t = cal.config.coverage if target is None else target
-  lines.append(f"chosen: {cal.config.dropped_scale:g} ({'reaches' if cal.reached else 'does not reach'} {t})")
+  lines = ["pass | per layer: dropped_scale -> true coverage (pruned blocks), kept"]
+  for p, (tried, got) in enumerate(cal.passes):
+    lines.append(f"{p:>4} | " + "  ".join(f"L{l}: {s:g} -> {got.of(l):.3f}, {got.kept[got.layers.index(l)]:.3f}"
+                                          for l, s in tried))
+  c = cal.coverage
+  lines.append(f"chosen (target {t}): " + "  ".join(
+      f"L{l}: {s:g} ({c.of(l):.3f}{', not reached' if l in cal.unreached else ''})" for l, s in cal.config.layer_scales)
+      + f"; kept {c.kept_mean:.3f}")
   return "\n".join(lines)
