@@ -28,6 +28,18 @@ from stream_jax.experiments.settings import InputError as CliError
 
 EXIT_USAGE = 2
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(StreamConfig)}
+
+
+def _layer_scales_arg(text: str) -> tuple[tuple[int, float], ...]:
+  """--layer-scales 5:5,11:6,17:2 -> ((5, 5.0), (11, 6.0), (17, 2.0)) (StreamConfig checks the values)."""
+  try:
+    pairs = [item.split(":") for item in text.split(",") if item.strip()]
+    return tuple((int(l), float(s)) for l, s in pairs)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--layer-scales must be LAYER:SCALE pairs separated by commas (e.g. "
+                                     f"5:5,11:6.5), got {text!r}") from None
+
+
 STREAM_OPTIONS = (  # --flag, type, help; defaults: StreamConfig's
     ("block-q", int, "queries per block (power of two)"), ("block-k", int, "keys per block (power of two)"),
     ("top-k", int, "key blocks kept by the search per query block"), ("sink-blocks", int, "leading key "
@@ -40,12 +52,17 @@ STREAM_OPTIONS = (  # --flag, type, help; defaults: StreamConfig's
      "each query block's attention reaches this target in (0, 1] (e.g. 0.95 with --top-k 128: "
      "StreamConfig.faithful()); default: a fixed --top-k"),
     ("score", ("max", "mass"), "block score: max logit (the paper's; default without --coverage) or "
-     "estimated attention mass (default with --coverage)"))
+     "estimated attention mass (default with --coverage)"),
+    ("dropped-scale", float, "with --coverage: multiplies the search's estimate of the attention it dropped "
+     "(> 1 keeps more; the estimate runs low on heavy-tailed attention); `stream-jax calibrate` fits it"),
+    ("layer-scales", _layer_scales_arg, "with --coverage: --dropped-scale per layer, LAYER:SCALE,... (e.g. "
+     "5:5,11:6,17:2, what `stream-jax calibrate` prints); layers not named use --dropped-scale"))
 
 
 # The Python parameters that experiments' messages and notes name (InputError.params), and the flags that
 # set them: the CLI says "--top-k" where the library says "top_k".
 FLAGS = {"top_k": "--top-k", "block_q": "--block-q", "block_k": "--block-k", "dense_layers": "--dense-layers",
+         "layer_scales": "--layer-scales", "dropped_scale": "--dropped-scale", "prune_local": "--prune-local",
          "length": "--length", "lengths": "--lengths", "depths": "--depths", "variant": "--variant",
          "seed": "--seed"}
 # The parameters the notes (pruning notice, sink note) name; the notes' prose uses no other of these words.
@@ -126,6 +143,18 @@ def _int_arg(name, many=False, lo=1):
       raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
     if not many and values < lo:
       raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {values}")
+    return values
+  return parse
+
+
+def _float_list(name):
+  def parse(text):
+    try:
+      values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+      raise argparse.ArgumentTypeError(f"{name} must be positive numbers, got {text!r}")
     return values
   return parse
 
@@ -261,6 +290,21 @@ def cmd_niah(args, st, model):
   return reports.write_niah(res, model, args.out, force=args.force, task=task, text=text, notes=notes)
 
 
+def cmd_calibrate(args, st, model):
+  """Fits the coverage budget (--coverage, an adaptive --top-k cap) to the model: per global layer, the
+  smallest --dropped-scale whose true coverage, from exact passes on the text, reaches the target (mean
+  over the pruned query blocks). Prints the --layer-scales to trace with; --held-out-file checks that they
+  transfer to other text. Calibrate on text of the length you will trace (--length)."""
+  from stream_jax.experiments import calibration  # pylint: disable=import-outside-toplevel
+  res = calibration.calibrate_text(model, args.calib_text_, st, held_out=args.held_out_text_, length=args.length,
+                                   scales=args.scales or calibration.SCALES, progress=True)
+  c = st.config
+  flags = (f"--coverage {c.coverage:g} --top-k {c.top_k} --block-q {c.block_q} --block-k {c.block_k} "
+           f"--layer-scales {res.layer_scales_flag()}")
+  _print(text := res.format() + f"\n\ntrace with: {flags}")
+  return reports.write_calibration(res, model, args.out, force=args.force, text=text, flags=flags)
+
+
 def cmd_anchors(args, st, model):
   res = ex.anchors_for_text(model, args.text_, st, top_heads=args.top_heads)
   notes = notes_wording(res.notes)
@@ -325,6 +369,11 @@ def run(args) -> int:
     task = ex.niah_task(args.variant, args.lengths, args.depths)
     args.haystack = niah_haystack(task, args.variant, args.haystack_file)
     lengths, what = args.lengths, "--lengths entry"
+  elif args.command == "calibrate":
+    args.calib_text_ = read_text(args.file, "--file")
+    args.held_out_text_ = None if args.held_out_file is None else read_text(args.held_out_file, "--held-out-file")
+    if args.coverage is None:
+      raise CliError("calibrate fits the adaptive budget: pass --coverage (e.g. --coverage 0.9 --top-k 128)")
   elif args.command in ("trace", "anchors"):
     args.text_ = args.text if getattr(args, "text", None) is not None else read_text(args.file, "--file")
     if not args.text_.strip():
@@ -391,6 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
                  "used when present)")
   a.add_argument("--top-heads", type=_int_arg("--top-heads"), default=20, help="receiver heads")
   a.add_argument("--show", type=_int_arg("--show"), default=8, help="sentences to print")
+  cb = parser("calibrate", help="fit the coverage budget's per-layer scales to the model on a text",
+              description=cmd_calibrate.__doc__)
+  cb.add_argument("--file", required=True, help="UTF-8 text to calibrate on (prose like the text you will "
+                  "trace)")
+  cb.add_argument("--held-out-file", default=None, help="UTF-8 text to check the calibration on")
+  cb.add_argument("--length", type=_int_arg("--length", lo=2), default=None, help="use the first N tokens of "
+                  "each text (default: all; the texts must fit the model's context)")
+  cb.add_argument("--scales", type=_float_list("--scales"), default=None, help="dropped_scale grid, "
+                  "comma-separated (default: 1 to 32, 16 values; 5 exact passes)")
   v = sub.add_parser("view", help="explore a report / saved trace in the browser (a local server)",
                      description=cmd_view.__doc__)
   v.add_argument("path", help="a report folder (stream-jax demo/trace/anchors), a save_trace folder, or a "
@@ -402,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--export-only", action="store_true", help="export and print the folder; do not serve")
   v.add_argument("--debug", action="store_true", help="show the full traceback of an error")
   v.set_defaults(func=None)
-  for sp, fn in ((d, cmd_demo), (t, cmd_trace), (n, cmd_niah), (a, cmd_anchors)):
+  for sp, fn in ((d, cmd_demo), (t, cmd_trace), (n, cmd_niah), (a, cmd_anchors), (cb, cmd_calibrate)):
     if sp in (d, n):
       sp.add_argument("--max-new-tokens", type=_int_arg("--max-new-tokens"), default=12,
                       help="most tokens of each greedy answer (decoding stops earlier at end of turn)")

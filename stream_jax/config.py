@@ -229,7 +229,7 @@ def _layer_scales(value) -> tuple[tuple[int, float], ...]:
       raise ValueError(f"{name}: layer ids must be integers >= 0, got {layer!r}")
     if (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale))
         or not 0.0 < float(scale) <= 1e4):
-      raise ValueError(f"{name}: scales must be numbers in (0, 1e4] (like dropped_scale), got {scale!r} for "
+      raise ValueError(f"{name}: scales must be numbers in (0, 1e4] (like StreamConfig.dropped_scale), got {scale!r} for "
                        f"layer {layer}")
     if int(layer) in out:
       raise ValueError(f"{name}: layer {int(layer)} is named twice")

@@ -251,6 +251,32 @@ def plot_coverage(trace, start_block: int = 0, title: str = "coverage") -> Figur
   return _done(fig)
 
 
+def plot_calibration(cal, target: float, title: str = "coverage budget calibration") -> Figure:
+  """Per pruned layer, the true coverage each tried dropped_scale gave (every exact pass of
+  `experiments.calibration.calibrate_budget`) against the target and the target - 0.02 band, the chosen
+  scale ringed: where a layer's curve flattens below the target, the cap (top_k) limits it, not the scale."""
+  fig, ax = _figure(figsize=(6.4, 3.6))
+  layers = cal.coverage.layers
+  for i, l in enumerate(layers):
+    pts = sorted({(s, got.of(l)) for tried, got in cal.passes for ll, s in tried if ll == l})
+    colour = f"C{i % 10}"
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colour, ms=4, label=f"layer {l}")
+    chosen = dict(cal.config.layer_scales)[l]
+    ax.plot([chosen], [cal.coverage.of(l)], "o", ms=11, mfc="none", mec=colour, mew=1.5)
+  ax.axhline(target, color="black", lw=1, ls="--", label=f"target {target:g}")
+  ax.axhspan(target - 0.02, target, color="grey", alpha=0.15, lw=0, label="target - 0.02")
+  ax.set_xscale("log", base=2)
+  tried = sorted({s for t, _ in cal.passes for _, s in t})
+  ax.set_xticks(tried, [f"{s:g}" for s in tried])
+  ax.minorticks_off()
+  ax.set_xlabel("dropped_scale (log)")
+  ax.set_ylabel("true coverage (pruned query blocks)")
+  ax.legend(fontsize=7)
+  _title(ax, title)
+  fig.tight_layout()
+  return _done(fig)
+
+
 def plot_route(route, needle_blocks: Optional[Sequence[int]] = None, min_weight: float = 1e-3,
                max_edges: int = 300, title: str = "needle route") -> Figure:
   """Layered diagram: x = block, y = layer (input of layer l at y = l); node size ~ flow; route edges (on a

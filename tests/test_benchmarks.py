@@ -4,11 +4,14 @@ import json
 import sys
 import pathlib
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import scaling  # noqa: E402
 
 
+@pytest.mark.slow  # 45 s of compiles on 2 cores; `make bench-small` runs the same mode
 def test_scaling_small_mode(tmp_path, capsys):
   rows = scaling.main(["--small", "--repeats", "1", "--out", str(tmp_path)])
   out = capsys.readouterr().out
@@ -139,7 +142,6 @@ def test_faithfulness_config_names():
   base = StreamConfig()
   assert faithfulness.make_variant("k32", base).config.top_k == 32
   assert faithfulness.make_variant("oracle16", base).config.representative == "oracle"
-  import pytest
   with pytest.raises(ValueError, match="unknown config"):
     faithfulness.make_variant("k", base)
   v = faithfulness.make_variant("adaptive95k64", base)

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from stream_jax.config import StreamConfig
+from stream_jax.experiments.settings import InputError, Settings, check_length
 
 # Geometric-ish, 1 to 32: five passes cover it; at 32k the 270M's layers needed 2 to 12+ (RESULTS.md).
 SCALES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0)
@@ -78,15 +79,16 @@ def budget_coverage(model, tokens, config: StreamConfig, *, backend: str = "auto
   if config.coverage is None:
     raise ValueError("budget_coverage measures an adaptive budget: config.coverage must be set, got None")
   ids = np.asarray(tokens).reshape(-1)
-  start = pruned_start(len(ids), config) // config.block_q
-  if start * config.block_q >= len(ids):
+  start = pruned_start(len(ids), config)
+  if start >= len(ids):
     raise ValueError(f"{len(ids)} tokens never prune at block_q={config.block_q}, top_k={config.top_k}: "
                      "calibrate on a longer text (or a smaller top_k / block)")
   trace = forward(model, model.params, ids, attention=config, output="exact", last_only=True,
                   backend=backend).trace
   layers = trace.select(kind="global")
   return BudgetCoverage(tuple(l.layer for l in layers),
-                        tuple(float(np.asarray(l.coverage, np.float64)[..., start:].mean()) for l in layers),
+                        tuple(float(np.asarray(l.coverage, np.float64)[..., start // config.block_q:].mean())
+                              for l in layers),
                         tuple(float(np.mean(np.asarray(l.kept_fraction(), np.float64))) for l in layers))
 
 
@@ -133,6 +135,79 @@ def calibrate_budget(model, tokens, config: StreamConfig, *, scales: Sequence[fl
                             tuple(seen[l, chosen[l]][1] for l in layers))
   return Calibration(config.replace(layer_scales={l: grid[i] for l, i in chosen.items()}), coverage,
                      tuple(l for l in layers if hi[l] == n), tuple(passes))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextCalibration:
+  """`calibrate_text`'s result: the calibration on a text and, with a held-out text, its check there.
+
+  held_out: None, or (uncalibrated, calibrated) BudgetCoverage on the held-out text: whether the scales
+    transfer (the issue's criterion: every layer within 0.02 of the target).
+  """
+
+  settings: Settings
+  tokens: int
+  calibration: Calibration
+  held_out_tokens: int = 0
+  held_out: Optional[tuple[BudgetCoverage, BudgetCoverage]] = None
+
+  @property
+  def target(self) -> float:
+    return self.settings.config.coverage
+
+  def layer_scales_flag(self) -> str:
+    """The calibrated scales as the command line takes them: 5:5,11:6,17:2."""
+    return ",".join(f"{l}:{s:g}" for l, s in self.calibration.config.layer_scales)
+
+  def format(self) -> str:
+    lines = [summary(self.calibration)]
+    if self.held_out:
+      before, after = self.held_out
+      lines.append(f"held out ({self.held_out_tokens} tokens): uncalibrated " + _per_layer(before)
+                   + "; calibrated " + _per_layer(after)
+                   + f"; lowest layer - target {min(after.coverage) - self.target:+.3f}")
+    return "\n".join(lines)
+
+
+def _per_layer(b: BudgetCoverage) -> str:
+  return " ".join(f"L{l} {c:.3f}" for l, c in zip(b.layers, b.coverage)) + f" (kept {b.kept_mean:.3f})"
+
+
+def calibrate_text(model, text: str, settings: Settings, *, held_out: Optional[str] = None,
+                   length: Optional[int] = None, scales: Sequence[float] = SCALES,
+                   progress: bool = False) -> TextCalibration:
+  """Tokenizes `text` (BOS first; its first `length` tokens when given) and calibrates settings.config's
+  budget on it (`calibrate_budget`); with `held_out`, measures the uncalibrated and the calibrated budget
+  on that text (same length cap) too. Calibrate on text of the length you will trace: the search is deeper
+  on longer inputs and the scales grow with it."""
+  cfg = settings.config
+  if cfg.coverage is None or cfg.select != "search":
+    raise InputError("calibration fits the estimator's coverage budget: set coverage (and keep "
+                     f"select='search'), got coverage={cfg.coverage}, select={cfg.select!r}", "coverage")
+  if settings.dense_layers or settings.prune_local:
+    raise InputError("calibration measures the global layers through exact passes: leave dense_layers and "
+                     "prune_local unset", "dense_layers", "prune_local")
+  if length is not None and length < 2:
+    raise InputError(f"length must be >= 2, got {length}", "length")
+
+  def encode(t: str, what: str) -> np.ndarray:
+    if not t.strip():
+      raise InputError(f"{what} is empty")
+    ids = np.asarray(model.encode(t)).reshape(-1)[:length]
+    check_length(model, len(ids), what)
+    return ids
+
+  ids = encode(text, "the calibration text")
+  held = None if held_out is None else encode(held_out, "the held-out text")
+  try:
+    cal = calibrate_budget(model, ids, cfg, scales=scales, backend=settings.backend, progress=progress)
+    checked = None if held is None else (budget_coverage(model, held, cfg, backend=settings.backend),
+                                         budget_coverage(model, held, cal.config, backend=settings.backend))
+  except ValueError as e:
+    if "never prune" in str(e):  # too short for this block size and top_k
+      raise InputError(str(e), "top_k", "block_q", "block_k") from None
+    raise
+  return TextCalibration(settings, len(ids), cal, 0 if held is None else len(held), checked)
 
 
 def summary(cal: Calibration, target: Optional[float] = None) -> str:

@@ -15,6 +15,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from stream_jax.experiments.anchoring import AnchorsResult
+from stream_jax.experiments.calibration import TextCalibration
 from stream_jax.experiments.needle_demo import DemoResult
 from stream_jax.experiments.needles import NiahSweep
 from stream_jax.experiments.settings import Settings, first_global
@@ -419,6 +420,47 @@ def anchors_conclusion(res: AnchorsResult) -> str:
   if rep.ties is not None:
     paras.append(rep.ties.format().replace("\n", " "))
   return "\n\n".join(paras)
+
+
+def write_calibration(res: TextCalibration, model, out, *, force: bool = False, text: str = "",
+                      notes: Optional[Mapping[str, str]] = None, flags: str = "") -> pathlib.Path:
+  """The calibration's report: the per-layer scales (as `flags`, the command line's way to reuse them), every
+  exact pass, the held-out check, and the coverage-vs-scale figure."""
+  plots = _plots()
+  cal, target = res.calibration, res.target
+  summary = dict(model=model.config.name, tokens=res.tokens, target=target,
+                 layer_scales=res.layer_scales_flag(), reached="every layer" if cal.reached else
+                 f"not in layer(s) {', '.join(map(str, cal.unreached))}", kept_fraction=cal.coverage.kept_mean)
+  paras = [f"On this text ({res.tokens} tokens) the budget reaches {target:g} true coverage in "
+           + ("every global layer" if cal.reached else "every global layer but " + ", ".join(map(str, cal.unreached))
+              + " (the largest scale tried; the cap top_k, or the block size, limits it there)")
+           + f" with per-layer scales {res.layer_scales_flag()}; it keeps {cal.coverage.kept_mean:.3f} of the "
+           "global layers' causal pairs."]
+  if res.held_out:
+    before, after = res.held_out
+    gap = min(after.coverage) - target
+    paras.append(f"On the held-out text the uncalibrated budget's lowest layer holds {min(before.coverage):.3f} "
+                 f"and the calibrated one's {min(after.coverage):.3f} ({gap:+.3f} from the target: "
+                 + ("within" if gap >= -0.02 else "outside") + " the 0.02 the calibration promises).")
+  if flags:
+    paras.append(f"Reuse: {flags}")
+  report = dict(command="calibrate", model=model.source, tokens=res.tokens, stream=res.settings.to_dict(),
+                target=target, layer_scales=cal.config.layer_scales, unreached=cal.unreached,
+                coverage=dict(zip(cal.coverage.layers, cal.coverage.coverage)),
+                kept=dict(zip(cal.coverage.layers, cal.coverage.kept)),
+                passes=[dict(scales=tried, coverage=got.coverage, kept=got.kept) for tried, got in cal.passes])
+  if res.held_out:
+    report["held_out"] = dict(tokens=res.held_out_tokens, uncalibrated=res.held_out[0].coverage,
+                              calibrated=res.held_out[1].coverage,
+                              kept=(res.held_out[0].kept_mean, res.held_out[1].kept_mean))
+  return write_report(
+      out, title="stream-jax coverage calibration", sections={"calibration": text or res.format()},
+      force=force, notes=notes, summary=summary, conclusion="\n\n".join(paras),
+      intro={"mode": "exact passes (output='exact'): each kept set's true coverage",
+             "Stream settings": res.settings.describe()},
+      captions={"calibration": "True coverage (mean over heads and the pruned query blocks) of each global "
+                "layer at every dropped_scale tried; ringed: the scale chosen (the smallest reaching the target)."},
+      figures={"calibration": plots.plot_calibration(cal, target)}, report=report)
 
 
 def write_anchors(res: AnchorsResult, model, out, *, force: bool = False, text: str = "",

@@ -50,6 +50,12 @@ class Settings:
     c = self.config
     s = (f"block_q={c.block_q}, block_k={c.block_k}, top_k={c.top_k}, sink_blocks={c.sink_blocks}, "
          f"window_blocks={c.window_blocks}, representative={c.representative}")
+    if c.coverage is not None:
+      s += f", coverage={c.coverage:g} ({c.score} scores)"
+      if c.dropped_scale != 1.0:
+        s += f", dropped_scale={c.dropped_scale:g}"
+      if c.layer_scales:
+        s += ", layer_scales " + ",".join(f"{l}:{x:g}" for l, x in c.layer_scales)
     if self.dense_layers:
       s += f", dense layers {','.join(map(str, self.dense_layers))}"
     return s + (", local layers pruned" if self.prune_local else ", local layers exact")
@@ -98,6 +104,12 @@ def check_settings(config, settings: Settings, lengths: Sequence[int] = (), what
   if bad:
     raise InputError(f"dense_layers {','.join(map(str, bad))}: layer ids must be in [0, {n - 1}] "
                      f"({config.name} has {n} layers)", "dense_layers")
+  pruned = [i for i, kind in enumerate(config.layer_kinds) if kind == "global" or settings.prune_local]
+  unused = [i for i, _ in cfg.layer_scales if i not in pruned]
+  if unused:
+    raise InputError(f"layer_scales names layer(s) {','.join(map(str, unused))}, which are not pruned "
+                     f"({config.name} prunes {','.join(map(str, pruned)) or 'no layer'}"
+                     f"{'' if settings.prune_local else '; local layers need prune_local'})", "layer_scales", "prune_local")
   for length in lengths:
     if length > limit:
       raise InputError(f"{what} of {length} tokens is longer than the model's context of {limit}")
