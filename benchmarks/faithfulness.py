@@ -23,6 +23,8 @@ Configs (`--configs`, comma list):
   idealsparse<P> the same set with output="sparse": the model attends through the ideal set (the frontier)
   adaptive<P>[k<N>]s<S>  the adaptive budget with StreamConfig.dropped_scale = S (a calibrated budget, see
                 stream_jax.experiments.calibration and benchmarks/ideal_calibration.py)
+  adaptive<P>[k<N>][s<S>]L<l>x<S>...  per-layer scales (StreamConfig.layer_scales, what `stream-jax
+                calibrate` fits), e.g. adaptive90L5x4L11x12L17x1.5
   <name>-exact  any config above with output="exact": its trace's coverage is then the *true* coverage of
                 the estimator's kept set (the calibration column: asked vs true)
 
@@ -126,9 +128,10 @@ def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Va
       raise ValueError(f"--configs: {name!r}: the coverage target must be in (0, 100]")
     cfg = base.replace(top_k=adaptive_max_k, coverage=pct / 100, select="ideal")
     return Variant(name, cfg, output="exact" if m.group(1) == "ideal" else "sparse")
-  m = re.fullmatch(r"(k|mass|oracle)(\d+)|adaptive(\d+)(?:k(\d+))?(?:s(\d+(?:\.\d+)?))?|exact(\d+)?", name)
+  m = re.fullmatch(r"(k|mass|oracle)(\d+)|adaptive(\d+)(?:k(\d+))?(?:s(\d+(?:\.\d+)?))?((?:L\d+x\d+(?:\.\d+)?)*)"
+                   r"|exact(\d+)?", name)
   if m is None:
-    raise ValueError(f"--configs: unknown config {name!r} (k<N>, mass<N>, oracle<N>, adaptive<P>[k<N>][s<S>], "
+    raise ValueError(f"--configs: unknown config {name!r} (k<N>, mass<N>, oracle<N>, adaptive<P>[k<N>][s<S>][L<l>x<S>...], "
                      "exact, ideal<P>, idealsparse<P>, <name>-exact)")
   if m.group(1):
     kind, k = m.group(1), int(m.group(2))
@@ -143,8 +146,9 @@ def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Va
       raise ValueError(f"--configs: {name!r}: the coverage target must be in (0, 100]")
     k = int(m.group(4)) if m.group(4) else adaptive_max_k
     scale = float(m.group(5)) if m.group(5) else 1.0
-    return Variant(name, base.replace(top_k=k, coverage=pct / 100, dropped_scale=scale))
-  return Variant(name, base.replace(top_k=int(m.group(6))) if m.group(6) else base, output="exact")
+    layers = {int(l): float(x) for l, x in re.findall(r"L(\d+)x(\d+(?:\.\d+)?)", m.group(6))}
+    return Variant(name, base.replace(top_k=k, coverage=pct / 100, dropped_scale=scale, layer_scales=layers))
+  return Variant(name, base.replace(top_k=int(m.group(7))) if m.group(7) else base, output="exact")
 
 
 # ---------------------------------------------------------------------------------------------------------

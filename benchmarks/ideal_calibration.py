@@ -10,7 +10,8 @@ Per key-block size (block_q = block_k), one process, one model:
      ideal selector's cost), the estimator's kept set uncalibrated and calibrated: their *true* coverage
      (asked vs true) and kept fraction;
   3. `benchmarks/faithfulness.py` on the same sources with idealsparse<P> (the ideal set, sparse output:
-     the model attends through it: KL, top-1).
+     the model attends through it: KL, top-1), and with --sparse-calibrated the estimator's budget
+     uncalibrated and calibrated (adaptive<P>, adaptive<P>L<l>x<S>...).
 The cap (top_k) is --cap-tokens / block for every config, and every metric is over the same positions:
 from the first query block with more searchable key blocks than the cap (faithfulness.py's --regime-k = the
 cap, which is also calibrate_budget's "pruned query blocks").
@@ -131,6 +132,9 @@ def run_block(model, args, block: int, calib_ids: np.ndarray, held: dict, out_ca
   if args.skip_sparse:
     return
   configs = [f"idealsparse{p}" for p in args.targets]
+  if args.sparse_calibrated:  # the estimator's budget, uncalibrated and calibrated, with sparse output
+    configs += [f"adaptive{p}" for p in args.targets]
+    configs += [f"adaptive{p}" + "".join(f"L{l}x{x:g}" for l, x in chosen[p].layer_scales) for p in args.targets]
   argv = ["--sources", ",".join(held), "--tokens", args.tokens, "--lengths", str(t),
           "--block", str(block), "--adaptive-max-k", str(cap), "--regime-k", str(cap),
           "--configs", ",".join(configs), "--out", out_faith, "--backend", args.backend,
@@ -208,8 +212,9 @@ def summary(out_dir: str) -> str:
                    f"{both(sps, lambda r: format(1 - r['top1'], '.3f'))} | {both(sps, _f('coverage_pruned', '.3f'))} |")
   lines += ["", "Calibration (dropped_scale fit on " + CALIB_SOURCE + "; held out: " + " / ".join(sources) + "):",
             "", "| block | asked | dropped_scale | fit text: true coverage per layer | held out: true coverage per "
-            "layer | min − asked | kept | × ideal at same true coverage | × ideal at same target |",
-            "|---:|---:|---|---|---|---:|---:|---:|---:|"]
+            "layer | min − asked | kept | × ideal at same true coverage | × ideal at same target | "
+            "sparse output: KL mean | top-1 change |",
+            "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
   for (b, p), budgets in sorted(cal.items()):
     for scale, (label, fit_cov) in sorted(budgets.items(), key=lambda kv: (isinstance(kv[0], tuple), str(kv[0]))):
       rows = [ex.get((b, s, "search", p, scale)) for s in sources]
@@ -224,10 +229,15 @@ def summary(out_dir: str) -> str:
         ratios.append("–" if k_ideal is None else f"{r['kept'] / k_ideal:.2f}" + ("" if inside else "*"))
         at = ex.get((b, s, "ideal", p, 1.0))
         same.append("–" if at is None else f"{r['kept'] / at['kept']:.2f}")
+      pct = round(p * 100)
+      name = (f"adaptive{pct}" + "".join(f"L{l}x{x:g}" for l, x in scale) if isinstance(scale, tuple)
+              else f"adaptive{pct}" + ("" if scale == 1.0 else f"s{scale:g}"))
+      sps = [sp.get((b, s, name)) for s in sources]
       lines.append(f"| {b} | {p:.2f} | {label} | {_layers(fit_cov) if fit_cov else '–'} | "
                    f"{both(rows, lambda r: _layers(r['coverage_layers']))} | "
                    f"{'–' if gap is None else f'{gap:+.3f}'} | {both(rows, _f('kept', '.3f'))} | "
-                   f"{' / '.join(ratios)} | {' / '.join(same)} |")
+                   f"{' / '.join(ratios)} | {' / '.join(same)} | {both(sps, _f('kl_mean', '.4f'))} | "
+                   f"{both(sps, lambda r: format(1 - r['top1'], '.3f'))} |")
   lines += ["", "(* extrapolated beyond the ideal points measured)"]
   return "\n".join(lines)
 
@@ -244,6 +254,8 @@ def main(argv=None) -> None:
   p.add_argument("--cap-tokens", type=int, default=8192, help="top_k (the cap) = this / block")
   p.add_argument("--scales", default=None, help="dropped_scale grid, comma-separated (default: calibration.SCALES)")
   p.add_argument("--sources", default=",".join(HELD_OUT))
+  p.add_argument("--sparse-calibrated", action="store_true", help="step 3 also runs the estimator's budget, "
+                 "uncalibrated and calibrated (faithfulness.py's adaptive<P> and adaptive<P>L<l>x<S>...)")
   p.add_argument("--skip-sparse", action="store_true", help="skip step 3 (sparse outputs through faithfulness.py)")
   p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
   p.add_argument("--backend", default="xla")

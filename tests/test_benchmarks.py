@@ -146,6 +146,8 @@ def test_faithfulness_config_names():
     faithfulness.make_variant("k", base)
   v = faithfulness.make_variant("adaptive95k64", base)
   assert (v.config.coverage, v.config.top_k, v.config.dropped_scale) == (0.95, 64, 1.0)
+  v = faithfulness.make_variant("adaptive90L5x4L11x12.5-exact", base, 256)
+  assert (v.config.layer_scales, v.config.dropped_scale, v.output) == (((5, 4.0), (11, 12.5)), 1.0, "exact")
   v = faithfulness.make_variant("adaptive90s2.5-exact", base, 256)
   assert (v.config.coverage, v.config.top_k, v.config.dropped_scale, v.output) == (0.9, 256, 2.5, "exact")
   v = faithfulness.make_variant("idealsparse95", base, 64)

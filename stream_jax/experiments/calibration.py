@@ -105,20 +105,17 @@ def calibrate_budget(model, tokens, config: StreamConfig, *, scales: Sequence[fl
   from stream_jax.experiments.settings import progress_bar  # pylint: disable=import-outside-toplevel
   n = len(grid)
   bar = progress_bar(int(np.ceil(np.log2(n + 1))), "calibrating the coverage budget", "exact pass", progress)
-  # Per layer, indices <= lo are known to miss the target and indices >= hi to reach it (hi = n: none yet).
-  lo, hi, seen, passes = None, None, {}, []
+  layers = tuple(i for i, kind in enumerate(model.config.layer_kinds) if kind == "global")
+  if not layers:
+    raise ValueError(f"{model.config.name} has no global layer: nothing prunes, nothing to calibrate")
+  # Per layer, grid indices <= lo miss the target and indices >= hi reach it (hi = n: none known yet); a
+  # layer that has converged re-runs its choice (the pass runs anyway).
+  lo, hi, seen, passes = dict.fromkeys(layers, -1), dict.fromkeys(layers, n), {}, []
   try:
-    while lo is None or any(hi[l] - lo[l] > 1 for l in lo):
-      if lo is None:  # the layers are only known after the first pass: it tries the grid's middle everywhere
-        tried = {}
-        cfg = config.replace(dropped_scale=grid[(n - 1) // 2], layer_scales=())
-      else:
-        tried = {l: (lo[l] + hi[l]) // 2 if hi[l] - lo[l] > 1 else min(hi[l], n - 1) for l in lo}
-        cfg = config.replace(layer_scales={l: grid[i] for l, i in tried.items()})
-      got = budget_coverage(model, tokens, cfg, backend=backend)
-      if lo is None:
-        lo, hi = {l: -1 for l in got.layers}, {l: n for l in got.layers}
-        tried = {l: (n - 1) // 2 for l in got.layers}
+    while any(hi[l] - lo[l] > 1 for l in layers):
+      tried = {l: (lo[l] + hi[l]) // 2 if hi[l] - lo[l] > 1 else min(hi[l], n - 1) for l in layers}
+      got = budget_coverage(model, tokens, config.replace(layer_scales={l: grid[i] for l, i in tried.items()}),
+                            backend=backend)
       passes.append((tuple((l, grid[i]) for l, i in tried.items()), got))
       for l, i in tried.items():
         seen[l, i] = (got.of(l), got.kept[got.layers.index(l)])
@@ -129,8 +126,7 @@ def calibrate_budget(model, tokens, config: StreamConfig, *, scales: Sequence[fl
       bar.update(1)
   finally:
     bar.close()
-  chosen = {l: min(hi[l], n - 1) for l in lo}
-  layers = tuple(lo)
+  chosen = {l: min(hi[l], n - 1) for l in layers}
   coverage = BudgetCoverage(layers, tuple(seen[l, chosen[l]][0] for l in layers),
                             tuple(seen[l, chosen[l]][1] for l in layers))
   return Calibration(config.replace(layer_scales={l: grid[i] for l, i in chosen.items()}), coverage,
