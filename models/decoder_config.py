@@ -158,6 +158,10 @@ class GemmaConfig:
   def global_layers(self) -> tuple[int, ...]:
     return tuple(i for i, k in enumerate(self.layer_kinds) if k == "global")
 
+  def pruned_layers(self, prune_local: bool = False) -> tuple[int, ...]:
+    """The layers a Stream call prunes: the global ones, and with prune_local every layer."""
+    return tuple(range(self.num_layers)) if prune_local else self.global_layers
+
   def replace(self, **changes) -> "GemmaConfig":
     return dataclasses.replace(self, **changes)
 

@@ -92,13 +92,12 @@ def make_plans(config, attention: Attention, dense_layers=(), prune_local: bool 
   if dense_layers and output == "exact":
     raise ValueError("dense_layers applies to output='sparse' only: with output='exact' every layer's "
                      "output is already dense")
-  pruned = [i for i, kind in enumerate(config.layer_kinds)
-            if stream is not None and (kind == "global" or prune_local)]
+  pruned = () if stream is None else config.pruned_layers(prune_local)
   if stream is not None and stream.layer_scales:
     unused = [i for i, _ in stream.layer_scales if i not in pruned]
     if unused:
       raise ValueError(f"StreamConfig.layer_scales names layer(s) {unused}, which this call does not prune "
-                       f"(pruned: {pruned}{'' if prune_local else '; local layers need prune_local=True'})")
+                       f"(pruned: {list(pruned)}{'' if prune_local else '; local layers need prune_local=True'})")
   plans = []
   for i, kind in enumerate(config.layer_kinds):
     window = config.sliding_window if kind == "local" else None

@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
   cb.add_argument("--length", type=_int_arg("--length", lo=2), default=None, help="use the first N tokens of "
                   "each text (default: all; the texts must fit the model's context)")
   cb.add_argument("--scales", type=_float_list("--scales"), default=None, help="dropped_scale grid, "
-                  "comma-separated (default: 1 to 32, 16 values; 5 exact passes)")
+                  "comma-separated (default: 1 to 32, 16 values; at most 5 exact passes)")
   v = sub.add_parser("view", help="explore a report / saved trace in the browser (a local server)",
                      description=cmd_view.__doc__)
   v.add_argument("path", help="a report folder (stream-jax demo/trace/anchors), a save_trace folder, or a "

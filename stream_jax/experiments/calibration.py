@@ -49,6 +49,9 @@ class BudgetCoverage:
   def of(self, layer: int) -> float:
     return self.coverage[self.layers.index(layer)]
 
+  def kept_of(self, layer: int) -> float:
+    return self.kept[self.layers.index(layer)]
+
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
@@ -105,7 +108,7 @@ def calibrate_budget(model, tokens, config: StreamConfig, *, scales: Sequence[fl
   from stream_jax.experiments.settings import progress_bar  # pylint: disable=import-outside-toplevel
   n = len(grid)
   bar = progress_bar(int(np.ceil(np.log2(n + 1))), "calibrating the coverage budget", "exact pass", progress)
-  layers = tuple(i for i, kind in enumerate(model.config.layer_kinds) if kind == "global")
+  layers = model.config.global_layers
   if not layers:
     raise ValueError(f"{model.config.name} has no global layer: nothing prunes, nothing to calibrate")
   # Per layer, grid indices <= lo miss the target and indices >= hi reach it (hi = n: none known yet); a
@@ -118,7 +121,7 @@ def calibrate_budget(model, tokens, config: StreamConfig, *, scales: Sequence[fl
                             backend=backend)
       passes.append((tuple((l, grid[i]) for l, i in tried.items()), got))
       for l, i in tried.items():
-        seen[l, i] = (got.of(l), got.kept[got.layers.index(l)])
+        seen[l, i] = (got.of(l), got.kept_of(l))
         if got.of(l) >= config.coverage:
           hi[l] = min(hi[l], i)
         else:
@@ -174,8 +177,8 @@ def calibrate_text(model, text: str, settings: Settings, *, held_out: Optional[s
                    progress: bool = False) -> TextCalibration:
   """Tokenizes `text` (BOS first; its first `length` tokens when given) and calibrates settings.config's
   budget on it (`calibrate_budget`); with `held_out`, measures the uncalibrated and the calibrated budget
-  on that text (same length cap) too. Calibrate on text of the length you will trace: the search is deeper
-  on longer inputs and the scales grow with it."""
+  on that text (same length cap) too. Calibrate on text of the length you will trace: the scales depend on
+  it (the 270M's fit at 4k / 8k over-shoot at 16k: RESULTS, "Per-layer calibration at 16k")."""
   cfg = settings.config
   if cfg.coverage is None or cfg.select != "search":
     raise InputError("calibration fits the estimator's coverage budget: set coverage (and keep "
@@ -211,7 +214,7 @@ def summary(cal: Calibration, target: Optional[float] = None) -> str:
   t = cal.config.coverage if target is None else target
   lines = ["pass | per layer: dropped_scale -> true coverage (pruned blocks), kept"]
   for p, (tried, got) in enumerate(cal.passes):
-    lines.append(f"{p:>4} | " + "  ".join(f"L{l}: {s:g} -> {got.of(l):.3f}, {got.kept[got.layers.index(l)]:.3f}"
+    lines.append(f"{p:>4} | " + "  ".join(f"L{l}: {s:g} -> {got.of(l):.3f}, {got.kept_of(l):.3f}"
                                           for l, s in tried))
   c = cal.coverage
   lines.append(f"chosen (target {t}): " + "  ".join(

@@ -104,7 +104,7 @@ def check_settings(config, settings: Settings, lengths: Sequence[int] = (), what
   if bad:
     raise InputError(f"dense_layers {','.join(map(str, bad))}: layer ids must be in [0, {n - 1}] "
                      f"({config.name} has {n} layers)", "dense_layers")
-  pruned = [i for i, kind in enumerate(config.layer_kinds) if kind == "global" or settings.prune_local]
+  pruned = config.pruned_layers(settings.prune_local)
   unused = [i for i, _ in cfg.layer_scales if i not in pruned]
   if unused:
     raise InputError(f"layer_scales names layer(s) {','.join(map(str, unused))}, which are not pruned "
