@@ -25,6 +25,8 @@ Configs (`--configs`, comma list):
                 stream_jax.experiments.calibration and benchmarks/ideal_calibration.py)
   adaptive<P>[k<N>][s<S>]L<l>x<S>...  per-layer scales (StreamConfig.layer_scales, what `stream-jax
                 calibrate` fits), e.g. adaptive90L5x4L11x12L17x1.5
+  adaptive<P>[k<N>]q<Q>...  the estimator scores with every Q-th query (StreamConfig.query_stride = Q: 1/Q of
+                its scoring work), e.g. adaptive95q4, adaptive90q4L5x4L11x12
   <name>-exact  any config above with output="exact": its trace's coverage is then the *true* coverage of
                 the estimator's kept set (the calibration column: asked vs true)
 
@@ -129,10 +131,13 @@ def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Va
     cfg = base.replace(top_k=adaptive_max_k, coverage=pct / 100, select="ideal")
     return Variant(name, cfg, output="exact" if m.group(1) == "ideal" else "sparse")
   m = re.fullmatch(r"(k|mass|oracle)(\d+)|adaptive(\d+)(?:k(\d+))?(?:s(\d+(?:\.\d+)?))?((?:L\d+x\d+(?:\.\d+)?)*)"
-                   r"|exact(\d+)?", name)
+                   r"|exact(\d+)?", re.sub(r"(?<=\d)q(\d+)", "", name, count=1))
+  stride = re.search(r"(?<=\d)q(\d+)", name)
   if m is None:
-    raise ValueError(f"--configs: unknown config {name!r} (k<N>, mass<N>, oracle<N>, adaptive<P>[k<N>][s<S>][L<l>x<S>...], "
+    raise ValueError(f"--configs: unknown config {name!r} (k<N>, mass<N>, oracle<N>, adaptive<P>[k<N>][q<Q>][s<S>][L<l>x<S>...], "
                      "exact, ideal<P>, idealsparse<P>, <name>-exact)")
+  if stride and not name.startswith("adaptive"):
+    raise ValueError(f"--configs: {name!r}: q<Q> (a query stride) is for adaptive<P> budgets")
   if m.group(1):
     kind, k = m.group(1), int(m.group(2))
     if kind == "k":
@@ -147,7 +152,8 @@ def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Va
     k = int(m.group(4)) if m.group(4) else adaptive_max_k
     scale = float(m.group(5)) if m.group(5) else 1.0
     layers = {int(l): float(x) for l, x in re.findall(r"L(\d+)x(\d+(?:\.\d+)?)", m.group(6))}
-    return Variant(name, base.replace(top_k=k, coverage=pct / 100, dropped_scale=scale, layer_scales=layers))
+    return Variant(name, base.replace(top_k=k, coverage=pct / 100, dropped_scale=scale, layer_scales=layers,
+                                      query_stride=int(stride.group(1)) if stride else 1))
   return Variant(name, base.replace(top_k=int(m.group(7))) if m.group(7) else base, output="exact")
 
 

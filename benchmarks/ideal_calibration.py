@@ -89,7 +89,8 @@ def run_block(model, args, block: int, calib_ids: np.ndarray, held: dict, out_ca
   t = args.length
   dtype = jnp.dtype(model.dtype).name
   date = datetime.datetime.now().isoformat(timespec="seconds")
-  common = dict(T=t, block=block, cap=cap, dtype=dtype, backend=args.backend, date=date)
+  common = dict(T=t, block=block, cap=cap, dtype=dtype, backend=args.backend, date=date,
+                query_stride=args.query_stride)
 
   def write(path, row):
     with open(path, "a") as f:
@@ -98,7 +99,7 @@ def run_block(model, args, block: int, calib_ids: np.ndarray, held: dict, out_ca
   # 1. calibration on the calibration text: one dropped_scale per global layer (StreamConfig.layer_scales)
   chosen = {}
   for p in args.targets:
-    cfg = StreamConfig(block_q=block, block_k=block, top_k=cap, coverage=p / 100)
+    cfg = StreamConfig(block_q=block, block_k=block, top_k=cap, coverage=p / 100, query_stride=args.query_stride)
     t0 = time.perf_counter()
     cal = calibration.calibrate_budget(model, calib_ids[:t], cfg, scales=args.scales, backend=args.backend,
                                        progress=False)
@@ -117,7 +118,8 @@ def run_block(model, args, block: int, calib_ids: np.ndarray, held: dict, out_ca
     for p in args.targets + args.ideal_extra:
       variants = [("ideal", StreamConfig.ideal(block_q=block, block_k=block, top_k=cap, coverage=p / 100))]
       if p in args.targets:
-        variants += [("search", StreamConfig(block_q=block, block_k=block, top_k=cap, coverage=p / 100)),
+        variants += [("search", StreamConfig(block_q=block, block_k=block, top_k=cap, coverage=p / 100,
+                                             query_stride=args.query_stride)),
                      ("search", chosen[p])]
       for select, cfg in variants:
         row = dict(kind="exact", source=s, select=select, target=p / 100, dropped_scale=cfg.dropped_scale,
@@ -133,8 +135,9 @@ def run_block(model, args, block: int, calib_ids: np.ndarray, held: dict, out_ca
     return
   configs = [f"idealsparse{p}" for p in args.targets]
   if args.sparse_calibrated:  # the estimator's budget, uncalibrated and calibrated, with sparse output
-    configs += [f"adaptive{p}" for p in args.targets]
-    configs += [f"adaptive{p}" + "".join(f"L{l}x{x:g}" for l, x in chosen[p].layer_scales) for p in args.targets]
+    q = f"q{args.query_stride}" if args.query_stride > 1 else ""
+    configs += [f"adaptive{p}{q}" for p in args.targets]
+    configs += [f"adaptive{p}{q}" + "".join(f"L{l}x{x:g}" for l, x in chosen[p].layer_scales) for p in args.targets]
   argv = ["--sources", ",".join(held), "--tokens", args.tokens, "--lengths", str(t),
           "--block", str(block), "--adaptive-max-k", str(cap), "--regime-k", str(cap),
           "--configs", ",".join(configs), "--out", out_faith, "--backend", args.backend,
@@ -230,8 +233,10 @@ def summary(out_dir: str) -> str:
         at = ex.get((b, s, "ideal", p, 1.0))
         same.append("–" if at is None else f"{r['kept'] / at['kept']:.2f}")
       pct = round(p * 100)
-      name = (f"adaptive{pct}" + "".join(f"L{l}x{x:g}" for l, x in scale) if isinstance(scale, tuple)
-              else f"adaptive{pct}" + ("" if scale == 1.0 else f"s{scale:g}"))
+      stride = max((r.get("query_stride", 1) for r in got), default=1)
+      base = f"adaptive{pct}" + (f"q{stride}" if stride > 1 else "")
+      name = (base + "".join(f"L{l}x{x:g}" for l, x in scale) if isinstance(scale, tuple)
+              else base + ("" if scale == 1.0 else f"s{scale:g}"))
       sps = [sp.get((b, s, name)) for s in sources]
       lines.append(f"| {b} | {p:.2f} | {label} | {_layers(fit_cov) if fit_cov else '–'} | "
                    f"{both(rows, lambda r: _layers(r['coverage_layers']))} | "
@@ -253,6 +258,9 @@ def main(argv=None) -> None:
   p.add_argument("--ideal-extra", default="", help="more ideal<P> targets (exact), for the interpolation")
   p.add_argument("--cap-tokens", type=int, default=8192, help="top_k (the cap) = this / block")
   p.add_argument("--scales", default=None, help="dropped_scale grid, comma-separated (default: calibration.SCALES)")
+  p.add_argument("--query-stride", type=int, default=1, help="the estimator's StreamConfig.query_stride (its "
+                 "budgets score with every Q-th query; keep one --out-dir per stride: the tables key rows by "
+                 "block and budget)")
   p.add_argument("--sources", default=",".join(HELD_OUT))
   p.add_argument("--sparse-calibrated", action="store_true", help="step 3 also runs the estimator's budget, "
                  "uncalibrated and calibrated (faithfulness.py's adaptive<P> and adaptive<P>L<l>x<S>...)")

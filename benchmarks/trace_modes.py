@@ -12,6 +12,8 @@ process of its own (so the device peak is that mode's alone; an out-of-memory co
                   pass's lse (true mass, exact coverage 0.95); its block-mass pass on the Pallas kernel
   ideal_exact_xla the same with the block-mass pass on the XLA path (backend="xla" for the trace)
   oracle_exact    the ideal set the old way: faithful() with representative="oracle" (XLA, O(T^2) scoring)
+  faithful_q<Q>   StreamConfig.faithful(query_stride=Q): the estimator scores with every Q-th query of a
+                  block (2, 4, 8: 1/Q of its scoring work); faithful_q<Q>_exact with output="exact"
 
 Median of --repeats timed runs after one warm-up (device-synchronised, logits at the last position only),
 the device allocator's peak, the compiled executable's memory, the trace's size, kept fraction and mean
@@ -47,7 +49,7 @@ import stream_jax as sj  # noqa: E402  pylint: disable=wrong-import-position
 from stream_jax.models import forward, get_config  # noqa: E402  pylint: disable=wrong-import-position
 
 MODES = ("plain", "sparse", "exact", "faithful", "faithful_exact", "ideal_exact", "ideal_exact_xla",
-         "oracle_exact")
+         "oracle_exact", "faithful_q2", "faithful_q4", "faithful_q8", "faithful_q4_exact")
 
 
 def mode_kwargs(mode: str) -> dict:
@@ -56,10 +58,13 @@ def mode_kwargs(mode: str) -> dict:
   kw = dict(last_only=True, backend="auto")
   if mode == "plain":
     return dict(kw, attention="dense", dense_impl="cudnn" if gpu else "xla")
-  stream = {"sparse": sj.StreamConfig(), "exact": sj.StreamConfig(), "faithful": sj.StreamConfig.faithful(),
-            "faithful_exact": sj.StreamConfig.faithful(), "ideal_exact": sj.StreamConfig.ideal(),
-            "ideal_exact_xla": sj.StreamConfig.ideal(),
-            "oracle_exact": sj.StreamConfig.faithful(representative="oracle")}[mode]
+  if mode.startswith("faithful_q"):
+    stream = sj.StreamConfig.faithful(query_stride=int(mode.split("_")[1][1:]))
+  else:
+    stream = {"sparse": sj.StreamConfig(), "exact": sj.StreamConfig(), "faithful": sj.StreamConfig.faithful(),
+              "faithful_exact": sj.StreamConfig.faithful(), "ideal_exact": sj.StreamConfig.ideal(),
+              "ideal_exact_xla": sj.StreamConfig.ideal(),
+              "oracle_exact": sj.StreamConfig.faithful(representative="oracle")}[mode]
   kw.update(attention=stream)
   if "exact" in mode:
     kw.update(output="exact")

@@ -152,6 +152,13 @@ def test_faithfulness_config_names():
   assert (v.config.coverage, v.config.top_k, v.config.dropped_scale, v.output) == (0.9, 256, 2.5, "exact")
   v = faithfulness.make_variant("idealsparse95", base, 64)
   assert (v.config.select, v.config.coverage, v.config.top_k, v.output) == ("ideal", 0.95, 64, "sparse")
+  v = faithfulness.make_variant("adaptive90q4L5x4-exact", base, 256)
+  assert (v.config.query_stride, v.config.layer_scales, v.output) == (4, ((5, 4.0),), "exact")
+  assert faithfulness.make_variant("adaptive95", base).config.query_stride == 1
+  with pytest.raises(ValueError, match="query stride"):
+    faithfulness.make_variant("k16q4", base)
+  with pytest.raises(ValueError, match="query_stride must be a power of two"):
+    faithfulness.make_variant("adaptive95q3", base)
 
 
 # ---------------------------------------------------------------------------------------------------------
