@@ -13,6 +13,8 @@
    reference's, row for row (ragged T, no search round, soft-cap, wide first level, batch, exact ties).
 9. The Triton block-mass kernel of the ideal kept set (kernels/ideal_triton.py) equals the XLA reference
    (`ideal_mask`): kept sets row for row up to near-ties, masses and coverage; with the cuDNN lse.
+10. Its Mosaic GPU port (kernels/ideal_mosaic.py, `check_mgpu_ideal`): the same comparison on 64 x 64
+   blocks, and rows copied out through several shared-memory windows equal one window's.
 8. The Triton estimate kernel with mass scores and coverage budgets (`StreamConfig.faithful()` and others)
    equals the XLA reference row for row, up to rows whose estimates tie within the GPU's rounding.
 
@@ -231,9 +233,38 @@ IDEAL_CASES = [
 ]
 
 
-def check_ideal(cases=IDEAL_CASES, sharpen=4.0):
-  """The ideal kept set through the Triton block-mass kernel vs the XLA reference, same lse (cuDNN's where
-  it applies). Returns failures."""
+MGPU_IDEAL_CASES = [
+    (16384, 0, 8, 4, 256, jnp.bfloat16, None, None, dict(block_q=64, block_k=64)),
+    (8000, 300, 8, 4, 128, jnp.float16, None, None, dict(top_k=64)),  # ragged T, S > T
+    (8192, 0, 4, 1, 256, jnp.bfloat16, 50.0, None, dict(top_k=64, coverage=0.9)),  # soft-cap, one kv head
+    (8192, 0, 8, 4, 256, jnp.bfloat16, None, 1024, dict(top_k=16, coverage=None)),  # window, fixed k
+    (70000, 0, 4, 2, 64, jnp.bfloat16, None, None, dict(top_k=64)),  # 1,094 key blocks: 18 segments
+]
+
+
+def check_mgpu_ideal(cases=MGPU_IDEAL_CASES):
+  """The Mosaic GPU block-mass kernel (kernels/ideal_mosaic.py) vs the XLA reference, and its rows with a
+  small shared-memory window (several TMA copies per row) equal to one window's. Returns failures."""
+  from stream_jax.kernels import ideal_mosaic  # pylint: disable=import-outside-toplevel
+  failed = check_ideal(cases, backend="mosaic")
+
+  def windows(t=70000, n=4, kv=2, h=64):
+    q, k = _rand((1, t, n, h), 80, jnp.bfloat16), _rand((1, t, kv, h), 81, jnp.bfloat16)
+    lse = jnp.full((1, n, t), 12.0, jnp.float32)  # any normaliser: both runs use the same
+    kw = dict(n_rows=64, q_len=t, k_len=t, scale=h ** -0.5, softcap=None, window=None)
+    first = (t // 64) - 64  # the last 64 query blocks: 1,030-1,093 key blocks each
+    one = ideal_mosaic.mass_rows(q, k, lse, first, **kw)
+    many = ideal_mosaic.mass_rows(q, k, lse, first, segments_per_copy=4, **kw)
+    diff = float(jnp.abs(one - many).max())
+    return diff == 0.0, f"18 segments in windows of 4 vs one window: max |diff| {diff:.1e}, sum {float(one.sum()):.1f}"
+
+  failed += _case("mgpu ideal rows across shared-memory windows", windows)
+  return failed
+
+
+def check_ideal(cases=IDEAL_CASES, sharpen=4.0, backend="triton"):
+  """The ideal kept set through a block-mass kernel (`backend`) vs the XLA reference, same lse (cuDNN's
+  where it applies). Returns failures."""
   failed = 0
   for t, extra, n, kv, h, dtype, cap, window, changes in cases:
     def run(t=t, extra=extra, n=n, kv=kv, h=h, dtype=dtype, cap=cap, window=window, changes=changes):
@@ -245,7 +276,7 @@ def check_ideal(cases=IDEAL_CASES, sharpen=4.0):
       _, lse = dense.dense_attention(q, k, v, q_pos=jnp.arange(t) + extra, k_pos=jnp.arange(s),
                                      scale=h ** -0.5, softcap=cap, window=window, return_lse=True)
       kw = dict(scale=h ** -0.5, softcap=cap, window=window)
-      kr = sj.ideal_mask(q, k, lse, config, backend="pallas", **kw)
+      kr = sj.ideal_mask(q, k, lse, config, backend=backend, **kw)
       xr = sj.ideal_mask(q, k, lse, config, backend="xla", **kw)
       equal = np.asarray(jnp.all(kr.mask.indices == xr.mask.indices, -1))
       # masses and coverage compared where the kept sets agree (elsewhere a near-tie or a block at the
@@ -257,7 +288,7 @@ def check_ideal(cases=IDEAL_CASES, sharpen=4.0):
       return ok, (f"rows equal {equal.mean():.5f}; max |mass diff| {mass_err:.2e}, |coverage diff| "
                   f"{cov_err:.2e}; kept {counts.mean():.1f} of {config.capacity}; coverage mean "
                   f"{float(xr.coverage.mean()):.4f}")
-    failed += _case(f"ideal T={t} S={t + extra} N={n} K={kv} H={h} {jnp.dtype(dtype).name} softcap={cap} "
+    failed += _case(f"ideal[{backend}] T={t} S={t + extra} N={n} K={kv} H={h} {jnp.dtype(dtype).name} softcap={cap} "
                     f"window={window} {changes}", run)
   return failed
 
@@ -283,7 +314,7 @@ if __name__ == "__main__":
   import sys  # pylint: disable=import-outside-toplevel
   print(jax.devices()[0].device_kind, jax.__version__)
   names = sys.argv[1:] or ["cudnn_lse", "pallas_f32", "second_mass_pass", "exact_forward", "mgpu_attention",
-                           "mgpu_estimate", "mass", "ideal"]
+                           "mgpu_estimate", "mass", "ideal", "mgpu_ideal"]
   known = sorted(k[len("check_"):] for k in globals() if k.startswith("check_"))
   unknown = [name for name in names if name not in known]
   if unknown:

@@ -4,10 +4,11 @@ Gemma-3-4B-like heads (8 query heads, 4 kv heads, head dim 256, bf16, 64-token b
   cudnn          causal flash attention with its lse (what the exact pass runs anyway)
   rows           the Triton block-mass kernel alone (every causal block's true mass; summed so it runs)
                  for launch settings (warps, stages, query blocks per program, query blocks per chunk)
+  mosaic rows    its Mosaic GPU port (kernels/ideal_mosaic.py; Hopper) for key-ring depths (--mosaic-stages)
   select         the selection of StreamConfig.ideal() from given rows (XLA: top_k, the budget, the ids)
-  ideal          stream_jax.ideal_mask(..., backend="pallas") end to end (rows + selection)
+  ideal          stream_jax.ideal_mask(..., backend=B) end to end (rows + selection), B triton and mosaic
 
-  python benchmarks/ideal_kernel.py --seq 32768,131072
+  python benchmarks/ideal_kernel.py --seq 32768,131072 --launch 8:3:4:64
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jax import lax
 
 import stream_jax as sj
 from stream_jax import ideal
-from stream_jax.kernels import ideal_triton
+from stream_jax.kernels import ideal_mosaic, ideal_triton, mosaic_common
 
 
 def timed(fn, *args, reps=5):
@@ -45,6 +46,7 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--launch", default="4:3:1:64,8:3:1:64,4:2:2:64,8:3:2:64,8:2:2:128",
                  help="warps:stages:blocks_per_program:chunk settings of the rows kernel")
+  p.add_argument("--mosaic-stages", default="2,3", help="key-ring depths of the Mosaic rows kernel (Hopper)")
   args = p.parse_args(argv)
   n, kv, h = 8, 4, 256
   cfg = sj.StreamConfig.ideal()
@@ -87,6 +89,26 @@ def main(argv=None):
       except Exception as e:  # pylint: disable=broad-except
         print(f"| {t:,} | rows kernel {launch} | failed: {str(e).splitlines()[0][:150]} | |", flush=True)
 
+    hopper = mosaic_common.no_hopper() is None
+    for stages in [int(x) for x in args.mosaic_stages.split(",") if x] if hopper else []:
+      chunk = min(64, n_q)
+
+      @jax.jit
+      def mrows(q, k, lse, stages=stages, chunk=chunk):
+        def one(i, acc):
+          r = ideal_mosaic.mass_rows(q, k, lse, i * chunk, n_rows=chunk, q_len=t, k_len=t, scale=scale,
+                                     softcap=None, window=None, stages=stages)
+          return acc + r.sum()
+        return lax.fori_loop(0, -(-n_q // chunk), one, jnp.float32(0))
+
+      try:
+        ms = timed(mrows, q, k, lse, reps=args.reps)
+        print(f"| {t:,} | mosaic rows kernel (stages {stages}, chunk {chunk}) | {ms:.1f} | {ms / base:.2f} |",
+              flush=True)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"| {t:,} | mosaic rows kernel stages {stages} | failed: {str(e).splitlines()[0][:150]} | |",
+              flush=True)
+
     n_k = n_q
     table = jnp.asarray(rng.random((n, 64, n_k)), jnp.float32)
 
@@ -101,9 +123,10 @@ def main(argv=None):
 
     ms = timed(select, table, reps=args.reps)
     print(f"| {t:,} | selection (XLA, worst-case rows) | {ms:.1f} | {ms / base:.2f} |", flush=True)
-    full = jax.jit(functools.partial(sj.ideal_mask, config=cfg, scale=scale, backend="pallas"))
-    ms = timed(lambda q, k, l: full(q, k, l).coverage, q, k, lse, reps=args.reps)
-    print(f"| {t:,} | ideal_mask end to end | {ms:.1f} | {ms / base:.2f} |", flush=True)
+    for backend in ("triton", "mosaic") if hopper else ("triton",):
+      full = jax.jit(functools.partial(sj.ideal_mask, config=cfg, scale=scale, backend=backend))
+      ms = timed(lambda q, k, l, full=full: full(q, k, l).coverage, q, k, lse, reps=args.reps)
+      print(f"| {t:,} | ideal_mask end to end ({backend}) | {ms:.1f} | {ms / base:.2f} |", flush=True)
   return 0
 
 

@@ -29,7 +29,7 @@ from jax import lax
 
 from stream_jax import checks, numerics
 from stream_jax.config import StreamConfig
-from stream_jax.kernels import common, ideal_triton, implementations
+from stream_jax.kernels import common, ideal_mosaic, ideal_triton, implementations
 from stream_jax.mask import BlockMask, diagonal_blocks, num_blocks
 from stream_jax.numerics import NEG_INF
 
@@ -76,9 +76,10 @@ def ideal_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], lse: Fl
       suppression; `lse` must be the pass's with the same keys hidden).
     query_blocks: query blocks per chunk (memory: N x query_blocks x nK floats per chunk); None: 8 on the
       XLA path, 64 in the kernel.
-    backend: an implementation, "xla" (the reference) or "triton" (the block-mass kernel,
-      kernels/ideal_triton.py; interpreted off the GPU; no key_mask), or a policy, "pallas" or "auto"
-      (the kernel on a GPU for 16-bit inputs without a key_mask). See `kernels.implementations.choose`.
+    backend: an implementation, "xla" (the reference), "triton" (the block-mass kernel,
+      kernels/ideal_triton.py; interpreted off the GPU; no key_mask) or "mosaic" (its Hopper port,
+      kernels/ideal_mosaic.py: 16-bit, 64 x 64 blocks), or a policy, "pallas" or "auto" (a kernel on a GPU
+      for 16-bit inputs without a key_mask, the Mosaic port first). See `kernels.implementations.choose`.
 
   Returns:
     IdealTrace(mask, mass, coverage); mask.config is `config`.
@@ -107,11 +108,12 @@ def ideal_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], lse: Fl
     raise ValueError(f"query_blocks must be None or an integer >= 1, got {query_blocks!r}")
   scale = numerics.resolve_scale(scale, h)
   call = implementations.Call.ideal(q, config, key_mask=has_key_mask)
-  if implementations.choose("ideal_mask", backend, call) == "triton":
+  impl = implementations.choose("ideal_mask", backend, call)
+  if impl != "xla":
     idx, mass, cov = _ideal_kernel(q if batch else q[None], k if batch else k[None],
                                    (lse if batch else lse[None]).astype(jnp.float32), config=config,
                                    scale=scale, softcap=softcap, window=window,
-                                   query_blocks=query_blocks or KERNEL_QUERY_BLOCKS)
+                                   query_blocks=query_blocks or KERNEL_QUERY_BLOCKS, impl=impl)
     if not batch:
       idx, mass, cov = idx[0], mass[0], cov[0]
     counts = (idx >= 0).sum(-1).astype(jnp.int32)
@@ -177,22 +179,29 @@ def _ideal_xla(q, k, lse, key_mask, *, config: StreamConfig, scale, softcap, win
   return idx, mass, cov
 
 
-def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, query_blocks, interpret=None):
-  """Batched q [B, T, N, H], k [B, S, K, H], lse [B, N, T] through the Triton block-mass kernel, a chunk of
-  query blocks at a time -> indices [B, N, nQ, C], mass, coverage [B, N, nQ]."""
+def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, query_blocks, interpret=None,
+                  impl: str = "triton"):
+  """Batched q [B, T, N, H], k [B, S, K, H], lse [B, N, T] through a block-mass kernel (`impl`: "triton"
+  or "mosaic"), a chunk of query blocks at a time -> indices [B, N, nQ, C], mass, coverage [B, N, nQ]."""
   t, s = q.shape[1], k.shape[1]
   bq, bk = config.block_q, config.block_k
   n_q, n_k = num_blocks(t, bq), num_blocks(s, bk)
-  per = ideal_triton.DEFAULT_BLOCKS_PER_PROGRAM
+  per = ideal_triton.DEFAULT_BLOCKS_PER_PROGRAM if impl == "triton" else 1
   qc = -(-min(query_blocks, n_q) // per) * per  # whole programs per chunk
   n_qc = -(-n_q // qc)
   diag, rows_valid = _chunk_rows(t, s, bq, bk, qc, n_qc)
 
+  def mass_rows(first):  # [B, N, qc, nK]
+    if impl == "mosaic":
+      return ideal_mosaic.mass_rows(q, k, lse, first, n_rows=qc, q_len=t, k_len=s, scale=scale,
+                                    softcap=softcap, window=window)
+    return ideal_triton.mass_rows(q, k, lse, first, n_rows=qc, block_q=bq, block_k=bk, q_len=t, k_len=s,
+                                  scale=scale, softcap=softcap, window=window, interpret=interpret,
+                                  blocks_per_program=per)
+
   def chunk_fn(args):
     i, diag_c, valid_c = args
-    table = ideal_triton.mass_rows(q, k, lse, i * qc, n_rows=qc, block_q=bq, block_k=bk, q_len=t, k_len=s,
-                             scale=scale, softcap=softcap, window=window, interpret=interpret,
-                             blocks_per_program=per)  # [B, N, qc, nK]
+    table = mass_rows(i * qc)
     return jax.vmap(functools.partial(_select_chunk, config=config), in_axes=(0, None, None))(
         table, diag_c, valid_c)
 

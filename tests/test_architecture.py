@@ -22,7 +22,7 @@ PACKAGES = [ROOT, ROOT.parent / "models"]
 # Names several modules define on purpose: the implementations of an op share its entry's name and contract
 # (the table in kernels/implementations.py lists them), each kernel says what it cannot take with
 # `unsupported`, and a script module's entry point is `main`.
-SHARED_BY_DESIGN = set(impls.OPS) | {"unsupported", "main"}
+SHARED_BY_DESIGN = set(impls.OPS) | {"unsupported", "main", "mass_rows"}  # mass_rows: the block-mass kernels' contract
 
 
 def _modules():
@@ -110,13 +110,20 @@ def test_plans_on_a_hopper_pick_the_mosaic_ports_for_16_bit(monkeypatch):
   assert f32["global"] == Implementations()  # float32 stays on XLA under "auto"
   faithful = _by_kind(make_plans(config, StreamConfig.faithful(), backend="auto", dtype=jnp.bfloat16))
   assert faithful["global"].estimate_mask == "triton"  # mass scores: the Mosaic port takes max scores only
+  ideal = _by_kind(make_plans(config, StreamConfig.ideal(), backend="auto", dtype=jnp.bfloat16, output="exact"))
+  assert ideal["global"] == Implementations("xla", "xla", "mosaic")  # the block-mass pass: the Hopper port
+  ideal32 = _by_kind(make_plans(config, StreamConfig.ideal(block_q=32, block_k=32), backend="auto",
+                                dtype=jnp.bfloat16, output="exact"))
+  assert ideal32["global"].ideal_mask == "triton"  # 32-token blocks: the Triton kernel
 
 
 def test_a_backend_that_cannot_run_an_op_is_refused_when_plans_are_made():
   config = get_config("gemma3-270m")
   with pytest.raises(ValueError, match="backend='mosaic': .*GPU only"):
     make_plans(config, StreamConfig(), backend="mosaic")
-  with pytest.raises(ValueError, match="ideal_mask has no 'mosaic' implementation"):
+  with pytest.raises(ValueError, match="backend='mosaic': .*GPU only"):
     impls.choose("ideal_mask", "mosaic", impls.Call(jnp.dtype(jnp.bfloat16), 256, 256, 64, 64))
+  assert impls.why_not("ideal_mask", "cuda", impls.Call(jnp.dtype(jnp.bfloat16), 256, 256, 64, 64)) == \
+      "ideal_mask has no 'cuda' implementation (it has mosaic, triton, xla)"
   with pytest.raises(ValueError, match="backend must be one of"):
     make_plans(config, StreamConfig(), backend="cuda")

@@ -1,4 +1,4 @@
-"""The Mosaic GPU ports of the two kernels (kernels/blocksparse_mosaic.py, kernels/estimate_mosaic.py): no
+"""The Mosaic GPU ports of the kernels (kernels/blocksparse_mosaic.py, estimate_mosaic.py, ideal_mosaic.py): no
 interpret mode, so the CPU tests lower them for CUDA, in both lowering semantics, and check what they refuse
 and when they run. Their numbers are checked on the GPU (benchmarks/gpu_checks.py: check_mgpu_attention
 against the XLA reference, check_mgpu_estimate against the Triton kernel and the XLA reference)."""
@@ -8,7 +8,8 @@ import pytest
 
 import stream_jax as sj
 from stream_jax import StreamConfig as C
-from stream_jax.kernels import blocksparse_mosaic, estimate_mosaic, implementations as impls, mosaic_common
+from stream_jax import ideal
+from stream_jax.kernels import blocksparse_mosaic, estimate_mosaic, ideal_mosaic, implementations as impls, mosaic_common
 from stream_jax.kernels.implementations import Call
 from stream_jax.mask import BlockMask
 
@@ -110,3 +111,41 @@ def test_pallas_and_auto_run_each_port_on_hopper_for_what_it_takes(monkeypatch):
   assert impls.choose("estimate_mask", "triton", Call.estimate(_sds((4096, 8, 256)), C())) == "triton"
   with pytest.raises(ValueError, match="backend='mosaic': .*top_k <= 32"):
     impls.choose("estimate_mask", "mosaic", Call.estimate(_sds((4096, 8, 256)), C(top_k=40)))
+
+
+@pytest.mark.parametrize("semantics", SEMANTICS)
+@pytest.mark.parametrize("lead,t,s,h,dtype,softcap,window,chunk", [
+    ((2,), 4000, 4100, 256, jnp.bfloat16, None, None, 16),  # batch, ragged T, S > T, several chunks
+    ((1,), 1000, 1000, 128, jnp.float16, 50.0, 512, 64),  # soft-cap, sliding window (masked throughout)
+])
+def test_mgpu_ideal_lowers_for_cuda(semantics, lead, t, s, h, dtype, softcap, window, chunk):
+  cfg = C.ideal(top_k=32, coverage=0.9)
+
+  def fn(q, k, lse):
+    return ideal._ideal_kernel(q, k, lse, config=cfg, scale=0.0625, softcap=softcap, window=window,
+                               query_blocks=chunk, impl="mosaic")
+  with mosaic_semantics(semantics, ideal_mosaic._rows):
+    text = lower_for_cuda(fn, _sds(lead + (t, 8, h), dtype), _sds(lead + (s, 4, h), dtype),
+                          _sds(lead + (8, t), jnp.float32))
+  assert "mosaic_gpu" in text
+
+
+def test_mgpu_ideal_says_what_it_cannot_take_and_never_runs_off_hopper(monkeypatch):
+  q = _sds((4096, 8, 256))
+  why = lambda q, cfg, km=False: ideal_mosaic.unsupported(Call.ideal(q, cfg, key_mask=km))  # noqa: E731
+  assert why(q, C.ideal()) is None
+  assert "float16 / bfloat16" in why(_sds((4096, 8, 256), jnp.float32), C.ideal())
+  assert "64 x 64 blocks" in why(q, C.ideal(block_q=32, block_k=32))
+  assert "head dim" in why(_sds((4096, 8, 96)), C.ideal())
+  assert "key_mask" in why(q, C.ideal(), True)
+  assert impls.choose("ideal_mask", "pallas", Call.ideal(q, C.ideal())) == "triton"  # a CPU
+  qa, k = jnp.zeros((256, 4, 128), jnp.bfloat16), jnp.zeros((256, 2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="backend='mosaic': .*GPU only"):
+    sj.ideal_mask(qa, k, jnp.zeros((4, 256), jnp.float32), C.ideal(), backend="mosaic")
+  monkeypatch.setattr(mosaic_common, "no_hopper", lambda: None)
+  monkeypatch.setattr(impls, "on_gpu", lambda: True)
+  for policy in ("pallas", "auto"):
+    assert impls.choose("ideal_mask", policy, Call.ideal(q, C.ideal())) == "mosaic"
+    assert impls.choose("ideal_mask", policy, Call.ideal(q, C.ideal(block_q=16, block_k=16))) == "triton"
+  assert impls.choose("ideal_mask", "auto", Call.ideal(_sds((4096, 8, 256), jnp.float32), C.ideal())) == "xla"
+  assert impls.choose("ideal_mask", "triton", Call.ideal(q, C.ideal())) == "triton"

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from stream_jax.config import StreamConfig
 from stream_jax.kernels import (blocksparse_mosaic, blocksparse_triton, estimate_mosaic, estimate_triton,
-                                ideal_triton, mosaic_common)
+                                ideal_mosaic, ideal_triton, mosaic_common)
 
 IMPLEMENTATIONS = ("xla", "triton", "mosaic")
 POLICIES = ("auto", "pallas")
@@ -72,7 +72,7 @@ TABLES: dict[str, tuple[tuple[str, Callable[[Call], Optional[str]]], ...]] = {
                       ("xla", _xla)),
     "sparse_attention": (("mosaic", blocksparse_mosaic.unsupported), ("triton", blocksparse_triton.unsupported),
                          ("xla", _xla)),
-    "ideal_mask": (("triton", ideal_triton.unsupported), ("xla", _xla)),
+    "ideal_mask": (("mosaic", ideal_mosaic.unsupported), ("triton", ideal_triton.unsupported), ("xla", _xla)),
 }
 OPS = tuple(TABLES)
 
