@@ -2,6 +2,7 @@
 matrix against the reference's definition computed independently, and route ablation on the trained
 associative-recall fixture (its route is known)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,11 +74,14 @@ def test_route_ablation_flips_the_recalled_value_random_ablation_does_not():
   q, k, v = _qkv(p, k_ids, v_ids)
   pos = jnp.arange(T)
 
+  @jax.jit
+  def recalled(qb, kb, vb, sup):  # one example's answer with keys `sup` [1, N, S] hidden (compiled once)
+    out = dense_attention(qb[:, :, None], kb[:, :, None], vb[:, :, None], q_pos=pos, k_pos=pos,
+                          scale=q.shape[-1] ** -0.5, k_valid=~sup)
+    return (out[0, -1, 0] @ p["wu"]).argmax()
+
   def answer(b, iv):
-    sup = iv.layer(0)[0]  # [1, N, S]
-    out = dense_attention(q[b:b + 1, :, None], k[b:b + 1, :, None], v[b:b + 1, :, None], q_pos=pos,
-                          k_pos=pos, scale=q.shape[-1] ** -0.5, k_valid=~sup)
-    return int((out[0, -1, 0] @ p["wu"]).argmax())
+    return int(recalled(q[b:b + 1], k[b:b + 1], v[b:b + 1], iv.layer(0)[0]))
 
   dense_ok = np.asarray(_dense_logits(p, k_ids, v_ids)[:, -1].argmax(-1) == tgt)
   rng = np.random.default_rng(0)
