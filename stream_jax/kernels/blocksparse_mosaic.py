@@ -148,11 +148,7 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
       blk = tab_smem[c]
       plgpu.barrier_wait(k_bars.at[k_slot])
 
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[k_slot], (1, 0)))
-        return acc_ref[...]
-
-      x = pl.run_scoped(qk, plgpu.ACC((BLOCK, BLOCK), jnp.float32)) * scale
+      x = mosaic_common.qk_logits(q_smem, k_smem.at[k_slot]) * scale
       # The logits are read back, so the QK product is done with this key buffer: refill it now, a
       # softmax and a PV product ahead of the value buffer's refill.
       pl.when(c + k_stages < count)(functools.partial(fetch_k, c + k_stages, k_slot))

@@ -147,11 +147,7 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, stages):
         blk = representative(c)
         plgpu.barrier_wait(k_bars.at[slot])
 
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          return acc_ref[...]
-
-        x = pl.run_scoped(qk, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
+        x = mosaic_common.qk_logits(q_smem, k_smem.at[slot])
         pl.when(c + stages < m)(functools.partial(fetch, c + stages, slot))  # logits read: slot free
         if causal_free:
           row_max = x.max(axis=1)

@@ -141,11 +141,7 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
       slot = lax.rem(c, jnp.int32(stages))
       plgpu.barrier_wait(k_bars.at[slot])
 
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-        return acc_ref[...]
-
-      x = pl.run_scoped(qk, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
+      x = mosaic_common.qk_logits(q_smem, k_smem.at[slot])
       pl.when(c + stages < count)(functools.partial(fetch, c + stages, slot))  # logits read: slot free
       if softcap is None:
         x2 = x * (scale * LOG2E)

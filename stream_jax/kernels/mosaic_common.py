@@ -1,6 +1,6 @@
-"""What the two Mosaic GPU ports (blocksparse_mosaic.py, estimate_mosaic.py) share: the Hopper check, the
-swizzled shared-memory tiles their TMA copies and wgmma products read, and the length of the int32 rows
-they copy by TMA. Which implementation runs is decided in kernels/implementations.py.
+"""What the Mosaic GPU ports (blocksparse_mosaic.py, estimate_mosaic.py, ideal_mosaic.py) share: the Hopper
+check, the swizzled shared-memory tiles their TMA copies and wgmma products read, the Q Kᵀ logits of a
+query tile and a key tile, and the length of the int32 rows they copy by TMA. Which implementation runs is decided in kernels/implementations.py.
 """
 
 from __future__ import annotations
@@ -36,3 +36,17 @@ def tiled_smem(shape: tuple[int, ...], dtype):
   swizzle = min(128, shape[-1] * itemsize)
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // itemsize)),
                                               plgpu.SwizzleTransform(swizzle)))
+
+
+def qk_logits(q_smem, k_buf):
+  """float32 [rows, keys]: the logits Q Kᵀ of a query tile and a key tile in shared memory, one wgmma into a
+  scoped accumulator. Reading the accumulator back waits for the product, so `k_buf` is free to refill
+  once this returns."""
+  import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only modules)
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
+
+  def qk(acc_ref):
+    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_buf, (1, 0)))
+    return acc_ref[...]
+
+  return pl.run_scoped(qk, plgpu.ACC((q_smem.shape[0], k_buf.shape[0]), jnp.float32))
