@@ -118,6 +118,9 @@ class Variant:
   output: str = "sparse"
 
 
+_STRIDE = re.compile(r"(?<=\d)q(\d+)")  # q<Q> after a number: StreamConfig.query_stride = Q
+
+
 def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Variant:
   """The forward call a config name stands for; ValueError if the name is not one."""
   if name.endswith("-exact"):
@@ -131,8 +134,8 @@ def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Va
     cfg = base.replace(top_k=adaptive_max_k, coverage=pct / 100, select="ideal")
     return Variant(name, cfg, output="exact" if m.group(1) == "ideal" else "sparse")
   m = re.fullmatch(r"(k|mass|oracle)(\d+)|adaptive(\d+)(?:k(\d+))?(?:s(\d+(?:\.\d+)?))?((?:L\d+x\d+(?:\.\d+)?)*)"
-                   r"|exact(\d+)?", re.sub(r"(?<=\d)q(\d+)", "", name, count=1))
-  stride = re.search(r"(?<=\d)q(\d+)", name)
+                   r"|exact(\d+)?", _STRIDE.sub("", name, count=1))
+  stride = _STRIDE.search(name)
   if m is None:
     raise ValueError(f"--configs: unknown config {name!r} (k<N>, mass<N>, oracle<N>, adaptive<P>[k<N>][q<Q>][s<S>][L<l>x<S>...], "
                      "exact, ideal<P>, idealsparse<P>, <name>-exact)")
