@@ -21,6 +21,9 @@ Configs (`--configs`, comma list):
   ideal<P>      StreamConfig.ideal(coverage=P/100, top_k=--adaptive-max-k), output="exact": the ideal kept set
                 (blocks by true dense mass; its coverage is exact, so kept is the ideal selector's cost)
   idealsparse<P> the same set with output="sparse": the model attends through the ideal set (the frontier)
+  table<P>[q<Q>][s<S>][L<l>x<S>...]  StreamConfig.table(coverage=P/100, top_k=--adaptive-max-k): every causal
+                block scored by the true mass every Q-th query (default 4) gives it, the ideal set of that
+                sample (dropped_scale / layer_scales S raise the sample's target to 1 - (1 - P/100) / S)
   adaptive<P>[k<N>]s<S>  the adaptive budget with StreamConfig.dropped_scale = S (a calibrated budget, see
                 stream_jax.experiments.calibration and benchmarks/ideal_calibration.py)
   adaptive<P>[k<N>][s<S>]L<l>x<S>...  per-layer scales (StreamConfig.layer_scales, what `stream-jax
@@ -133,6 +136,15 @@ def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Va
       raise ValueError(f"--configs: {name!r}: the coverage target must be in (0, 100]")
     cfg = base.replace(top_k=adaptive_max_k, coverage=pct / 100, select="ideal")
     return Variant(name, cfg, output="exact" if m.group(1) == "ideal" else "sparse")
+  m = re.fullmatch(r"table(\d+)(?:q(\d+))?(?:s(\d+(?:\.\d+)?))?((?:L\d+x\d+(?:\.\d+)?)*)", name)
+  if m:
+    pct = int(m.group(1))
+    if not 0 < pct <= 100:
+      raise ValueError(f"--configs: {name!r}: the coverage target must be in (0, 100]")
+    layers = {int(l): float(x) for l, x in re.findall(r"L(\d+)x(\d+(?:\.\d+)?)", m.group(4))}
+    return Variant(name, base.replace(top_k=adaptive_max_k, coverage=pct / 100, select="table",
+                                      query_stride=int(m.group(2) or 4), dropped_scale=float(m.group(3) or 1),
+                                      layer_scales=layers))
   m = re.fullmatch(r"(k|mass|oracle)(\d+)|adaptive(\d+)(?:k(\d+))?(?:s(\d+(?:\.\d+)?))?((?:L\d+x\d+(?:\.\d+)?)*)"
                    r"|exact(\d+)?", _STRIDE.sub("", name, count=1))
   stride = _STRIDE.search(name)
@@ -257,7 +269,7 @@ def dense_final_state(model, params, tokens: np.ndarray, dense_impl: str):
 
 def _config_order(name: str):
   m = re.fullmatch(r"([a-z]+?)(\d*)(?:k(\d+))?", name)
-  kinds = ["k", "mass", "oracle", "adaptive", "exact", "ideal", "idealsparse"]
+  kinds = ["k", "mass", "oracle", "adaptive", "table", "exact", "ideal", "idealsparse"]
   kind = m.group(1) if m else name
   return (kinds.index(kind) if kind in kinds else len(kinds), int(m.group(2) or 0) if m else 0, name)
 

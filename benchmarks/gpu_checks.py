@@ -98,6 +98,10 @@ MGPU_CASES = (
     (2048, 4, 1, 256, "bfloat16", 30.0, None, True, dict()),  # soft-cap, reference normaliser
     (1536, 2, 2, 128, "float16", None, 300, False, dict(top_k=3)),  # sliding window
     (4096, 8, 4, 256, "bfloat16", None, None, True, dict(top_k=16)),
+    # past 64 slots the masses go through shared memory (blocksparse_mosaic's big path)
+    (16384, 8, 4, 256, "bfloat16", None, None, True, dict(top_k=128, coverage=0.95)),  # faithful()'s 131
+    (12000, 4, 2, 128, "float16", 30.0, None, False, dict(top_k=80)),  # ragged, 83 slots, own normaliser
+    (6000, 4, 1, 256, "bfloat16", None, 2000, True, dict(top_k=128)),  # window; rows with < 131 kept
 )
 
 
@@ -262,6 +266,61 @@ def check_mgpu_ideal(cases=MGPU_IDEAL_CASES):
   return failed
 
 
+MGPU_TABLE_CASES = [
+    # t, extra, n, kv, h, dtype, softcap, config changes
+    (16384, 0, 8, 4, 256, jnp.bfloat16, None, dict(query_stride=8)),  # every 8th query
+    (8000, 300, 8, 4, 128, jnp.float16, None, dict(query_stride=4, top_k=64)),  # ragged T, S > T
+    (8192, 0, 4, 1, 256, jnp.bfloat16, 50.0, dict(query_stride=16, coverage=0.9)),  # soft-cap, one kv head
+    (8192, 0, 8, 4, 128, jnp.bfloat16, None, dict(query_stride=2, top_k=16, coverage=None)),  # fixed k
+    (70000, 0, 4, 2, 64, jnp.bfloat16, None, dict(query_stride=64, top_k=64)),  # 1 query / block, 18 segments
+]
+
+
+def check_mgpu_table(cases=MGPU_TABLE_CASES, sharpen=4.0):
+  """StreamConfig.select="table" through the Mosaic GPU kernel (kernels/table_mosaic.py) vs the XLA path:
+  the kept sets and the sample's coverage; and its rows through small shared-memory windows equal to one
+  window's. Returns failures."""
+  from stream_jax import table  # pylint: disable=import-outside-toplevel
+  from stream_jax.kernels import table_mosaic  # pylint: disable=import-outside-toplevel
+  failed = 0
+  for t, extra, n, kv, h, dtype, cap, changes in cases:
+    def run(t=t, extra=extra, n=n, kv=kv, h=h, dtype=dtype, cap=cap, changes=changes):
+      config = sj.StreamConfig.table(**changes)
+      s = t + extra
+      q = _rand((1, t, n, h), 70, dtype)
+      k = (_rand((1, s, kv, h), 71, dtype).astype(jnp.float32) * sharpen).astype(dtype)
+      kw = dict(scale=h ** -0.5, softcap=cap)
+      km, kc = table.table_mask(q, k, config, impl="mosaic", **kw)
+      xm, xc = table.table_mask(q, k, config, impl="xla", **kw)
+      equal = np.asarray(jnp.all(km.indices == xm.indices, -1))
+      cov_err = float(np.abs(np.asarray(kc) - np.asarray(xc))[equal].max())
+      ok = equal.mean() >= 0.995 and cov_err < 2e-3
+      return ok, (f"rows equal {equal.mean():.5f}; max |coverage diff| {cov_err:.2e}; kept "
+                  f"{float(np.asarray(xm.counts).mean()):.1f} of {config.capacity}; sample coverage "
+                  f"{float(xc.mean()):.4f}")
+    failed += _case(f"mgpu table T={t} S={t + extra} N={n} K={kv} H={h} {jnp.dtype(dtype).name} softcap={cap} "
+                    f"{changes}", run)
+
+  def windows(t=70000, n=4, kv=2, h=64, stride=8):
+    q, k = _rand((1, t, n, h), 80, jnp.bfloat16), _rand((1, t, kv, h), 81, jnp.bfloat16)
+    r = 64 // stride
+    rows = table.sampled_rows(t, 64, stride)[-64:].reshape(-1)  # the last 64 query blocks
+    q_rows = jnp.take(q, rows, axis=1)
+    kw = dict(stride=stride, q_len=t, scale=h ** -0.5, softcap=None)
+    first = -(-t // 64) - 64
+    one = table_mosaic.mass_rows(q_rows, k, rows, first, **kw)
+    many = table_mosaic.mass_rows(q_rows, k, rows, first, window_floats=4 * stride * 64, **kw)
+    diff = float(jnp.abs(one - many).max())
+    sums = np.asarray(one.sum(-1))[0]  # each block's sampled queries' masses sum to their count
+    want = np.asarray((rows.reshape(64, r) >= 0).sum(-1), np.float32)
+    return diff == 0.0 and np.allclose(sums, want[None], rtol=2e-3), (
+        f"18 segments in windows of 4 vs one window: max |diff| {diff:.1e}; row sums / sampled queries "
+        f"{(sums / want).min():.4f}-{(sums / want).max():.4f}")
+
+  failed += _case("mgpu table rows across shared-memory windows", windows)
+  return failed
+
+
 def check_ideal(cases=IDEAL_CASES, sharpen=4.0, backend="triton"):
   """The ideal kept set through a block-mass kernel (`backend`) vs the XLA reference, same lse (cuDNN's
   where it applies). Returns failures."""
@@ -314,7 +373,7 @@ if __name__ == "__main__":
   import sys  # pylint: disable=import-outside-toplevel
   print(jax.devices()[0].device_kind, jax.__version__)
   names = sys.argv[1:] or ["cudnn_lse", "pallas_f32", "second_mass_pass", "exact_forward", "mgpu_attention",
-                           "mgpu_estimate", "mass", "ideal", "mgpu_ideal"]
+                           "mgpu_estimate", "mass", "ideal", "mgpu_ideal", "mgpu_table"]
   known = sorted(k[len("check_"):] for k in globals() if k.startswith("check_"))
   unknown = [name for name in names if name not in known]
   if unknown:

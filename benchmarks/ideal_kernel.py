@@ -5,6 +5,9 @@ Gemma-3-4B-like heads (8 query heads, 4 kv heads, head dim 256, bf16, 64-token b
   rows           the Triton block-mass kernel alone (every causal block's true mass; summed so it runs)
                  for launch settings (warps, stages, query blocks per program, query blocks per chunk)
   mosaic rows    its Mosaic GPU port (kernels/ideal_mosaic.py; Hopper) for key-ring depths (--mosaic-stages)
+  table          estimate_mask with StreamConfig.table(query_stride=Q) on the Mosaic GPU kernel
+                 (kernels/table_mosaic.py: lse and masses of every Q-th query, selection), for --table-strides,
+                 against the search of StreamConfig.faithful() (the Triton kernel)
   select         the selection of StreamConfig.ideal() from given rows (XLA: top_k, the budget, the ids)
   ideal          stream_jax.ideal_mask(..., backend=B) end to end (rows + selection), B triton and mosaic
 
@@ -47,6 +50,7 @@ def main(argv=None):
   p.add_argument("--launch", default="4:3:1:64,8:3:1:64,4:2:2:64,8:3:2:64,8:2:2:128",
                  help="warps:stages:blocks_per_program:chunk settings of the rows kernel")
   p.add_argument("--mosaic-stages", default="2,3", help="key-ring depths of the Mosaic rows kernel (Hopper)")
+  p.add_argument("--table-strides", default="4,8,16", help="query strides of StreamConfig.table() (Hopper)")
   args = p.parse_args(argv)
   n, kv, h = 8, 4, 256
   cfg = sj.StreamConfig.ideal()
@@ -69,7 +73,7 @@ def main(argv=None):
     _, lse = cudnn(q, k, v)
     lse = jnp.swapaxes(lse.astype(jnp.float32).reshape(1, t, n), 1, 2)
     n_q = -(-t // 64)
-    for launch in args.launch.split(","):
+    for launch in [x for x in args.launch.split(",") if x]:
       warps, stages, per, chunk = (int(x) for x in launch.split(":"))
       chunk = min(chunk, n_q)
 
@@ -127,6 +131,16 @@ def main(argv=None):
       full = jax.jit(functools.partial(sj.ideal_mask, config=cfg, scale=scale, backend=backend))
       ms = timed(lambda q, k, l, full=full: full(q, k, l).coverage, q, k, lse, reps=args.reps)
       print(f"| {t:,} | ideal_mask end to end ({backend}) | {ms:.1f} | {ms / base:.2f} |", flush=True)
+    estimates = [("faithful() search", sj.StreamConfig.faithful(), "auto")]
+    estimates += [(f"table(query_stride={qs})", sj.StreamConfig.table(query_stride=int(qs)), "mosaic")
+                  for qs in args.table_strides.split(",") if qs and hopper]
+    for label, config, backend in estimates:
+      est = jax.jit(functools.partial(sj.estimate_mask, config=config, scale=scale, backend=backend))
+      try:
+        ms = timed(lambda q, k, est=est: est(q, k).counts, q, k, reps=args.reps)
+        print(f"| {t:,} | estimate: {label} ({backend}) | {ms:.1f} | {ms / base:.2f} |", flush=True)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"| {t:,} | estimate: {label} | failed: {str(e).splitlines()[0][:300]} | |", flush=True)
   return 0
 
 

@@ -14,6 +14,9 @@ process of its own (so the device peak is that mode's alone; an out-of-memory co
   oracle_exact    the ideal set the old way: faithful() with representative="oracle" (XLA, O(T^2) scoring)
   faithful_q<Q>   StreamConfig.faithful(query_stride=Q): the estimator scores with every Q-th query of a
                   block (2, 4, 8: 1/Q of its scoring work); faithful_q<Q>_exact with output="exact"
+  table           StreamConfig.table(): every causal block scored once by the true mass every 4th query
+                  gives it, no search, no dense pass, sparse output; table_q<Q> samples every Q-th query;
+                  table_exact / table_q<Q>_exact with output="exact"
 
 Median of --repeats timed runs after one warm-up (device-synchronised, logits at the last position only),
 the device allocator's peak, the compiled executable's memory, the trace's size, kept fraction and mean
@@ -49,7 +52,8 @@ import stream_jax as sj  # noqa: E402  pylint: disable=wrong-import-position
 from stream_jax.models import forward, get_config  # noqa: E402  pylint: disable=wrong-import-position
 
 MODES = ("plain", "sparse", "exact", "faithful", "faithful_exact", "ideal_exact", "ideal_exact_xla",
-         "oracle_exact", "faithful_q2", "faithful_q4", "faithful_q8", "faithful_q4_exact")
+         "oracle_exact", "faithful_q2", "faithful_q4", "faithful_q8", "faithful_q4_exact", "table", "table_exact",
+         "table_q4", "table_q8", "table_q16", "table_q32", "table_q8_exact", "table_q16_exact")
 
 
 def mode_kwargs(mode: str) -> dict:
@@ -60,6 +64,10 @@ def mode_kwargs(mode: str) -> dict:
     return dict(kw, attention="dense", dense_impl="cudnn" if gpu else "xla")
   if mode.startswith("faithful_q"):
     stream = sj.StreamConfig.faithful(query_stride=int(mode.split("_")[1][1:]))
+  elif mode.startswith("table"):
+    part = mode.split("_")
+    stream = sj.StreamConfig.table(**({"query_stride": int(part[1][1:])} if part[1:2] and part[1] != "exact"
+                                      else {}))
   else:
     stream = {"sparse": sj.StreamConfig(), "exact": sj.StreamConfig(), "faithful": sj.StreamConfig.faithful(),
               "faithful_exact": sj.StreamConfig.faithful(), "ideal_exact": sj.StreamConfig.ideal(),

@@ -114,18 +114,18 @@ def make_plans(config, attention: Attention, dense_layers=(), prune_local: bool 
 
 def _implementations(backend: str, stream: Optional[StreamConfig], prune: bool, window: Optional[int],
                      head_dim: int, dtype, output: str = "sparse") -> Implementations:
-  """What each op of one layer runs. A pruned layer estimates (or ranks, select="ideal") its kept set and
-  attends over `capacity` blocks (an ideal layer with exact output only ranks: its output is the dense
-  pass's); a layer kept exact attends over its window's block band."""
+  """What each op of one layer runs. A pruned layer estimates (the search or the table) or ranks
+  (select="ideal") its kept set and attends over `capacity` blocks (an ideal layer with exact output only
+  ranks: its output is the dense pass's); a layer kept exact attends over its window's block band."""
   if stream is None:
     return Implementations()
   dtype = jnp.dtype(dtype)
   bq, bk = stream.block_q, stream.block_k
   if prune:
     kept = Call(dtype, head_dim, head_dim, bq, bk, stream.capacity, stream)
-    search = stream.select == "search"
-    attends = search or output == "sparse"
-    return implementations.for_layer(backend, estimate=kept if search else None,
-                                     attention=kept if attends else None, ideal=None if search else kept)
+    estimates = stream.select != "ideal"  # the search or the table (select="table") picks the kept set
+    attends = estimates or output == "sparse"
+    return implementations.for_layer(backend, estimate=kept if estimates else None,
+                                     attention=kept if attends else None, ideal=None if estimates else kept)
   band = Call(dtype, head_dim, head_dim, bq, bk, band_capacity(bq, bk, window) if window else 0)
   return implementations.for_layer(backend, estimate=None, attention=band, ideal=None)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stream_jax import checks, numerics
+from stream_jax import checks, numerics, table
 from stream_jax.config import StreamConfig
 from stream_jax.kernels import common, estimate_mosaic, estimate_triton, implementations, shares
 from stream_jax.mask import BlockMask, from_candidates, num_blocks, to_blocks
@@ -68,6 +68,9 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
       Mosaic port where it takes the call, else Triton) or "auto" (the same on a GPU for 16-bit inputs,
       the reference otherwise and for what no kernel takes). See `kernels.implementations.choose`.
 
+  With config.select="table" no search runs: every causal block is scored once by the true mass a sample
+  of the queries gives it (stream_jax/table.py); "mosaic" (Hopper, query_stride >= 2) or "xla" runs it.
+
   Returns:
     BlockMask with indices int32[..., N, nQ, C] and counts int32[..., N, nQ], C = config.capacity.
   """
@@ -76,7 +79,7 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
   if config.layer_scales:
     raise ValueError("StreamConfig.layer_scales holds per-layer scales, and estimate_mask sees one layer: pass "
                      "config.for_layer(layer) (the model's plans do this for every layer)")
-  if config.select != "search":
+  if config.select == "ideal":
     raise ValueError(f"StreamConfig.select={config.select!r} ranks blocks by their true mass, which needs the "
                      "dense pass's log-sum-exp: call stream_jax.ideal_mask(q, k, lse, config), or run the "
                      "model with this config (it computes the lse)")
@@ -88,6 +91,8 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
   checks.check_chunk(q_chunk)
   scale = numerics.resolve_scale(scale, h)
   impl = implementations.choose("estimate_mask", backend, implementations.Call.estimate(q, config))
+  if config.select == "table":
+    return table.table_mask(q, k, config, scale=scale, softcap=softcap, impl=impl)[0]
   if impl == "mosaic":
     return estimate_mosaic.estimate_mask(q, k, config, scale=scale, softcap=softcap)
   if impl == "triton":

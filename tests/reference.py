@@ -87,14 +87,16 @@ def numpy_attention(q, k, v, allowed, scale, softcap=None):
   return out, probs
 
 
-def ideal_kept_sets(q, k, cfg, *, scale, softcap=None, window=None, key_mask=None, tol=1e-6):
+def ideal_kept_sets(q, k, cfg, *, scale, softcap=None, window=None, key_mask=None, tol=1e-6,
+                    sampled=False):
   """The ideal kept sets, float64: dense probabilities -> block masses m [N, nQ, nK] -> per (head, query
   block) the rule blocks (sink, window) plus the searchable blocks by descending mass (ties by block id):
   top_k of them, or the fewest whose mass with the rule blocks' reaches coverage x the row total.
 
   Returns (m, kept {(n, j): set of block ids}, ambiguous {(n, j)}: rows whose decision sits within `tol`
   of the threshold, where float32 may decide either way). q [T, N, H], k [S, K, H]; queries are the last
-  T of S positions."""
+  T of S positions. sampled: only the queries cfg.query_stride apart counted back from each block's last
+  valid one give mass (select="table"'s sample; each still under its own softmax over all its keys)."""
   q = np.asarray(q, np.float64)
   k = np.asarray(k, np.float64)
   t, n, h = q.shape
@@ -115,6 +117,11 @@ def ideal_kept_sets(q, k, cfg, *, scale, softcap=None, window=None, key_mask=Non
   n_q, n_k = -(-t // bq), -(-s // bk)
   pp = np.zeros((n, n_q * bq, n_k * bk))
   pp[:, :t, :s] = p
+  if sampled:
+    counted = np.zeros(n_q * bq, bool)
+    for j in range(n_q):
+      counted[np.arange(min((j + 1) * bq, t) - 1, j * bq - 1, -cfg.query_stride)] = True
+    pp[:, ~counted] = 0.0
   m = pp.reshape(n, n_q, bq, n_k, bk).sum((2, 4))
   kept, ambiguous = {}, set()
   for hd in range(n):

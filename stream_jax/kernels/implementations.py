@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from stream_jax.config import StreamConfig
 from stream_jax.kernels import (blocksparse_mosaic, blocksparse_triton, estimate_mosaic, estimate_triton,
-                                ideal_mosaic, ideal_triton, mosaic_common)
+                                ideal_mosaic, ideal_triton, mosaic_common, table_mosaic)
 
 IMPLEMENTATIONS = ("xla", "triton", "mosaic")
 POLICIES = ("auto", "pallas")
@@ -65,11 +65,23 @@ def _xla(call: Call) -> Optional[str]:
   return None
 
 
+def _estimate_mosaic(call: Call) -> Optional[str]:
+  """The search's Mosaic port, or the table's (select="table")."""
+  if call.config.select == "table":
+    return table_mosaic.unsupported(call)
+  return estimate_mosaic.unsupported(call)
+
+
+def _estimate_triton(call: Call) -> Optional[str]:
+  if call.config.select == "table":
+    return "the Triton estimate kernel runs the search; select='table' runs on Mosaic GPU (Hopper) or XLA"
+  return estimate_triton.unsupported(call)
+
+
 # Per op, its implementations in the order "pallas" / "auto" prefer them; each row's function says why it
 # cannot take a call (None: it can).
 TABLES: dict[str, tuple[tuple[str, Callable[[Call], Optional[str]]], ...]] = {
-    "estimate_mask": (("mosaic", estimate_mosaic.unsupported), ("triton", estimate_triton.unsupported),
-                      ("xla", _xla)),
+    "estimate_mask": (("mosaic", _estimate_mosaic), ("triton", _estimate_triton), ("xla", _xla)),
     "sparse_attention": (("mosaic", blocksparse_mosaic.unsupported), ("triton", blocksparse_triton.unsupported),
                          ("xla", _xla)),
     "ideal_mask": (("mosaic", ideal_mosaic.unsupported), ("triton", ideal_triton.unsupported), ("xla", _xla)),
