@@ -115,6 +115,10 @@ def test_plans_on_a_hopper_pick_the_mosaic_ports_for_16_bit(monkeypatch):
   ideal32 = _by_kind(make_plans(config, StreamConfig.ideal(block_q=32, block_k=32), backend="auto",
                                 dtype=jnp.bfloat16, output="exact"))
   assert ideal32["global"].ideal_mask == "triton"  # 32-token blocks: the Triton kernel
+  table = _by_kind(make_plans(config, StreamConfig.table(), backend="auto", dtype=jnp.bfloat16))
+  assert table["global"] == Implementations("mosaic", "mosaic", "xla")  # the table's kernel, then attention
+  every = _by_kind(make_plans(config, StreamConfig.table(query_stride=1), backend="auto", dtype=jnp.bfloat16))
+  assert every["global"].estimate_mask == "xla"  # no kernel tables every query (StreamConfig.ideal() does)
 
 
 def test_a_backend_that_cannot_run_an_op_is_refused_when_plans_are_made():

@@ -1,4 +1,5 @@
-"""The Mosaic GPU ports of the kernels (kernels/blocksparse_mosaic.py, estimate_mosaic.py, ideal_mosaic.py): no
+"""The Mosaic GPU ports of the kernels (kernels/blocksparse_mosaic.py, estimate_mosaic.py, ideal_mosaic.py,
+table_mosaic.py): no
 interpret mode, so the CPU tests lower them for CUDA, in both lowering semantics, and check what they refuse
 and when they run. Their numbers are checked on the GPU (benchmarks/gpu_checks.py: check_mgpu_attention
 against the XLA reference, check_mgpu_estimate against the Triton kernel and the XLA reference)."""
@@ -8,8 +9,9 @@ import pytest
 
 import stream_jax as sj
 from stream_jax import StreamConfig as C
-from stream_jax import ideal
-from stream_jax.kernels import blocksparse_mosaic, estimate_mosaic, ideal_mosaic, implementations as impls, mosaic_common
+from stream_jax import ideal, table
+from stream_jax.kernels import (blocksparse_mosaic, estimate_mosaic, ideal_mosaic, implementations as impls,
+                                mosaic_common, table_mosaic)
 from stream_jax.kernels.implementations import Call
 from stream_jax.mask import BlockMask
 
@@ -19,11 +21,13 @@ SEMANTICS = ("Lane", "Warpgroup")
 
 
 @pytest.mark.parametrize("semantics", SEMANTICS)
-@pytest.mark.parametrize("dtype,h,softcap,window,stages,with_ref", [
-    (jnp.bfloat16, 256, 50.0, 1024, 2, True),  # GQA, ragged T, S > T, soft-cap, window, reference lse
-    (jnp.float16, 128, None, None, (3, 2), False),  # deeper key ring than value ring
+@pytest.mark.parametrize("dtype,h,softcap,window,stages,with_ref,cap", [
+    (jnp.bfloat16, 256, 50.0, 1024, 2, True, 19),  # GQA, ragged T, S > T, soft-cap, window, reference lse
+    (jnp.float16, 128, None, None, (3, 2), False, 19),  # deeper key ring than value ring
+    (jnp.bfloat16, 256, None, None, 2, True, 131),  # faithful()'s 131 slots: masses through shared memory
+    (jnp.float16, 128, 30.0, None, 2, False, 70),  # just past the register accumulator, own normaliser
 ])
-def test_mgpu_attention_lowers_for_cuda(semantics, dtype, h, softcap, window, stages, with_ref):
+def test_mgpu_attention_lowers_for_cuda(semantics, dtype, h, softcap, window, stages, with_ref, cap):
   def fn(q, k, v, idx, cnt, ref):
     mask = BlockMask(idx, cnt, 64, 64, 1000, 1100)
     out, stats = blocksparse_mosaic.sparse_attention(q, k, v, mask, softcap=softcap, window=window,
@@ -31,7 +35,7 @@ def test_mgpu_attention_lowers_for_cuda(semantics, dtype, h, softcap, window, st
     return out, stats.mass, stats.lse
   with mosaic_semantics(semantics, blocksparse_mosaic._attention):
     text = lower_for_cuda(fn, _sds((1000, 8, h), dtype), _sds((1100, 4, h), dtype),
-                          _sds((1100, 4, h), dtype), _sds((8, 16, 19), jnp.int32), _sds((8, 16), jnp.int32),
+                          _sds((1100, 4, h), dtype), _sds((8, 16, cap), jnp.int32), _sds((8, 16), jnp.int32),
                           _sds((8, 1000), jnp.float32))
   assert "mosaic_gpu" in text
 
@@ -149,3 +153,41 @@ def test_mgpu_ideal_says_what_it_cannot_take_and_never_runs_off_hopper(monkeypat
     assert impls.choose("ideal_mask", policy, Call.ideal(q, C.ideal(block_q=16, block_k=16))) == "triton"
   assert impls.choose("ideal_mask", "auto", Call.ideal(_sds((4096, 8, 256), jnp.float32), C.ideal())) == "xla"
   assert impls.choose("ideal_mask", "triton", Call.ideal(q, C.ideal())) == "triton"
+
+
+@pytest.mark.parametrize("semantics", SEMANTICS)
+@pytest.mark.parametrize("lead,t,s,h,dtype,stride,softcap,tiles", [
+    ((2,), 4000, 4100, 256, jnp.bfloat16, 8, None, 2),  # batch, ragged T, S > T, several chunks
+    ((1,), 1000, 1000, 128, jnp.float16, 4, 50.0, 64),  # soft-cap, 16 sampled queries per block
+    ((1,), 9000, 9000, 64, jnp.bfloat16, 64, None, 64),  # one query per block, several segments
+])
+def test_mgpu_table_lowers_for_cuda(semantics, lead, t, s, h, dtype, stride, softcap, tiles):
+  cfg = C.table(top_k=32, coverage=0.9, query_stride=stride)
+
+  def fn(q, k):
+    return table._table_kernel(q, k, config=cfg, scale=0.0625, softcap=softcap,
+                               rows_fn=table_mosaic.mass_rows, tiles=tiles)
+  with mosaic_semantics(semantics, table_mosaic._rows):
+    text = lower_for_cuda(fn, _sds(lead + (t, 8, h), dtype), _sds(lead + (s, 4, h), dtype))
+  assert "mosaic_gpu" in text
+
+
+def test_mgpu_table_says_what_it_cannot_take_and_never_runs_off_hopper(monkeypatch):
+  q = _sds((4096, 8, 256))
+  why = lambda q, cfg: table_mosaic.unsupported(Call.estimate(q, cfg))  # noqa: E731
+  assert why(q, C.table()) is None
+  assert "float16 / bfloat16" in why(_sds((4096, 8, 256), jnp.float32), C.table())
+  assert "64 x 64 blocks" in why(q, C.table(block_q=32, block_k=32))
+  assert "query_stride >= 2" in why(q, C.table(query_stride=1))
+  assert "head dim" in why(_sds((4096, 8, 96)), C.table())
+  with pytest.raises(ValueError, match="select='table' runs on Mosaic GPU"):
+    impls.choose("estimate_mask", "triton", Call.estimate(q, C.table()))
+  with pytest.raises(ValueError, match="select='table' runs on Mosaic GPU"):  # a CPU: no kernel takes it
+    impls.choose("estimate_mask", "pallas", Call.estimate(q, C.table()))
+  assert impls.choose("estimate_mask", "auto", Call.estimate(q, C.table())) == "xla"
+  monkeypatch.setattr(mosaic_common, "no_hopper", lambda: None)
+  monkeypatch.setattr(impls, "on_gpu", lambda: True)
+  for policy in ("pallas", "auto"):
+    assert impls.choose("estimate_mask", policy, Call.estimate(q, C.table())) == "mosaic"
+  assert impls.choose("estimate_mask", "auto", Call.estimate(q, C.table(query_stride=1))) == "xla"
+  assert impls.choose("estimate_mask", "auto", Call.estimate(_sds((4096, 8, 256), jnp.float32), C.table())) == "xla"

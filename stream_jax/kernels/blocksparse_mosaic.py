@@ -14,10 +14,14 @@ Block mass: next to the output accumulator each row keeps u[r, c], the sum over 
 exp(logit - m_r), rescaled with the output's correction whenever m_r grows (the Triton kernel's fused
 accumulator, here a [64, C] wgmma-layout array: C / 8 floats a thread for a Stream mask's C = 32 slots).
 At the end mass[c] = sum_r u[r, c] / l_r (or the reference normaliser's share with `lse_ref`), one
-column reduction for all slots.
+column reduction for all slots. Above MAX_SLOTS (faithful() and table() keep up to 131 blocks) that
+accumulator would not fit in registers beside the output's: each step instead puts its block's per-row
+log-sum-exp (base 2, exact: no later rescale) into column c % 64 of a [64, 64] register tile, stored to
+shared memory every 64 blocks, and at the end mass[c] = sum_r exp2(a[r, c] - n_r), 64 slots at a time, with
+n_r the row's normaliser.
 
 Limits (the wrapper refuses anything else, so the caller can fall back to Triton): float16 / bfloat16,
-block_q = 64, block_k = 64, head dims multiples of 64 up to 256, C <= MAX_SLOTS.
+block_q = 64, block_k = 64, head dims multiples of 64 up to 256, C <= MAX_SMEM_SLOTS.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ if TYPE_CHECKING:
   from stream_jax.kernels.implementations import Call
 
 BLOCK = 64  # rows of a wgmma tile per warpgroup; the kernel's block_q and block_k
-MAX_SLOTS = 64  # kept blocks per query block: the [64, C] mass accumulator lives in registers
+MAX_SLOTS = 64  # kept blocks per query block whose [64, C] mass accumulator lives in registers
+MAX_SMEM_SLOTS = 192  # beyond: per-block row log-sum-exps in shared memory ([C, 64] floats, 48 KiB at 192)
 DEFAULT_STAGES = 2  # K/V ring depth (2 keeps two CTAs per SM at head dim 128)
 # Launch grid orders: which CTAs run together decides what the L2 cache shares. "qblk_last" (the query
 # blocks of one head side by side: they read the same kv head's sink, window and often top-k blocks) is
@@ -57,8 +62,8 @@ def unsupported(call: Call) -> Optional[str]:
     return f"the Mosaic GPU attention kernel needs 64 x 64 blocks, got {call.block_q} x {call.block_k}"
   if h % 64 or hv % 64 or not 64 <= h <= 256 or not 64 <= hv <= 256:
     return f"the Mosaic GPU attention kernel needs head dims in 64, 128, 192, 256, got {h}, {hv}"
-  if call.slots > MAX_SLOTS:
-    return f"the Mosaic GPU attention kernel keeps at most {MAX_SLOTS} blocks per row, got {call.slots}"
+  if call.slots > MAX_SMEM_SLOTS:
+    return f"the Mosaic GPU attention kernel keeps at most {MAX_SMEM_SLOTS} blocks per row, got {call.slots}"
   if call.key_mask or call.gate:
     return "the Pallas attention kernels take no key_mask or gate (interventions run on the XLA path)"
   return None
@@ -100,7 +105,9 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
   k = common.pad_axis(k, 1, n_k * BLOCK)
   v = common.pad_axis(v, 1, n_k * BLOCK)
   lse_ref = common.pad_axis(lse_ref.astype(jnp.float32), 2, n_q * BLOCK)  # padding rows see no key
-  slots = mosaic_common.tma_length(cap)  # mass row length
+  big = cap > MAX_SLOTS  # the masses go through shared memory (module docstring)
+  parts = -(-cap // BLOCK)  # 64-slot tiles of the big path
+  slots = parts * BLOCK if big else mosaic_common.tma_length(cap)  # mass row length
   table_len = mosaic_common.tma_length(cap + 1)  # block ids, then the count last
   table = jnp.concatenate([
       indices.astype(jnp.int32), jnp.full(indices.shape[:-1] + (table_len - cap - 1,), -1, jnp.int32),
@@ -110,7 +117,8 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
   log2e = 1.4426950408889634
 
   def kernel(q_ref, k_ref, v_ref, table_ref, ref_ref, o_ref, mass_ref, lse_out_ref, scratch):
-    q_smem, k_smem, v_smem, o_smem, tab_smem, ref_smem, row_smem, mass_smem, misc_bars, k_bars, v_bars = scratch
+    (q_smem, k_smem, v_smem, o_smem, tab_smem, ref_smem, row_smem, mass_smem, lse_smem, misc_bars, k_bars,
+     v_bars) = scratch
     o_smem = q_smem if o_smem is None else o_smem  # the queries are dead once the loop is done
     bb, i, hq = lax.axis_index("batch"), lax.axis_index("qblk"), lax.axis_index("heads")
     kvh = lax.div(hq, jnp.int32(g))
@@ -137,7 +145,10 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
     row = wg.reduce(1)  # one value per row of a wgmma tile
     rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=wg)
     cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=wg)
-    slot_ids = plgpu.broadcasted_iota(jnp.int32, (BLOCK, slots), 1, layout=wg)
+    slot_ids = None if big else plgpu.broadcasted_iota(jnp.int32, (BLOCK, slots), 1, layout=wg)
+
+    def store_part(u, part):  # the big path's tile of 64 slots' per-row log-sum-exps, to shared memory
+      lse_smem[part] = u
     q_row = i * BLOCK + rows
     q_pos = q_row + offset
     row_ok = q_row < t
@@ -166,8 +177,15 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
       row_sum = p.sum(axis=1)
       l_i = l_i * corr + row_sum
       acc = acc * lax.broadcast_in_dim(corr, acc.shape, [0])
-      u = (u * lax.broadcast_in_dim(corr, u.shape, [0])
-           + jnp.where(slot_ids == c, lax.broadcast_in_dim(row_sum, u.shape, [0]), 0.0))
+      if big:  # the block's per-row log-sum-exp, base 2 (log2 of its sum relative to m, plus m), column c % 64
+        col = lax.rem(c, jnp.int32(BLOCK))
+        u = jnp.where(cols == col, lax.broadcast_in_dim(jnp.log2(row_sum) + m_safe, u.shape, [0]), u)
+        for part in range(parts):  # a full tile goes to shared memory (the last, partial one after the loop)
+          pl.when((col == BLOCK - 1) & (lax.div(c, jnp.int32(BLOCK)) == part))(
+              functools.partial(store_part, u, part))
+      else:
+        u = (u * lax.broadcast_in_dim(corr, u.shape, [0])
+             + jnp.where(slot_ids == c, lax.broadcast_in_dim(row_sum, u.shape, [0]), 0.0))
       plgpu.barrier_wait(v_bars.at[v_slot])
 
       def pv(acc_ref):
@@ -180,8 +198,13 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
     init = (plgpu.layout_cast(jnp.zeros((BLOCK, hv), jnp.float32), wg),
             plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), row),
             plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), row),
-            plgpu.layout_cast(jnp.zeros((BLOCK, slots), jnp.float32), wg))
+            plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK if big else slots), jnp.float32), wg))
     acc, m_i, l_i, u = lax.fori_loop(0, count, step, init)
+    if big:
+      last = lax.div(count - 1, jnp.int32(BLOCK))
+      for part in range(parts):
+        pl.when((count > 0) & (lax.rem(count, jnp.int32(BLOCK)) != 0) & (last == part))(
+            functools.partial(store_part, u, part))
 
     seen = l_i > 0.0
     inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
@@ -201,8 +224,21 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
     has_ref = ref == ref  # not NaN
     ref_ok = seen & (ref > NEG_INF)
     to_ref = jnp.where(ref_ok, jnp.exp(jnp.minimum(m_safe * ln2 - jnp.where(ref_ok, ref, 0.0), 0.0)), 0.0)
-    factor = jnp.where(has_ref, to_ref, inv)
-    mass_smem[...] = (u * lax.broadcast_in_dim(factor, u.shape, [0])).sum(axis=0)
+    if big:
+      # mass[c] = sum_r exp2(a[r, c] - n_r): n_r = max(ref, m) with a reference (the clamp below), the
+      # row's own lse without, +inf where the row's factor is 0.
+      own = jnp.where(seen, m_safe + jnp.log2(jnp.where(seen, l_i, 1.0)), jnp.inf)
+      norm = jnp.where(has_ref, jnp.where(ref_ok, jnp.maximum(jnp.where(ref_ok, ref, 0.0) * log2e, m_safe),
+                                          jnp.inf), own)
+      norm = lax.broadcast_in_dim(norm, (BLOCK, BLOCK), [0])
+      plgpu.commit_smem()  # the tiles were stored by every thread; read back in the same layout
+      for part in range(parts):
+        a = plgpu.load(lse_smem.at[part], (), layout=wg, optimized=False)
+        p = jnp.where(cols + part * BLOCK < count, jnp.exp2(a - norm), 0.0)
+        mass_smem[part] = p.sum(axis=0)
+    else:
+      factor = jnp.where(has_ref, to_ref, inv)
+      mass_smem[...] = (u * lax.broadcast_in_dim(factor, u.shape, [0])).sum(axis=0)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(mass_smem, mass_ref.at[bb, hq, i])
     plgpu.wait_smem_to_gmem(0)
@@ -215,7 +251,9 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
         tiled((BLOCK, h), dtype), tiled((k_stages, BLOCK, h), dtype), tiled((v_stages, BLOCK, hv), dtype),
         None if hv == h else tiled((BLOCK, hv), dtype),
         plgpu.SMEM((table_len,), jnp.int32), plgpu.SMEM((BLOCK,), jnp.float32),
-        plgpu.SMEM((BLOCK,), jnp.float32), plgpu.SMEM((slots,), jnp.float32),
+        plgpu.SMEM((BLOCK,), jnp.float32),
+        plgpu.SMEM((parts, BLOCK) if big else (slots,), jnp.float32),
+        plgpu.SMEM((parts, BLOCK, BLOCK), jnp.float32) if big else None,
         plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=k_stages),
         plgpu.Barrier(num_barriers=v_stages))
 
@@ -223,12 +261,12 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
   out, mass, lse = plgpu.kernel(
       entry,
       out_type=[jax.ShapeDtypeStruct((b, n_q * BLOCK, n, hv), dtype),
-                jax.ShapeDtypeStruct((b, n, n_q, slots), jnp.float32),
+                jax.ShapeDtypeStruct((b, n, n_q) + ((parts, BLOCK) if big else (slots,)), jnp.float32),
                 jax.ShapeDtypeStruct((b, n, n_q * BLOCK), jnp.float32)],
       grid=tuple(sizes[x] for x in GRID_ORDERS[order]), grid_names=GRID_ORDERS[order],
       compiler_params=plgpu.CompilerParams(approx_math=True),
       )(q, k, v, table, lse_ref)
-  out, mass, lse = out[:, :t], mass[..., :cap], lse[..., :t]
+  out, mass, lse = out[:, :t], mass.reshape(b, n, n_q, slots)[..., :cap], lse[..., :t]
   if not batched:
     out, mass, lse = out[0], mass[0], lse[0]
   return out, mass, lse
