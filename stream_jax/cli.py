@@ -53,6 +53,10 @@ STREAM_OPTIONS = (  # --flag, type, help; defaults: StreamConfig's
      "StreamConfig.faithful()); default: a fixed --top-k"),
     ("score", ("max", "mass"), "block score: max logit (the paper's; default without --coverage) or "
      "estimated attention mass (default with --coverage)"),
+    ("select", ("search", "ideal", "table"), "how the kept set is chosen: search (the paper's hierarchical "
+     "search, estimated scores), ideal (key blocks by their true mass, from a dense pass: exact coverage), "
+     "table (every causal block by the true mass every --query-stride-th query gives it, e.g. 4: no search "
+     "and no dense pass, below dense cost on a Hopper GPU)"),
     ("dropped-scale", float, "with --coverage: multiplies the search's estimate of the attention it dropped "
      "(> 1 keeps more; the estimate runs low on heavy-tailed attention); `stream-jax calibrate` fits it"),
     ("layer-scales", _layer_scales_arg, "with --coverage: --dropped-scale per layer, LAYER:SCALE,... (e.g. "
@@ -299,7 +303,8 @@ def cmd_calibrate(args, st, model):
   res = calibration.calibrate_text(model, args.calib_text_, st, held_out=args.held_out_text_, length=args.length,
                                    scales=args.scales or calibration.SCALES, progress=True)
   c = st.config
-  flags = (f"--coverage {c.coverage:g} --top-k {c.top_k} --block-q {c.block_q} --block-k {c.block_k} "
+  select = "" if c.select == "search" else f"--select {c.select} --query-stride {c.query_stride} "
+  flags = (f"{select}--coverage {c.coverage:g} --top-k {c.top_k} --block-q {c.block_q} --block-k {c.block_k} "
            f"--layer-scales {res.layer_scales_flag()}")
   _print(text := res.format() + f"\n\ntrace with: {flags}")
   return reports.write_calibration(res, model, args.out, force=args.force, text=text, flags=flags)

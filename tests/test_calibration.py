@@ -219,11 +219,21 @@ def test_cli_calibrate_prints_the_flags_to_trace_with(tmp_path, capsys, monkeypa
   assert scales == ",".join(f"{l}:{s:g}" for l, s in saved["layer_scales"])
   assert cli.build_parser().parse_args(["trace", "--text", "x", "--layer-scales", scales]).layer_scales == \
       tuple(tuple(x) for x in saved["layer_scales"])
+  # the table's budget calibrates the same way, and the flags name it
+  argv_table = argv[:-1] + [str(tmp_path / "rt"), "--select", "table", "--query-stride", "4"]
+  assert cli.main(argv_table) == 0
+  line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("trace with:"))
+  assert line.startswith("trace with: --select table --query-stride 4 --coverage 0.8"), line
+  parsed = cli.build_parser().parse_args(["trace", "--text", "x"] + line.split("trace with: ")[1].split())
+  assert (parsed.select, parsed.query_stride) == ("table", 4)
   # refused before the model loads: no --coverage, a layer the model does not prune, bad pairs
   monkeypatch.setattr(cli, "load", lambda args: pytest.fail("the model must not load"))
   for extra, msg in ((["--coverage", "0.9", "--layer-scales", "3:2"], "--layer-scales names layer(s) 3"),
                      ([], "pass --coverage"),
-                     (["--coverage", "0.9", "--layer-scales", "5:-1"], "--layer-scales: scales must be")):
+                     (["--coverage", "0.9", "--layer-scales", "5:-1"], "--layer-scales: scales must be"),
+                     (["--coverage", "0.9", "--select", "table", "--query-stride", "128"],
+                      "--query-stride must be a power of two in [1, block-q=64]"),
+                     (["--coverage", "0.9", "--select", "ideal"], "select 'search' or 'table'")):
     base = ["calibrate", "--file", str(tmp_path / "t.txt"), "--out", str(tmp_path / "r2")]
     assert cli.main(base + extra) == 2
     assert msg in capsys.readouterr().err

@@ -99,9 +99,10 @@ def calibrate_budget(model, tokens, config: StreamConfig, *, scales: Sequence[fl
                      backend: str = "auto", progress: bool = True) -> Calibration:
   """Per global layer, the smallest `dropped_scale` of `scales` whose exact coverage on `tokens` (mean over
   the pruned query blocks) reaches config.coverage; returned as `config.replace(layer_scales=...)`."""
-  if config.coverage is None or config.select != "search":
+  if config.coverage is None or config.select == "ideal":
     raise ValueError("calibrate_budget calibrates the estimator's adaptive budget: pass a config with "
-                     f"coverage set and select='search', got coverage={config.coverage}, select={config.select!r}")
+                     f"coverage set and select 'search' or 'table', got coverage={config.coverage}, "
+                     f"select={config.select!r}")
   grid = sorted({float(s) for s in scales})
   if not grid or grid[0] <= 0:
     raise ValueError(f"scales must be positive numbers, got {list(scales)}")
@@ -180,9 +181,9 @@ def calibrate_text(model, text: str, settings: Settings, *, held_out: Optional[s
   on that text (same length cap) too. Calibrate on text of the length you will trace: the scales depend on
   it (the 270M's fit at 4k / 8k over-shoot at 16k: RESULTS, "Per-layer calibration at 16k")."""
   cfg = settings.config
-  if cfg.coverage is None or cfg.select != "search":
-    raise InputError("calibration fits the estimator's coverage budget: set coverage (and keep "
-                     f"select='search'), got coverage={cfg.coverage}, select={cfg.select!r}", "coverage")
+  if cfg.coverage is None or cfg.select == "ideal":
+    raise InputError("calibration fits the estimator's coverage budget: set coverage (and select 'search' "
+                     f"or 'table'), got coverage={cfg.coverage}, select={cfg.select!r}", "coverage")
   if settings.dense_layers or settings.prune_local:
     raise InputError("calibration measures the global layers through exact passes: leave dense_layers and "
                      "prune_local unset", "dense_layers", "prune_local")

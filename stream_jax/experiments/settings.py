@@ -50,8 +50,10 @@ class Settings:
     c = self.config
     s = (f"block_q={c.block_q}, block_k={c.block_k}, top_k={c.top_k}, sink_blocks={c.sink_blocks}, "
          f"window_blocks={c.window_blocks}, representative={c.representative}")
+    if c.select != "search":
+      s += f", select={c.select}" + (f" (every {c.query_stride} queries)" if c.select == "table" else "")
     if c.coverage is not None:
-      s += f", coverage={c.coverage:g} ({c.score} scores)"
+      s += f", coverage={c.coverage:g}" + (f" ({c.score} scores)" if c.select == "search" else "")
       if c.dropped_scale != 1.0:
         s += f", dropped_scale={c.dropped_scale:g}"
       if c.layer_scales:
