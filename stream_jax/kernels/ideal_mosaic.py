@@ -87,8 +87,11 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
   n_seg = -(-n_seg // per_window) * per_window  # whole windows
   rows = n_rows * BLOCK
   start = first_block * BLOCK
-  # The chunk's queries and their lse (zero / -inf past T: those rows add nothing), keys in whole blocks.
-  q_c = lax.dynamic_slice_in_dim(common.pad_axis(q, 1, t + rows), start, rows, 1)
+  n_q = num_blocks(t, BLOCK)
+  # The kernel reads its query block from the whole q at the chunk's offset (a slice of a padded q would be
+  # a copy of q, 4 GiB at 1M tokens); only a ragged T pads its last block. The chunk's lse (-inf past T:
+  # those rows add nothing) and the keys in whole blocks.
+  q = common.pad_axis(q, 1, n_q * BLOCK)
   lse_pad = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, rows)), constant_values=-jnp.inf)
   lse_c = lax.dynamic_slice_in_dim(lse_pad, start, rows, 2)
   k = common.pad_axis(k, 1, n_k * BLOCK)
@@ -101,10 +104,11 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
     hq, bb, i = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("qblk")
     kvh = lax.div(hq, jnp.int32(g))
     plgpu.copy_gmem_to_smem(meta_ref, meta_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(i * BLOCK, BLOCK), hq], q_smem, bars.at[1])
     plgpu.copy_gmem_to_smem(lse_ref.at[bb, hq, pl.ds(i * BLOCK, BLOCK)], lse_smem, bars.at[2])
     plgpu.barrier_wait(bars.at[0])
-    j = meta_smem[0] + i  # this CTA's query block
+    j = meta_smem[0] + i  # this CTA's query block (past the last one: a block that walks no key)
+    read = jnp.minimum(j, n_q - 1) * BLOCK
+    plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(read, BLOCK), hq], q_smem, bars.at[1])
     first_pos = j * BLOCK + offset
     last_pos = jnp.minimum((j + 1) * BLOCK, t) - 1 + offset
     count = jnp.where(j * BLOCK < t, lax.div(last_pos, jnp.int32(BLOCK)) + 1, 0)  # key blocks 0 .. diagonal
@@ -192,5 +196,5 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
   out = plgpu.kernel(
       entry, out_type=jax.ShapeDtypeStruct((b, n, n_rows, n_seg, SEGMENT), jnp.float32),
       grid=(n, b, n_rows), grid_names=("heads", "batch", "qblk"),
-      compiler_params=plgpu.CompilerParams(approx_math=True))(q_c, k, lse_c, meta)
+      compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, lse_c, meta)
   return out.reshape(b, n, n_rows, n_seg * SEGMENT)[..., :n_k]
