@@ -67,7 +67,9 @@ def test_mgpu_attention_says_what_it_cannot_take_and_never_runs_off_hopper():
   assert "64 x 64 blocks" in why(q, v, small)
   assert "head dims" in why(_sds((256, 4, 96)), _sds((256, 2, 96)), mask)
   wide = sj.window_mask(4, 8192, 8192, block_q=64, block_k=64)  # every causal block: C = 128
-  assert "at most 64" in why(_sds((8192, 4, 128)), _sds((8192, 2, 128)), wide)
+  assert why(_sds((8192, 4, 128)), _sds((8192, 2, 128)), wide) is None  # masses through shared memory
+  wider = sj.window_mask(4, 16384, 16384, block_q=64, block_k=64)  # C = 256
+  assert "at most 192" in why(_sds((16384, 4, 128)), _sds((16384, 2, 128)), wider)
   assert "key_mask or gate" in blocksparse_mosaic.unsupported(Call.attention(q, v, mask, gate=True))
   call = Call.attention(q, v, mask)
   assert impls.choose("sparse_attention", "pallas", call) == "triton"  # a CPU: Triton (interpreted) runs

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
   from stream_jax.kernels.implementations import Call
 
 BLOCK = 64  # query rows per CTA (one wgmma tile) and keys per block
-SEGMENT = 64  # key blocks per column reduction (the register tile's columns)
+SEGMENT = mosaic_common.SEGMENT  # key blocks per column reduction (the register tile's columns)
 WINDOW = 128  # segments per shared-memory window (32 KiB), copied out by TMA when full
 DEFAULT_STAGES = 2  # key ring depth
 LOG2E = 1.4426950408889634
@@ -132,14 +132,11 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
     # A row that sees nothing (lse -inf, padding) gets a +inf normaliser: exp gives it 0 everywhere.
     norm2 = lax.broadcast_in_dim(jnp.where(lse_v > -jnp.inf, lse_v * LOG2E, jnp.inf), (BLOCK, BLOCK), [0])
 
-    def copy_window(w):
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, o_ref.at[bb, hq, i, pl.ds(w * per_window, per_window)])
-      plgpu.wait_smem_to_gmem(0)
-      plgpu.commit_smem()  # the window is free again before any thread writes it
-
     def store_segment(u, seg):
       out_smem[lax.rem(seg, jnp.int32(per_window))] = u.sum(axis=0)
+
+    segments = mosaic_common.MassSegments(cols_i, per_window=per_window, store=store_segment, out_smem=out_smem,
+                                          dst=lambda w: o_ref.at[bb, hq, i, pl.ds(w * per_window, per_window)])
 
     def body(c, u, masked):
       slot = lax.rem(c, jnp.int32(stages))
@@ -158,32 +155,12 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
         if window is not None:
           visible = visible & (q_pos - k_pos < window)
         p = jnp.where(visible, p, 0.0)
-      col = lax.rem(c, jnp.int32(SEGMENT))
-      u = jnp.where(cols_i == col, lax.broadcast_in_dim(p.sum(axis=1), (BLOCK, BLOCK), [0]), u)
-
-      @pl.when(col == SEGMENT - 1)
-      def _():
-        seg = lax.div(c, jnp.int32(SEGMENT))
-        store_segment(u, seg)
-        pl.when(lax.rem(seg, jnp.int32(per_window)) == per_window - 1)(
-            functools.partial(copy_window, lax.div(seg, jnp.int32(per_window))))
-
-      return u
+      return segments.add(u, c, p)
 
     u = plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK), jnp.float32), wg)
     u = lax.fori_loop(0, free, functools.partial(body, masked=False), u)
     u = lax.fori_loop(free, count, functools.partial(body, masked=True), u)
-    tail = lax.rem(count, jnp.int32(SEGMENT))  # blocks in the last, partial segment
-
-    @pl.when(tail > 0)
-    def _():
-      store_segment(jnp.where(cols_i < tail, u, 0.0), lax.div(count, jnp.int32(SEGMENT)))
-
-    last_seg = lax.div(count - 1, jnp.int32(SEGMENT))
-
-    @pl.when((count > 0) & ((tail > 0) | (lax.rem(last_seg, jnp.int32(per_window)) != per_window - 1)))
-    def _():
-      copy_window(lax.div(last_seg, jnp.int32(per_window)))
+    segments.finish(u, count)
 
   def entry(q_ref, k_ref, lse_ref, meta_ref, o_ref):
     pl.run_scoped(

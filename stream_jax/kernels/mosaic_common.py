@@ -1,14 +1,18 @@
-"""What the Mosaic GPU ports (blocksparse_mosaic.py, estimate_mosaic.py, ideal_mosaic.py) share: the Hopper
-check, the swizzled shared-memory tiles their TMA copies and wgmma products read, the Q Kᵀ logits of a
-query tile and a key tile, and the length of the int32 rows they copy by TMA. Which implementation runs is decided in kernels/implementations.py.
+"""What the Mosaic GPU ports (blocksparse_mosaic.py, estimate_mosaic.py, ideal_mosaic.py, table_mosaic.py)
+share: the Hopper check, the swizzled shared-memory tiles their TMA copies and wgmma products read, the Q Kᵀ
+logits of a query tile and a key tile, the length of the int32 rows they copy by TMA, and the two
+block-mass kernels' rows of masses written 64 key blocks at a time through a shared-memory window. Which
+implementation runs is decided in kernels/implementations.py.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 TMA_INT32 = 32  # a warpgroup's TMA copies move multiples of 128 bytes: 32 int32 / float32
 
@@ -50,3 +54,54 @@ def qk_logits(q_smem, k_buf):
     return acc_ref[...]
 
   return pl.run_scoped(qk, plgpu.ACC((q_smem.shape[0], k_buf.shape[0]), jnp.float32))
+
+
+SEGMENT = 64  # key blocks per column reduction of the block-mass kernels (their register tile's columns)
+
+
+class MassSegments:
+  """How ideal_mosaic.py and table_mosaic.py write a row of per-key-block masses without holding it: the
+  per-row sums of block c go into column c % 64 of a [64, 64] register tile `u`; every 64 blocks
+  `store(u, segment)` reduces the tile into a shared-memory window of `per_window` segments, and `copy(w)`
+  sends window w to HBM by TMA when it is full (or the row ends)."""
+
+  def __init__(self, cols, *, per_window: int, store, out_smem, dst):
+    self.cols, self.per_window, self.store, self.out_smem, self.dst = cols, per_window, store, out_smem, dst
+
+  def copy(self, w):
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415  (GPU-only module)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(self.out_smem, self.dst(w))
+    plgpu.wait_smem_to_gmem(0)
+    plgpu.commit_smem()  # the window is free again before any thread writes it
+
+  def add(self, u, c, p):
+    """u with the per-row sums of block c's masses p [64, 64] in column c % 64; stores (and copies) a full
+    segment."""
+    import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only module)
+    col = lax.rem(c, jnp.int32(SEGMENT))
+    u = jnp.where(self.cols == col, lax.broadcast_in_dim(p.sum(axis=1), u.shape, [0]), u)
+
+    @pl.when(col == SEGMENT - 1)
+    def _():
+      seg = lax.div(c, jnp.int32(SEGMENT))
+      self.store(u, seg)
+      pl.when(lax.rem(seg, jnp.int32(self.per_window)) == self.per_window - 1)(
+          functools.partial(self.copy, lax.div(seg, jnp.int32(self.per_window))))
+
+    return u
+
+  def finish(self, u, count):
+    """After blocks 0 .. count - 1: the last, partial segment stored and the last window copied."""
+    import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only module)
+    tail = lax.rem(count, jnp.int32(SEGMENT))  # blocks in the last, partial segment
+
+    @pl.when(tail > 0)
+    def _():
+      self.store(jnp.where(self.cols < tail, u, 0.0), lax.div(count, jnp.int32(SEGMENT)))
+
+    last_seg = lax.div(count - 1, jnp.int32(SEGMENT))
+
+    @pl.when((count > 0) & ((tail > 0) | (lax.rem(last_seg, jnp.int32(self.per_window)) != self.per_window - 1)))
+    def _():
+      self.copy(lax.div(last_seg, jnp.int32(self.per_window)))

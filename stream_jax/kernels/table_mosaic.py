@@ -32,7 +32,7 @@ if TYPE_CHECKING:
   from stream_jax.kernels.implementations import Call
 
 BLOCK = 64  # sampled queries per CTA (one wgmma tile) and keys per block
-SEGMENT = 64  # key blocks per column reduction (the register tile's columns)
+SEGMENT = mosaic_common.SEGMENT  # key blocks per column reduction (the register tile's columns)
 WINDOW_FLOATS = 16384  # masses per shared-memory window (64 KiB), copied out by TMA when full
 DEFAULT_STAGES = 2  # key ring depth
 LOG2E = 1.4426950408889634
@@ -160,50 +160,27 @@ def _rows(q_rows, k, pos, *, stride, scale, softcap, stages, window_floats):
     norm2 = lax.broadcast_in_dim(lse2, (BLOCK, BLOCK), [0])
     prime()  # the second walk starts again at block 0 (the first left no copy in flight)
 
-    def copy_window(w):
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, o_ref.at[bb, hq, pl.ds(i * per_tile, per_tile),
-                                                 pl.ds(w * per_window, per_window)])
-      plgpu.wait_smem_to_gmem(0)
-      plgpu.commit_smem()  # the window is free again before any thread writes it
-
     def store_segment(u, seg):
       at = lax.rem(seg, jnp.int32(per_window))
       for blk in range(per_tile):  # one masked column reduction per query block of the tile
         mine = (rows_i >= blk * r) & (rows_i < (blk + 1) * r)
         out_smem.at[blk][at] = jnp.where(mine, u, 0.0).sum(axis=0)
 
+    window_of = lambda w: o_ref.at[bb, hq, pl.ds(i * per_tile, per_tile), pl.ds(w * per_window, per_window)]  # noqa: E731
+    segments = mosaic_common.MassSegments(cols_i, per_window=per_window, store=store_segment, out_smem=out_smem,
+                                          dst=window_of)
+
     def mass_body(c, u, masked):
       x2, visible = logits2(c, masked)
       p = jnp.exp2(jnp.minimum(x2 - norm2, 0.0))
       if masked:
         p = jnp.where(visible, p, 0.0)
-      col = lax.rem(c, jnp.int32(SEGMENT))
-      u = jnp.where(cols_i == col, lax.broadcast_in_dim(p.sum(axis=1), (BLOCK, BLOCK), [0]), u)
-
-      @pl.when(col == SEGMENT - 1)
-      def _():
-        seg = lax.div(c, jnp.int32(SEGMENT))
-        store_segment(u, seg)
-        pl.when(lax.rem(seg, jnp.int32(per_window)) == per_window - 1)(
-            functools.partial(copy_window, lax.div(seg, jnp.int32(per_window))))
-
-      return u
+      return segments.add(u, c, p)
 
     u = plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK), jnp.float32), wg)
     u = lax.fori_loop(0, free, functools.partial(mass_body, masked=False), u)
     u = lax.fori_loop(free, count, functools.partial(mass_body, masked=True), u)
-    tail = lax.rem(count, jnp.int32(SEGMENT))  # blocks in the last, partial segment
-
-    @pl.when(tail > 0)
-    def _():
-      store_segment(jnp.where(cols_i < tail, u, 0.0), lax.div(count, jnp.int32(SEGMENT)))
-
-    last_seg = lax.div(count - 1, jnp.int32(SEGMENT))
-
-    @pl.when((count > 0) & ((tail > 0) | (lax.rem(last_seg, jnp.int32(per_window)) != per_window - 1)))
-    def _():
-      copy_window(lax.div(last_seg, jnp.int32(per_window)))
+    segments.finish(u, count)
 
   def entry(q_ref, k_ref, pos_ref, meta_ref, o_ref):
     pl.run_scoped(
