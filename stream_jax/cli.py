@@ -379,6 +379,9 @@ def run(args) -> int:
     args.held_out_text_ = None if args.held_out_file is None else read_text(args.held_out_file, "--held-out-file")
     if args.coverage is None:
       raise CliError("calibrate fits the adaptive budget: pass --coverage (e.g. --coverage 0.9 --top-k 128)")
+    if args.select == "ideal":
+      raise CliError("calibrate fits an estimated budget: --select search or table (select 'search' or "
+                     "'table'); --select ideal keeps blocks by their true mass and needs no calibration")
   elif args.command in ("trace", "anchors"):
     args.text_ = args.text if getattr(args, "text", None) is not None else read_text(args.file, "--file")
     if not args.text_.strip():

@@ -103,12 +103,9 @@ def test_dropped_scale_raises_the_samples_target():
     assert set(row_a[row_a >= 0]) <= set(row_b[row_b >= 0])
 
 
-def test_the_table_holds_what_the_ideal_set_holds_on_real_text():
-  """The real 270M at 4,096 tokens of the Python docs, 64-token blocks, coverage 0.9 (cap 16), every 4th
-  query sampled: in every global layer the table's kept blocks hold within 0.02 of the true attention the
-  ideal set (blocks ranked by every query's true mass) holds, with no more kept blocks, and on average
-  more than the search's blocks hold at the same target (measured: 0.860 / 0.876 / 0.870 against the
-  ideal's 0.873 / 0.876 / 0.872 and the search's 0.861 / 0.867 / 0.867; kept 0.361, 0.366, 0.361)."""
+def _real_text_coverage(configs):
+  """budget_coverage of each config on 4,096 tokens of the Python docs' topics (the held-out half that
+  test_calibration uses), the real 270M in float32."""
   from pydoc_data import topics
   from stream_jax.experiments import calibration
   from stream_jax.models import load_model
@@ -116,14 +113,32 @@ def test_the_table_holds_what_the_ideal_set_holds_on_real_text():
   keys = sorted(topics.topics)
   ids = model.encode("\n\n".join(topics.topics[k] for k in keys[len(keys) // 2:])[:60_000])[:4096]
   assert len(ids) == 4096
-  got = {name: calibration.budget_coverage(model, ids, cfg) for name, cfg in {
-      "table": C.table(top_k=16, coverage=0.9), "ideal": C.ideal(top_k=16, coverage=0.9),
-      "search": C.faithful(top_k=16, coverage=0.9)}.items()}
+  got = {name: calibration.budget_coverage(model, ids, cfg) for name, cfg in configs.items()}
   print({name: (np.round(b.coverage, 4), round(b.kept_mean, 4)) for name, b in got.items()})
-  table_, ideal_, search = got["table"], got["ideal"], got["search"]
+  return got
+
+
+REAL = dict(top_k=16, coverage=0.9)  # 64-token blocks, cap 16: pruned from query block 19 of 64
+
+
+def test_the_table_holds_what_the_ideal_set_holds_on_real_text():
+  """The real 270M at 4,096 tokens, 64-token blocks, coverage 0.9 (cap 16), every 4th query sampled: in
+  every global layer the table's kept blocks hold within 0.02 of the true attention the ideal set (blocks
+  ranked by every query's true mass) holds, with no more kept blocks (measured: 0.860 / 0.876 / 0.870
+  against 0.873 / 0.876 / 0.872; kept 0.361 against 0.366)."""
+  got = _real_text_coverage({"table": C.table(**REAL), "ideal": C.ideal(**REAL)})
+  table_, ideal_ = got["table"], got["ideal"]
   assert all(t >= i - 0.02 for t, i in zip(table_.coverage, ideal_.coverage)), got
   assert table_.kept_mean <= ideal_.kept_mean, got
-  assert np.mean(table_.coverage) > np.mean(search.coverage), got
+
+
+@pytest.mark.slow
+def test_the_table_holds_more_than_the_search_of_the_same_target_on_real_text():
+  """Same text and budget: on average over the global layers the table's blocks hold more of the true
+  attention than the search's (measured: 0.8686 against 0.8648, kept 0.361 against 0.361)."""
+  got = _real_text_coverage({"table": C.table(**REAL), "search": C.faithful(**REAL)})
+  assert np.mean(got["table"].coverage) > np.mean(got["search"].coverage), got
+  assert got["table"].kept_mean <= 1.01 * got["search"].kept_mean, got
 
 
 def test_memory_is_linear_in_t():
