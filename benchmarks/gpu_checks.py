@@ -276,6 +276,15 @@ MGPU_TABLE_CASES = [
 ]
 
 
+def _kept_sets_agree(k_idx, x_idx, k_cov, x_cov):
+  """A kernel's kept sets against the XLA path's: the rows equal (bool [..., nQ]), the largest coverage
+  difference where they are (elsewhere a near-tie or a block at the budget's threshold went the other way
+  under the GPU's summation order), and whether that passes (>= 99.5% equal, coverage within 2e-3)."""
+  equal = np.asarray(jnp.all(k_idx == x_idx, -1))
+  cov_err = float(np.abs(np.asarray(k_cov) - np.asarray(x_cov))[equal].max())
+  return equal, cov_err, bool(equal.mean() >= 0.995 and cov_err < 2e-3)
+
+
 def check_mgpu_table(cases=MGPU_TABLE_CASES, sharpen=4.0):
   """StreamConfig.select="table" through the Mosaic GPU kernel (kernels/table_mosaic.py) vs the XLA path:
   the kept sets and the sample's coverage; and its rows through small shared-memory windows equal to one
@@ -292,9 +301,7 @@ def check_mgpu_table(cases=MGPU_TABLE_CASES, sharpen=4.0):
       kw = dict(scale=h ** -0.5, softcap=cap)
       km, kc = table.table_mask(q, k, config, impl="mosaic", **kw)
       xm, xc = table.table_mask(q, k, config, impl="xla", **kw)
-      equal = np.asarray(jnp.all(km.indices == xm.indices, -1))
-      cov_err = float(np.abs(np.asarray(kc) - np.asarray(xc))[equal].max())
-      ok = equal.mean() >= 0.995 and cov_err < 2e-3
+      equal, cov_err, ok = _kept_sets_agree(km.indices, xm.indices, kc, xc)
       return ok, (f"rows equal {equal.mean():.5f}; max |coverage diff| {cov_err:.2e}; kept "
                   f"{float(np.asarray(xm.counts).mean()):.1f} of {config.capacity}; sample coverage "
                   f"{float(xc.mean()):.4f}")
@@ -337,13 +344,9 @@ def check_ideal(cases=IDEAL_CASES, sharpen=4.0, backend="triton"):
       kw = dict(scale=h ** -0.5, softcap=cap, window=window)
       kr = sj.ideal_mask(q, k, lse, config, backend=backend, **kw)
       xr = sj.ideal_mask(q, k, lse, config, backend="xla", **kw)
-      equal = np.asarray(jnp.all(kr.mask.indices == xr.mask.indices, -1))
-      # masses and coverage compared where the kept sets agree (elsewhere a near-tie or a block at the
-      # budget's threshold went the other way under the GPU's summation order)
+      equal, cov_err, ok = _kept_sets_agree(kr.mask.indices, xr.mask.indices, kr.coverage, xr.coverage)
       mass_err = float(np.abs(np.asarray(kr.mass) - np.asarray(xr.mass))[equal].max())
-      cov_err = float(np.abs(np.asarray(kr.coverage) - np.asarray(xr.coverage))[equal].max())
       counts = np.asarray(xr.mask.counts)
-      ok = equal.mean() >= 0.995 and cov_err < 2e-3
       return ok, (f"rows equal {equal.mean():.5f}; max |mass diff| {mass_err:.2e}, |coverage diff| "
                   f"{cov_err:.2e}; kept {counts.mean():.1f} of {config.capacity}; coverage mean "
                   f"{float(xr.coverage.mean()):.4f}")

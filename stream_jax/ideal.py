@@ -170,13 +170,8 @@ def _ideal_xla(q, k, lse, key_mask, *, config: StreamConfig, scale, softcap, win
     table = lax.fori_loop(0, last_pos // (kc * bk) + 1, k_chunk_fn, table)[..., :n_k]
     return _select_chunk(table, diag_c, valid_c, config=config)  # [K, G, qc, C] x2, [K, G, qc]
 
-  idx, mass, cov = lax.map(chunk_fn, (jnp.arange(n_qc, dtype=jnp.int32), q_chunks, lse_chunks, diag,
-                                      rows_valid))
-  # [nQc, K, G, qc, ...] -> [N, nQ, ...]
-  idx = idx.transpose(1, 2, 0, 3, 4).reshape(n, n_qc * qc, -1)[:, :n_q]
-  mass = mass.transpose(1, 2, 0, 3, 4).reshape(n, n_qc * qc, -1)[:, :n_q]
-  cov = cov.transpose(1, 2, 0, 3).reshape(n, n_qc * qc)[:, :n_q]
-  return idx, mass, cov
+  out = lax.map(chunk_fn, (jnp.arange(n_qc, dtype=jnp.int32), q_chunks, lse_chunks, diag, rows_valid))
+  return tuple(_from_chunks(x, (n,), n_q) for x in out)  # [nQc, K, G, qc, ...] -> [N, nQ, ...]
 
 
 def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, query_blocks, interpret=None,
@@ -205,13 +200,16 @@ def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, qu
     return jax.vmap(functools.partial(_select_chunk, config=config), in_axes=(0, None, None))(
         table, diag_c, valid_c)
 
-  idx, mass, cov = lax.map(chunk_fn, (jnp.arange(n_qc, dtype=jnp.int32), diag, rows_valid))
-  # [nQc, B, N, qc, ...] -> [B, N, nQ, ...]
-  b, n = q.shape[0], q.shape[2]
-  idx = jnp.moveaxis(idx, 0, 2).reshape(b, n, n_qc * qc, -1)[:, :, :n_q]
-  mass = jnp.moveaxis(mass, 0, 2).reshape(b, n, n_qc * qc, -1)[:, :, :n_q]
-  cov = jnp.moveaxis(cov, 0, 2).reshape(b, n, n_qc * qc)[:, :, :n_q]
-  return idx, mass, cov
+  out = lax.map(chunk_fn, (jnp.arange(n_qc, dtype=jnp.int32), diag, rows_valid))
+  return tuple(_from_chunks(x, (q.shape[0], q.shape[2]), n_q) for x in out)  # [nQc, B, N, qc, ...]
+
+
+def _from_chunks(x, lead: tuple[int, ...], n_q: int):
+  """A chunked output [nQc, a, b, qc, ...] (a, b: kv heads and group, or batch and heads) -> [*lead, nQ,
+  ...], the two middle axes reshaped to `lead` and the last chunk's padding blocks dropped."""
+  x = jnp.moveaxis(x, 0, 2)
+  x = x.reshape(lead + (x.shape[2] * x.shape[3],) + x.shape[4:])
+  return lax.slice_in_dim(x, 0, n_q, axis=len(lead))
 
 
 def _chunk_rows(t: int, s: int, bq: int, bk: int, qc: int, n_qc: int):

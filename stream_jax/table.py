@@ -131,12 +131,8 @@ def _table_xla(q, k, *, config: StreamConfig, scale, softcap):
     table = lax.fori_loop(0, n_c, mass_fn, jnp.zeros((kv, g, qc, n_kc * kc), jnp.float32))[..., :n_k]
     return ideal._select_chunk(table, diag_c, valid_c, config=sample_target(config))
 
-  idx, mass, cov = lax.map(chunk_fn, (q_rows, pos, diag, valid))
-  # [nQc, K, G, qc, ...] -> [N, nQ, ...]
-  idx = idx.transpose(1, 2, 0, 3, 4).reshape(n, n_qc * qc, -1)[:, :n_q]
-  mass = mass.transpose(1, 2, 0, 3, 4).reshape(n, n_qc * qc, -1)[:, :n_q]
-  cov = cov.transpose(1, 2, 0, 3).reshape(n, n_qc * qc)[:, :n_q]
-  return idx, mass, cov
+  out = lax.map(chunk_fn, (q_rows, pos, diag, valid))
+  return tuple(ideal._from_chunks(x, (n,), n_q) for x in out)  # [nQc, K, G, qc, ...] -> [N, nQ, ...]
 
 
 def _table_kernel(q, k, *, config: StreamConfig, scale, softcap, rows_fn, tiles: int = KERNEL_TILES):
@@ -162,10 +158,5 @@ def _table_kernel(q, k, *, config: StreamConfig, scale, softcap, rows_fn, tiles:
     return jax.vmap(functools.partial(ideal._select_chunk, config=sample_target(config)), in_axes=(0, None, None))(
         table, diag_c, valid_c)
 
-  idx, mass, cov = lax.map(chunk_fn, (jnp.arange(n_qc, dtype=jnp.int32), rows, pos, diag, valid))
-  # [nQc, B, N, qc, ...] -> [B, N, nQ, ...]
-  b, n = q.shape[0], q.shape[2]
-  idx = jnp.moveaxis(idx, 0, 2).reshape(b, n, n_qc * qc, -1)[:, :, :n_q]
-  mass = jnp.moveaxis(mass, 0, 2).reshape(b, n, n_qc * qc, -1)[:, :, :n_q]
-  cov = jnp.moveaxis(cov, 0, 2).reshape(b, n, n_qc * qc)[:, :, :n_q]
-  return idx, mass, cov
+  out = lax.map(chunk_fn, (jnp.arange(n_qc, dtype=jnp.int32), rows, pos, diag, valid))
+  return tuple(ideal._from_chunks(x, (q.shape[0], q.shape[2]), n_q) for x in out)  # [nQc, B, N, qc, ...]

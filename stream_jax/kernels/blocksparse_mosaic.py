@@ -223,9 +223,8 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
     ref = plgpu.load(ref_smem, (), layout=row)
     has_ref = ref == ref  # not NaN
     ref_ok = seen & (ref > NEG_INF)
-    to_ref = jnp.where(ref_ok, jnp.exp(jnp.minimum(m_safe * ln2 - jnp.where(ref_ok, ref, 0.0), 0.0)), 0.0)
     if big:
-      # mass[c] = sum_r exp2(a[r, c] - n_r): n_r = max(ref, m) with a reference (the clamp below), the
+      # mass[c] = sum_r exp2(a[r, c] - n_r): n_r = max(ref, m) with a reference (to_ref's clamp below), the
       # row's own lse without, +inf where the row's factor is 0.
       own = jnp.where(seen, m_safe + jnp.log2(jnp.where(seen, l_i, 1.0)), jnp.inf)
       norm = jnp.where(has_ref, jnp.where(ref_ok, jnp.maximum(jnp.where(ref_ok, ref, 0.0) * log2e, m_safe),
@@ -237,6 +236,7 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
         p = jnp.where(cols + part * BLOCK < count, jnp.exp2(a - norm), 0.0)
         mass_smem[part] = p.sum(axis=0)
     else:
+      to_ref = jnp.where(ref_ok, jnp.exp(jnp.minimum(m_safe * ln2 - jnp.where(ref_ok, ref, 0.0), 0.0)), 0.0)
       factor = jnp.where(has_ref, to_ref, inv)
       mass_smem[...] = (u * lax.broadcast_in_dim(factor, u.shape, [0])).sum(axis=0)
     plgpu.commit_smem()

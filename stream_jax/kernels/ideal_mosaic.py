@@ -139,15 +139,8 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
                                           dst=lambda w: o_ref.at[bb, hq, i, pl.ds(w * per_window, per_window)])
 
     def body(c, u, masked):
-      slot = lax.rem(c, jnp.int32(stages))
-      plgpu.barrier_wait(k_bars.at[slot])
-
-      x = mosaic_common.qk_logits(q_smem, k_smem.at[slot])
-      pl.when(c + stages < count)(functools.partial(fetch, c + stages, slot))  # logits read: slot free
-      if softcap is None:
-        x2 = x * (scale * LOG2E)
-      else:
-        x2 = jnp.tanh(x * (scale / softcap)) * (softcap * LOG2E)
+      x2 = mosaic_common.base2_logits(c, q_smem=q_smem, k_smem=k_smem, k_bars=k_bars, stages=stages,
+                                      count=count, fetch=fetch, scale=scale, softcap=softcap, log2e=LOG2E)
       p = jnp.exp2(jnp.minimum(x2 - norm2, 0.0))
       if masked:
         k_pos = c * BLOCK + cols_i
@@ -157,10 +150,7 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
         p = jnp.where(visible, p, 0.0)
       return segments.add(u, c, p)
 
-    u = plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK), jnp.float32), wg)
-    u = lax.fori_loop(0, free, functools.partial(body, masked=False), u)
-    u = lax.fori_loop(free, count, functools.partial(body, masked=True), u)
-    segments.finish(u, count)
+    segments.walk(body, free, count)
 
   def entry(q_ref, k_ref, lse_ref, meta_ref, o_ref):
     pl.run_scoped(

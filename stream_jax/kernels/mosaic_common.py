@@ -56,6 +56,21 @@ def qk_logits(q_smem, k_buf):
   return pl.run_scoped(qk, plgpu.ACC((q_smem.shape[0], k_buf.shape[0]), jnp.float32))
 
 
+def base2_logits(c, *, q_smem, k_smem, k_bars, stages: int, count, fetch, scale: float, softcap, log2e: float):
+  """The block-mass kernels' step on key block c of a `stages`-deep TMA ring: wait for its buffer, take the
+  logits, refill the buffer with block c + stages (`fetch(block, slot)`) once they are read, and return
+  them scaled, soft-capped and in base 2 (logit x log2 e) for exp2."""
+  import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only modules)
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
+  slot = lax.rem(c, jnp.int32(stages))
+  plgpu.barrier_wait(k_bars.at[slot])
+  x = qk_logits(q_smem, k_smem.at[slot])
+  pl.when(c + stages < count)(functools.partial(fetch, c + stages, slot))  # logits read: slot free
+  if softcap is None:
+    return x * (scale * log2e)
+  return jnp.tanh(x * (scale / softcap)) * (softcap * log2e)
+
+
 SEGMENT = 64  # key blocks per column reduction of the block-mass kernels (their register tile's columns)
 
 
@@ -90,6 +105,15 @@ class MassSegments:
           functools.partial(self.copy, lax.div(seg, jnp.int32(self.per_window))))
 
     return u
+
+  def walk(self, body, free, count):
+    """Blocks 0 .. free - 1 through body(c, u, masked=False) (every row sees them whole), then free ..
+    count - 1 with masked=True, from a zero tile; then `finish`."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415  (GPU-only module)
+    u = plgpu.layout_cast(jnp.zeros((SEGMENT, SEGMENT), jnp.float32), plgpu.Layout.WGMMA)
+    u = lax.fori_loop(0, free, functools.partial(body, masked=False), u)
+    u = lax.fori_loop(free, count, functools.partial(body, masked=True), u)
+    self.finish(u, count)
 
   def finish(self, u, count):
     """After blocks 0 .. count - 1: the last, partial segment stored and the last window copied."""

@@ -127,15 +127,9 @@ def _rows(q_rows, k, pos, *, stride, scale, softcap, stages, window_floats):
     pos_v = plgpu.load(pos_smem, (), layout=row_l)
     q_pos = lax.broadcast_in_dim(pos_v, (BLOCK, BLOCK), [0])
 
-    def logits2(c, masked):  # base-2 logits of block c (-inf where invisible when masked); frees its slot
-      slot = lax.rem(c, jnp.int32(stages))
-      plgpu.barrier_wait(k_bars.at[slot])
-      x = mosaic_common.qk_logits(q_smem, k_smem.at[slot])
-      pl.when(c + stages < count)(functools.partial(fetch, c + stages, slot))  # logits read: slot free
-      if softcap is None:
-        x2 = x * (scale * LOG2E)
-      else:
-        x2 = jnp.tanh(x * (scale / softcap)) * (softcap * LOG2E)
+    def logits2(c, masked):  # base-2 logits of block c (and, when masked, what each query sees)
+      x2 = mosaic_common.base2_logits(c, q_smem=q_smem, k_smem=k_smem, k_bars=k_bars, stages=stages,
+                                      count=count, fetch=fetch, scale=scale, softcap=softcap, log2e=LOG2E)
       if not masked:
         return x2, None
       return x2, (c * BLOCK + cols_i) <= q_pos
@@ -177,10 +171,7 @@ def _rows(q_rows, k, pos, *, stride, scale, softcap, stages, window_floats):
         p = jnp.where(visible, p, 0.0)
       return segments.add(u, c, p)
 
-    u = plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK), jnp.float32), wg)
-    u = lax.fori_loop(0, free, functools.partial(mass_body, masked=False), u)
-    u = lax.fori_loop(free, count, functools.partial(mass_body, masked=True), u)
-    segments.finish(u, count)
+    segments.walk(mass_body, free, count)
 
   def entry(q_ref, k_ref, pos_ref, meta_ref, o_ref):
     pl.run_scoped(
