@@ -2,7 +2,8 @@
 table_mosaic.py): no
 interpret mode, so the CPU tests lower them for CUDA, in both lowering semantics, and check what they refuse
 and when they run. Their numbers are checked on the GPU (benchmarks/gpu_checks.py: check_mgpu_attention
-against the XLA reference, check_mgpu_estimate against the Triton kernel and the XLA reference)."""
+against the XLA reference, check_mgpu_estimate against the Triton kernel and the XLA reference, mass scores and
+coverage budgets included)."""
 
 import jax.numpy as jnp
 import pytest
@@ -47,12 +48,19 @@ def test_mgpu_attention_lowers_for_cuda(semantics, dtype, h, softcap, window, st
     ((), 3000, 3100, 64, jnp.float16, C(top_k=8, init_branches=24), None),  # wide first level, S > T
     ((2,), 2048, 2048, 128, jnp.bfloat16, C(top_k=32, sink_blocks=2, window_blocks=3), None),  # batch
     ((), 1000, 1100, 128, jnp.bfloat16, C(window_blocks=1), None),  # the per-child causal mask
+    # the wide kernel: node lists in tiles of 64, mass scores, coverage budgets
+    ((), 16384, 16384, 256, jnp.bfloat16, C.faithful(), None),  # 4 tiles of children, coverage 0.95
+    ((), 9000, 9100, 128, jnp.float16, C(top_k=64, score="mass"), 30.0),  # fixed k, soft-cap, ragged, S > T
+    ((2,), 6000, 6000, 64, jnp.bfloat16, C(top_k=40, init_branches=100, coverage=0.9, dropped_scale=2.0),
+     None),  # batch, part-filled tiles, a wider first level than the children
+    ((), 5000, 5100, 128, jnp.bfloat16, C(top_k=48, coverage=0.8, window_blocks=1), 50.0),  # per-child mask
+    ((), 16384, 16384, 128, jnp.bfloat16, C(top_k=128), None),  # max scores past 64 slots
 ])
 def test_mgpu_estimate_lowers_for_cuda(semantics, lead, t, s, h, dtype, cfg, softcap):
   def fn(q, k):
     mask = estimate_mosaic.estimate_mask(q, k, cfg, softcap=softcap)
     return mask.indices, mask.counts
-  with mosaic_semantics(semantics, estimate_mosaic._estimate):
+  with mosaic_semantics(semantics, estimate_mosaic._estimate, estimate_mosaic._estimate_wide):
     text = lower_for_cuda(fn, _sds(lead + (t, 8, h), dtype), _sds(lead + (s, 4, h), dtype))
   assert "mosaic_gpu" in text
 
@@ -83,14 +91,16 @@ def test_mgpu_attention_says_what_it_cannot_take_and_never_runs_off_hopper():
 def test_mgpu_estimate_says_what_it_cannot_take_and_never_runs_off_hopper():
   q = _sds((4096, 8, 128))
   why = lambda q, cfg: estimate_mosaic.unsupported(Call.estimate(q, cfg))  # noqa: E731
-  assert why(q, C()) is None
-  assert why(q, C(top_k=32, init_branches=64)) is None
+  for cfg in (C(), C(top_k=32, init_branches=64), C.faithful(), C(top_k=64, score="mass"),
+              C(top_k=128, init_branches=256), C(top_k=8, init_branches=24, coverage=0.8)):
+    assert why(q, cfg) is None, cfg
   for bad, reason in [(_sds((4096, 8, 128), jnp.float32), "float16 / bfloat16"), (_sds((4096, 8, 96)), "head dim")]:
     assert reason in why(bad, C())
   for cfg, reason in [(C(block_q=32, block_k=32), "64 x 64 blocks"), (C(query_stride=2), "query_stride 1"),
+                      (C.faithful(query_stride=4), "query_stride 1"),
                       (C(representative="first"), "center representatives"),
-                      (C(coverage=0.9, top_k=32), "max logit"), (C(top_k=33), "top_k <= 32"),
-                      (C(top_k=16, init_branches=80), "branches <= 64")]:
+                      (C.faithful(representative="oracle"), "center representatives"),
+                      (C(top_k=129), "top_k <= 128"), (C(top_k=16, init_branches=300), "branches <= 256")]:
     assert reason in why(q, cfg), cfg
   k = jnp.zeros((4096, 4, 128), jnp.bfloat16)
   qa = jnp.zeros((4096, 8, 128), jnp.bfloat16)
@@ -110,13 +120,16 @@ def test_pallas_and_auto_run_each_port_on_hopper_for_what_it_takes(monkeypatch):
       assert impls.choose("sparse_attention", policy, Call.attention(_sds((256, 4, h)), _sds((256, 2, h)), mask)) \
           == "mosaic"
       assert impls.choose("estimate_mask", policy, Call.estimate(_sds((4096, 8, h)), C())) == "mosaic"
+      assert impls.choose("estimate_mask", policy, Call.estimate(_sds((4096, 8, h)), C.faithful())) == "mosaic"
+  assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, 256)), C.faithful(query_stride=4))) \
+      == "triton"
   assert impls.choose("estimate_mask", "auto", Call.estimate(_sds((4096, 8, 256), jnp.float32), C())) == "xla"
   assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, 256), jnp.float32), C())) == "triton"
   assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, 128)), C(block_q=32, block_k=32))) \
       == "triton"
   assert impls.choose("estimate_mask", "triton", Call.estimate(_sds((4096, 8, 256)), C())) == "triton"
-  with pytest.raises(ValueError, match="backend='mosaic': .*top_k <= 32"):
-    impls.choose("estimate_mask", "mosaic", Call.estimate(_sds((4096, 8, 256)), C(top_k=40)))
+  with pytest.raises(ValueError, match="backend='mosaic': .*top_k <= 128"):
+    impls.choose("estimate_mask", "mosaic", Call.estimate(_sds((4096, 8, 256)), C(top_k=160)))
 
 
 @pytest.mark.parametrize("semantics", SEMANTICS)

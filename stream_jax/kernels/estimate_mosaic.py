@@ -14,8 +14,21 @@ tie rule), a [64, 64] comparison; the kept ones are compacted in position order 
 the Triton kernel. Node lists move between threads only through shared memory, each read separated from
 the next write by a warpgroup barrier (`commit_smem`).
 
-Limits (`unsupported`): float16 / bfloat16, 64 x 64 blocks, query_stride 1, score "max", representative
-"center", top_k <= 32, branches <= 64, head dim a multiple of 64 up to 256.
+Past 64 node slots (top_k > 32 or branches > 64) and with score="mass" (coverage budgets too, so
+`StreamConfig.faithful()`) a second kernel runs, `_estimate_wide`: the node lists are tiles of 64 slots (up to
+4: 2 x 128 children), a round's children are scored 64 at a time into the [64 rows, 64 children] array, and
+top-k, compaction and the coverage budget's ranking are L x L comparisons in 64 x 64 tiles. Mass scores follow
+the Triton kernel and the XLA reference (kernels/shares.py, the same formulas in the same order): a walk over
+the rule blocks and the first-level representatives gives each row's softmax denominator z, then a block's
+score is log mean_r exp(lse_r - z_r) from its row log-sum-exps, one column reduction per 64 children; each
+round adds the estimated share of the nodes it drops, and the budget keeps the fewest kept nodes whose
+estimated share reaches the target. The first level is scored again once z is known: its dots are redone
+rather than its row log-sum-exps kept (16 KiB of shared memory per 64 nodes, which at head dim 256 would
+leave room for one CTA per SM instead of two; not measured). The max-score kernel with at most 64 slots
+stays the first kernel, unchanged.
+
+Limits (`unsupported`): float16 / bfloat16, 64 x 64 blocks, query_stride 1, representative "center",
+top_k <= 128, branches <= 256, head dim a multiple of 64 up to 256.
 """
 
 from __future__ import annotations
@@ -25,11 +38,12 @@ from typing import Optional, TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from stream_jax import numerics
 from stream_jax.config import StreamConfig
-from stream_jax.kernels import common, mosaic_common
+from stream_jax.kernels import common, mosaic_common, shares
 from stream_jax.mask import BlockMask, num_blocks
 from stream_jax.numerics import num_rounds
 
@@ -38,6 +52,9 @@ if TYPE_CHECKING:
 
 BLOCK = 64
 SLOTS = 64  # node slots in shared memory: 2 x top_k children, or the first level's branches
+TILE = 64  # nodes per tile of the wide kernel's node lists (one column reduction, one 64 x 64 comparison)
+MAX_TOP_K = 128  # the wide kernel's limits: 2 x top_k children in up to 4 tiles
+MAX_BRANCHES = 256
 DEFAULT_STAGES = 2  # key-block ring depth: 3 was within 2% at head dim 128, 4 slower; both 1.2-1.4x slower
 # at 256 (one CTA per SM instead of two)
 
@@ -50,10 +67,10 @@ def unsupported(call: Call) -> Optional[str]:
     return f"the Mosaic GPU estimate kernel takes float16 / bfloat16 inputs, got {call.dtype.name}"
   if (config.block_q, config.block_k, config.query_stride) != (BLOCK, BLOCK, 1):
     return "the Mosaic GPU estimate kernel needs 64 x 64 blocks and query_stride 1"
-  if config.score != "max" or config.representative != "center":  # (a coverage budget implies "mass")
-    return "the Mosaic GPU estimate kernel scores by max logit with center representatives and a fixed top_k"
-  if 2 * config.top_k > SLOTS or config.branches > SLOTS:
-    return f"the Mosaic GPU estimate kernel needs top_k <= {SLOTS // 2} and branches <= {SLOTS}"
+  if config.representative != "center":
+    return f"the Mosaic GPU estimate kernel scores nodes by center representatives, got {config.representative!r}"
+  if config.top_k > MAX_TOP_K or config.branches > MAX_BRANCHES:
+    return f"the Mosaic GPU estimate kernel needs top_k <= {MAX_TOP_K} and branches <= {MAX_BRANCHES}"
   if h % 64 or not 64 <= h <= 256:
     return f"the Mosaic GPU estimate kernel needs a head dim in 64, 128, 192, 256, got {h}"
   return None
@@ -65,9 +82,10 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Op
   interpret mode: its tests lower it for CUDA on the CPU and run it on the device, gpu_checks.py). Checks
   nothing beyond `unsupported`, which the caller asks first."""
   t, s, h = q.shape[-3], k.shape[-3], q.shape[-1]
-  indices, counts = _estimate(q, k, config=config, scale=numerics.resolve_scale(scale, h),
-                              softcap=None if softcap is None else float(softcap),
-                              stages=DEFAULT_STAGES if stages is None else int(stages))
+  narrow = config.score == "max" and 2 * config.top_k <= SLOTS and config.branches <= SLOTS
+  indices, counts = (_estimate if narrow else _estimate_wide)(
+      q, k, config=config, scale=numerics.resolve_scale(scale, h), softcap=None if softcap is None else float(softcap),
+      stages=DEFAULT_STAGES if stages is None else int(stages))
   return BlockMask(indices, counts, config.block_q, config.block_k, t, s, config)
 
 
@@ -262,6 +280,330 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, stages):
         mosaic_common.tiled_smem((BLOCK, h), dtype), mosaic_common.tiled_smem((stages, BLOCK, h), dtype),
         plgpu.SMEM((SLOTS,), jnp.int32), plgpu.SMEM((SLOTS,), jnp.int32), plgpu.SMEM((SLOTS,), jnp.float32),
         plgpu.SMEM((SLOTS,), jnp.int32), plgpu.SMEM((SLOTS,), jnp.int32), plgpu.SMEM((out_len,), jnp.int32),
+        plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=stages))
+
+  out = plgpu.kernel(
+      entry, out_type=jax.ShapeDtypeStruct((b, n, n_q, out_len), jnp.int32),
+      grid=(n, b, n_q), grid_names=("heads", "batch", "qblk"),
+      compiler_params=plgpu.CompilerParams(approx_math=False))(q, k)
+  indices, counts = out[..., :cap], out[..., out_len - 1]
+  if not batched:
+    indices, counts = indices[0], counts[0]
+  return indices, counts
+
+
+def logsumexp(x: jax.Array, axis: int) -> jax.Array:
+  """shares.logsumexp of a [64, 64] register tile over `axis` (-inf where every term is -inf), with the
+  broadcasts a Mosaic GPU layout needs instead of kept dimensions."""
+  m = x.max(axis=axis)
+  m = jnp.where(m > -jnp.inf, m, 0.0)
+  total = jnp.exp(x - lax.broadcast_in_dim(m, x.shape, [1 - axis])).sum(axis=axis)
+  return jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + m, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale", "softcap", "stages"))
+def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
+  import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only module: imported where it runs)
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
+
+  (q, k), batched = common.as_batched(q, k)
+  b, t, n, h = q.shape
+  s, kv = k.shape[1], k.shape[2]
+  g = n // kv
+  n_q, n_k = num_blocks(t, BLOCK), num_blocks(s, BLOCK)
+  q = common.pad_axis(q, 1, n_q * BLOCK)
+  k = common.pad_axis(k, 1, n_k * BLOCK)
+  top_k, branches, sink, wb = config.top_k, config.branches, config.sink_blocks, config.window_blocks
+  mass, adaptive = config.score == "mass", config.adaptive
+  cap = config.capacity
+  out_len = mosaic_common.tma_length(cap + 1)  # block ids, then the count last
+  rounds = num_rounds(n_k, branches)
+  offset = s - t
+  dtype = q.dtype
+  chunks = -(-max(2 * top_k, branches) // TILE)  # node-list tiles
+  kept_chunks = -(-top_k // TILE)  # the tiles that hold the kept nodes
+  causal_free = offset % BLOCK == 0 or wb >= 2  # as in _estimate: searched blocks need no causal mask
+  # log of a query block's scoring rows (every row; the last block's valid ones), as the reference takes it
+  log_rows = tuple(float(np.log(np.float32(r))) for r in (BLOCK, t - (n_q - 1) * BLOCK))
+
+  def kernel(q_ref, k_ref, o_ref, scratch):
+    q_smem, k_smem, start_s, size_s, score_s, keep_s, slot_s, out_s, q_bar, k_bars = scratch
+    hq, bb, i = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("qblk")
+    kvh = lax.div(hq, jnp.int32(g))
+    plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(i * BLOCK, BLOCK), hq], q_smem, q_bar.at[0])
+
+    wg = plgpu.Layout.WGMMA
+    row_l, col_l = wg.reduce(1), wg.reduce(0)
+
+    def tile_iota(dim):
+      return plgpu.broadcasted_iota(jnp.int32, (BLOCK, TILE), dim, layout=wg)
+
+    def slot_iota():
+      return plgpu.broadcasted_iota(jnp.int32, (TILE,), 0, layout=col_l)
+
+    def as_cols(ref):
+      return plgpu.load(ref, (), layout=col_l, optimized=False)
+
+    def column(ref):
+      """A node-list tile as a [64, TILE] array, x[r, c] = ref[c] (a transposing load)."""
+      return lax.broadcast_in_dim(as_cols(ref), (BLOCK, TILE), [1])
+
+    def pick(ref, hit, zero):
+      return jnp.where(hit, column(ref), zero).sum(axis=1)
+
+    def node(ref, e):  # node e of a list
+      return ref[lax.div(e, jnp.int32(TILE)), lax.rem(e, jnp.int32(TILE))]
+
+    last_pos = jnp.minimum((i + 1) * BLOCK, t) - 1 + offset
+    diag = lax.div(last_pos, jnp.int32(BLOCK))
+    lo = jnp.int32(sink)
+    hi = diag - wb + 1  # exclusive end of the search range
+    span = jnp.maximum(hi - lo, 0)
+    search = span > top_k  # else the whole range is kept (early query blocks are dense)
+
+    def representative(e):
+      blk = node(start_s, e) + lax.div(jnp.maximum(node(size_s, e) - 1, 0), jnp.int32(2))
+      return jnp.clip(blk, 0, n_k - 1)
+
+    def rule_block(e):  # the sink blocks, then the window's from the diagonal down
+      return jnp.clip(jnp.where(e < sink, e, diag - (e - sink)), 0, n_k - 1)
+
+    def fetch(blk, buf):
+      plgpu.copy_gmem_to_smem(k_ref.at[bb, pl.ds(blk * BLOCK, BLOCK), kvh], k_smem.at[buf], k_bars.at[buf])
+
+    def row_values(x, blk, masked):
+      """Each query row's value of a key block from its logits x: the max visible logit (unscaled: the
+      scale and soft-cap commute with it), or the log-sum-exp of its visible scaled, soft-capped ones."""
+      if mass:
+        x = numerics.softcap(x * scale, softcap)
+      if masked:
+        x = jnp.where(blk * BLOCK + tile_iota(1) <= i * BLOCK + tile_iota(0) + offset, x, -jnp.inf)
+      return logsumexp(x, 1) if mass else x.max(axis=1)
+
+    def walk(count, block, masked, finish, acc):
+      """Key blocks block(e), e < count, through the TMA ring: item e's row values go into column e % 64
+      of a [64 rows, 64 items] tile, and finish(tile, a, acc) -> acc takes each tile a of 64 items."""
+      for c0 in range(stages):
+        pl.when(c0 < count)(lambda c0=c0: fetch(block(jnp.int32(c0)), c0))
+
+      def chunk(a, acc):
+        def item(c, tile):
+          e = a * TILE + c
+          buf = lax.rem(e, jnp.int32(stages))
+          blk = block(e)
+          plgpu.barrier_wait(k_bars.at[buf])
+          x = mosaic_common.qk_logits(q_smem, k_smem.at[buf])
+          pl.when(e + stages < count)(lambda: fetch(block(e + stages), buf))  # logits read: buffer free
+          return jnp.where(tile_iota(1) == c, lax.broadcast_in_dim(row_values(x, blk, masked), tile.shape, [0]),
+                           tile)
+
+        tile = lax.fori_loop(0, jnp.minimum(count - a * TILE, TILE), item,
+                             plgpu.layout_cast(jnp.full((BLOCK, TILE), -jnp.inf, jnp.float32), wg))
+        return finish(tile, a, acc)
+
+      return lax.fori_loop(0, lax.div(count + TILE - 1, jnp.int32(TILE)), chunk, acc)
+
+    def log_shares(x, z):
+      """[64 rows, 64 items] per-row log-sum-exps -> [64] each item's log share (shares.log_share)."""
+      x = jnp.where(i * BLOCK + tile_iota(0) < t, x - lax.broadcast_in_dim(z, x.shape, [0]), -jnp.inf)
+      return logsumexp(x, 0) - jnp.where(i == n_q - 1, log_rows[1], log_rows[0])
+
+    def score_nodes(count, z):
+      """score_s = each node's score (-inf for empty nodes and e >= count), nodes e < count."""
+      def finish(tile, a, _):
+        if mass:
+          best = log_shares(tile, z)
+        else:
+          if t % BLOCK:  # the last block's padded (zero) query rows must not score
+            tile = jnp.where(i * BLOCK + tile_iota(0) < t, tile, -jnp.inf)
+          best = tile.max(axis=0) * scale  # scale > 0: the max commutes with it, and with the soft-cap
+          if softcap is not None:
+            best = jnp.tanh(best * (1.0 / softcap)) * softcap
+        ok = (as_cols(size_s.at[a]) > 0) & (a * TILE + slot_iota() < count)
+        score_s[a] = jnp.where(ok, best, -jnp.inf)
+
+      walk(count, representative, not causal_free, finish, None)
+      plgpu.commit_smem()
+
+    def keep_top(count, dropped):
+      """Keep the top_k of nodes e < count by score_s (ties -> earlier node), compacted in node order into
+      nodes 0..top_k-1 (the tiles past top_k keep stale nodes, never read); `dropped` adds the estimated
+      share of the others (coverage budgets). An L x L rank comparison in 64 x 64 tiles."""
+      n_tiles = -(-count // TILE)
+      rows, cols = tile_iota(0), tile_iota(1)
+      keep = []
+      for a in range(n_tiles):
+        mine = lax.broadcast_in_dim(plgpu.load(score_s.at[a], (), layout=row_l), (BLOCK, TILE), [0])
+        rank = 0
+        for c in range(n_tiles):
+          other = column(score_s.at[c])
+          beats = (other >= mine) if c < a else (other > mine) if c > a else (
+              (other > mine) | ((other == mine) & (cols < rows)))
+          rank = rank + jnp.where(beats, 1, 0).sum(axis=1)
+        keep.append(jnp.where(rank < top_k, 1, 0))
+        keep_s[a] = keep[a]
+      plgpu.commit_smem()
+      if mass and adaptive:
+        for a in range(n_tiles):
+          size = as_cols(size_s.at[a])
+          est = jnp.where((size > 0) & (as_cols(keep_s.at[a]) == 0),
+                          jnp.exp(as_cols(score_s.at[a])) * size.astype(jnp.float32), 0.0)
+          dropped = dropped + est.sum()
+      for a in range(n_tiles):
+        before = 0
+        for c in range(a + 1):
+          kept = column(keep_s.at[c]) == 1
+          before = before + jnp.where(kept & (cols < rows) if c == a else kept, 1, 0).sum(axis=1)
+        slot_s[a] = jnp.where(keep[a] == 1, before, -1)
+      plgpu.commit_smem()
+      new = []
+      for d in range(kept_chunks):  # node d * 64 + r comes from a tile c >= d (kept ones only move down)
+        hits = [(c, column(slot_s.at[c]) == d * TILE + rows) for c in range(d, n_tiles)]
+        new.append(tuple(sum(pick(ref.at[c], hit, zero) for c, hit in hits)
+                         for ref, zero in ((start_s, 0), (size_s, 0), (score_s, 0.0))))
+      plgpu.commit_smem()  # every thread has read the old lists before any is overwritten
+      for d, (start, size, score) in enumerate(new):
+        start_s[d], size_s[d], score_s[d] = start, size, score
+      plgpu.commit_smem()
+      return dropped
+
+    def split():
+      """Children 2p and 2p + 1 of each node p < top_k: its two halves, the left one taking the odd block;
+      child tile d's parents are in tile d // 2. A vector step (see _estimate)."""
+      rows, cols = tile_iota(0), tile_iota(1)
+      new = []
+      for d in range(-(-2 * top_k // TILE)):
+        c = d // 2
+        diff = d * TILE + rows - 2 * (c * TILE + cols)  # child r of parent c: 0 left, 1 right
+        hit = (diff == 0) | (diff == 1)
+        start, size = pick(start_s.at[c], hit, 0), pick(size_s.at[c], hit, 0)
+        right = jnp.where(hit & (diff == 1), 1, 0).sum(axis=1) == 1
+        left = lax.div(size + 1, jnp.int32(2))
+        new.append((jnp.where(right, start + left, start), jnp.where(right, size - left, left)))
+      plgpu.commit_smem()  # every thread has read the parents before any child overwrites them
+      for d, (start, size) in enumerate(new):
+        start_s[d], size_s[d] = start, size
+      plgpu.commit_smem()
+
+    # First level: `branches` near-equal contiguous nodes over the search range, or (no search) its blocks.
+    def first_level(j, _):
+      start = lo + lax.div(j * span, jnp.int32(branches))
+      end = lo + lax.div((j + 1) * span, jnp.int32(branches))
+      slot_ref = (lax.div(j, jnp.int32(TILE)), lax.rem(j, jnp.int32(TILE)))
+      start_s[slot_ref] = jnp.where(search, start, lo + j)
+      size_s[slot_ref] = jnp.where(search, jnp.where(j < branches, end - start, 0), jnp.where(j < span, 1, 0))
+
+    lax.fori_loop(0, chunks * TILE, first_level, None)
+    plgpu.commit_smem()
+    plgpu.barrier_wait(q_bar.at[0])
+    first = jnp.where(search, branches, span if adaptive else 0)  # first-level nodes z needs
+    scored = jnp.where(search, branches if branches > top_k else 0, span if mass and adaptive else 0)
+    z = rule_lse = None
+    if mass:
+      # The rows' softmax denominators z: the rule blocks (sink, window) exactly, the search range estimated
+      # by its first-level nodes (each node's representative x its size), as the reference makes them.
+      def rule_finish(tile, a, acc):
+        e = a * TILE + tile_iota(1)
+        ok = (e < sink + wb) & jnp.where(e < sink, e <= diag, diag - (e - sink) >= sink)
+        return shares.logaddexp(acc, logsumexp(jnp.where(ok, tile, -jnp.inf), 1))
+
+      def search_finish(tile, a, acc):
+        size = as_cols(size_s.at[a])
+        ok = lax.broadcast_in_dim((size > 0) & (a * TILE + slot_iota() < first), tile.shape, [1])
+        log_size = lax.broadcast_in_dim(jnp.log(jnp.maximum(size, 1).astype(jnp.float32)), tile.shape, [1])
+        return shares.logaddexp(acc, logsumexp(jnp.where(ok, tile + log_size, -jnp.inf), 1))
+
+      empty = plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), row_l)
+      rule_lse = walk(jnp.where(search | adaptive, sink + wb, 0), rule_block, True, rule_finish, empty)
+      search_lse = walk(first, representative, not causal_free, search_finish, empty)
+      row_ok = i * BLOCK + plgpu.broadcasted_iota(jnp.int32, (BLOCK,), 0, layout=row_l) < t
+      z = shares.log_denominator(rule_lse, search_lse, row_ok)
+
+    dropped = jnp.float32(0.0)
+    if branches > top_k or (mass and adaptive):
+      pl.when(scored > 0)(lambda: score_nodes(scored, z))
+
+    if branches > top_k:
+      dropped = lax.cond(search, functools.partial(keep_top, branches), lambda d: d, dropped)
+
+    def round_body(_, dropped):
+      widest = 0
+      for a in range(kept_chunks):
+        widest = jnp.maximum(widest, jnp.where(a * TILE + slot_iota() < top_k, as_cols(size_s.at[a]), 0).max())
+
+      def one_round(dropped):
+        split()
+        score_nodes(2 * top_k, z)
+        return keep_top(2 * top_k, dropped)
+
+      # single-block nodes: later rounds change nothing
+      return lax.cond(search & (widest > 1), one_round, lambda d: d, dropped)
+
+    dropped = lax.fori_loop(0, rounds, round_body, dropped)
+
+    if adaptive:  # the fewest kept nodes whose estimated share reaches the target (shares.coverage_keep)
+      rule_share = jnp.exp(log_shares(lax.broadcast_in_dim(rule_lse, (BLOCK, TILE), [0]), z)).max()
+      rest = jnp.where(search, jnp.maximum(dropped, 0.0), 0.0) * config.dropped_scale
+
+      def masses(a, layout):
+        ok = (plgpu.load(size_s.at[a], (), layout=layout, optimized=False) > 0)
+        return jnp.where(ok, jnp.exp(plgpu.load(score_s.at[a], (), layout=layout, optimized=False)), 0.0)
+
+      total = rule_share
+      for a in range(kept_chunks):
+        total = total + masses(a, col_l).sum()
+      total = total + rest
+      rows, cols = tile_iota(0), tile_iota(1)
+      covered = []
+      for a in range(kept_chunks):
+        mine = masses(a, row_l)
+        mine2 = lax.broadcast_in_dim(mine, (BLOCK, TILE), [0])
+        before = 0.0
+        for c in range(kept_chunks):
+          other = lax.broadcast_in_dim(masses(c, col_l), (BLOCK, TILE), [1])
+          beats = (other >= mine2) if c < a else (other > mine2) if c > a else (
+              (other > mine2) | ((other == mine2) & (cols < rows)))
+          before = before + jnp.where(beats, other, 0.0).sum(axis=1)
+        covered.append(jnp.where((rule_share + before < config.coverage * total) & (mine > 0), 1, 0))
+      for a, keep in enumerate(covered):
+        keep_s[a] = keep
+      plgpu.commit_smem()
+
+    # The sorted union {sink} + {searched} + {window}: three ascending disjoint runs.
+    def emit(e, count):
+      in_sink = e < sink
+      in_search = (e >= sink) & (e < sink + top_k)
+      j = jnp.clip(e - sink, 0, top_k - 1)
+      s_ok = node(size_s, j) > 0
+      if adaptive:
+        s_ok = s_ok & (node(keep_s, j) == 1)
+      w_val = diag - wb + 1 + (e - sink - top_k)
+      val = jnp.where(in_sink, e, jnp.where(in_search, node(start_s, j), w_val))
+      ok = jnp.where(in_sink, e <= diag, jnp.where(in_search, s_ok, (w_val >= 0) & (w_val >= sink)))
+
+      @pl.when(ok)
+      def _():
+        out_s[count] = val
+
+      return count + jnp.where(ok, 1, 0)
+
+    count = lax.fori_loop(0, cap, emit, jnp.int32(0))
+
+    def pad(e, _):
+      out_s[e] = jnp.int32(-1)
+
+    lax.fori_loop(count, out_len - 1, pad, None)
+    out_s[out_len - 1] = count
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_s, o_ref.at[bb, hq, i])
+    plgpu.wait_smem_to_gmem(0)
+
+  def entry(q_ref, k_ref, o_ref):
+    lists = [plgpu.SMEM((chunks, TILE), x) for x in (jnp.int32, jnp.int32, jnp.float32, jnp.int32, jnp.int32)]
+    pl.run_scoped(
+        lambda *scratch: kernel(q_ref, k_ref, o_ref, scratch),
+        mosaic_common.tiled_smem((BLOCK, h), dtype), mosaic_common.tiled_smem((stages, BLOCK, h), dtype),
+        *lists, plgpu.SMEM((out_len,), jnp.int32),
         plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=stages))
 
   out = plgpu.kernel(
