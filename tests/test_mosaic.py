@@ -6,6 +6,7 @@ against the XLA reference, check_mgpu_estimate against the Triton kernel and the
 coverage budgets included)."""
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import stream_jax as sj
@@ -63,6 +64,48 @@ def test_mgpu_estimate_lowers_for_cuda(semantics, lead, t, s, h, dtype, cfg, sof
   with mosaic_semantics(semantics, estimate_mosaic._estimate, estimate_mosaic._estimate_wide):
     text = lower_for_cuda(fn, _sds(lead + (t, 8, h), dtype), _sds(lead + (s, 4, h), dtype))
   assert "mosaic_gpu" in text
+
+
+@pytest.fixture
+def mosaic_interpreted(monkeypatch):
+  """Runs Mosaic GPU kernels in jax's GPU interpreter on the CPU, for their arithmetic: what it lacks (plgpu.load,
+  register layouts, a wgmma on a transposed ref) becomes plain reads, iotas and a dot. It runs each warpgroup as
+  one thread, so it cannot see threads racing on shared memory (what commit_smem guards)."""
+  interpret = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  from jax import lax  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(plgpu, "load", lambda ref, idx, layout=None, optimized=None: ref[...])
+  monkeypatch.setattr(plgpu, "layout_cast", lambda x, layout: x)
+  monkeypatch.setattr(plgpu, "broadcasted_iota", lambda dtype, shape, dim, layout=None: lax.broadcasted_iota(
+      dtype, shape, dim))
+  monkeypatch.setattr(mosaic_common, "qk_logits", lambda q_smem, k_buf: lax.dot_general(
+      q_smem[...], k_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32))
+  jitted = (estimate_mosaic._estimate, estimate_mosaic._estimate_wide)
+  for f in jitted:
+    f.clear_cache()
+  with interpret.force_gpu_interpret_mode(interpret.InterpretGPUParams()):
+    yield
+  for f in jitted:
+    f.clear_cache()
+
+
+@pytest.mark.parametrize("t,extra,cfg,softcap", [
+    # 66 children in two tiles, a wider first level, a 1-block window off the block grid, soft-cap
+    (2700, 30, C(top_k=33, init_branches=40, coverage=0.85, window_blocks=1), 30.0),
+    pytest.param(9000, 0, C.faithful(), None, marks=pytest.mark.slow),  # 4 tiles of children
+])
+def test_mgpu_wide_estimate_interpreted_equals_the_reference(mosaic_interpreted, t, extra, cfg, softcap):
+  """The wide kernel's decisions (shares, ranks across tiles, compaction, the budget) equal the XLA path's in
+  every row; its lowering is tested above and its GPU numbers in gpu_checks.py."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(t, 1, 64)), jnp.bfloat16)
+  k = jnp.asarray(rng.normal(size=(t + extra, 1, 64)) * 4.0, jnp.bfloat16)  # sharp: the budget binds
+  got = estimate_mosaic.estimate_mask(q, k, cfg, softcap=softcap)
+  got = np.asarray(got.indices), np.asarray(got.counts)
+  want = sj.estimate_mask(q, k, cfg, softcap=softcap, backend="xla")
+  np.testing.assert_array_equal(got[0], np.asarray(want.indices))
+  np.testing.assert_array_equal(got[1], np.asarray(want.counts))
+  assert (got[1] < cfg.capacity).any()  # the budget kept fewer than it may
 
 
 def test_mgpu_attention_says_what_it_cannot_take_and_never_runs_off_hopper():
