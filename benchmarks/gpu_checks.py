@@ -275,8 +275,11 @@ def check_mgpu_ideal(cases=MGPU_IDEAL_CASES):
     first = (t // 64) - 64  # the last 64 query blocks: 1,030-1,093 key blocks each
     one = ideal_mosaic.mass_rows(q, k, lse, first, **kw)
     many = ideal_mosaic.mass_rows(q, k, lse, first, segments_per_copy=4, **kw)
+    odd = ideal_mosaic.mass_rows(q, k, lse, first + 1, **dict(kw, n_rows=63))  # pairs from an odd block
     diff = float(jnp.abs(one - many).max())
-    return diff == 0.0, f"18 segments in windows of 4 vs one window: max |diff| {diff:.1e}, sum {float(one.sum()):.1f}"
+    odd_diff = float(jnp.abs(one[:, :, 1:] - odd).max())
+    return diff == 0.0 and odd_diff == 0.0, (f"18 segments in windows of 4 vs one window: max |diff| {diff:.1e}; "
+                                             f"63 rows from the next block: {odd_diff:.1e}; sum {float(one.sum()):.1f}")
 
   failed += _case("mgpu ideal rows across shared-memory windows", windows)
   return failed

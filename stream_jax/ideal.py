@@ -181,7 +181,7 @@ def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, qu
   t, s = q.shape[1], k.shape[1]
   bq, bk = config.block_q, config.block_k
   n_q, n_k = num_blocks(t, bq), num_blocks(s, bk)
-  per = ideal_triton.DEFAULT_BLOCKS_PER_PROGRAM if impl == "triton" else 1
+  per = ideal_triton.DEFAULT_BLOCKS_PER_PROGRAM if impl == "triton" else ideal_mosaic.PAIR
   qc = -(-min(query_blocks, n_q) // per) * per  # whole programs per chunk
   n_qc = -(-n_q // qc)
   diag, rows_valid = _chunk_rows(t, s, bq, bk, qc, n_qc)

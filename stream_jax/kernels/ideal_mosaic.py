@@ -2,14 +2,16 @@
 of the Triton kernel in ideal_triton.py (same contract: `mass_rows`), which "pallas" and "auto" prefer on
 Hopper for 64 x 64 blocks, so the ideal trace does not depend on the Triton backend that Pallas deprecates.
 
-One CTA (one warpgroup) per (head, batch, query block of the chunk). It copies its 64 queries and their lse
-into shared memory, then walks the key blocks 0 .. diagonal through a ring of `stages` key buffers (the TMA
-copy of block c + stages is issued as soon as block c's product has read its buffer): one [64, H] x [H, 64]
-wgmma per block, p = exp(logit - lse) in registers, and the block's per-row sums go into column c % 64 of a
-[64, 64] register tile. Every 64 key blocks one column reduction turns that tile into 64 block masses, stored
-as one row of a shared-memory window of segments, which TMA copies out when it is full (or the row ends).
-Blocks wholly below every row's causal edge (and no window) skip the mask. The logits never leave registers;
-HBM holds only the chunk's [B, N, chunk, nK] rows, as with the Triton kernel.
+One CTA per (head, batch, pair of query blocks), three warpgroups: a producer streams the key blocks 0 ..
+the pair's diagonal by TMA through a ring of `stages` buffers, and two consumers, one per query block, each
+copy their 64 queries and lse into shared memory and take every key block from the same buffer (a key block
+is read from HBM / L2 once per pair, and one consumer's exponentials overlap the other's product). A consumer
+does one [64, H] x [H, 64] wgmma per block, p = exp(logit - lse) in registers, and puts the block's per-row
+sums into column c % 64 of a [64, 64] register tile; the producer refills a buffer once both consumers have
+read it. Every 64 key blocks one column reduction turns the tile into 64 block masses, stored as one row of
+a shared-memory window of segments, which TMA copies out when it is full (or the row ends). Blocks wholly
+below every row's causal edge (and no window) skip the mask. The logits never leave registers; HBM holds
+only the chunk's [B, N, chunk, nK] rows, as with the Triton kernel.
 
 Entries past a row's diagonal are left as the window held them; `mass_rows` zeroes them (one XLA select).
 
@@ -31,10 +33,11 @@ from stream_jax.mask import diagonal_blocks, num_blocks
 if TYPE_CHECKING:
   from stream_jax.kernels.implementations import Call
 
-BLOCK = 64  # query rows per CTA (one wgmma tile) and keys per block
+BLOCK = 64  # query rows per consumer warpgroup (one wgmma tile) and keys per block
 SEGMENT = mosaic_common.SEGMENT  # key blocks per column reduction (the register tile's columns)
-WINDOW = 128  # segments per shared-memory window (32 KiB), copied out by TMA when full
+WINDOW = 64  # segments per shared-memory window (16 KiB per compute warpgroup), copied out by TMA when full
 DEFAULT_STAGES = 2  # key ring depth
+PAIR = 2  # query blocks per CTA: one compute warpgroup each, sharing every key block's load
 LOG2E = 1.4426950408889634
 
 
@@ -85,10 +88,11 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
   n_seg = -(-n_k // SEGMENT)
   per_window = min(n_seg, per_copy)
   n_seg = -(-n_seg // per_window) * per_window  # whole windows
-  rows = n_rows * BLOCK
+  pairs = -(-n_rows // PAIR)
+  rows = pairs * PAIR * BLOCK
   start = first_block * BLOCK
   n_q = num_blocks(t, BLOCK)
-  # The kernel reads its query block from the whole q at the chunk's offset (a slice of a padded q would be
+  # The kernel reads its query blocks from the whole q at the chunk's offset (a slice of a padded q would be
   # a copy of q, 4 GiB at 1M tokens); only a ragged T pads its last block. The chunk's lse (-inf past T:
   # those rows add nothing) and the keys in whole blocks.
   q = common.pad_axis(q, 1, n_q * BLOCK)
@@ -100,68 +104,97 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
   dtype = q.dtype
 
   def kernel(q_ref, k_ref, lse_ref, meta_ref, o_ref, scratch):
-    q_smem, k_smem, lse_smem, meta_smem, out_smem, bars, k_bars = scratch
-    hq, bb, i = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("qblk")
+    q_smem, k_smem, lse_smem, meta_smem, out_smem, bars, k_bars, k_free, turns = scratch
+    hq, bb, pair = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("pair")
+    wg = lax.axis_index("wg")
     kvh = lax.div(hq, jnp.int32(g))
-    plgpu.copy_gmem_to_smem(meta_ref, meta_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(lse_ref.at[bb, hq, pl.ds(i * BLOCK, BLOCK)], lse_smem, bars.at[2])
-    plgpu.barrier_wait(bars.at[0])
-    j = meta_smem[0] + i  # this CTA's query block (past the last one: a block that walks no key)
-    read = jnp.minimum(j, n_q - 1) * BLOCK
-    plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(read, BLOCK), hq], q_smem, bars.at[1])
-    first_pos = j * BLOCK + offset
-    last_pos = jnp.minimum((j + 1) * BLOCK, t) - 1 + offset
-    count = jnp.where(j * BLOCK < t, lax.div(last_pos, jnp.int32(BLOCK)) + 1, 0)  # key blocks 0 .. diagonal
-    # Blocks every row sees whole need no mask (none with a window: it is masked throughout).
-    free = jnp.int32(0) if window is not None else jnp.clip(lax.div(first_pos + 1, jnp.int32(BLOCK)), 0, count)
+    plgpu.copy_gmem_to_smem(meta_ref, meta_smem.at[wg], bars.at[wg])
+    plgpu.barrier_wait(bars.at[wg])
+    j0 = meta_smem[wg, 0] + pair * PAIR  # the pair's first query block (past the last one: walks no key)
+    # Both compute warpgroups walk the keys the pair's later block sees: the earlier block's extra diagonal
+    # block is causally invisible to it (masses 0), and one walk keeps the shared ring in step.
+    last_pos = jnp.minimum((j0 + PAIR) * BLOCK, t) - 1 + offset
+    count = jnp.where(j0 * BLOCK < t, lax.div(last_pos, jnp.int32(BLOCK)) + 1, 0)  # key blocks 0 .. diagonal
 
     def fetch(c, slot):
       plgpu.copy_gmem_to_smem(k_ref.at[bb, pl.ds(c * BLOCK, BLOCK), kvh], k_smem.at[slot], k_bars.at[slot])
 
-    for c0 in range(stages):
-      pl.when(c0 < count)(functools.partial(fetch, c0, c0))
+    @pl.when(wg == PAIR)
+    def _memory():  # the producer: block c + stages refills block c's buffer once both consumers read it
+      plgpu.set_max_registers(40, action="decrease")
+      for c0 in range(stages):
+        pl.when(c0 < count)(functools.partial(fetch, c0, c0))
 
-    wg = plgpu.Layout.WGMMA
-    row_l = wg.reduce(1)
-    rows_i = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=wg)
-    cols_i = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=wg)
-    q_pos = j * BLOCK + rows_i + offset
-    plgpu.barrier_wait(bars.at[1])
-    plgpu.barrier_wait(bars.at[2])
-    lse_v = plgpu.load(lse_smem, (), layout=row_l)
-    # A row that sees nothing (lse -inf, padding) gets a +inf normaliser: exp gives it 0 everywhere.
-    norm2 = lax.broadcast_in_dim(jnp.where(lse_v > -jnp.inf, lse_v * LOG2E, jnp.inf), (BLOCK, BLOCK), [0])
+      @pl.loop(0, jnp.maximum(count - stages, 0))
+      def _(c):
+        slot = lax.rem(c, jnp.int32(stages))
+        plgpu.barrier_wait(k_free.at[slot])
+        fetch(c + stages, slot)
 
-    def store_segment(u, seg):
-      out_smem[lax.rem(seg, jnp.int32(per_window))] = u.sum(axis=0)
+    @pl.when(wg < PAIR)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      j = j0 + wg
+      r = pair * PAIR + wg  # this block's row of the chunk
+      plgpu.copy_gmem_to_smem(lse_ref.at[bb, hq, pl.ds(r * BLOCK, BLOCK)], lse_smem.at[wg], bars.at[PAIR + 1 + wg])
+      read = jnp.minimum(j, n_q - 1) * BLOCK
+      plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(read, BLOCK), hq], q_smem.at[wg], bars.at[2 * PAIR + 1 + wg])
+      first_pos = j * BLOCK + offset
+      # Blocks every row sees whole need no mask (none with a window: it is masked throughout).
+      free = jnp.int32(0) if window is not None else jnp.clip(lax.div(first_pos + 1, jnp.int32(BLOCK)), 0, count)
 
-    segments = mosaic_common.MassSegments(cols_i, per_window=per_window, store=store_segment, out_smem=out_smem,
-                                          dst=lambda w: o_ref.at[bb, hq, i, pl.ds(w * per_window, per_window)])
+      wgl = plgpu.Layout.WGMMA
+      rows_i = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=wgl)
+      cols_i = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=wgl)
+      q_pos = j * BLOCK + rows_i + offset
+      plgpu.barrier_wait(bars.at[PAIR + 1 + wg])
+      plgpu.barrier_wait(bars.at[2 * PAIR + 1 + wg])
+      lse_v = plgpu.load(lse_smem.at[wg], (), layout=wgl.reduce(1))
+      # A row that sees nothing (lse -inf, padding) gets a +inf normaliser: exp gives it 0 everywhere.
+      norm2 = lax.broadcast_in_dim(jnp.where(lse_v > -jnp.inf, lse_v * LOG2E, jnp.inf), (BLOCK, BLOCK), [0])
+      out_w = out_smem.at[wg]
 
-    def body(c, u, masked):
-      x2 = mosaic_common.base2_logits(c, q_smem=q_smem, k_smem=k_smem, k_bars=k_bars, stages=stages,
-                                      count=count, fetch=fetch, scale=scale, softcap=softcap, log2e=LOG2E)
-      p = jnp.exp2(jnp.minimum(x2 - norm2, 0.0))
-      if masked:
-        k_pos = c * BLOCK + cols_i
-        visible = k_pos <= q_pos
-        if window is not None:
-          visible = visible & (q_pos - k_pos < window)
-        p = jnp.where(visible, p, 0.0)
-      return segments.add(u, c, p)
+      def store_segment(u, seg):
+        # Pallas lowers the column sum (a reduction across warps) through one shared-memory scratch per CTA:
+        # the consumers take turns, segment by segment (both store the same segments: they walk one count).
+        pl.when(wg == 1)(lambda: plgpu.barrier_wait(turns.at[0]))
+        pl.when((wg == 0) & (seg > 0))(lambda: plgpu.barrier_wait(turns.at[1]))
+        col_sums = u.sum(axis=0)
+        plgpu.barrier_arrive(turns.at[wg])
+        out_w[lax.rem(seg, jnp.int32(per_window))] = col_sums
 
-    segments.walk(body, free, count)
+      segments = mosaic_common.MassSegments(cols_i, per_window=per_window, store=store_segment, out_smem=out_w,
+                                            dst=lambda w: o_ref.at[bb, hq, r, pl.ds(w * per_window, per_window)])
+
+      def body(c, u, masked):
+        slot = lax.rem(c, jnp.int32(stages))
+        plgpu.barrier_wait(k_bars.at[slot])
+        x = mosaic_common.qk_logits(q_smem.at[wg], k_smem.at[slot])
+        plgpu.barrier_arrive(k_free.at[slot])  # logits read: the producer may refill the buffer
+        x2 = x * (scale * LOG2E) if softcap is None else jnp.tanh(x * (scale / softcap)) * (softcap * LOG2E)
+        p = jnp.exp2(jnp.minimum(x2 - norm2, 0.0))
+        if masked:
+          k_pos = c * BLOCK + cols_i
+          visible = k_pos <= q_pos
+          if window is not None:
+            visible = visible & (q_pos - k_pos < window)
+          p = jnp.where(visible, p, 0.0)
+        return segments.add(u, c, p)
+
+      segments.walk(body, free, count)
 
   def entry(q_ref, k_ref, lse_ref, meta_ref, o_ref):
     pl.run_scoped(
         lambda *scratch: kernel(q_ref, k_ref, lse_ref, meta_ref, o_ref, scratch),
-        mosaic_common.tiled_smem((BLOCK, h), dtype), mosaic_common.tiled_smem((stages, BLOCK, h), dtype),
-        plgpu.SMEM((BLOCK,), jnp.float32), plgpu.SMEM((mosaic_common.TMA_INT32,), jnp.int32),
-        plgpu.SMEM((per_window, SEGMENT), jnp.float32),
-        plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=stages))
+        mosaic_common.tiled_smem((PAIR, BLOCK, h), dtype), mosaic_common.tiled_smem((stages, BLOCK, h), dtype),
+        plgpu.SMEM((PAIR, BLOCK), jnp.float32), plgpu.SMEM((PAIR + 1, mosaic_common.TMA_INT32), jnp.int32),
+        plgpu.SMEM((PAIR, per_window, SEGMENT), jnp.float32),
+        plgpu.Barrier(num_barriers=3 * PAIR + 1), plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=PAIR, num_barriers=stages), plgpu.Barrier(num_barriers=PAIR),
+        collective_axes="wg")
 
   out = plgpu.kernel(
-      entry, out_type=jax.ShapeDtypeStruct((b, n, n_rows, n_seg, SEGMENT), jnp.float32),
-      grid=(n, b, n_rows), grid_names=("heads", "batch", "qblk"),
+      entry, out_type=jax.ShapeDtypeStruct((b, n, pairs * PAIR, n_seg, SEGMENT), jnp.float32),
+      grid=(n, b, pairs), grid_names=("heads", "batch", "pair"), num_threads=PAIR + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, lse_c, meta)
-  return out.reshape(b, n, n_rows, n_seg * SEGMENT)[..., :n_k]
+  return out.reshape(b, n, pairs * PAIR, n_seg * SEGMENT)[:, :, :n_rows, :n_k]
