@@ -109,7 +109,7 @@ def test_plans_on_a_hopper_pick_the_mosaic_ports_for_16_bit(monkeypatch):
   f32 = _by_kind(make_plans(config, StreamConfig(), backend="auto", dtype=jnp.float32))
   assert f32["global"] == Implementations()  # float32 stays on XLA under "auto"
   faithful = _by_kind(make_plans(config, StreamConfig.faithful(), backend="auto", dtype=jnp.bfloat16))
-  assert faithful["global"] == Implementations("mosaic", "mosaic", "xla")  # mass scores, 131 slots: both ports
+  assert faithful["global"] == Implementations("triton", "mosaic", "xla")  # mass scores: the wide port is off
   ideal = _by_kind(make_plans(config, StreamConfig.ideal(), backend="auto", dtype=jnp.bfloat16, output="exact"))
   assert ideal["global"] == Implementations("xla", "xla", "mosaic")  # the block-mass pass: the Hopper port
   ideal32 = _by_kind(make_plans(config, StreamConfig.ideal(block_q=32, block_k=32), backend="auto",

@@ -89,10 +89,11 @@ def mosaic_interpreted(monkeypatch):
     f.clear_cache()
 
 
+@pytest.mark.slow  # 40 s to 6 min interpreted, for a kernel no policy picks yet (see estimate_mosaic.unsupported)
 @pytest.mark.parametrize("t,extra,cfg,softcap", [
     # 66 children in two tiles, a wider first level, a 1-block window off the block grid, soft-cap
     (2700, 30, C(top_k=33, init_branches=40, coverage=0.85, window_blocks=1), 30.0),
-    pytest.param(9000, 0, C.faithful(), None, marks=pytest.mark.slow),  # 4 tiles of children
+    (9000, 0, C.faithful(), None),  # 4 tiles of children
 ])
 def test_mgpu_wide_estimate_interpreted_equals_the_reference(mosaic_interpreted, t, extra, cfg, softcap):
   """The wide kernel's decisions (shares, ranks across tiles, compaction, the budget) equal the XLA path's in
@@ -134,9 +135,11 @@ def test_mgpu_attention_says_what_it_cannot_take_and_never_runs_off_hopper():
 def test_mgpu_estimate_says_what_it_cannot_take_and_never_runs_off_hopper():
   q = _sds((4096, 8, 128))
   why = lambda q, cfg: estimate_mosaic.unsupported(Call.estimate(q, cfg))  # noqa: E731
-  for cfg in (C(), C(top_k=32, init_branches=64), C.faithful(), C(top_k=64, score="mass"),
-              C(top_k=128, init_branches=256), C(top_k=8, init_branches=24, coverage=0.8)):
+  for cfg in (C(), C(top_k=32, init_branches=64), C(top_k=8, init_branches=24)):
     assert why(q, cfg) is None, cfg
+  for cfg in (C.faithful(), C(top_k=64, score="mass"), C(top_k=128, init_branches=256),
+              C(top_k=8, init_branches=24, coverage=0.8)):  # the wide kernel: lowers, not enabled
+    assert "not enabled" in why(q, cfg), cfg
   for bad, reason in [(_sds((4096, 8, 128), jnp.float32), "float16 / bfloat16"), (_sds((4096, 8, 96)), "head dim")]:
     assert reason in why(bad, C())
   for cfg, reason in [(C(block_q=32, block_k=32), "64 x 64 blocks"), (C(query_stride=2), "query_stride 1"),
@@ -163,7 +166,7 @@ def test_pallas_and_auto_run_each_port_on_hopper_for_what_it_takes(monkeypatch):
       assert impls.choose("sparse_attention", policy, Call.attention(_sds((256, 4, h)), _sds((256, 2, h)), mask)) \
           == "mosaic"
       assert impls.choose("estimate_mask", policy, Call.estimate(_sds((4096, 8, h)), C())) == "mosaic"
-      assert impls.choose("estimate_mask", policy, Call.estimate(_sds((4096, 8, h)), C.faithful())) == "mosaic"
+      assert impls.choose("estimate_mask", policy, Call.estimate(_sds((4096, 8, h)), C.faithful())) == "triton"
   assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, 256)), C.faithful(query_stride=4))) \
       == "triton"
   assert impls.choose("estimate_mask", "auto", Call.estimate(_sds((4096, 8, 256), jnp.float32), C())) == "xla"

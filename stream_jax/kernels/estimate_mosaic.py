@@ -28,7 +28,11 @@ leave room for one CTA per SM instead of two; not measured). The max-score kerne
 stays the first kernel, unchanged.
 
 Limits (`unsupported`): float16 / bfloat16, 64 x 64 blocks, query_stride 1, representative "center",
-top_k <= 128, branches <= 256, head dim a multiple of 64 up to 256.
+top_k <= 128, branches <= 256, head dim a multiple of 64 up to 256; and, for now, the first kernel's configs
+only. The wide kernel lowers for CUDA in both semantics and equals the XLA reference in every row under jax's
+Mosaic GPU interpreter (tests/test_mosaic.py), but on an H200 with jax 0.11.2 it did not finish compiling
+within 60-90 s for top_k 40 or 128 (2026-12-04, benchmarks/results/ideal_pair_h200/): until it compiles and
+passes `gpu_checks.py mgpu_estimate` there, "pallas" / "auto" keep those configs on the Triton kernel.
 """
 
 from __future__ import annotations
@@ -73,7 +77,15 @@ def unsupported(call: Call) -> Optional[str]:
     return f"the Mosaic GPU estimate kernel needs top_k <= {MAX_TOP_K} and branches <= {MAX_BRANCHES}"
   if h % 64 or not 64 <= h <= 256:
     return f"the Mosaic GPU estimate kernel needs a head dim in 64, 128, 192, 256, got {h}"
+  if not _narrow(config):
+    return ("the Mosaic GPU estimate kernel runs max scores with top_k <= 32 and branches <= 64 (its port of mass "
+            "scores, coverage budgets and top_k <= 128 is not enabled: it did not compile in time on an H200)")
   return None
+
+
+def _narrow(config: StreamConfig) -> bool:
+  """Whether the first kernel (max scores, <= 64 node slots) takes `config`; else the wide one."""
+  return config.score == "max" and 2 * config.top_k <= SLOTS and config.branches <= SLOTS
 
 
 def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Optional[float] = None,
@@ -82,8 +94,7 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Op
   interpret mode: its tests lower it for CUDA on the CPU and run it on the device, gpu_checks.py). Checks
   nothing beyond `unsupported`, which the caller asks first."""
   t, s, h = q.shape[-3], k.shape[-3], q.shape[-1]
-  narrow = config.score == "max" and 2 * config.top_k <= SLOTS and config.branches <= SLOTS
-  indices, counts = (_estimate if narrow else _estimate_wide)(
+  indices, counts = (_estimate if _narrow(config) else _estimate_wide)(
       q, k, config=config, scale=numerics.resolve_scale(scale, h), softcap=None if softcap is None else float(softcap),
       stages=DEFAULT_STAGES if stages is None else int(stages))
   return BlockMask(indices, counts, config.block_q, config.block_k, t, s, config)
@@ -292,7 +303,7 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, stages):
   return indices, counts
 
 
-def logsumexp(x: jax.Array, axis: int) -> jax.Array:
+def _tile_logsumexp(x: jax.Array, axis: int) -> jax.Array:
   """shares.logsumexp of a [64, 64] register tile over `axis` (-inf where every term is -inf), with the
   broadcasts a Mosaic GPU layout needs instead of kept dimensions."""
   m = x.max(axis=axis)
@@ -378,7 +389,7 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
         x = numerics.softcap(x * scale, softcap)
       if masked:
         x = jnp.where(blk * BLOCK + tile_iota(1) <= i * BLOCK + tile_iota(0) + offset, x, -jnp.inf)
-      return logsumexp(x, 1) if mass else x.max(axis=1)
+      return _tile_logsumexp(x, 1) if mass else x.max(axis=1)
 
     def walk(count, block, masked, finish, acc):
       """Key blocks block(e), e < count, through the TMA ring: item e's row values go into column e % 64
@@ -406,7 +417,7 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
     def log_shares(x, z):
       """[64 rows, 64 items] per-row log-sum-exps -> [64] each item's log share (shares.log_share)."""
       x = jnp.where(i * BLOCK + tile_iota(0) < t, x - lax.broadcast_in_dim(z, x.shape, [0]), -jnp.inf)
-      return logsumexp(x, 0) - jnp.where(i == n_q - 1, log_rows[1], log_rows[0])
+      return _tile_logsumexp(x, 0) - jnp.where(i == n_q - 1, log_rows[1], log_rows[0])
 
     def score_nodes(count, z):
       """score_s = each node's score (-inf for empty nodes and e >= count), nodes e < count."""
@@ -505,13 +516,13 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
       def rule_finish(tile, a, acc):
         e = a * TILE + tile_iota(1)
         ok = (e < sink + wb) & jnp.where(e < sink, e <= diag, diag - (e - sink) >= sink)
-        return shares.logaddexp(acc, logsumexp(jnp.where(ok, tile, -jnp.inf), 1))
+        return shares.logaddexp(acc, _tile_logsumexp(jnp.where(ok, tile, -jnp.inf), 1))
 
       def search_finish(tile, a, acc):
         size = as_cols(size_s.at[a])
         ok = lax.broadcast_in_dim((size > 0) & (a * TILE + slot_iota() < first), tile.shape, [1])
         log_size = lax.broadcast_in_dim(jnp.log(jnp.maximum(size, 1).astype(jnp.float32)), tile.shape, [1])
-        return shares.logaddexp(acc, logsumexp(jnp.where(ok, tile + log_size, -jnp.inf), 1))
+        return shares.logaddexp(acc, _tile_logsumexp(jnp.where(ok, tile + log_size, -jnp.inf), 1))
 
       empty = plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), row_l)
       rule_lse = walk(jnp.where(search | adaptive, sink + wb, 0), rule_block, True, rule_finish, empty)
