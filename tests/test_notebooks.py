@@ -35,6 +35,8 @@ def test_analysis_notebooks_run(name, png, tmp_path, monkeypatch):
   assert (tmp_path / png).stat().st_size > 0
 
 
+@pytest.mark.slow  # ~75 s on 2 cores; test_quickstart_runs keeps the notebook runner in the default run and
+# tests/test_attribution.py::test_check_edges_ablates_the_top_and_random_edges_it_estimated the pipeline it calls
 def test_edge_attribution_notebook_runs(tmp_path, monkeypatch):
   """Gradients vs ablations on a needle prompt (the 270M, 300 tokens): both figures are drawn and the
   printed rank correlation is a number."""
