@@ -29,10 +29,24 @@ def run(*args, cwd=None):
     (["anchors", "--file", "/no/such/cot.txt"], "does not exist"),
     (["trace"], "one of the arguments --text --file is required"),
 ])
-def test_bad_inputs_exit_2_with_a_message(args, message):
-  r = run(*args)
-  assert r.returncode == 2, r.stderr
-  assert message in r.stderr
+def test_bad_inputs_exit_2_with_a_message(args, message, capsys, monkeypatch, tmp_path):
+  """In-process (each case a subprocess cost ~2 s of imports); test_bad_input_exits_2_through_the_entry_point
+  and test_prompt_longer_than_the_context_is_refused check the real `python -m stream_jax.cli` exit status."""
+  monkeypatch.chdir(tmp_path)  # default output folders (reports/...) must not see an earlier run's report
+  try:
+    rc = cli.main(args)
+  except SystemExit as e:  # argparse's own errors
+    rc = e.code
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert message in err
+
+
+def test_bad_input_exits_2_through_the_entry_point():
+  r = run("demo", "--top-k", "0")
+  assert r.returncode == 2 and "--top-k must be an integer >= 1" in r.stderr, r.stderr
+  r = run("trace")
+  assert r.returncode == 2 and "one of the arguments --text --file is required" in r.stderr, r.stderr
 
 
 def test_demo_writes_a_restorable_report(tmp_path):
@@ -64,6 +78,7 @@ def test_trace_anchors_and_niah_on_small_inputs(tmp_path):
           "--out", str(tmp_path / "anchors"))
   assert r.returncode == 0, r.stderr[-3000:]
   assert "receiver heads" in r.stdout and (tmp_path / "anchors" / "vertical_scores.png").exists()
+  _anchors_report_has_a_viewer_with_text_and_sentences(tmp_path / "anchors")
 
   r = run("trace", "--file", str(cot), "--block-q", "16", "--block-k", "16", "--top-k", "2",
           "--out", str(tmp_path / "trace"))
@@ -76,6 +91,23 @@ def test_trace_anchors_and_niah_on_small_inputs(tmp_path):
   assert "string_match_all" in r.stdout
   rows = json.loads((tmp_path / "niah" / "report.json").read_text())["samples"]
   assert rows[0]["length"] == 200 and len(rows) == 1
+
+
+def _anchors_report_has_a_viewer_with_text_and_sentences(report):
+  """`stream-jax view --export-only` on the anchors report: its viewer holds the text and the report's
+  sentences with their importance (read from the anchors run above, so the 270M runs anchors once)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  r = run("view", str(report), "--export-only")
+  assert r.returncode == 0 and str(report / "viewer") in r.stdout, r.stderr[-3000:]
+  v = report / "viewer"
+  m = json.loads((v / "manifest.json").read_text())
+  sents = json.loads((v / "sentences.json").read_text())
+  saved = json.loads((report / "report.json").read_text())
+  assert m["sentences"]["count"] == len(saved["sentences"]) == len(sents["labels"])
+  text = "".join(json.loads((v / "text" / "0.json").read_text()))
+  assert all(s in text for s in saved["sentences"])
+  np.testing.assert_allclose([x if x is not None else np.nan for x in sents["importance"]],
+                             [x if x is not None else np.nan for x in saved["importance"]], rtol=1e-5)
 
 
 def test_prompt_longer_than_the_context_is_refused(tmp_path):
