@@ -83,6 +83,40 @@ def unsupported(call: Call) -> Optional[str]:
   return None
 
 
+def _write_union(searched, out_s, dst, *, config: StreamConfig, diag, out_len: int):
+  """Both kernels' output row: the sorted union {sink} + {searched} + {window} (three ascending disjoint runs;
+  window blocks below sink_blocks repeat a sink block and are dropped), -1 padded, the count last, copied to
+  `dst` by TMA. `searched(j)` -> (block id, kept?) of search slot j."""
+  import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only modules)
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
+  sink, top_k, wb = config.sink_blocks, config.top_k, config.window_blocks
+
+  def emit(e, count):
+    in_sink = e < sink
+    in_search = (e >= sink) & (e < sink + top_k)
+    s_val, s_ok = searched(jnp.clip(e - sink, 0, top_k - 1))
+    w_val = diag - wb + 1 + (e - sink - top_k)
+    val = jnp.where(in_sink, e, jnp.where(in_search, s_val, w_val))
+    ok = jnp.where(in_sink, e <= diag, jnp.where(in_search, s_ok, (w_val >= 0) & (w_val >= sink)))
+
+    @pl.when(ok)
+    def _():
+      out_s[count] = val
+
+    return count + jnp.where(ok, 1, 0)
+
+  count = lax.fori_loop(0, config.capacity, emit, jnp.int32(0))
+
+  def pad(e, _):
+    out_s[e] = jnp.int32(-1)
+
+  lax.fori_loop(count, out_len - 1, pad, None)
+  out_s[out_len - 1] = count
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_s, dst)
+  plgpu.wait_smem_to_gmem(0)
+
+
 def _narrow(config: StreamConfig) -> bool:
   """Whether the first kernel (max scores, <= 64 node slots) takes `config`; else the wide one."""
   return config.score == "max" and 2 * config.top_k <= SLOTS and config.branches <= SLOTS
@@ -257,33 +291,10 @@ def _estimate(q, k, *, config: StreamConfig, scale, softcap, stages):
 
     lax.fori_loop(0, rounds, round_body, None)
 
-    # The sorted union {sink} + {searched} + {window}: three ascending disjoint runs.
-    def emit(e, count):
-      in_sink = e < sink
-      in_search = (e >= sink) & (e < sink + top_k)
-      j = jnp.clip(e - sink, 0, top_k - 1)
-      s_val = jnp.where(search, start_s[j], lo + j)
-      s_ok = jnp.where(search, size_s[j] > 0, lo + j < hi)
-      w_val = diag - wb + 1 + (e - sink - top_k)
-      val = jnp.where(in_sink, e, jnp.where(in_search, s_val, w_val))
-      ok = jnp.where(in_sink, e <= diag, jnp.where(in_search, s_ok, (w_val >= 0) & (w_val >= sink)))
+    def searched(j):
+      return (jnp.where(search, start_s[j], lo + j), jnp.where(search, size_s[j] > 0, lo + j < hi))
 
-      @pl.when(ok)
-      def _():
-        out_s[count] = val
-
-      return count + jnp.where(ok, 1, 0)
-
-    count = lax.fori_loop(0, cap, emit, jnp.int32(0))
-
-    def pad(e, _):
-      out_s[e] = jnp.int32(-1)
-
-    lax.fori_loop(count, out_len - 1, pad, None)
-    out_s[out_len - 1] = count
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_s, o_ref.at[bb, hq, i])
-    plgpu.wait_smem_to_gmem(0)
+    _write_union(searched, out_s, o_ref.at[bb, hq, i], config=config, diag=diag, out_len=out_len)
 
   def entry(q_ref, k_ref, o_ref):
     pl.run_scoped(
@@ -580,34 +591,13 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
         keep_s[a] = keep
       plgpu.commit_smem()
 
-    # The sorted union {sink} + {searched} + {window}: three ascending disjoint runs.
-    def emit(e, count):
-      in_sink = e < sink
-      in_search = (e >= sink) & (e < sink + top_k)
-      j = jnp.clip(e - sink, 0, top_k - 1)
-      s_ok = node(size_s, j) > 0
+    def searched(j):  # the kept nodes in slot order (the budget's keep flags with coverage)
+      ok = node(size_s, j) > 0
       if adaptive:
-        s_ok = s_ok & (node(keep_s, j) == 1)
-      w_val = diag - wb + 1 + (e - sink - top_k)
-      val = jnp.where(in_sink, e, jnp.where(in_search, node(start_s, j), w_val))
-      ok = jnp.where(in_sink, e <= diag, jnp.where(in_search, s_ok, (w_val >= 0) & (w_val >= sink)))
+        ok = ok & (node(keep_s, j) == 1)
+      return node(start_s, j), ok
 
-      @pl.when(ok)
-      def _():
-        out_s[count] = val
-
-      return count + jnp.where(ok, 1, 0)
-
-    count = lax.fori_loop(0, cap, emit, jnp.int32(0))
-
-    def pad(e, _):
-      out_s[e] = jnp.int32(-1)
-
-    lax.fori_loop(count, out_len - 1, pad, None)
-    out_s[out_len - 1] = count
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_s, o_ref.at[bb, hq, i])
-    plgpu.wait_smem_to_gmem(0)
+    _write_union(searched, out_s, o_ref.at[bb, hq, i], config=config, diag=diag, out_len=out_len)
 
   def entry(q_ref, k_ref, o_ref):
     lists = [plgpu.SMEM((chunks, TILE), x) for x in (jnp.int32, jnp.int32, jnp.float32, jnp.int32, jnp.int32)]

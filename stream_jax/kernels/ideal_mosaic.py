@@ -171,7 +171,7 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
         plgpu.barrier_wait(k_bars.at[slot])
         x = mosaic_common.qk_logits(q_smem.at[wg], k_smem.at[slot])
         plgpu.barrier_arrive(k_free.at[slot])  # logits read: the producer may refill the buffer
-        x2 = x * (scale * LOG2E) if softcap is None else jnp.tanh(x * (scale / softcap)) * (softcap * LOG2E)
+        x2 = mosaic_common.to_base2(x, scale=scale, softcap=softcap, log2e=LOG2E)
         p = jnp.exp2(jnp.minimum(x2 - norm2, 0.0))
         if masked:
           k_pos = c * BLOCK + cols_i

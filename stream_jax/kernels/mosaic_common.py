@@ -66,6 +66,11 @@ def base2_logits(c, *, q_smem, k_smem, k_bars, stages: int, count, fetch, scale:
   plgpu.barrier_wait(k_bars.at[slot])
   x = qk_logits(q_smem, k_smem.at[slot])
   pl.when(c + stages < count)(functools.partial(fetch, c + stages, slot))  # logits read: slot free
+  return to_base2(x, scale=scale, softcap=softcap, log2e=log2e)
+
+
+def to_base2(x, *, scale: float, softcap, log2e: float):
+  """Logits scaled, soft-capped and in base 2 (x log2 e), for exp2: the block-mass kernels' normal form."""
   if softcap is None:
     return x * (scale * log2e)
   return jnp.tanh(x * (scale / softcap)) * (softcap * log2e)
