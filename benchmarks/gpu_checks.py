@@ -10,8 +10,9 @@
 6. The Mosaic GPU attention kernel (kernels/blocksparse_mosaic.py, no interpret mode) equals the XLA reference:
    out, block mass and lse, float16 / bfloat16, GQA, ragged T, soft-cap, sliding window, lse_ref.
 7. The Mosaic GPU estimate kernel (kernels/estimate_mosaic.py): masks equal the Triton kernel's and the XLA
-   reference's, row for row (ragged T, no search round, soft-cap, wide first level, batch, exact ties; mass
-   scores, coverage budgets and top_k up to 128: `StreamConfig.faithful()`), up to near-ties.
+   reference's, row for row (ragged T, no search round, soft-cap, wide first level, batch, exact ties); its wide
+   kernel (`check_mgpu_estimate_wide`: mass scores, coverage budgets and top_k up to 128, `StreamConfig.faithful()`)
+   the same, with each config's first call (compile + run) timed.
 9. The Triton block-mass kernel of the ideal kept set (kernels/ideal_triton.py) equals the XLA reference
    (`ideal_mask`): kept sets row for row up to near-ties, masses and coverage; with the cuDNN lse.
 10. Its Mosaic GPU port (kernels/ideal_mosaic.py, `check_mgpu_ideal`): the same comparison on 64 x 64
@@ -26,6 +27,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -162,9 +164,8 @@ ESTIMATE_CASES = (
     (None, 1000, 100, 4, 2, 128, "bfloat16", None, dict(window_blocks=1), False),
     (None, 2000, 100, 4, 2, 256, "bfloat16", None, dict(window_blocks=1, top_k=8), False),
 )
-# The wide kernel (node lists in tiles of 64): mass scores, coverage budgets (keys sharpened), top_k past 32. Not
-# enabled (estimate_mosaic.unsupported): on the H200 it did not compile within 60-90 s; check_mgpu_estimate_wide
-# runs it anyway, with each case's first call (compile + run) timed.
+# The wide kernel (node lists in tiles of 64): mass scores, coverage budgets (keys sharpened), top_k past 32; each
+# case's first call (compile + run) timed (the kernel lowers with Lane semantics: see estimate_mosaic).
 WIDE_ESTIMATE_CASES = (
     (None, 2048, 0, 8, 4, 256, "bfloat16", None, dict(top_k=40, coverage=0.95), False),  # small first: compile time
     (None, 16384, 0, 8, 4, 256, "bfloat16", None, dict(top_k=128, coverage=0.95), False),  # = faithful()
@@ -180,11 +181,11 @@ SHARPEN = 4.0  # keys scaled for coverage budgets, so that they keep fewer block
 
 
 def check_mgpu_estimate_wide(cases=WIDE_ESTIMATE_CASES):
-  """check_mgpu_estimate for the wide kernel, which no policy picks yet (see WIDE_ESTIMATE_CASES)."""
-  return check_mgpu_estimate(cases, enabled=False)
+  """check_mgpu_estimate for the wide kernel (see WIDE_ESTIMATE_CASES)."""
+  return check_mgpu_estimate(cases)
 
 
-def check_mgpu_estimate(cases=ESTIMATE_CASES, enabled=True):
+def check_mgpu_estimate(cases=ESTIMATE_CASES):
   """Masks of the Mosaic GPU estimate kernel vs the Triton kernel and the XLA reference (share of equal
   rows, at least 0.999: elsewhere two estimates tied within the GPU's rounding, or a block sat at the budget's
   threshold; integer inputs must match the reference in every row). Returns the failed case count. Its speed
@@ -204,7 +205,7 @@ def check_mgpu_estimate(cases=ESTIMATE_CASES, enabled=True):
       if integer:  # small integers: every logit exact in bf16 products and f32 sums, many exact ties
         q, k = (jnp.round(x * 1.5).clip(-3, 3).astype(dtype) for x in (q, k))
       why = estimate_mosaic.unsupported(Call.estimate(q, config))
-      if why and enabled:
+      if why:
         raise ValueError(why)
       start = time.perf_counter()
       mm = jax.block_until_ready(estimate_mosaic.estimate_mask(q, k, config, softcap=cap))
@@ -273,6 +274,11 @@ MGPU_IDEAL_CASES = [
     (8192, 0, 4, 1, 256, jnp.bfloat16, 50.0, None, dict(top_k=64, coverage=0.9)),  # soft-cap, one kv head
     (8192, 0, 8, 4, 256, jnp.bfloat16, None, 1024, dict(top_k=16, coverage=None)),  # window, fixed k
     (70000, 0, 4, 2, 64, jnp.bfloat16, None, None, dict(top_k=64)),  # 1,094 key blocks: 18 segments
+    # 32 / 16-token blocks: 2 / 4 query and key blocks per 64 x 64 tile
+    (8000, 300, 8, 4, 128, jnp.float16, None, None, dict(block_q=32, block_k=32, top_k=64)),  # ragged, S > T
+    (8192, 0, 4, 1, 256, jnp.bfloat16, 50.0, None, dict(block_q=16, block_k=16, top_k=256, coverage=0.9)),
+    (8192, 0, 8, 4, 256, jnp.bfloat16, None, 1000, dict(block_q=32, block_k=32, top_k=32, coverage=None)),
+    (6000, 50, 4, 2, 64, jnp.bfloat16, 30.0, 700, dict(block_q=16, block_k=16, top_k=128)),  # window, soft-cap
 ]
 
 
@@ -282,20 +288,25 @@ def check_mgpu_ideal(cases=MGPU_IDEAL_CASES):
   from stream_jax.kernels import ideal_mosaic  # pylint: disable=import-outside-toplevel
   failed = check_ideal(cases, backend="mosaic")
 
-  def windows(t=70000, n=4, kv=2, h=64):
+  def windows(t=70000, n=4, kv=2, h=64, block=64):
     q, k = _rand((1, t, n, h), 80, jnp.bfloat16), _rand((1, t, kv, h), 81, jnp.bfloat16)
     lse = jnp.full((1, n, t), 12.0, jnp.float32)  # any normaliser: both runs use the same
-    kw = dict(n_rows=64, q_len=t, k_len=t, scale=h ** -0.5, softcap=None, window=None)
-    first = (t // 64) - 64  # the last 64 query blocks: 1,030-1,093 key blocks each
+    f = 64 // block  # blocks per tile: a chunk starts on a tile
+    kw = dict(n_rows=64, q_len=t, k_len=t, scale=h ** -0.5, softcap=None, window=None, block=block)
+    first = ((t // block) - 64) // f * f  # the last 64 query blocks: 1,030-1,093 64-key tiles each
     one = ideal_mosaic.mass_rows(q, k, lse, first, **kw)
     many = ideal_mosaic.mass_rows(q, k, lse, first, segments_per_copy=4, **kw)
-    odd = ideal_mosaic.mass_rows(q, k, lse, first + 1, **dict(kw, n_rows=63))  # pairs from an odd block
+    odd = ideal_mosaic.mass_rows(q, k, lse, first + f, **dict(kw, n_rows=64 - f))  # pairs from an odd tile
     diff = float(jnp.abs(one - many).max())
-    odd_diff = float(jnp.abs(one[:, :, 1:] - odd).max())
-    return diff == 0.0 and odd_diff == 0.0, (f"18 segments in windows of 4 vs one window: max |diff| {diff:.1e}; "
-                                             f"63 rows from the next block: {odd_diff:.1e}; sum {float(one.sum()):.1f}")
+    odd_diff = float(jnp.abs(one[:, :, f:] - odd).max())
+    sums = one.sum(-1)  # under a made-up lse: shown, not checked
+    return diff == 0.0 and odd_diff == 0.0, (f"{block}-token blocks, segments in windows of 4 vs one window: max "
+                                             f"|diff| {diff:.1e}; {64 - f} rows from the next tile: {odd_diff:.1e}; "
+                                             f"row sums {float(sums.min()):.3g}..{float(sums.max()):.3g}")
 
-  failed += _case("mgpu ideal rows across shared-memory windows", windows)
+  for block in (64, 32, 16):
+    failed += _case(f"mgpu ideal rows across shared-memory windows ({block}-token blocks)",
+                    functools.partial(windows, block=block))
   return failed
 
 
@@ -409,7 +420,7 @@ if __name__ == "__main__":
   import sys  # pylint: disable=import-outside-toplevel
   print(jax.devices()[0].device_kind, jax.__version__)
   names = sys.argv[1:] or ["cudnn_lse", "pallas_f32", "second_mass_pass", "exact_forward", "mgpu_attention",
-                           "mgpu_estimate", "mass", "ideal", "mgpu_ideal", "mgpu_table"]
+                           "mgpu_estimate", "mgpu_estimate_wide", "mass", "ideal", "mgpu_ideal", "mgpu_table"]
   known = sorted(k[len("check_"):] for k in globals() if k.startswith("check_"))
   unknown = [name for name in names if name not in known]
   if unknown:

@@ -9,7 +9,8 @@ Gemma-3-4B-like heads (8 query heads, 4 kv heads, head dim 256, bf16, 64-token b
                  (kernels/table_mosaic.py: lse and masses of every Q-th query, selection), for --table-strides,
                  against the search of StreamConfig.faithful() (the Triton kernel)
   select         the selection of StreamConfig.ideal() from given rows (XLA: top_k, the budget, the ids)
-  ideal          stream_jax.ideal_mask(..., backend=B) end to end (rows + selection), B triton and mosaic
+  ideal          stream_jax.ideal_mask(..., backend=B) end to end (rows + selection), B triton and mosaic, at
+                 each of --blocks (16 / 32 / 64-token blocks)
 
   python benchmarks/ideal_kernel.py --seq 32768,131072 --launch 8:3:4:64
 """
@@ -51,6 +52,8 @@ def main(argv=None):
                  help="warps:stages:blocks_per_program:chunk settings of the rows kernel")
   p.add_argument("--mosaic-stages", default="2,3", help="key-ring depths of the Mosaic rows kernel (Hopper)")
   p.add_argument("--table-strides", default="4,8,16", help="query strides of StreamConfig.table() (Hopper)")
+  p.add_argument("--blocks", default="64", help="block sizes (16, 32, 64) of the ideal_mask end-to-end rows")
+  p.add_argument("--only-ideal", action="store_true", help="only the ideal_mask end-to-end rows (and cuDNN)")
   args = p.parse_args(argv)
   n, kv, h = 8, 4, 256
   cfg = sj.StreamConfig.ideal()
@@ -73,6 +76,10 @@ def main(argv=None):
     _, lse = cudnn(q, k, v)
     lse = jnp.swapaxes(lse.astype(jnp.float32).reshape(1, t, n), 1, 2)
     n_q = -(-t // 64)
+    hopper = mosaic_common.no_hopper() is None
+    if args.only_ideal:
+      _ideal_rows(args, t, cfg, base, q, k, lse, scale, hopper)
+      continue
     for launch in [x for x in args.launch.split(",") if x]:
       warps, stages, per, chunk = (int(x) for x in launch.split(":"))
       chunk = min(chunk, n_q)
@@ -93,7 +100,6 @@ def main(argv=None):
       except Exception as e:  # pylint: disable=broad-except
         print(f"| {t:,} | rows kernel {launch} | failed: {str(e).splitlines()[0][:150]} | |", flush=True)
 
-    hopper = mosaic_common.no_hopper() is None
     for stages in [int(x) for x in args.mosaic_stages.split(",") if x] if hopper else []:
       chunk = min(64, n_q)
 
@@ -127,10 +133,7 @@ def main(argv=None):
 
     ms = timed(select, table, reps=args.reps)
     print(f"| {t:,} | selection (XLA, worst-case rows) | {ms:.1f} | {ms / base:.2f} |", flush=True)
-    for backend in ("triton", "mosaic") if hopper else ("triton",):
-      full = jax.jit(functools.partial(sj.ideal_mask, config=cfg, scale=scale, backend=backend))
-      ms = timed(lambda q, k, l, full=full: full(q, k, l).coverage, q, k, lse, reps=args.reps)
-      print(f"| {t:,} | ideal_mask end to end ({backend}) | {ms:.1f} | {ms / base:.2f} |", flush=True)
+    _ideal_rows(args, t, cfg, base, q, k, lse, scale, hopper)
     estimates = [("faithful() search", sj.StreamConfig.faithful(), "auto")]
     estimates += [(f"table(query_stride={qs})", sj.StreamConfig.table(query_stride=int(qs)), "mosaic")
                   for qs in args.table_strides.split(",") if qs and hopper]
@@ -142,6 +145,21 @@ def main(argv=None):
       except Exception as e:  # pylint: disable=broad-except
         print(f"| {t:,} | estimate: {label} | failed: {str(e).splitlines()[0][:300]} | |", flush=True)
   return 0
+
+
+def _ideal_rows(args, t, cfg, base, q, k, lse, scale, hopper):
+  """ideal_mask end to end per block size and backend (Triton, and the Mosaic GPU port on Hopper)."""
+  for block in [int(x) for x in args.blocks.split(",") if x]:
+    config = cfg.replace(block_q=block, block_k=block)
+    for backend in ("triton", "mosaic") if hopper else ("triton",):
+      full = jax.jit(functools.partial(sj.ideal_mask, config=config, scale=scale, backend=backend))
+      try:
+        ms = timed(lambda q, k, l, full=full: full(q, k, l).coverage, q, k, lse, reps=args.reps)
+        print(f"| {t:,} | ideal_mask end to end, {block}-token blocks ({backend}) | {ms:.1f} | {ms / base:.2f} |",
+              flush=True)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"| {t:,} | ideal_mask {block}-token blocks ({backend}) | failed: {str(e).splitlines()[0][:300]} | |",
+              flush=True)
 
 
 if __name__ == "__main__":

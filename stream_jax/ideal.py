@@ -78,7 +78,7 @@ def ideal_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], lse: Fl
       XLA path, 64 in the kernel.
     backend: an implementation, "xla" (the reference), "triton" (the block-mass kernel,
       kernels/ideal_triton.py; interpreted off the GPU; no key_mask) or "mosaic" (its Hopper port,
-      kernels/ideal_mosaic.py: 16-bit, 64 x 64 blocks), or a policy, "pallas" or "auto" (a kernel on a GPU
+      kernels/ideal_mosaic.py: 16-bit, square blocks of 16, 32 or 64 tokens), or a policy, "pallas" or "auto" (a kernel on a GPU
       for 16-bit inputs without a key_mask, the Mosaic port first). See `kernels.implementations.choose`.
 
   Returns:
@@ -181,7 +181,8 @@ def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, qu
   t, s = q.shape[1], k.shape[1]
   bq, bk = config.block_q, config.block_k
   n_q, n_k = num_blocks(t, bq), num_blocks(s, bk)
-  per = ideal_triton.DEFAULT_BLOCKS_PER_PROGRAM if impl == "triton" else ideal_mosaic.PAIR
+  # whole programs per chunk: the Triton kernel's query blocks, the Mosaic one's pair of 64-row tiles
+  per = ideal_triton.DEFAULT_BLOCKS_PER_PROGRAM if impl == "triton" else ideal_mosaic.PAIR * (64 // bq)
   qc = -(-min(query_blocks, n_q) // per) * per  # whole programs per chunk
   n_qc = -(-n_q // qc)
   diag, rows_valid = _chunk_rows(t, s, bq, bk, qc, n_qc)
@@ -189,7 +190,7 @@ def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, qu
   def mass_rows(first):  # [B, N, qc, nK]
     if impl == "mosaic":
       return ideal_mosaic.mass_rows(q, k, lse, first, n_rows=qc, q_len=t, k_len=s, scale=scale,
-                                    softcap=softcap, window=window)
+                                    softcap=softcap, window=window, block=bq)
     return ideal_triton.mass_rows(q, k, lse, first, n_rows=qc, block_q=bq, block_k=bk, q_len=t, k_len=s,
                                   scale=scale, softcap=softcap, window=window, interpret=interpret,
                                   blocks_per_program=per)

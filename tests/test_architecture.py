@@ -109,12 +109,12 @@ def test_plans_on_a_hopper_pick_the_mosaic_ports_for_16_bit(monkeypatch):
   f32 = _by_kind(make_plans(config, StreamConfig(), backend="auto", dtype=jnp.float32))
   assert f32["global"] == Implementations()  # float32 stays on XLA under "auto"
   faithful = _by_kind(make_plans(config, StreamConfig.faithful(), backend="auto", dtype=jnp.bfloat16))
-  assert faithful["global"] == Implementations("triton", "mosaic", "xla")  # mass scores: the wide port is off
+  assert faithful["global"] == Implementations("mosaic", "mosaic", "xla")  # mass scores: the wide kernel
   ideal = _by_kind(make_plans(config, StreamConfig.ideal(), backend="auto", dtype=jnp.bfloat16, output="exact"))
   assert ideal["global"] == Implementations("xla", "xla", "mosaic")  # the block-mass pass: the Hopper port
   ideal32 = _by_kind(make_plans(config, StreamConfig.ideal(block_q=32, block_k=32), backend="auto",
                                 dtype=jnp.bfloat16, output="exact"))
-  assert ideal32["global"].ideal_mask == "triton"  # 32-token blocks: the Triton kernel
+  assert ideal32["global"].ideal_mask == "mosaic"  # 32-token blocks: the same kernel, two blocks per tile
   table = _by_kind(make_plans(config, StreamConfig.table(), backend="auto", dtype=jnp.bfloat16))
   assert table["global"] == Implementations("mosaic", "mosaic", "xla")  # the table's kernel, then attention
   every = _by_kind(make_plans(config, StreamConfig.table(query_stride=1), backend="auto", dtype=jnp.bfloat16))

@@ -15,7 +15,13 @@ only the chunk's [B, N, chunk, nK] rows, as with the Triton kernel.
 
 Entries past a row's diagonal are left as the window held them; `mass_rows` zeroes them (one XLA select).
 
-Limits (`unsupported`): float16 / bfloat16, 64 x 64 blocks, head dims multiples of 64 up to 256, no key_mask.
+Blocks of 32 or 16 tokens keep the 64 x 64 tiles: a consumer's 64 queries are g = 64 / block query blocks and
+each key tile g key blocks, so a tile's masses go out as g masked row sums (one column each) and a segment's
+as g masked column sums (one row of masses per query block). Those lower with Lane semantics (the layouts are
+set by hand; jax 0.11's layout search is what failed on the wide estimate kernel), 64-token blocks as before.
+
+Limits (`unsupported`): float16 / bfloat16, 16 x 16, 32 x 32 or 64 x 64 blocks, head dims multiples of 64 up to
+256, no key_mask.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ BLOCK = 64  # query rows per consumer warpgroup (one wgmma tile) and keys per bl
 SEGMENT = mosaic_common.SEGMENT  # key blocks per column reduction (the register tile's columns)
 WINDOW = 64  # segments per shared-memory window (16 KiB per compute warpgroup), copied out by TMA when full
 DEFAULT_STAGES = 2  # key ring depth
-PAIR = 2  # query blocks per CTA: one compute warpgroup each, sharing every key block's load
+PAIR = 2  # query tiles per CTA: one compute warpgroup each, sharing every key tile's load
+BLOCKS = (16, 32, 64)  # query / key block sizes: 64 / block blocks per tile
 LOG2E = 1.4426950408889634
 
 
@@ -47,8 +54,9 @@ def unsupported(call: Call) -> Optional[str]:
   h = call.head_dim
   if call.dtype not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
     return f"the Mosaic GPU block-mass kernel takes float16 / bfloat16 inputs, got {call.dtype.name}"
-  if (call.block_q, call.block_k) != (BLOCK, BLOCK):
-    return f"the Mosaic GPU block-mass kernel needs 64 x 64 blocks, got {call.block_q} x {call.block_k}"
+  if call.block_q != call.block_k or call.block_q not in BLOCKS:
+    return (f"the Mosaic GPU block-mass kernel needs 16 x 16, 32 x 32 or 64 x 64 blocks, got {call.block_q} x "
+            f"{call.block_k}")
   if h % 64 or not 64 <= h <= 256:
     return f"the Mosaic GPU block-mass kernel needs a head dim in 64, 128, 192, 256, got {h}"
   if call.key_mask:
@@ -57,40 +65,47 @@ def unsupported(call: Call) -> Optional[str]:
 
 
 def mass_rows(q: jax.Array, k: jax.Array, lse: jax.Array, first_block, *, n_rows: int, q_len: int, k_len: int,
-              scale: float, softcap: Optional[float], window: Optional[int],
+              scale: float, softcap: Optional[float], window: Optional[int], block: int = BLOCK,
               stages: Optional[int] = None, segments_per_copy: int = WINDOW) -> jax.Array:
   """float32 [B, N, n_rows, nK]: the true mass rows of query blocks first_block .. first_block + n_rows - 1,
-  the contract of `ideal_triton.mass_rows` with 64 x 64 blocks (GPU only, no interpret mode: its tests
-  lower it for CUDA on the CPU and run it on the device, benchmarks/gpu_checks.py). Entries past each row's
-  diagonal, and rows past the last query block, are zeros. `segments_per_copy`: the shared-memory window
-  (a launch setting; the GPU checks make it small to cross windows on a short input)."""
+  the contract of `ideal_triton.mass_rows` with block x block blocks (GPU only, no interpret mode: its tests
+  lower it for CUDA on the CPU and run it on the device, benchmarks/gpu_checks.py). Below 64 tokens
+  `first_block` must be a multiple of 64 / block (the kernel's query tiles start on 64-token rows). Entries
+  past each row's diagonal, and rows past the last query block, are zeros. `segments_per_copy`: the
+  shared-memory window (a launch setting; the GPU checks make it small to cross windows on a short input)."""
   t, s = q_len, k_len
-  rows = _rows(q, k, lse, jnp.asarray(first_block, jnp.int32), n_rows=n_rows, scale=float(scale),
-               softcap=None if softcap is None else float(softcap),
+  groups = BLOCK // block
+  first_tile = jnp.asarray(first_block, jnp.int32)
+  if groups > 1:
+    first_tile = first_tile // groups
+  rows = _rows(q, k, lse, first_tile, n_rows=n_rows, groups=groups,
+               scale=float(scale), softcap=None if softcap is None else float(softcap),
                window=None if window is None else int(window),
                stages=DEFAULT_STAGES if stages is None else int(stages), per_copy=int(segments_per_copy))
-  n_q, n_k = num_blocks(t, BLOCK), num_blocks(s, BLOCK)
+  n_q, n_k = num_blocks(t, block), num_blocks(s, block)
+  rows = rows[..., :n_k]
   j = first_block + jnp.arange(n_rows, dtype=jnp.int32)
-  diag = jnp.where(j < n_q, diagonal_blocks(t, s, BLOCK, BLOCK)[jnp.clip(j, 0, n_q - 1)], -1)
+  diag = jnp.where(j < n_q, diagonal_blocks(t, s, block, block)[jnp.clip(j, 0, n_q - 1)], -1)
   keep = jnp.arange(n_k, dtype=jnp.int32)[None, :] <= diag[:, None]  # [n_rows, nK]
   return jnp.where(keep, rows, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("n_rows", "scale", "softcap", "window", "stages", "per_copy"))
-def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per_copy):
+@functools.partial(jax.jit, static_argnames=("n_rows", "groups", "scale", "softcap", "window", "stages", "per_copy"))
+def _rows(q, k, lse, first_tile, *, n_rows, groups, scale, softcap, window, stages, per_copy):
   import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only module: imported where it runs)
   import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
 
   b, t, n, h = q.shape
   s, kv = k.shape[1], k.shape[2]
   g = n // kv
-  n_k = num_blocks(s, BLOCK)
-  n_seg = -(-n_k // SEGMENT)
-  per_window = min(n_seg, per_copy)
+  f = groups  # query blocks per query tile, key blocks per key tile
+  n_k = num_blocks(s, BLOCK)  # key tiles
+  n_seg = -(-n_k * f // SEGMENT)
+  per_window = min(n_seg, max(per_copy // f, 1))
   n_seg = -(-n_seg // per_window) * per_window  # whole windows
-  pairs = -(-n_rows // PAIR)
+  pairs = -(-n_rows // (PAIR * f))
   rows = pairs * PAIR * BLOCK
-  start = first_block * BLOCK
+  start = first_tile * BLOCK
   n_q = num_blocks(t, BLOCK)
   # The kernel reads its query blocks from the whole q at the chunk's offset (a slice of a padded q would be
   # a copy of q, 4 GiB at 1M tokens); only a ragged T pads its last block. The chunk's lse (-inf past T:
@@ -99,7 +114,7 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
   lse_pad = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, rows)), constant_values=-jnp.inf)
   lse_c = lax.dynamic_slice_in_dim(lse_pad, start, rows, 2)
   k = common.pad_axis(k, 1, n_k * BLOCK)
-  meta = jnp.full((mosaic_common.TMA_INT32,), first_block, jnp.int32)
+  meta = jnp.full((mosaic_common.TMA_INT32,), first_tile, jnp.int32)
   offset = s - t
   dtype = q.dtype
 
@@ -110,7 +125,7 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
     kvh = lax.div(hq, jnp.int32(g))
     plgpu.copy_gmem_to_smem(meta_ref, meta_smem.at[wg], bars.at[wg])
     plgpu.barrier_wait(bars.at[wg])
-    j0 = meta_smem[wg, 0] + pair * PAIR  # the pair's first query block (past the last one: walks no key)
+    j0 = meta_smem[wg, 0] + pair * PAIR  # the pair's first query tile (past the last one: walks no key)
     # Both compute warpgroups walk the keys the pair's later block sees: the earlier block's extra diagonal
     # block is causally invisible to it (masses 0), and one walk keeps the shared ring in step.
     last_pos = jnp.minimum((j0 + PAIR) * BLOCK, t) - 1 + offset
@@ -135,7 +150,7 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
     def _compute():
       plgpu.set_max_registers(232, action="increase")
       j = j0 + wg
-      r = pair * PAIR + wg  # this block's row of the chunk
+      r = pair * PAIR + wg  # this tile's row of the chunk (its f query blocks' rows r f .. r f + f - 1)
       plgpu.copy_gmem_to_smem(lse_ref.at[bb, hq, pl.ds(r * BLOCK, BLOCK)], lse_smem.at[wg], bars.at[PAIR + 1 + wg])
       read = jnp.minimum(j, n_q - 1) * BLOCK
       plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(read, BLOCK), hq], q_smem.at[wg], bars.at[2 * PAIR + 1 + wg])
@@ -159,12 +174,24 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
         # the consumers take turns, segment by segment (both store the same segments: they walk one count).
         pl.when(wg == 1)(lambda: plgpu.barrier_wait(turns.at[0]))
         pl.when((wg == 0) & (seg > 0))(lambda: plgpu.barrier_wait(turns.at[1]))
-        col_sums = u.sum(axis=0)
+        if f == 1:
+          col_sums = u.sum(axis=0)
+        else:  # one row of masses per query block: its rows' column sums
+          group = lax.div(rows_i, jnp.int32(BLOCK // f))
+          col_sums = [jnp.where(group == i, u, 0.0).sum(axis=0) for i in range(f)]
         plgpu.barrier_arrive(turns.at[wg])
-        out_w[lax.rem(seg, jnp.int32(per_window))] = col_sums
+        if f == 1:
+          out_w[lax.rem(seg, jnp.int32(per_window))] = col_sums
+        else:
+          for i in range(f):
+            out_w[i, lax.rem(seg, jnp.int32(per_window))] = col_sums[i]
 
+      if f == 1:
+        dst = lambda w: o_ref.at[bb, hq, r, pl.ds(w * per_window, per_window)]  # noqa: E731
+      else:
+        dst = lambda w: o_ref.at[bb, hq, pl.ds(r * f, f), pl.ds(w * per_window, per_window)]  # noqa: E731
       segments = mosaic_common.MassSegments(cols_i, per_window=per_window, store=store_segment, out_smem=out_w,
-                                            dst=lambda w: o_ref.at[bb, hq, r, pl.ds(w * per_window, per_window)])
+                                            dst=dst, groups=f)
 
       def body(c, u, masked):
         slot = lax.rem(c, jnp.int32(stages))
@@ -188,13 +215,16 @@ def _rows(q, k, lse, first_block, *, n_rows, scale, softcap, window, stages, per
         lambda *scratch: kernel(q_ref, k_ref, lse_ref, meta_ref, o_ref, scratch),
         mosaic_common.tiled_smem((PAIR, BLOCK, h), dtype), mosaic_common.tiled_smem((stages, BLOCK, h), dtype),
         plgpu.SMEM((PAIR, BLOCK), jnp.float32), plgpu.SMEM((PAIR + 1, mosaic_common.TMA_INT32), jnp.int32),
-        plgpu.SMEM((PAIR, per_window, SEGMENT), jnp.float32),
+        plgpu.SMEM((PAIR, per_window, SEGMENT) if f == 1 else (PAIR, f, per_window, SEGMENT), jnp.float32),
         plgpu.Barrier(num_barriers=3 * PAIR + 1), plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=PAIR, num_barriers=stages), plgpu.Barrier(num_barriers=PAIR),
         collective_axes="wg")
 
+  params = dict(approx_math=True)
+  if f > 1:
+    params["lowering_semantics"] = plgpu.LoweringSemantics.Lane
   out = plgpu.kernel(
-      entry, out_type=jax.ShapeDtypeStruct((b, n, pairs * PAIR, n_seg, SEGMENT), jnp.float32),
+      entry, out_type=jax.ShapeDtypeStruct((b, n, pairs * PAIR * f, n_seg, SEGMENT), jnp.float32),
       grid=(n, b, pairs), grid_names=("heads", "batch", "pair"), num_threads=PAIR + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, lse_c, meta)
-  return out.reshape(b, n, pairs * PAIR, n_seg * SEGMENT)[:, :, :n_rows, :n_k]
+      compiler_params=plgpu.CompilerParams(**params))(q, k, lse_c, meta)
+  return out.reshape(b, n, pairs * PAIR * f, n_seg * SEGMENT)[:, :, :n_rows, :n_k * f]

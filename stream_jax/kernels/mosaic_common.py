@@ -83,10 +83,14 @@ class MassSegments:
   """How ideal_mosaic.py and table_mosaic.py write a row of per-key-block masses without holding it: the
   per-row sums of block c go into column c % 64 of a [64, 64] register tile `u`; every 64 blocks
   `store(u, segment)` reduces the tile into a shared-memory window of `per_window` segments, and `copy(w)`
-  sends window w to HBM by TMA when it is full (or the row ends)."""
+  sends window w to HBM by TMA when it is full (or the row ends).
 
-  def __init__(self, cols, *, per_window: int, store, out_smem, dst):
+  With `groups` g > 1 (key blocks of 64 / g tokens) a 64-key tile c holds g key blocks: their per-row sums
+  go into columns (c g + i) % 64, and a segment fills every 64 / g tiles."""
+
+  def __init__(self, cols, *, per_window: int, store, out_smem, dst, groups: int = 1):
     self.cols, self.per_window, self.store, self.out_smem, self.dst = cols, per_window, store, out_smem, dst
+    self.groups = groups
 
   def copy(self, w):
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415  (GPU-only module)
@@ -96,15 +100,23 @@ class MassSegments:
     plgpu.commit_smem()  # the window is free again before any thread writes it
 
   def add(self, u, c, p):
-    """u with the per-row sums of block c's masses p [64, 64] in column c % 64; stores (and copies) a full
-    segment."""
+    """u with the per-row sums of tile c's masses p [64, 64] in column c % 64 (per key block: columns c g + i);
+    stores (and copies) a full segment."""
     import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only module)
-    col = lax.rem(c, jnp.int32(SEGMENT))
-    u = jnp.where(self.cols == col, lax.broadcast_in_dim(p.sum(axis=1), u.shape, [0]), u)
+    g = self.groups
+    per_segment = SEGMENT // g  # tiles per segment
+    col = lax.rem(c, jnp.int32(per_segment))
+    if g == 1:
+      u = jnp.where(self.cols == col, lax.broadcast_in_dim(p.sum(axis=1), u.shape, [0]), u)
+    else:
+      group = lax.div(self.cols, jnp.int32(SEGMENT // g))  # each column's key block within the tile
+      for i in range(g):
+        sums = jnp.where(group == i, p, 0.0).sum(axis=1)
+        u = jnp.where(self.cols == col * g + i, lax.broadcast_in_dim(sums, u.shape, [0]), u)
 
-    @pl.when(col == SEGMENT - 1)
+    @pl.when(col == per_segment - 1)
     def _():
-      seg = lax.div(c, jnp.int32(SEGMENT))
+      seg = lax.div(c, jnp.int32(per_segment))
       self.store(u, seg)
       pl.when(lax.rem(seg, jnp.int32(self.per_window)) == self.per_window - 1)(
           functools.partial(self.copy, lax.div(seg, jnp.int32(self.per_window))))
@@ -121,15 +133,16 @@ class MassSegments:
     self.finish(u, count)
 
   def finish(self, u, count):
-    """After blocks 0 .. count - 1: the last, partial segment stored and the last window copied."""
+    """After tiles 0 .. count - 1: the last, partial segment stored and the last window copied."""
     import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only module)
-    tail = lax.rem(count, jnp.int32(SEGMENT))  # blocks in the last, partial segment
+    columns = count if self.groups == 1 else count * self.groups  # key blocks written
+    tail = lax.rem(columns, jnp.int32(SEGMENT))  # blocks in the last, partial segment
 
     @pl.when(tail > 0)
     def _():
-      self.store(jnp.where(self.cols < tail, u, 0.0), lax.div(count, jnp.int32(SEGMENT)))
+      self.store(jnp.where(self.cols < tail, u, 0.0), lax.div(columns, jnp.int32(SEGMENT)))
 
-    last_seg = lax.div(count - 1, jnp.int32(SEGMENT))
+    last_seg = lax.div(columns - 1, jnp.int32(SEGMENT))
 
     @pl.when((count > 0) & ((tail > 0) | (lax.rem(last_seg, jnp.int32(self.per_window)) != self.per_window - 1)))
     def _():
