@@ -1,6 +1,7 @@
 """Pallas Mosaic GPU (Hopper: TMA + wgmma) kernel of the true block mass rows of the ideal kept set: the port
 of the Triton kernel in ideal_triton.py (same contract: `mass_rows`), which "pallas" and "auto" prefer on
-Hopper for 64 x 64 blocks, so the ideal trace does not depend on the Triton backend that Pallas deprecates.
+Hopper (16, 32 and 64-token blocks), so the ideal trace does not depend on the Triton backend that Pallas
+deprecates.
 
 One CTA per (head, batch, pair of query blocks), three warpgroups: a producer streams the key blocks 0 ..
 the pair's diagonal by TMA through a ring of `stages` buffers, and two consumers, one per query block, each
