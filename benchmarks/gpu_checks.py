@@ -317,6 +317,11 @@ MGPU_TABLE_CASES = [
     (8192, 0, 4, 1, 256, jnp.bfloat16, 50.0, dict(query_stride=16, coverage=0.9)),  # soft-cap, one kv head
     (8192, 0, 8, 4, 128, jnp.bfloat16, None, dict(query_stride=2, top_k=16, coverage=None)),  # fixed k
     (70000, 0, 4, 2, 64, jnp.bfloat16, None, dict(query_stride=64, top_k=64)),  # 1 query / block, 18 segments
+    # 32 / 16-token blocks: 2 / 4 key blocks per 64-key tile
+    (8000, 300, 8, 4, 128, jnp.float16, None, dict(block_q=32, block_k=32, query_stride=4, top_k=64)),  # ragged
+    (8192, 0, 4, 1, 256, jnp.bfloat16, 50.0, dict(block_q=16, block_k=16, query_stride=2, top_k=256,
+                                                  coverage=0.9)),  # soft-cap, one kv head
+    (16384, 0, 8, 4, 128, jnp.bfloat16, None, dict(block_q=32, block_k=32, query_stride=8, top_k=128)),
 ]
 
 
@@ -352,23 +357,25 @@ def check_mgpu_table(cases=MGPU_TABLE_CASES, sharpen=4.0):
     failed += _case(f"mgpu table T={t} S={t + extra} N={n} K={kv} H={h} {jnp.dtype(dtype).name} softcap={cap} "
                     f"{changes}", run)
 
-  def windows(t=70000, n=4, kv=2, h=64, stride=8):
+  def windows(t=70000, n=4, kv=2, h=64, stride=8, block=64):
     q, k = _rand((1, t, n, h), 80, jnp.bfloat16), _rand((1, t, kv, h), 81, jnp.bfloat16)
-    r = 64 // stride
-    rows = table.sampled_rows(t, 64, stride)[-64:].reshape(-1)  # the last 64 query blocks
+    r = block // stride
+    rows = table.sampled_rows(t, block, stride)[-64:].reshape(-1)  # the last 64 query blocks: r tiles
     q_rows = jnp.take(q, rows, axis=1)
-    kw = dict(stride=stride, q_len=t, scale=h ** -0.5, softcap=None)
-    first = -(-t // 64) - 64
+    kw = dict(stride=stride, q_len=t, scale=h ** -0.5, softcap=None, block=block)
+    first = -(-t // block) - 64
     one = table_mosaic.mass_rows(q_rows, k, rows, first, **kw)
-    many = table_mosaic.mass_rows(q_rows, k, rows, first, window_floats=4 * stride * 64, **kw)
+    many = table_mosaic.mass_rows(q_rows, k, rows, first, window_floats=4 * (64 // r) * 64, **kw)
     diff = float(jnp.abs(one - many).max())
     sums = np.asarray(one.sum(-1))[0]  # each block's sampled queries' masses sum to their count
     want = np.asarray((rows.reshape(64, r) >= 0).sum(-1), np.float32)
     return diff == 0.0 and np.allclose(sums, want[None], rtol=2e-3), (
-        f"18 segments in windows of 4 vs one window: max |diff| {diff:.1e}; row sums / sampled queries "
-        f"{(sums / want).min():.4f}-{(sums / want).max():.4f}")
+        f"{block}-token blocks, stride {stride}: windows of 4 segments vs one window: max |diff| {diff:.1e}; "
+        f"row sums / sampled queries {(sums / want).min():.4f}-{(sums / want).max():.4f}")
 
-  failed += _case("mgpu table rows across shared-memory windows", windows)
+  for block, stride in ((64, 8), (32, 4), (16, 2)):
+    failed += _case(f"mgpu table rows across shared-memory windows ({block}-token blocks)",
+                    functools.partial(windows, block=block, stride=stride))
   return failed
 
 

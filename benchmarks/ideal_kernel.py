@@ -52,7 +52,8 @@ def main(argv=None):
                  help="warps:stages:blocks_per_program:chunk settings of the rows kernel")
   p.add_argument("--mosaic-stages", default="2,3", help="key-ring depths of the Mosaic rows kernel (Hopper)")
   p.add_argument("--table-strides", default="4,8,16", help="query strides of StreamConfig.table() (Hopper)")
-  p.add_argument("--blocks", default="64", help="block sizes (16, 32, 64) of the ideal_mask end-to-end rows")
+  p.add_argument("--blocks", default="64", help="block sizes (16, 32, 64) of the ideal_mask end-to-end rows (and, "
+                 "below 64, of table() estimates at --table-strides that divide them)")
   p.add_argument("--only-ideal", action="store_true", help="only the ideal_mask end-to-end rows (and cuDNN)")
   args = p.parse_args(argv)
   n, kv, h = 8, 4, 256
@@ -160,6 +161,23 @@ def _ideal_rows(args, t, cfg, base, q, k, lse, scale, hopper):
       except Exception as e:  # pylint: disable=broad-except
         print(f"| {t:,} | ideal_mask {block}-token blocks ({backend}) | failed: {str(e).splitlines()[0][:300]} | |",
               flush=True)
+    if block == 64:
+      continue  # the 64-token table's rows are the main run's
+    for qs in [int(x) for x in args.table_strides.split(",") if x]:
+      if qs < 2 or block % qs:
+        continue
+      config = sj.StreamConfig.table(query_stride=qs, block_q=block, block_k=block)
+      for backend in ("mosaic", "xla") if hopper else ("xla",):
+        if backend == "xla" and t > 32768:
+          continue  # the XLA table is O(T^2 / stride) in large products: 32k is enough to compare
+        est = jax.jit(functools.partial(sj.estimate_mask, config=config, scale=scale, backend=backend))
+        try:
+          ms = timed(lambda q, k, est=est: est(q, k).counts, q, k, reps=args.reps)
+          print(f"| {t:,} | estimate: table(query_stride={qs}), {block}-token blocks ({backend}) | {ms:.1f} | "
+                f"{ms / base:.2f} |", flush=True)
+        except Exception as e:  # pylint: disable=broad-except
+          print(f"| {t:,} | estimate: table(query_stride={qs}), {block}-token blocks ({backend}) | failed: "
+                f"{str(e).splitlines()[0][:300]} | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -137,13 +137,15 @@ def _table_xla(q, k, *, config: StreamConfig, scale, softcap):
 
 def _table_kernel(q, k, *, config: StreamConfig, scale, softcap, rows_fn, tiles: int = KERNEL_TILES):
   """Batched q [B, T, N, H], k [B, S, K, H] through a table kernel (`rows_fn`, the contract of
-  `table_mosaic.mass_rows`), `tiles` x query_stride query blocks at a time (a tile is 64 sampled queries)
+  `table_mosaic.mass_rows`), `tiles` tiles of 64 sampled queries (64 / (block_q / query_stride) query blocks
+  each) at a time
   -> ids [B, N, nQ, C], mass, coverage."""
   t, s = q.shape[1], k.shape[1]
   bq, bk, stride = config.block_q, config.block_k, config.query_stride
   r = bq // stride
+  per_tile = 64 // r  # query blocks per tile of 64 sampled queries
   n_q = num_blocks(t, bq)
-  qc = min(tiles, -(-n_q // stride)) * stride  # whole tiles per chunk
+  qc = min(tiles, -(-n_q // per_tile)) * per_tile  # whole tiles per chunk
   n_qc = -(-n_q // qc)
   rows = jnp.pad(sampled_rows(t, bq, stride), ((0, n_qc * qc - n_q), (0, 0)), constant_values=-1)
   rows = rows.reshape(n_qc, qc * r)
@@ -154,7 +156,7 @@ def _table_kernel(q, k, *, config: StreamConfig, scale, softcap, rows_fn, tiles:
   def chunk_fn(args):
     i, rows_c, pos_c, diag_c, valid_c = args
     q_rows = jnp.take(q, jnp.maximum(rows_c, 0), axis=1)  # [B, qc r, N, H]: the chunk's sample only
-    table = rows_fn(q_rows, k, pos_c, i * qc, stride=stride, q_len=t, scale=scale, softcap=softcap)
+    table = rows_fn(q_rows, k, pos_c, i * qc, stride=stride, q_len=t, scale=scale, softcap=softcap, block=bq)
     return jax.vmap(functools.partial(ideal._select_chunk, config=sample_target(config)), in_axes=(0, None, None))(
         table, diag_c, valid_c)
 

@@ -238,13 +238,15 @@ def test_mgpu_ideal_says_what_it_cannot_take_and_never_runs_off_hopper(monkeypat
 
 
 @pytest.mark.parametrize("semantics", SEMANTICS)
-@pytest.mark.parametrize("lead,t,s,h,dtype,stride,softcap,tiles", [
-    ((2,), 4000, 4100, 256, jnp.bfloat16, 8, None, 2),  # batch, ragged T, S > T, several chunks
-    ((1,), 1000, 1000, 128, jnp.float16, 4, 50.0, 64),  # soft-cap, 16 sampled queries per block
-    ((1,), 9000, 9000, 64, jnp.bfloat16, 64, None, 64),  # one query per block, several segments
+@pytest.mark.parametrize("lead,t,s,h,dtype,stride,softcap,tiles,block", [
+    ((2,), 4000, 4100, 256, jnp.bfloat16, 8, None, 2, 64),  # batch, ragged T, S > T, several chunks
+    ((1,), 1000, 1000, 128, jnp.float16, 4, 50.0, 64, 64),  # soft-cap, 16 sampled queries per block
+    ((1,), 9000, 9000, 64, jnp.bfloat16, 64, None, 64, 64),  # one query per block, several segments
+    ((1,), 4000, 4100, 128, jnp.bfloat16, 4, None, 3, 32),  # 2 key blocks per tile, 8 query blocks per tile
+    ((1,), 3000, 3000, 256, jnp.float16, 2, 30.0, 2, 16),  # 4 key blocks per tile, soft-cap, ragged chunks
 ])
-def test_mgpu_table_lowers_for_cuda(semantics, lead, t, s, h, dtype, stride, softcap, tiles):
-  cfg = C.table(top_k=32, coverage=0.9, query_stride=stride)
+def test_mgpu_table_lowers_for_cuda(semantics, lead, t, s, h, dtype, stride, softcap, tiles, block):
+  cfg = C.table(top_k=32, coverage=0.9, query_stride=stride, block_q=block, block_k=block)
 
   def fn(q, k):
     return table._table_kernel(q, k, config=cfg, scale=0.0625, softcap=softcap,
@@ -259,8 +261,12 @@ def test_mgpu_table_says_what_it_cannot_take_and_never_runs_off_hopper(monkeypat
   why = lambda q, cfg: table_mosaic.unsupported(Call.estimate(q, cfg))  # noqa: E731
   assert why(q, C.table()) is None
   assert "float16 / bfloat16" in why(_sds((4096, 8, 256), jnp.float32), C.table())
-  assert "64 x 64 blocks" in why(q, C.table(block_q=32, block_k=32))
+  for block, stride in ((32, 4), (32, 32), (16, 2), (16, 8)):
+    assert why(q, C.table(block_q=block, block_k=block, query_stride=stride)) is None
+  assert "32 x 32 or 64 x 64 blocks" in why(q, C.table(block_q=32, block_k=64))
+  assert "32 x 32 or 64 x 64 blocks" in why(q, C.table(block_q=8, block_k=8, query_stride=2))
   assert "query_stride >= 2" in why(q, C.table(query_stride=1))
+  assert "query_stride >= 2" in why(q, C.table(block_q=16, block_k=16, query_stride=1))
   assert "head dim" in why(_sds((4096, 8, 96)), C.table())
   with pytest.raises(ValueError, match="select='table' runs on Mosaic GPU"):
     impls.choose("estimate_mask", "triton", Call.estimate(q, C.table()))
@@ -271,5 +277,6 @@ def test_mgpu_table_says_what_it_cannot_take_and_never_runs_off_hopper(monkeypat
   monkeypatch.setattr(impls, "on_gpu", lambda: True)
   for policy in ("pallas", "auto"):
     assert impls.choose("estimate_mask", policy, Call.estimate(q, C.table())) == "mosaic"
+    assert impls.choose("estimate_mask", policy, Call.estimate(q, C.table(block_q=32, block_k=32))) == "mosaic"
   assert impls.choose("estimate_mask", "auto", Call.estimate(q, C.table(query_stride=1))) == "xla"
   assert impls.choose("estimate_mask", "auto", Call.estimate(_sds((4096, 8, 256), jnp.float32), C.table())) == "xla"

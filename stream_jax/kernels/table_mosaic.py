@@ -12,8 +12,12 @@ of the tile turns the tile into that block's 64 masses, stored in a shared-memor
 out when full (or the row ends). The logits never leave registers; HBM holds the chunk's [B, N, chunk, nK]
 rows, as with the ideal set's kernel (ideal_mosaic.py), whose walk this one shares.
 
-Limits (`unsupported`): float16 / bfloat16, 64 x 64 blocks, query_stride >= 2 (a tile spans whole query
-blocks), head dims multiples of 64 up to 256.
+Blocks of 32 or 16 tokens keep the 64-key tiles: each holds 64 / b key blocks, whose masses go into the
+segment tile as 64 / b masked row sums (ideal_mosaic's way, through `MassSegments`); a tile of 64 sampled
+queries then spans 64 / (b / query_stride) query blocks. Those lower with Lane semantics.
+
+Limits (`unsupported`): float16 / bfloat16, 16 x 16, 32 x 32 or 64 x 64 blocks, query_stride >= 2 dividing
+the block (a tile spans whole query blocks), head dims multiples of 64 up to 256.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from stream_jax.mask import diagonal_blocks, num_blocks
 if TYPE_CHECKING:
   from stream_jax.kernels.implementations import Call
 
-BLOCK = 64  # sampled queries per CTA (one wgmma tile) and keys per block
+BLOCK = 64  # sampled queries per CTA (one wgmma tile) and keys per tile (64 / block key blocks)
+BLOCKS = (16, 32, 64)
 SEGMENT = mosaic_common.SEGMENT  # key blocks per column reduction (the register tile's columns)
 WINDOW_FLOATS = 16384  # masses per shared-memory window (64 KiB), copied out by TMA when full
 DEFAULT_STAGES = 2  # key ring depth
@@ -43,51 +48,57 @@ def unsupported(call: Call) -> Optional[str]:
   h, config = call.head_dim, call.config
   if call.dtype not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
     return f"the Mosaic GPU table kernel takes float16 / bfloat16 inputs, got {call.dtype.name}"
-  if (call.block_q, call.block_k) != (BLOCK, BLOCK):
-    return f"the Mosaic GPU table kernel needs 64 x 64 blocks, got {call.block_q} x {call.block_k}"
-  if config.query_stride < 2:
-    return "the Mosaic GPU table kernel needs query_stride >= 2 (its 64-query tile spans whole query blocks)"
+  if call.block_q != call.block_k or call.block_q not in BLOCKS:
+    return (f"the Mosaic GPU table kernel needs 16 x 16, 32 x 32 or 64 x 64 blocks, got {call.block_q} x "
+            f"{call.block_k}")
+  if config.query_stride < 2 or call.block_q % config.query_stride:
+    return ("the Mosaic GPU table kernel needs query_stride >= 2 dividing block_q (its 64-query tile spans whole "
+            f"query blocks), got {config.query_stride}")
   if h % 64 or not 64 <= h <= 256:
     return f"the Mosaic GPU table kernel needs a head dim in 64, 128, 192, 256, got {h}"
   return None
 
 
 def mass_rows(q_rows: jax.Array, k: jax.Array, pos: jax.Array, first_block, *, stride: int, q_len: int,
-              scale: float, softcap: Optional[float], stages: Optional[int] = None,
+              scale: float, softcap: Optional[float], block: int = BLOCK, stages: Optional[int] = None,
               window_floats: int = WINDOW_FLOATS) -> jax.Array:
-  """float32 [B, N, n_rows, nK]: the sampled true mass rows of query blocks first_block .. + n_rows - 1.
+  """float32 [B, N, n_rows, nK]: the sampled true mass rows of query blocks first_block .. + n_rows - 1
+  (blocks of `block` tokens, queries and keys).
 
-  q_rows [B, n_rows x 64 / stride, N, H]: the chunk's sampled queries (`table.sampled_rows` order); pos
-  int32 [n_rows x 64 / stride]: their positions among the S keys (-1: no query); k [B, S, K, H]. Entries
+  q_rows [B, n_rows x block / stride, N, H]: the chunk's sampled queries (`table.sampled_rows` order), a
+  whole number of 64-query tiles; pos int32 [n_rows x block / stride]: their positions among the S keys (-1:
+  no query); k [B, S, K, H]. Entries
   past each row's diagonal, and rows past the last query block, are zeros. GPU only (no interpret mode:
   its tests lower it for CUDA on the CPU and run it on the device, benchmarks/gpu_checks.py).
   `window_floats`: the shared-memory window (a launch setting; the GPU checks make it small)."""
-  r = BLOCK // stride
+  r = block // stride
   n_rows = pos.shape[0] // r
   s = k.shape[1]
-  rows = _rows(q_rows, k, pos.astype(jnp.int32), stride=int(stride), scale=float(scale),
+  rows = _rows(q_rows, k, pos.astype(jnp.int32), stride=int(stride), block=int(block), scale=float(scale),
                softcap=None if softcap is None else float(softcap),
                stages=DEFAULT_STAGES if stages is None else int(stages), window_floats=int(window_floats))
-  n_q, n_k = num_blocks(q_len, BLOCK), num_blocks(s, BLOCK)
+  n_q, n_k = num_blocks(q_len, block), num_blocks(s, block)
+  rows = rows[..., :n_k]
   j = first_block + jnp.arange(n_rows, dtype=jnp.int32)
-  diag = jnp.where(j < n_q, diagonal_blocks(q_len, s, BLOCK, BLOCK)[jnp.clip(j, 0, n_q - 1)], -1)
+  diag = jnp.where(j < n_q, diagonal_blocks(q_len, s, block, block)[jnp.clip(j, 0, n_q - 1)], -1)
   keep = jnp.arange(n_k, dtype=jnp.int32)[None, :] <= diag[:, None]  # [n_rows, nK]
   return jnp.where(keep, rows, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("stride", "scale", "softcap", "stages", "window_floats"))
-def _rows(q_rows, k, pos, *, stride, scale, softcap, stages, window_floats):
+@functools.partial(jax.jit, static_argnames=("stride", "block", "scale", "softcap", "stages", "window_floats"))
+def _rows(q_rows, k, pos, *, stride, block, scale, softcap, stages, window_floats):
   import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only module: imported where it runs)
   import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
 
   b, rows, n, h = q_rows.shape
   s, kv = k.shape[1], k.shape[2]
   g = n // kv
-  r = BLOCK // stride  # sampled queries per query block
-  per_tile = stride  # query blocks per tile
+  f = BLOCK // block  # key blocks per 64-key tile
+  r = block // stride  # sampled queries per query block
+  per_tile = BLOCK // r  # query blocks per tile
   n_tiles = rows // BLOCK
-  n_k = num_blocks(s, BLOCK)
-  n_seg = -(-n_k // SEGMENT)
+  n_k = num_blocks(s, BLOCK)  # 64-key tiles
+  n_seg = -(-n_k * f // SEGMENT)
   per_window = max(1, min(n_seg, window_floats // (per_tile * SEGMENT)))
   n_seg = -(-n_seg // per_window) * per_window  # whole windows
   k = jnp.pad(k, ((0, 0), (0, n_k * BLOCK - s), (0, 0), (0, 0)))
@@ -162,7 +173,7 @@ def _rows(q_rows, k, pos, *, stride, scale, softcap, stages, window_floats):
 
     window_of = lambda w: o_ref.at[bb, hq, pl.ds(i * per_tile, per_tile), pl.ds(w * per_window, per_window)]  # noqa: E731
     segments = mosaic_common.MassSegments(cols_i, per_window=per_window, store=store_segment, out_smem=out_smem,
-                                          dst=window_of)
+                                          dst=window_of, groups=f)
 
     def mass_body(c, u, masked):
       x2, visible = logits2(c, masked)
@@ -181,8 +192,11 @@ def _rows(q_rows, k, pos, *, stride, scale, softcap, stages, window_floats):
         plgpu.SMEM((per_tile, per_window, SEGMENT), jnp.float32),
         plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=stages))
 
+  params = dict(approx_math=True)
+  if f > 1:  # as ideal_mosaic's: layouts set by hand, no layout search
+    params["lowering_semantics"] = plgpu.LoweringSemantics.Lane
   out = plgpu.kernel(
       entry, out_type=jax.ShapeDtypeStruct((b, n, n_tiles * per_tile, n_seg, SEGMENT), jnp.float32),
       grid=(n, b, n_tiles), grid_names=("heads", "batch", "tile"),
-      compiler_params=plgpu.CompilerParams(approx_math=True))(q_rows, k, pos, meta)
-  return out.reshape(b, n, n_tiles * per_tile, n_seg * SEGMENT)[..., :n_k]
+      compiler_params=plgpu.CompilerParams(**params))(q_rows, k, pos, meta)
+  return out.reshape(b, n, n_tiles * per_tile, n_seg * SEGMENT)[..., :n_k * f]
