@@ -213,6 +213,16 @@ def test_mgpu_ideal_lowers_for_cuda(semantics, lead, t, s, h, dtype, softcap, wi
   assert "mosaic_gpu" in text
 
 
+def test_mgpu_ideal_rows_refuse_a_block_or_start_the_tiles_cannot_take():
+  """Below 64 tokens a query tile holds 64 / block query blocks, so a chunk must start on a tile."""
+  q, lse = jnp.zeros((1, 256, 2, 64), jnp.bfloat16), jnp.zeros((1, 2, 256), jnp.float32)
+  kw = dict(n_rows=4, q_len=256, k_len=256, scale=0.125, softcap=None, window=None)
+  with pytest.raises(ValueError, match="first_block must be a multiple of 2 with 32-token blocks, got 3"):
+    ideal_mosaic.mass_rows(q, q, lse, 3, block=32, **kw)
+  with pytest.raises(ValueError, match=r"block must be one of \(16, 32, 64\), got 8"):
+    ideal_mosaic.mass_rows(q, q, lse, 0, block=8, **kw)
+
+
 def test_mgpu_ideal_says_what_it_cannot_take_and_never_runs_off_hopper(monkeypatch):
   q = _sds((4096, 8, 256))
   why = lambda q, cfg, km=False: ideal_mosaic.unsupported(Call.ideal(q, cfg, key_mask=km))  # noqa: E731

@@ -75,7 +75,11 @@ def mass_rows(q: jax.Array, k: jax.Array, lse: jax.Array, first_block, *, n_rows
   past each row's diagonal, and rows past the last query block, are zeros. `segments_per_copy`: the
   shared-memory window (a launch setting; the GPU checks make it small to cross windows on a short input)."""
   t, s = q_len, k_len
+  if block not in BLOCKS:
+    raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
   groups = BLOCK // block
+  if isinstance(first_block, int) and first_block % groups:  # a traced start is the caller's (ideal.py's) promise
+    raise ValueError(f"first_block must be a multiple of {groups} with {block}-token blocks, got {first_block}")
   first_tile = jnp.asarray(first_block, jnp.int32)
   if groups > 1:
     first_tile = first_tile // groups
