@@ -42,8 +42,10 @@ def lower_for_cuda(fn, *args):
 def mosaic_semantics(name: str, *jitted):
   """Lower Mosaic GPU kernels with the named lowering semantics: "Lane" (jax 0.10's default) or
   "Warpgroup" (0.11's, which runs Mosaic GPU layout inference: where a kernel's vector layouts or
-  shared-memory transfers cannot be satisfied). `jitted`: the kernels' jitted inner functions, whose
-  traces (which hold the compiler parameters) are dropped before and after."""
+  shared-memory transfers cannot be satisfied). A kernel that asks for its semantics itself (the wide
+  estimate kernel, the 16 / 32-token block-mass and table kernels: Lane) keeps them under either setting.
+  `jitted`: the kernels' jitted inner functions, whose traces (which hold the compiler parameters) are
+  dropped before and after."""
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
   original = plgpu.CompilerParams
   semantics = getattr(plgpu.LoweringSemantics, name)
