@@ -93,8 +93,13 @@ def test_per_layer_calibration_equals_a_sweep_of_uniform_scales():
   target in that layer (brute force: every scale of the grid, all layers at once), with those passes'
   coverage; a grid that stops too early leaves a layer unreached at its largest scale."""
   grid = (1.0, 2.0, 4.0, 8.0)
-  sweep = {s: calibration.budget_coverage(TINY_MODEL, TINY_IDS, TINY_CFG.replace(dropped_scale=s)) for s in grid}
+  # Each uniform scale as a table naming it for both pruned layers: the same plans as a pass that tries it
+  # in both (so those passes reuse the sweep's compiled forward: 5 compiles, not 9), and per layer the
+  # uniform config's masks (test_each_layer_runs_its_own_scale). Uniform dropped_scale is checked below.
+  sweep = {s: calibration.budget_coverage(TINY_MODEL, TINY_IDS, TINY_CFG.replace(layer_scales={1: s, 3: s}))
+           for s in grid}
   layers = sweep[1.0].layers
+  assert sweep[1.0] == calibration.budget_coverage(TINY_MODEL, TINY_IDS, TINY_CFG)  # no table: dropped_scale 1
   assert layers == (1, 3)
   for scales in (grid, grid[:3]):
     cal = calibration.calibrate_budget(TINY_MODEL, TINY_IDS, TINY_CFG, scales=scales, progress=False)
