@@ -50,12 +50,38 @@ def test_bad_input_exits_2_through_the_entry_point():
   assert r.returncode == 2 and "one of the arguments --text --file is required" in r.stderr, r.stderr
 
 
-def test_demo_writes_a_restorable_report(tmp_path):
+@pytest.fixture(scope="module")
+def in_process():
+  """cli.main in this process, the 270M's weights loaded once for the module's model commands (cli.load
+  runs every time; the loader is memoised as in test_readme). As subprocesses the demo, anchors, trace and
+  niah runs cost imports and a load each (~10 s a run alone on 2 cores). The entry point itself:
+  `python -m stream_jax.cli view` on the anchors report (exit 0) and test_bad_input_exits_2_through_the_entry_point."""
+  import stream_jax.models  # pylint: disable=import-outside-toplevel
+  real_load = stream_jax.models.load_model
+  loaded = {}
+
+  def load_once(name, tokenizer=True, **kwargs):  # loaded with its tokenizer; cli.load sets a peeked one
+    key = (name, tuple(sorted(kwargs.items())))
+    if key not in loaded:
+      loaded[key] = real_load(name, tokenizer=True, **kwargs)
+    return loaded[key]
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(stream_jax.models, "load_model", load_once)
+    yield loaded
+
+
+def run_in_process(capsys, *args):
+  rc = cli.main(list(args))
+  out, err = capsys.readouterr()
+  assert rc == 0, err[-3000:]
+  return out
+
+
+def test_demo_writes_a_restorable_report(tmp_path, capsys, in_process):
   out = tmp_path / "demo"
-  r = run("demo", "--length", "320", "--block-q", "32", "--block-k", "32", "--top-k", "2",
-          "--max-new-tokens", "4", "--out", str(out))
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert "dense vs Stream, 320 tokens" in r.stdout and "Stream answer:" in r.stdout
+  stdout = run_in_process(capsys, "demo", "--length", "320", "--block-q", "32", "--block-k", "32", "--top-k", "2",
+                          "--max-new-tokens", "4", "--out", str(out))
+  assert "dense vs Stream, 320 tokens" in stdout and "Stream answer:" in stdout
   report = json.loads((out / "report.json").read_text())
   assert report["sample"]["length"] == 320
   assert 0 < report["faithfulness"]["kept_stream"] < 1
@@ -68,49 +94,29 @@ def test_demo_writes_a_restorable_report(tmp_path):
   html = (out / "index.html").read_text()
   for text in ("question", "needle position", "Stream settings", "next-token KL"):
     assert text in html, text
+  assert len(in_process) == 1
 
 
-def test_trace_anchors_and_niah_on_small_inputs(tmp_path, capsys, monkeypatch):
-  """anchors, trace and niah through cli.main in one process, the 270M's weights loaded once (cli.load runs
-  each time; the loader is memoised as in test_readme): 58 s alone on 2 cores, 73 s as three subprocesses
-  (imports, three loads). test_demo_writes_a_restorable_report runs a model command through
-  `python -m stream_jax.cli`, test_bad_input_exits_2_through_the_entry_point its exit status."""
-  import stream_jax.models  # pylint: disable=import-outside-toplevel
-  real_load = stream_jax.models.load_model
-  loaded = {}
-
-  def load_once(name, tokenizer=True, **kwargs):  # loaded with its tokenizer; cli.load sets a peeked one
-    key = (name, tuple(sorted(kwargs.items())))
-    if key not in loaded:
-      loaded[key] = real_load(name, tokenizer=True, **kwargs)
-    return loaded[key]
-  monkeypatch.setattr(stream_jax.models, "load_model", load_once)
-
-  def run_in_process(*args):
-    rc = cli.main(list(args))
-    out, err = capsys.readouterr()
-    assert rc == 0, err[-3000:]
-    return out
-
+def test_trace_anchors_and_niah_on_small_inputs(tmp_path, capsys, in_process):
   cot = tmp_path / "cot.txt"
   cot.write_text("<think>We need 17 * 23. First, 17 * 20 = 340. Then 17 * 3 = 51. Adding gives 391. "
                  "Let me double-check: 23 * 17 = 23 * 10 + 23 * 7 = 230 + 161 = 391. That matches. "
                  "So the product is 391. I am confident now.</think> The answer is 391.")
-  out = run_in_process("anchors", "--file", str(cot), "--block-q", "16", "--block-k", "16", "--top-k", "2",
+  out = run_in_process(capsys, "anchors", "--file", str(cot), "--block-q", "16", "--block-k", "16", "--top-k", "2",
                        "--out", str(tmp_path / "anchors"))
   assert "receiver heads" in out and (tmp_path / "anchors" / "vertical_scores.png").exists()
   _anchors_report_has_a_viewer_with_text_and_sentences(tmp_path / "anchors")
 
-  out = run_in_process("trace", "--file", str(cot), "--block-q", "16", "--block-k", "16", "--top-k", "2",
+  out = run_in_process(capsys, "trace", "--file", str(cot), "--block-q", "16", "--block-k", "16", "--top-k", "2",
                        "--out", str(tmp_path / "trace"))
   assert "kl_mean" in out and (tmp_path / "trace" / "trace.json").exists()
 
-  out = run_in_process("niah", "--lengths", "200", "--samples", "1", "--block-q", "16", "--block-k", "16",
+  out = run_in_process(capsys, "niah", "--lengths", "200", "--samples", "1", "--block-q", "16", "--block-k", "16",
                        "--top-k", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "niah"))
   assert "string_match_all" in out
   rows = json.loads((tmp_path / "niah" / "report.json").read_text())["samples"]
   assert rows[0]["length"] == 200 and len(rows) == 1
-  assert len(loaded) == 1
+  assert len(in_process) == 1
 
 
 def _anchors_report_has_a_viewer_with_text_and_sentences(report):
