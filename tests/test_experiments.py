@@ -32,6 +32,11 @@ def tiny_model():
   return LoadedModel(config, init_params(config, seed=0), fast, np.float32, "tiny")
 
 
+@functools.lru_cache(maxsize=None)
+def _demo():
+  return ex.demo(tiny_model(), SETTINGS, length=200, seed=2, max_new_tokens=3)
+
+
 def _frozen(result):
   field = dataclasses.fields(result)[0].name
   with pytest.raises(dataclasses.FrozenInstanceError):
@@ -86,7 +91,7 @@ def test_niah_sweep_batches_and_records_rows():
 
 
 def test_demo_and_its_report(tmp_path):
-  res = ex.demo(tiny_model(), SETTINGS, length=200, seed=2, max_new_tokens=3)
+  res = _demo()  # ex.demo(tiny_model(), SETTINGS, length=200, seed=2, max_new_tokens=3), run once a process
   _frozen(res)
   assert set(res.answers) == {"dense", "stream"} and set(res.retrieved) == {"dense", "stream"}
   assert res.needle_blocks == res.sample.needle_blocks(16)
@@ -139,11 +144,6 @@ from stream_jax.analysis import routes  # noqa: E402  pylint: disable=wrong-impo
 def _key_rows(html):
   """(raw key, shown name, explanation) of the Key numbers table."""
   return re.findall(r'<tr><th title="([^"]*)">([^<]*)</th><td>[^<]*</td><td class=why>([^<]*)</td></tr>', html)
-
-
-@functools.lru_cache(maxsize=None)
-def _demo():
-  return ex.demo(tiny_model(), SETTINGS, length=200, seed=2, max_new_tokens=3)
 
 
 def test_demo_runs_two_prefills_and_reuses_them(monkeypatch):

@@ -569,9 +569,9 @@ def report_viewers(tmp_path_factory):
   ablation a flip afterwards: what is under test is the wiring from the results to the page."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   from stream_jax.analysis import causal, niah  # pylint: disable=import-outside-toplevel
-  from test_experiments import SETTINGS, ex, reports, tiny_model  # pylint: disable=import-outside-toplevel
+  from test_experiments import SETTINGS, _demo, ex, reports, tiny_model  # pylint: disable=import-outside-toplevel
   tmp = tmp_path_factory.mktemp("reports")
-  demo = ex.demo(tiny_model(), SETTINGS, length=200, seed=2, max_new_tokens=3)
+  demo = _demo()  # ex.demo(tiny_model(), SETTINGS, length=200, seed=2, max_new_tokens=3), once a process
   demo_out = reports.write_demo(demo, tiny_model(), tmp / "demo", table="t")
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(niah, "match_all", lambda pred, answers: 1.0)
