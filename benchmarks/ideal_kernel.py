@@ -140,11 +140,8 @@ def main(argv=None):
                   for qs in args.table_strides.split(",") if qs and hopper]
     for label, config, backend in estimates:
       est = jax.jit(functools.partial(sj.estimate_mask, config=config, scale=scale, backend=backend))
-      try:
-        ms = timed(lambda q, k, est=est: est(q, k).counts, q, k, reps=args.reps)
-        print(f"| {t:,} | estimate: {label} ({backend}) | {ms:.1f} | {ms / base:.2f} |", flush=True)
-      except Exception as e:  # pylint: disable=broad-except
-        print(f"| {t:,} | estimate: {label} | failed: {str(e).splitlines()[0][:300]} | |", flush=True)
+      _timed_row(t, f"estimate: {label} ({backend})", base, lambda q, k, est=est: est(q, k).counts, q, k,
+                 reps=args.reps)
   return 0
 
 
@@ -154,13 +151,8 @@ def _ideal_rows(args, t, cfg, base, q, k, lse, scale, hopper):
     config = cfg.replace(block_q=block, block_k=block)
     for backend in ("triton", "mosaic") if hopper else ("triton",):
       full = jax.jit(functools.partial(sj.ideal_mask, config=config, scale=scale, backend=backend))
-      try:
-        ms = timed(lambda q, k, l, full=full: full(q, k, l).coverage, q, k, lse, reps=args.reps)
-        print(f"| {t:,} | ideal_mask end to end, {block}-token blocks ({backend}) | {ms:.1f} | {ms / base:.2f} |",
-              flush=True)
-      except Exception as e:  # pylint: disable=broad-except
-        print(f"| {t:,} | ideal_mask {block}-token blocks ({backend}) | failed: {str(e).splitlines()[0][:300]} | |",
-              flush=True)
+      _timed_row(t, f"ideal_mask end to end, {block}-token blocks ({backend})", base,
+                 lambda q, k, l, full=full: full(q, k, l).coverage, q, k, lse, reps=args.reps)
     if block == 64:
       continue  # the 64-token table's rows are the main run's
     for qs in [int(x) for x in args.table_strides.split(",") if x]:
@@ -171,13 +163,17 @@ def _ideal_rows(args, t, cfg, base, q, k, lse, scale, hopper):
         if backend == "xla" and t > 32768:
           continue  # the XLA table is O(T^2 / stride) in large products: 32k is enough to compare
         est = jax.jit(functools.partial(sj.estimate_mask, config=config, scale=scale, backend=backend))
-        try:
-          ms = timed(lambda q, k, est=est: est(q, k).counts, q, k, reps=args.reps)
-          print(f"| {t:,} | estimate: table(query_stride={qs}), {block}-token blocks ({backend}) | {ms:.1f} | "
-                f"{ms / base:.2f} |", flush=True)
-        except Exception as e:  # pylint: disable=broad-except
-          print(f"| {t:,} | estimate: table(query_stride={qs}), {block}-token blocks ({backend}) | failed: "
-                f"{str(e).splitlines()[0][:300]} | |", flush=True)
+        _timed_row(t, f"estimate: table(query_stride={qs}), {block}-token blocks ({backend})", base,
+                   lambda q, k, est=est: est(q, k).counts, q, k, reps=args.reps)
+
+
+def _timed_row(t, label, base, fn, *args, reps):
+  """One table row: fn's median time and its ratio to cuDNN's, or why it failed (the run goes on)."""
+  try:
+    ms = timed(fn, *args, reps=reps)
+    print(f"| {t:,} | {label} | {ms:.1f} | {ms / base:.2f} |", flush=True)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"| {t:,} | {label} | failed: {str(e).splitlines()[0][:300]} | |", flush=True)
 
 
 if __name__ == "__main__":
