@@ -606,12 +606,10 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
         *lists, plgpu.SMEM((out_len,), jnp.int32),
         plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=stages))
 
-  # Lane semantics: every register array here has its layout set where it is made, and jax 0.11's default
-  # (Warpgroup: a layout search over the whole kernel) ran 2 min on this kernel, then found no solution.
   out = plgpu.kernel(
       entry, out_type=jax.ShapeDtypeStruct((b, n, n_q, out_len), jnp.int32),
       grid=(n, b, n_q), grid_names=("heads", "batch", "qblk"),
-      compiler_params=plgpu.CompilerParams(approx_math=False, lowering_semantics=plgpu.LoweringSemantics.Lane))(q, k)
+      compiler_params=mosaic_common.compiler_params(approx_math=False, lane=True))(q, k)
   indices, counts = out[..., :cap], out[..., out_len - 1]
   if not batched:
     indices, counts = indices[0], counts[0]

@@ -225,11 +225,8 @@ def _rows(q, k, lse, first_tile, *, n_rows, groups, scale, softcap, window, stag
         plgpu.Barrier(num_arrivals=PAIR, num_barriers=stages), plgpu.Barrier(num_barriers=PAIR),
         collective_axes="wg")
 
-  params = dict(approx_math=True)
-  if f > 1:
-    params["lowering_semantics"] = plgpu.LoweringSemantics.Lane
   out = plgpu.kernel(
       entry, out_type=jax.ShapeDtypeStruct((b, n, pairs * PAIR * f, n_seg, SEGMENT), jnp.float32),
       grid=(n, b, pairs), grid_names=("heads", "batch", "pair"), num_threads=PAIR + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(**params))(q, k, lse_c, meta)
+      compiler_params=mosaic_common.compiler_params(approx_math=True, lane=f > 1))(q, k, lse_c, meta)
   return out.reshape(b, n, pairs * PAIR * f, n_seg * SEGMENT)[:, :, :n_rows, :n_k * f]

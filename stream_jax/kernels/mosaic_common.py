@@ -27,6 +27,16 @@ def no_hopper() -> Optional[str]:
   return None
 
 
+def compiler_params(*, approx_math: bool, lane: bool = False):
+  """plgpu.CompilerParams; `lane` asks for Lane semantics, for kernels that set every register layout by hand:
+  jax 0.11's default (Warpgroup) searches the whole kernel for a layout assignment, and on the H200 that
+  search ran 2 minutes on the wide estimate kernel and found none."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415  (GPU-only module)
+  if not lane:
+    return plgpu.CompilerParams(approx_math=approx_math)
+  return plgpu.CompilerParams(approx_math=approx_math, lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
 def tma_length(n: int) -> int:
   """`n` 32-bit values rounded up to a length TMA can copy (a multiple of TMA_INT32)."""
   return -(-n // TMA_INT32) * TMA_INT32

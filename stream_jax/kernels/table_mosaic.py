@@ -192,11 +192,8 @@ def _rows(q_rows, k, pos, *, stride, block, scale, softcap, stages, window_float
         plgpu.SMEM((per_tile, per_window, SEGMENT), jnp.float32),
         plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=stages))
 
-  params = dict(approx_math=True)
-  if f > 1:  # as ideal_mosaic's: layouts set by hand, no layout search
-    params["lowering_semantics"] = plgpu.LoweringSemantics.Lane
   out = plgpu.kernel(
       entry, out_type=jax.ShapeDtypeStruct((b, n, n_tiles * per_tile, n_seg, SEGMENT), jnp.float32),
       grid=(n, b, n_tiles), grid_names=("heads", "batch", "tile"),
-      compiler_params=plgpu.CompilerParams(**params))(q_rows, k, pos, meta)
+      compiler_params=mosaic_common.compiler_params(approx_math=True, lane=f > 1))(q_rows, k, pos, meta)
   return out.reshape(b, n, n_tiles * per_tile, n_seg * SEGMENT)[..., :n_k * f]
