@@ -176,6 +176,16 @@ WIDE_ESTIMATE_CASES = (
     (None, 5000, 100, 4, 2, 128, "bfloat16", 50.0, dict(top_k=48, coverage=0.8, window_blocks=1), False),
     (None, 16384, 0, 8, 4, 128, "bfloat16", None, dict(top_k=128), False),  # max scores, 4 tiles of children
     (None, 8192, 0, 4, 2, 256, "bfloat16", None, dict(top_k=64, init_branches=256, score="mass"), False),
+    # below 64-token blocks (a 64-row tile from each block's start, the rest masked), strided rows, "first"
+    (None, 32768, 0, 8, 4, 256, "bfloat16", None, dict(top_k=128, coverage=0.95, block_q=32, block_k=32), False),
+    (None, 16384, 0, 8, 4, 256, "bfloat16", None, dict(top_k=128, coverage=0.95, block_q=16, block_k=16), False),
+    (None, 5000, 100, 4, 2, 128, "float16", 30.0, dict(top_k=48, coverage=0.9, query_stride=4,
+                                                        representative="first", block_q=32, block_k=32), False),
+    (None, 8192, 0, 8, 4, 256, "bfloat16", None, dict(top_k=128, coverage=0.95, query_stride=4), False),
+    (2, 4096, 0, 4, 2, 128, "bfloat16", None, dict(block_q=16, block_k=16, window_blocks=1), False),  # max, mask
+    (None, 4096, 0, 4, 2, 128, "bfloat16", None, dict(top_k=16, representative="first"), True),  # exact ties
+    (None, 3000, 0, 4, 2, 64, "float16", None, dict(top_k=8, init_branches=24, representative="first",
+                                                    coverage=0.8), False),
 )
 SHARPEN = 4.0  # keys scaled for coverage budgets, so that they keep fewer blocks than they may (as check_mass)
 

@@ -21,7 +21,8 @@ kernel runs with scale 1):
                  in the config column, its mask rows checked equal to the Triton kernel's).
   faithful_estimate  the estimate for `StreamConfig.faithful()` (mass scores, coverage 0.95, top_k 128):
                  the Mosaic GPU wide kernel's time, the Triton kernel's in its config column, and the share
-                 of mask rows the two agree on.
+                 of mask rows the two agree on. faithful_estimate_32 / _16: the same at 32 / 16-token blocks
+                 (the wide kernel's 64-row tiles from each block's start, the rest masked).
   triton_mha     JAX's Pallas Triton flash attention (`jax.experimental.pallas.ops.gpu.attention.mha`;
                  it has no GQA, so it runs at K = N only). Best of two tiles.
   mosaic_flash   JAX's Pallas Mosaic GPU flash attention (`...ops.gpu.attention_mgpu.attention`, Hopper
@@ -59,6 +60,7 @@ from stream_jax.kernels import estimate_triton as kestimate
 from stream_jax.kernels import estimate_mosaic
 
 KERNELS = ("sparse_full", "sparse_full_fused", "sparse_stream", "sparse_stream_mgpu", "faithful_estimate",
+           "faithful_estimate_32", "faithful_estimate_16",
            "triton_mha", "mosaic_flash", "cudnn")
 DENSE_WORK = ("sparse_full", "sparse_full_fused", "triton_mha", "mosaic_flash")  # rows checked vs cuDNN
 LABELS = {
@@ -67,6 +69,8 @@ LABELS = {
     "sparse_stream": "ours: Triton block-sparse, Stream mask",
     "sparse_stream_mgpu": "ours: Mosaic GPU block-sparse, Stream mask",
     "faithful_estimate": "ours: Mosaic GPU estimate, StreamConfig.faithful() (vs Triton)",
+    "faithful_estimate_32": "ours: Mosaic GPU estimate, faithful() at 32-token blocks (vs Triton)",
+    "faithful_estimate_16": "ours: Mosaic GPU estimate, faithful() at 16-token blocks (vs Triton)",
     "triton_mha": "JAX Pallas Triton flash (ops.gpu.attention.mha)",
     "mosaic_flash": "JAX Pallas Mosaic GPU flash (ops.gpu.attention_mgpu)",
     "cudnn": "cuDNN (jax.nn.dot_product_attention)",
@@ -399,20 +403,22 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
     except Exception as e:  # pylint: disable=broad-except
       row("sparse_stream", na=f"n/a: {type(e).__name__}: {str(e)[:200]}")
       log(f"  sparse_stream {rows['sparse_stream']['na']}")
-  if "faithful_estimate" in kernels:
+  for name, blk in (("faithful_estimate", 64), ("faithful_estimate_32", 32), ("faithful_estimate_16", 16)):
+    if name not in kernels:
+      continue
     try:
-      cfg = sj.StreamConfig.faithful()
+      cfg = sj.StreamConfig.faithful(block_q=blk, block_k=blk)
       est_t, est_m = estimate_fn(kestimate, cfg), estimate_fn(estimate_mosaic, cfg)
       (idx_t, cnt_t), (idx_m, cnt_m) = est_t(q3, k3), est_m(q3, k3)
       same = float(np.mean(np.all(np.asarray(idx_m) == np.asarray(idx_t), -1)
                            & (np.asarray(cnt_m) == np.asarray(cnt_t))))
       t_ms, m_ms = (timeit(f, q3, k3, reps=reps, burst_ms=burst_ms) for f in (est_t, est_m))
-      row("faithful_estimate", m_ms, f"Triton {t_ms:.3f} ms ({t_ms / m_ms:.2f}x); rows equal {same:.4f}",
+      row(name, m_ms, f"Triton {t_ms:.3f} ms ({t_ms / m_ms:.2f}x); rows equal {same:.4f}",
           flops_=0.0, estimate_ms=t_ms, estimate_rows_equal=same)
-      log(f"  faithful estimate: Triton {t_ms:.3f} ms, Mosaic GPU {m_ms:.3f} ms, rows equal {same:.4f}")
+      log(f"  {name}: Triton {t_ms:.3f} ms, Mosaic GPU {m_ms:.3f} ms, rows equal {same:.4f}")
     except Exception as e:  # pylint: disable=broad-except
-      row("faithful_estimate", na=f"n/a: {type(e).__name__}: {str(e)[:200]}")
-      log(f"  faithful_estimate {rows['faithful_estimate']['na']}")
+      row(name, na=f"n/a: {type(e).__name__}: {str(e)[:200]}")
+      log(f"  {name} {rows[name]['na']}")
   del q, k, v, ref
   return [rows[x] for x in KERNELS if x in rows]
 

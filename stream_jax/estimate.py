@@ -64,8 +64,9 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
     softcap: optional logit soft-cap `c * tanh(x / c)`, as the model applies it.
     q_chunk: query blocks scored per sequential step (memory bound, XLA path); None = all at once.
     backend: an implementation, "xla" (the reference), "triton" (interpreted off the GPU) or "mosaic"
-      (Hopper: 16-bit inputs, 64 x 64 blocks; the search with max or mass scores, coverage budgets and
-      top_k <= 128, the table with query_stride >= 2), or a policy: "pallas" (the
+      (Hopper: 16-bit inputs, 16 x 16, 32 x 32 or 64 x 64 blocks; the search with max or mass scores,
+      coverage budgets, top_k <= 128, center or first representatives, the table with query_stride >= 2),
+      or a policy: "pallas" (the
       Mosaic port where it takes the call, else Triton) or "auto" (the same on a GPU for 16-bit inputs,
       the reference otherwise and for what no kernel takes). See `kernels.implementations.choose`.
 

@@ -56,6 +56,13 @@ def test_mgpu_attention_lowers_for_cuda(semantics, dtype, h, softcap, window, st
      None),  # batch, part-filled tiles, a wider first level than the children
     ((), 5000, 5100, 128, jnp.bfloat16, C(top_k=48, coverage=0.8, window_blocks=1), 50.0),  # per-child mask
     ((), 16384, 16384, 128, jnp.bfloat16, C(top_k=128), None),  # max scores past 64 slots
+    # the wide kernel below 64-token blocks (64-row tiles from each block's start), strided rows, "first"
+    ((), 8192, 8192, 256, jnp.bfloat16, C.faithful(block_q=32, block_k=32), None),
+    ((), 3000, 3100, 128, jnp.float16, C(block_q=16, block_k=16, top_k=48, coverage=0.9, query_stride=4,
+                                         representative="first"), 30.0),  # ragged, S > T, soft-cap
+    ((2,), 4096, 4096, 64, jnp.bfloat16, C(block_q=32, block_k=32, window_blocks=1), None),  # max, causal mask
+    ((), 6000, 6000, 128, jnp.bfloat16, C.faithful(query_stride=2), None),  # 64-token blocks, strided rows
+    ((), 5000, 5000, 128, jnp.bfloat16, C(representative="first"), None),  # max scores, "first"
 ])
 def test_mgpu_estimate_lowers_for_cuda(semantics, lead, t, s, h, dtype, cfg, softcap):
   def fn(q, k):
@@ -110,6 +117,9 @@ def mosaic_interpreted(monkeypatch):
     # 66 children in two tiles, a wider first level, a 1-block window off the block grid, soft-cap
     (2700, 30, C(top_k=33, init_branches=40, coverage=0.85, window_blocks=1), 30.0),
     (9000, 0, C.faithful(), None),  # 4 tiles of children
+    # 32-token blocks (each 64-row tile holds the next block's rows, masked), every 2nd row, "first"
+    (3000, 20, C(block_q=32, block_k=32, top_k=24, coverage=0.9, query_stride=2, representative="first"), None),
+    (2500, 0, C(block_q=16, block_k=16, top_k=40, init_branches=48, coverage=0.9, window_blocks=1), 30.0),
 ])
 def test_mgpu_wide_estimate_interpreted_equals_the_reference(mosaic_interpreted, t, extra, cfg, softcap):
   """The wide kernel's decisions (shares, ranks across tiles, compaction, the budget) equal the XLA path's in
@@ -157,10 +167,13 @@ def test_mgpu_estimate_says_what_it_cannot_take_and_never_runs_off_hopper():
     assert why(q, cfg) is None, cfg
   for bad, reason in [(_sds((4096, 8, 128), jnp.float32), "float16 / bfloat16"), (_sds((4096, 8, 96)), "head dim")]:
     assert reason in why(bad, C())
-  for cfg, reason in [(C(block_q=32, block_k=32), "64 x 64 blocks"), (C(query_stride=2), "query_stride 1"),
-                      (C.faithful(query_stride=4), "query_stride 1"),
-                      (C(representative="first"), "center representatives"),
-                      (C.faithful(representative="oracle"), "center representatives"),
+  for cfg in (C(block_q=32, block_k=32), C.faithful(block_q=16, block_k=16), C(query_stride=2),  # the wide one
+              C.faithful(query_stride=4), C(representative="first"), C.faithful(representative="first")):
+    assert why(q, cfg) is None, cfg
+  for cfg, reason in [(C(block_q=32, block_k=64), "16 x 16, 32 x 32 or 64 x 64 blocks"),
+                      (C(block_q=128, block_k=128), "16 x 16, 32 x 32 or 64 x 64 blocks"),
+                      (C.faithful(representative="oracle"), "center or first representatives"),
+                      (C(representative="oracle"), "the XLA path"),
                       (C(top_k=129), "top_k <= 128"), (C(top_k=16, init_branches=300), "branches <= 256")]:
     assert reason in why(q, cfg), cfg
   k = jnp.zeros((4096, 4, 128), jnp.bfloat16)
@@ -183,11 +196,15 @@ def test_pallas_and_auto_run_each_port_on_hopper_for_what_it_takes(monkeypatch):
       assert impls.choose("estimate_mask", policy, Call.estimate(_sds((4096, 8, h)), C())) == "mosaic"
       assert impls.choose("estimate_mask", policy, Call.estimate(_sds((4096, 8, h)), C.faithful())) == "mosaic"
       assert impls.choose("estimate_mask", policy, Call.estimate(_sds((4096, 8, h)), C(top_k=128))) == "mosaic"
-  assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, 256)), C.faithful(query_stride=4))) \
+      for cfg in (C.faithful(query_stride=4), C.faithful(block_q=32, block_k=32), C(block_q=16, block_k=16),
+                  C(representative="first")):  # the wide kernel
+        assert impls.choose("estimate_mask", policy, Call.estimate(_sds((4096, 8, h)), cfg)) == "mosaic", cfg
+  # the oracle representative (exact top-k, O(T^2): tests and small inputs) stays on Triton
+  assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, 256)), C(representative="oracle"))) \
       == "triton"
   assert impls.choose("estimate_mask", "auto", Call.estimate(_sds((4096, 8, 256), jnp.float32), C())) == "xla"
   assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, 256), jnp.float32), C())) == "triton"
-  assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, 128)), C(block_q=32, block_k=32))) \
+  assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, 128)), C(block_q=32, block_k=64))) \
       == "triton"
   assert impls.choose("estimate_mask", "triton", Call.estimate(_sds((4096, 8, 256)), C())) == "triton"
   with pytest.raises(ValueError, match="backend='mosaic': .*top_k <= 128"):

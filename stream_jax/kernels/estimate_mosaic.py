@@ -33,8 +33,15 @@ H200 it equals the Triton kernel and the XLA reference in every row of `gpu_chec
 configs) and runs `StreamConfig.faithful()` 1.8x faster than the Triton kernel: 12.2 against 21.6 ms at 32k,
 100 against 181 ms at 128k (8 query / 4 kv heads, head dim 256; benchmarks/results/wide_estimate_h200/).
 
-Limits (`unsupported`): float16 / bfloat16, 64 x 64 blocks, query_stride 1, representative "center",
-top_k <= 128, branches <= 256, head dim a multiple of 64 up to 256.
+Below 64-token blocks, with query_stride > 1 or "first" representatives, the wide kernel runs (max scores
+too): a block's 64-row query tile and each representative's 64-key tile start at the block's first token,
+and the rows and keys past the block (the next blocks'), and the rows between the stride's, are masked. A
+scored node costs one key-tile load and one 64-row product whatever the rows that score, so the time follows
+the node count: on an H200 at 128k `faithful()` takes 101 ms per layer at every query and 99 ms at every 4th;
+at 32 / 16-token blocks 236 / 528 ms against Triton's 359 / 711 (benchmarks/results/small_block_estimate_h200/).
+
+Limits (`unsupported`): float16 / bfloat16, 16 x 16, 32 x 32 or 64 x 64 blocks, representative "center" or
+"first", top_k <= 128, branches <= 256, head dim a multiple of 64 up to 256.
 """
 
 from __future__ import annotations
@@ -68,17 +75,15 @@ DEFAULT_STAGES = 2  # key-block ring depth: 3 was within 2% at head dim 128, 4 s
 def unsupported(call: Call) -> Optional[str]:
   """Why this kernel cannot take a call (kernels.implementations.Call), or None. Where it can, "pallas" and
   "auto" prefer it to Triton on Hopper."""
-  h, config = call.head_dim, call.config
-  if call.dtype not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
-    return f"the Mosaic GPU estimate kernel takes float16 / bfloat16 inputs, got {call.dtype.name}"
-  if (config.block_q, config.block_k, config.query_stride) != (BLOCK, BLOCK, 1):
-    return "the Mosaic GPU estimate kernel needs 64 x 64 blocks and query_stride 1"
-  if config.representative != "center":
-    return f"the Mosaic GPU estimate kernel scores nodes by center representatives, got {config.representative!r}"
+  config = call.config
+  reason = mosaic_common.limits(call, "estimate")
+  if reason:
+    return reason
+  if config.representative not in ("center", "first"):
+    return (f"the Mosaic GPU estimate kernel scores nodes by center or first representatives, got "
+            f"{config.representative!r} (the oracle scores every block: the XLA path)")
   if config.top_k > MAX_TOP_K or config.branches > MAX_BRANCHES:
     return f"the Mosaic GPU estimate kernel needs top_k <= {MAX_TOP_K} and branches <= {MAX_BRANCHES}"
-  if h % 64 or not 64 <= h <= 256:
-    return f"the Mosaic GPU estimate kernel needs a head dim in 64, 128, 192, 256, got {h}"
   return None
 
 
@@ -117,8 +122,10 @@ def _write_union(searched, out_s, dst, *, config: StreamConfig, diag, out_len: i
 
 
 def _narrow(config: StreamConfig) -> bool:
-  """Whether the first kernel (max scores, <= 64 node slots) takes `config`; else the wide one."""
-  return config.score == "max" and 2 * config.top_k <= SLOTS and config.branches <= SLOTS
+  """Whether the first kernel (max scores, <= 64 node slots, 64 x 64 blocks, every query row, center
+  representatives) takes `config`; else the wide one."""
+  return (config.score == "max" and 2 * config.top_k <= SLOTS and config.branches <= SLOTS
+          and config.block_q == BLOCK and config.query_stride == 1 and config.representative == "center")
 
 
 def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Optional[float] = None,
@@ -331,9 +338,12 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
   b, t, n, h = q.shape
   s, kv = k.shape[1], k.shape[2]
   g = n // kv
-  n_q, n_k = num_blocks(t, BLOCK), num_blocks(s, BLOCK)
-  q = common.pad_axis(q, 1, n_q * BLOCK)
-  k = common.pad_axis(k, 1, n_k * BLOCK)
+  blk_len, stride = config.block_q, config.query_stride  # square blocks (unsupported); 64-row tiles
+  n_q, n_k = num_blocks(t, blk_len), num_blocks(s, blk_len)
+  # Every block's tile is the 64 rows from its start (the next blocks' rows are masked): padded so the last
+  # block's tile is inside the array.
+  q = common.pad_axis(q, 1, n_q * blk_len + BLOCK - blk_len)
+  k = common.pad_axis(k, 1, n_k * blk_len + BLOCK - blk_len)
   top_k, branches, sink, wb = config.top_k, config.branches, config.sink_blocks, config.window_blocks
   mass, adaptive = config.score == "mass", config.adaptive
   cap = config.capacity
@@ -343,15 +353,18 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
   dtype = q.dtype
   chunks = -(-max(2 * top_k, branches) // TILE)  # node-list tiles
   kept_chunks = -(-top_k // TILE)  # the tiles that hold the kept nodes
-  causal_free = offset % BLOCK == 0 or wb >= 2  # as in _estimate: searched blocks need no causal mask
-  # log of a query block's scoring rows (every row; the last block's valid ones), as the reference takes it
-  log_rows = tuple(float(np.log(np.float32(r))) for r in (BLOCK, t - (n_q - 1) * BLOCK))
+  causal_free = offset % blk_len == 0 or wb >= 2  # as in _estimate: searched blocks need no causal mask
+  # log of a query block's scoring rows (every stride-th; the last block's valid ones), as the reference
+  # takes it
+  log_rows = tuple(float(np.log(np.float32(r))) for r in (
+      blk_len // stride, min(blk_len // stride, (t - (n_q - 1) * blk_len - 1) // stride + 1)))
+  row_mask = blk_len < BLOCK or stride > 1 or t % blk_len  # some tile rows never score
 
   def kernel(q_ref, k_ref, o_ref, scratch):
     q_smem, k_smem, start_s, size_s, score_s, keep_s, slot_s, out_s, q_bar, k_bars = scratch
     hq, bb, i = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("qblk")
     kvh = lax.div(hq, jnp.int32(g))
-    plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(i * BLOCK, BLOCK), hq], q_smem, q_bar.at[0])
+    plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(i * blk_len, BLOCK), hq], q_smem, q_bar.at[0])
 
     wg = plgpu.Layout.WGMMA
     row_l, col_l = wg.reduce(1), wg.reduce(0)
@@ -375,30 +388,40 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
     def node(ref, e):  # node e of a list
       return ref[lax.div(e, jnp.int32(TILE)), lax.rem(e, jnp.int32(TILE))]
 
-    last_pos = jnp.minimum((i + 1) * BLOCK, t) - 1 + offset
-    diag = lax.div(last_pos, jnp.int32(BLOCK))
+    last_row = jnp.minimum((i + 1) * blk_len, t) - 1 - i * blk_len  # the block's last valid query row
+    last_pos = i * blk_len + last_row + offset
+    diag = lax.div(last_pos, jnp.int32(blk_len))
+
+    def scoring(rows):
+      """Which tile rows score: every stride-th valid one counted back from the last (the reference's)."""
+      ok = rows <= last_row
+      return ok & (lax.rem(last_row - rows, jnp.int32(stride)) == 0) if stride > 1 else ok
     lo = jnp.int32(sink)
     hi = diag - wb + 1  # exclusive end of the search range
     span = jnp.maximum(hi - lo, 0)
     search = span > top_k  # else the whole range is kept (early query blocks are dense)
 
     def representative(e):
-      blk = node(start_s, e) + lax.div(jnp.maximum(node(size_s, e) - 1, 0), jnp.int32(2))
+      blk = node(start_s, e)
+      if config.representative == "center":
+        blk = blk + lax.div(jnp.maximum(node(size_s, e) - 1, 0), jnp.int32(2))
       return jnp.clip(blk, 0, n_k - 1)
 
     def rule_block(e):  # the sink blocks, then the window's from the diagonal down
       return jnp.clip(jnp.where(e < sink, e, diag - (e - sink)), 0, n_k - 1)
 
     def fetch(blk, buf):
-      plgpu.copy_gmem_to_smem(k_ref.at[bb, pl.ds(blk * BLOCK, BLOCK), kvh], k_smem.at[buf], k_bars.at[buf])
+      plgpu.copy_gmem_to_smem(k_ref.at[bb, pl.ds(blk * blk_len, BLOCK), kvh], k_smem.at[buf], k_bars.at[buf])
 
     def row_values(x, blk, masked):
       """Each query row's value of a key block from its logits x: the max visible logit (unscaled: the
       scale and soft-cap commute with it), or the log-sum-exp of its visible scaled, soft-capped ones."""
       if mass:
         x = numerics.softcap(x * scale, softcap)
-      if masked:
-        x = jnp.where(blk * BLOCK + tile_iota(1) <= i * BLOCK + tile_iota(0) + offset, x, -jnp.inf)
+      if masked:  # past the block's keys (the tile's next blocks) nothing is visible
+        x = jnp.where(blk * blk_len + tile_iota(1) <= i * blk_len + tile_iota(0) + offset, x, -jnp.inf)
+      if blk_len < BLOCK:
+        x = jnp.where(tile_iota(1) < blk_len, x, -jnp.inf)
       return _tile_logsumexp(x, 1) if mass else x.max(axis=1)
 
     def walk(count, block, masked, finish, acc):
@@ -426,7 +449,7 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
 
     def log_shares(x, z):
       """[64 rows, 64 items] per-row log-sum-exps -> [64] each item's log share (shares.log_share)."""
-      x = jnp.where(i * BLOCK + tile_iota(0) < t, x - lax.broadcast_in_dim(z, x.shape, [0]), -jnp.inf)
+      x = jnp.where(scoring(tile_iota(0)), x - lax.broadcast_in_dim(z, x.shape, [0]), -jnp.inf)
       return _tile_logsumexp(x, 0) - jnp.where(i == n_q - 1, log_rows[1], log_rows[0])
 
     def score_nodes(count, z):
@@ -435,8 +458,8 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
         if mass:
           best = log_shares(tile, z)
         else:
-          if t % BLOCK:  # the last block's padded (zero) query rows must not score
-            tile = jnp.where(i * BLOCK + tile_iota(0) < t, tile, -jnp.inf)
+          if row_mask:  # rows past the block or its last query, or between the stride's
+            tile = jnp.where(scoring(tile_iota(0)), tile, -jnp.inf)
           best = tile.max(axis=0) * scale  # scale > 0: the max commutes with it, and with the soft-cap
           if softcap is not None:
             best = jnp.tanh(best * (1.0 / softcap)) * softcap
@@ -537,7 +560,7 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
       empty = plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), row_l)
       rule_lse = walk(jnp.where(search | adaptive, sink + wb, 0), rule_block, True, rule_finish, empty)
       search_lse = walk(first, representative, not causal_free, search_finish, empty)
-      row_ok = i * BLOCK + plgpu.broadcasted_iota(jnp.int32, (BLOCK,), 0, layout=row_l) < t
+      row_ok = scoring(plgpu.broadcasted_iota(jnp.int32, (BLOCK,), 0, layout=row_l))
       z = shares.log_denominator(rule_lse, search_lse, row_ok)
 
     dropped = jnp.float32(0.0)

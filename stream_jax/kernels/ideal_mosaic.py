@@ -45,21 +45,16 @@ SEGMENT = mosaic_common.SEGMENT  # key blocks per column reduction (the register
 WINDOW = 64  # segments per shared-memory window (16 KiB per compute warpgroup), copied out by TMA when full
 DEFAULT_STAGES = 2  # key ring depth
 PAIR = 2  # query tiles per CTA: one compute warpgroup each, sharing every key tile's load
-BLOCKS = (16, 32, 64)  # query / key block sizes: 64 / block blocks per tile
+BLOCKS = mosaic_common.BLOCKS  # query / key block sizes: 64 / block blocks per tile
 LOG2E = 1.4426950408889634
 
 
 def unsupported(call: Call) -> Optional[str]:
   """Why this kernel cannot take a call (kernels.implementations.Call), or None. Where it can, "pallas" and
   "auto" prefer it to Triton on Hopper."""
-  h = call.head_dim
-  if call.dtype not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
-    return f"the Mosaic GPU block-mass kernel takes float16 / bfloat16 inputs, got {call.dtype.name}"
-  if call.block_q != call.block_k or call.block_q not in BLOCKS:
-    return (f"the Mosaic GPU block-mass kernel needs 16 x 16, 32 x 32 or 64 x 64 blocks, got {call.block_q} x "
-            f"{call.block_k}")
-  if h % 64 or not 64 <= h <= 256:
-    return f"the Mosaic GPU block-mass kernel needs a head dim in 64, 128, 192, 256, got {h}"
+  reason = mosaic_common.limits(call, "block-mass")
+  if reason:
+    return reason
   if call.key_mask:
     return "the Pallas block-mass kernels take no key_mask (interventions run on the XLA path)"
   return None

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 TMA_INT32 = 32  # a warpgroup's TMA copies move multiples of 128 bytes: 32 int32 / float32
+BLOCKS = (16, 32, 64)  # square block sizes the estimate, block-mass and table ports take (64-row tiles)
 
 
 def no_hopper() -> Optional[str]:
@@ -24,6 +25,20 @@ def no_hopper() -> Optional[str]:
   cc = str(getattr(jax.devices()[0], "compute_capability", ""))
   if not cc.startswith("9."):
     return f"the Mosaic GPU kernels need a Hopper GPU (wgmma), got compute capability {cc or '?'}"
+  return None
+
+
+def limits(call, kernel: str) -> Optional[str]:
+  """What the estimate, block-mass and table ports all refuse (kernels.implementations.Call), or None:
+  inputs other than float16 / bfloat16 (wgmma), blocks other than 16 x 16, 32 x 32 or 64 x 64 (a 64-row
+  tile holds whole blocks), head dims other than multiples of 64 up to 256 (swizzled tiles, registers)."""
+  if call.dtype not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+    return f"the Mosaic GPU {kernel} kernel takes float16 / bfloat16 inputs, got {call.dtype.name}"
+  if call.block_q != call.block_k or call.block_q not in BLOCKS:
+    return (f"the Mosaic GPU {kernel} kernel needs 16 x 16, 32 x 32 or 64 x 64 blocks, got {call.block_q} x "
+            f"{call.block_k}")
+  if call.head_dim % 64 or not 64 <= call.head_dim <= 256:
+    return f"the Mosaic GPU {kernel} kernel needs a head dim in 64, 128, 192, 256, got {call.head_dim}"
   return None
 
 

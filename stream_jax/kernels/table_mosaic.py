@@ -36,7 +36,7 @@ if TYPE_CHECKING:
   from stream_jax.kernels.implementations import Call
 
 BLOCK = 64  # sampled queries per CTA (one wgmma tile) and keys per tile (64 / block key blocks)
-BLOCKS = (16, 32, 64)
+BLOCKS = mosaic_common.BLOCKS
 SEGMENT = mosaic_common.SEGMENT  # key blocks per column reduction (the register tile's columns)
 WINDOW_FLOATS = 16384  # masses per shared-memory window (64 KiB), copied out by TMA when full
 DEFAULT_STAGES = 2  # key ring depth
@@ -45,17 +45,13 @@ LOG2E = 1.4426950408889634
 
 def unsupported(call: Call) -> Optional[str]:
   """Why this kernel cannot take a call (kernels.implementations.Call), or None."""
-  h, config = call.head_dim, call.config
-  if call.dtype not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
-    return f"the Mosaic GPU table kernel takes float16 / bfloat16 inputs, got {call.dtype.name}"
-  if call.block_q != call.block_k or call.block_q not in BLOCKS:
-    return (f"the Mosaic GPU table kernel needs 16 x 16, 32 x 32 or 64 x 64 blocks, got {call.block_q} x "
-            f"{call.block_k}")
+  config = call.config
+  reason = mosaic_common.limits(call, "table")
+  if reason:
+    return reason
   if config.query_stride < 2 or call.block_q % config.query_stride:
     return ("the Mosaic GPU table kernel needs query_stride >= 2 dividing block_q (its 64-query tile spans whole "
             f"query blocks), got {config.query_stride}")
-  if h % 64 or not 64 <= h <= 256:
-    return f"the Mosaic GPU table kernel needs a head dim in 64, 128, 192, 256, got {h}"
   return None
 
 
