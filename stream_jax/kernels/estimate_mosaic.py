@@ -396,6 +396,7 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
       """Which tile rows score: every stride-th valid one counted back from the last (the reference's)."""
       ok = rows <= last_row
       return ok & (lax.rem(last_row - rows, jnp.int32(stride)) == 0) if stride > 1 else ok
+
     lo = jnp.int32(sink)
     hi = diag - wb + 1  # exclusive end of the search range
     span = jnp.maximum(hi - lo, 0)

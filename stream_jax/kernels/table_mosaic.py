@@ -36,7 +36,6 @@ if TYPE_CHECKING:
   from stream_jax.kernels.implementations import Call
 
 BLOCK = 64  # sampled queries per CTA (one wgmma tile) and keys per tile (64 / block key blocks)
-BLOCKS = mosaic_common.BLOCKS
 SEGMENT = mosaic_common.SEGMENT  # key blocks per column reduction (the register tile's columns)
 WINDOW_FLOATS = 16384  # masses per shared-memory window (64 KiB), copied out by TMA when full
 DEFAULT_STAGES = 2  # key ring depth
