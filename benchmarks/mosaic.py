@@ -60,7 +60,8 @@ from stream_jax.kernels import estimate_triton as kestimate
 from stream_jax.kernels import estimate_mosaic
 
 KERNELS = ("sparse_full", "sparse_full_fused", "sparse_stream", "sparse_stream_mgpu", "faithful_estimate",
-           "faithful_estimate_32", "faithful_estimate_16",
+           "faithful_estimate_32", "faithful_estimate_16", "faithful_attention", "faithful_attention_32",
+           "faithful_attention_16",
            "triton_mha", "mosaic_flash", "cudnn")
 DENSE_WORK = ("sparse_full", "sparse_full_fused", "triton_mha", "mosaic_flash")  # rows checked vs cuDNN
 LABELS = {
@@ -71,6 +72,9 @@ LABELS = {
     "faithful_estimate": "ours: Mosaic GPU estimate, StreamConfig.faithful() (vs Triton)",
     "faithful_estimate_32": "ours: Mosaic GPU estimate, faithful() at 32-token blocks (vs Triton)",
     "faithful_estimate_16": "ours: Mosaic GPU estimate, faithful() at 16-token blocks (vs Triton)",
+    "faithful_attention": "ours: Mosaic GPU block-sparse, faithful() mask (vs Triton)",
+    "faithful_attention_32": "ours: Mosaic GPU block-sparse, faithful() mask at 32-token blocks (vs Triton)",
+    "faithful_attention_16": "ours: Mosaic GPU block-sparse, faithful() mask at 16-token blocks (vs Triton)",
     "triton_mha": "JAX Pallas Triton flash (ops.gpu.attention.mha)",
     "mosaic_flash": "JAX Pallas Mosaic GPU flash (ops.gpu.attention_mgpu)",
     "cudnn": "cuDNN (jax.nn.dot_product_attention)",
@@ -416,6 +420,27 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
       row(name, m_ms, f"Triton {t_ms:.3f} ms ({t_ms / m_ms:.2f}x); rows equal {same:.4f}",
           flops_=0.0, estimate_ms=t_ms, estimate_rows_equal=same)
       log(f"  {name}: Triton {t_ms:.3f} ms, Mosaic GPU {m_ms:.3f} ms, rows equal {same:.4f}")
+    except Exception as e:  # pylint: disable=broad-except
+      row(name, na=f"n/a: {type(e).__name__}: {str(e)[:200]}")
+      log(f"  {name} {rows[name]['na']}")
+  for name, blk in (("faithful_attention", 64), ("faithful_attention_32", 32), ("faithful_attention_16", 16)):
+    if name not in kernels:
+      continue
+    try:
+      cfg = sj.StreamConfig.faithful(block_q=blk, block_k=blk)
+      idx, cnt = estimate_fn(kestimate, cfg)(q3, k3)
+      mask = sj.BlockMask(idx, cnt, blk, blk, t, t, cfg)
+      density = float(np.asarray(sj.block_density(mask)).mean())
+      kept = float(np.asarray(cnt, np.float64).sum()) * b
+      f_t, f_m = sparse_fn(mask), mgpu_fn(mask)
+      (o_t, mass_t, _), (o_m, mass_m, _) = f_t(q3, k3, v3, idx, cnt), f_m(q3, k3, v3, idx, cnt)
+      diff, d_mass = max_diff(o_m, o_t), max_diff(mass_m, mass_t)
+      t_ms, m_ms = (timeit(f, q3, k3, v3, idx, cnt, reps=reps, burst_ms=burst_ms) for f in (f_t, f_m))
+      row(name, m_ms, f"density {density:.4f}; Triton {t_ms:.3f} ms ({t_ms / m_ms:.2f}x); max |out diff| "
+          f"{diff:.2e}, |mass diff| {d_mass:.2e}", flops_=kept * 4 * blk * blk * h, density=density,
+          triton_ms=t_ms, diff=diff, mass_diff=d_mass)
+      log(f"  {name}: Triton {t_ms:.3f} ms, Mosaic GPU {m_ms:.3f} ms, out diff {diff:.2e}, mass {d_mass:.2e}")
+      del mask, idx, cnt
     except Exception as e:  # pylint: disable=broad-except
       row(name, na=f"n/a: {type(e).__name__}: {str(e)[:200]}")
       log(f"  {name} {rows[name]['na']}")

@@ -1,5 +1,5 @@
 """Pallas Mosaic GPU (Hopper: TMA + wgmma) kernel of block-sparse attention with block-level attention mass:
-the port of the Triton kernel in attention.py (same contract, same outputs), which `backend="pallas"`
+the port of the Triton kernel in blocksparse_triton.py (same contract, same outputs), which `backend="pallas"`
 runs on Hopper GPUs: 1.13-1.28x the Triton kernel's speed on Stream masks (H100, benchmarks/RESULTS.md,
 "Pallas backends").
 
@@ -20,8 +20,16 @@ log-sum-exp (base 2, exact: no later rescale) into column c % 64 of a [64, 64] r
 shared memory every 64 blocks, and at the end mass[c] = sum_r exp2(a[r, c] - n_r), 64 slots at a time, with
 n_r the row's normaliser.
 
+Blocks of 16 and 32 tokens: a wgmma tile has 64 rows, so a query block's tile starts at its first row and
+the rows past the block are computed and dropped (q is padded by 64 - block), and each step puts 64 / block
+kept blocks side by side in one 64-key tile (that many TMA copies into slices of one buffer, one barrier
+expecting them all; slots past the count copy block 0 and are masked). The products are the 64-token
+kernel's; the step count falls by 64 / block, so a kept block costs a quarter or half a step, not a step.
+These pass jax's GPU interpreter and lower for CUDA, but until benchmarks/gpu_checks.py has compared them with
+the XLA path on a GPU `unchecked` keeps "auto" and "pallas" on Triton for them.
+
 Limits (the wrapper refuses anything else, so the caller can fall back to Triton): float16 / bfloat16,
-block_q = 64, block_k = 64, head dims multiples of 64 up to 256, C <= MAX_SMEM_SLOTS.
+16 x 16, 32 x 32 or 64 x 64 blocks, head dims multiples of 64 up to 256, C <= MAX_SMEM_SLOTS.
 """
 
 from __future__ import annotations
@@ -41,9 +49,10 @@ from stream_jax.numerics import NEG_INF, AttentionStats
 if TYPE_CHECKING:
   from stream_jax.kernels.implementations import Call
 
-BLOCK = 64  # rows of a wgmma tile per warpgroup; the kernel's block_q and block_k
+TILE = 64  # rows of a wgmma tile per warpgroup: a query block's tile, and a step's keys
 MAX_SLOTS = 64  # kept blocks per query block whose [64, C] mass accumulator lives in registers
 MAX_SMEM_SLOTS = 192  # beyond: per-block row log-sum-exps in shared memory ([C, 64] floats, 48 KiB at 192)
+GPU_CHECKED_BLOCKS = (64,)  # block sizes whose numbers gpu_checks.py has compared with the XLA path on a GPU
 DEFAULT_STAGES = 2  # K/V ring depth (2 keeps two CTAs per SM at head dim 128)
 # Launch grid orders: which CTAs run together decides what the L2 cache shares. "qblk_last" (the query
 # blocks of one head side by side: they read the same kv head's sink, window and often top-k blocks) is
@@ -55,13 +64,11 @@ def unsupported(call: Call) -> Optional[str]:
   """Why this kernel cannot take a call (kernels.implementations.Call), or None. Where it can, "pallas" and
   "auto" prefer it to Triton on Hopper: 1.13-1.28x Triton's speed on every Stream-mask shape measured on an
   H100 (benchmarks/RESULTS.md)."""
-  h, hv = call.head_dim, call.head_dim_v
-  if call.dtype not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
-    return f"the Mosaic GPU attention kernel takes float16 / bfloat16 inputs, got {call.dtype.name}"
-  if (call.block_q, call.block_k) != (BLOCK, BLOCK):
-    return f"the Mosaic GPU attention kernel needs 64 x 64 blocks, got {call.block_q} x {call.block_k}"
-  if h % 64 or hv % 64 or not 64 <= h <= 256 or not 64 <= hv <= 256:
-    return f"the Mosaic GPU attention kernel needs head dims in 64, 128, 192, 256, got {h}, {hv}"
+  reason = mosaic_common.limits(call, "attention")
+  if reason:
+    return reason
+  if call.head_dim_v % 64 or not 64 <= call.head_dim_v <= 256:
+    return f"the Mosaic GPU attention kernel needs a value head dim in 64, 128, 192, 256, got {call.head_dim_v}"
   if call.slots > MAX_SMEM_SLOTS:
     return f"the Mosaic GPU attention kernel keeps at most {MAX_SMEM_SLOTS} blocks per row, got {call.slots}"
   if call.key_mask or call.gate:
@@ -69,46 +76,60 @@ def unsupported(call: Call) -> Optional[str]:
   return None
 
 
+def unchecked(call: Call) -> Optional[str]:
+  """Why "auto" and "pallas" pass over this kernel for a call it takes, or None: 16 / 32-token blocks equal the
+  XLA path in jax's GPU interpreter and lower for CUDA (tests/test_mosaic.py) but have not yet run on a GPU
+  (benchmarks/gpu_checks.py mgpu_attention); backend="mosaic" runs them."""
+  if call.block_q not in GPU_CHECKED_BLOCKS:
+    return (f"the Mosaic GPU attention kernel at {call.block_q}-token blocks is not yet checked on a GPU "
+            f"(benchmarks/gpu_checks.py mgpu_attention); backend='mosaic' runs it")
+  return None
+
+
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, *,
                      scale: Optional[float] = None, softcap: Optional[float] = None,
                      window: Optional[int] = None, lse_ref: Optional[jax.Array] = None,
                      stages=None, order: str = "qblk_last") -> tuple[jax.Array, AttentionStats]:
-  """The Mosaic GPU peer of `kernels.blocksparse_triton.sparse_attention` (same arguments and outputs; GPU only,
-  no interpret mode: its tests run on the device, benchmarks/gpu_checks.py). Checks nothing beyond
-  `unsupported`, which the caller asks first."""
+  """The Mosaic GPU peer of `kernels.blocksparse_triton.sparse_attention` (same arguments and outputs; GPU only:
+  the CPU tests lower it for CUDA and run it in jax's GPU interpreter, benchmarks/gpu_checks.py on the device).
+  Checks nothing beyond `unsupported`, which the caller asks first."""
   t, n, h = q.shape[-3:]
   if lse_ref is None:
     lse_ref = jnp.full(q.shape[:-3] + (n, t), jnp.nan, jnp.float32)
   stages = DEFAULT_STAGES if stages is None else stages
   stages = (stages, stages) if isinstance(stages, int) else tuple(int(x) for x in stages)
   out, mass, lse = _attention(
-      q, k, v, mask.indices, mask.counts, lse_ref, scale=numerics.resolve_scale(scale, h),
+      q, k, v, mask.indices, mask.counts, lse_ref, block=mask.block_q, scale=numerics.resolve_scale(scale, h),
       softcap=None if softcap is None else float(softcap), window=None if window is None else int(window),
       stages=stages, order=order)
   return out, AttentionStats(mass=mass, lse=lse)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "softcap", "window", "stages", "order"))
-def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, stages, order):
+@functools.partial(jax.jit, static_argnames=("block", "scale", "softcap", "window", "stages", "order"))
+def _attention(q, k, v, indices, counts, lse_ref, *, block, scale, softcap, window, stages, order):
   import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only module: imported where it runs)
   import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
 
   k_stages, v_stages = stages
+  per = TILE // block  # kept blocks per step: their keys side by side in one 64-key tile
 
   (q, k, v, indices, counts, lse_ref), batched = common.as_batched(q, k, v, indices, counts, lse_ref)
   b, t, n, h = q.shape
   s, kv, hv = v.shape[1], v.shape[2], v.shape[3]
   g = n // kv
   cap = indices.shape[-1]
-  n_q, n_k = num_blocks(t, BLOCK), num_blocks(s, BLOCK)
-  q = common.pad_axis(q, 1, n_q * BLOCK)
-  k = common.pad_axis(k, 1, n_k * BLOCK)
-  v = common.pad_axis(v, 1, n_k * BLOCK)
-  lse_ref = common.pad_axis(lse_ref.astype(jnp.float32), 2, n_q * BLOCK)  # padding rows see no key
-  big = cap > MAX_SLOTS  # the masses go through shared memory (module docstring)
-  parts = -(-cap // BLOCK)  # 64-slot tiles of the big path
-  slots = parts * BLOCK if big else mosaic_common.tma_length(cap)  # mass row length
-  table_len = mosaic_common.tma_length(cap + 1)  # block ids, then the count last
+  n_q, n_k = num_blocks(t, block), num_blocks(s, block)
+  # A query block's 64-row tile starts at its first row; rows past the block are computed and dropped, so
+  # the inputs run 64 - block rows past the last block.
+  q = common.pad_axis(q, 1, n_q * block + TILE - block)
+  k = common.pad_axis(k, 1, n_k * block)
+  v = common.pad_axis(v, 1, n_k * block)
+  lse_ref = common.pad_axis(lse_ref.astype(jnp.float32), 2, n_q * block + TILE - block)  # rows see no key
+  width = -(-cap // per) * per  # slots, in whole steps
+  big = width > MAX_SLOTS  # the masses go through shared memory (module docstring)
+  parts = -(-width // TILE)  # 64-slot tiles of the big path
+  slots = parts * TILE if big else mosaic_common.tma_length(width)  # mass row length
+  table_len = mosaic_common.tma_length(width + 1)  # block ids, then the count last
   table = jnp.concatenate([
       indices.astype(jnp.int32), jnp.full(indices.shape[:-1] + (table_len - cap - 1,), -1, jnp.int32),
       counts.astype(jnp.int32)[..., None]], axis=-1)  # [B, N, nQ, table_len]: ids, then the count last
@@ -123,50 +144,60 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
     bb, i, hq = lax.axis_index("batch"), lax.axis_index("qblk"), lax.axis_index("heads")
     kvh = lax.div(hq, jnp.int32(g))
     plgpu.copy_gmem_to_smem(table_ref.at[bb, hq, i], tab_smem, misc_bars.at[0])
-    plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(i * BLOCK, BLOCK), hq], q_smem, misc_bars.at[1])
-    plgpu.copy_gmem_to_smem(ref_ref.at[bb, hq, pl.ds(i * BLOCK, BLOCK)], ref_smem, misc_bars.at[2])
+    plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(i * block, TILE), hq], q_smem, misc_bars.at[1])
+    plgpu.copy_gmem_to_smem(ref_ref.at[bb, hq, pl.ds(i * block, TILE)], ref_smem, misc_bars.at[2])
     plgpu.barrier_wait(misc_bars.at[0])
     count = tab_smem[table_len - 1]
+    steps = lax.div(count + (per - 1), jnp.int32(per))
 
-    def fetch(src, dst, bars, c, slot):
-      blk = tab_smem[c]
-      plgpu.copy_gmem_to_smem(src.at[bb, pl.ds(blk * BLOCK, BLOCK), kvh], dst.at[slot], bars.at[slot])
+    def fetch(src, dst, bars, c, slot):  # step c's kept blocks (past the count: block 0, masked) into a tile
+      for j in range(per):
+        blk = jnp.maximum(tab_smem[c * per + j], 0)
+        to = dst.at[slot] if per == 1 else dst.at[slot, pl.ds(j * block, block)]
+        plgpu.copy_gmem_to_smem(src.at[bb, pl.ds(blk * block, block), kvh], to, bars.at[slot])
 
     fetch_k = functools.partial(fetch, k_ref, k_smem, k_bars)
     fetch_v = functools.partial(fetch, v_ref, v_smem, v_bars)
     for c0 in range(max(k_stages, v_stages)):
       if c0 < k_stages:
-        pl.when(c0 < count)(functools.partial(fetch_k, c0, c0))
+        pl.when(c0 < steps)(functools.partial(fetch_k, c0, c0))
       if c0 < v_stages:
-        pl.when(c0 < count)(functools.partial(fetch_v, c0, c0))
+        pl.when(c0 < steps)(functools.partial(fetch_v, c0, c0))
     plgpu.barrier_wait(misc_bars.at[1])
 
     wg = plgpu.Layout.WGMMA
     row = wg.reduce(1)  # one value per row of a wgmma tile
-    rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=wg)
-    cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=wg)
-    slot_ids = None if big else plgpu.broadcasted_iota(jnp.int32, (BLOCK, slots), 1, layout=wg)
+    rows = plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 0, layout=wg)
+    cols = plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 1, layout=wg)
+    slot_ids = None if big else plgpu.broadcasted_iota(jnp.int32, (TILE, slots), 1, layout=wg)
+    part_of = None if per == 1 else lax.div(cols, jnp.int32(block))  # which of the step's blocks a key is
 
     def store_part(u, part):  # the big path's tile of 64 slots' per-row log-sum-exps, to shared memory
       lse_smem[part] = u
-    q_row = i * BLOCK + rows
+    q_row = i * block + rows
     q_pos = q_row + offset
-    row_ok = q_row < t
+    row_ok = (q_row < t) if per == 1 else (q_row < t) & (rows < block)
 
     def step(c, carry):
       acc, m_i, l_i, u = carry
       k_slot, v_slot = lax.rem(c, jnp.int32(k_stages)), lax.rem(c, jnp.int32(v_stages))
-      blk = tab_smem[c]
+      ids = [tab_smem[c * per + j] for j in range(per)]
       plgpu.barrier_wait(k_bars.at[k_slot])
 
       x = mosaic_common.qk_logits(q_smem, k_smem.at[k_slot]) * scale
       # The logits are read back, so the QK product is done with this key buffer: refill it now, a
       # softmax and a PV product ahead of the value buffer's refill.
-      pl.when(c + k_stages < count)(functools.partial(fetch_k, c + k_stages, k_slot))
+      pl.when(c + k_stages < steps)(functools.partial(fetch_k, c + k_stages, k_slot))
       if softcap is not None:
         x = jnp.tanh(x * (1.0 / softcap)) * softcap
-      k_pos = blk * BLOCK + cols
-      visible = (k_pos <= q_pos) & row_ok
+      if per == 1:
+        k_pos = ids[0] * block + cols
+        visible = (k_pos <= q_pos) & row_ok
+      else:  # each key's block id, and the slots past the count hidden
+        blk = functools.reduce(lambda acc_, j: jnp.where(part_of == j, ids[j], acc_), range(1, per),
+                               jnp.where(part_of == 0, ids[0], 0))
+        k_pos = blk * block + (cols - part_of * block)
+        visible = (k_pos <= q_pos) & row_ok & (c * per + part_of < count)
       if window is not None:
         visible = visible & (q_pos - k_pos < window)
       x = jnp.where(visible, x * log2e, -jnp.inf)  # base 2 from here on
@@ -175,35 +206,35 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
       corr = jnp.exp2(m_i - m_safe)
       p = jnp.exp2(x - lax.broadcast_in_dim(m_safe, x.shape, [0]))  # 0 where invisible
       row_sum = p.sum(axis=1)
+      sums = [row_sum] if per == 1 else [jnp.where(part_of == j, p, 0.0).sum(axis=1) for j in range(per)]
       l_i = l_i * corr + row_sum
       acc = acc * lax.broadcast_in_dim(corr, acc.shape, [0])
-      if big:  # the block's per-row log-sum-exp, base 2 (log2 of its sum relative to m, plus m), column c % 64
-        col = lax.rem(c, jnp.int32(BLOCK))
-        u = jnp.where(cols == col, lax.broadcast_in_dim(jnp.log2(row_sum) + m_safe, u.shape, [0]), u)
+      if big:  # each block's per-row log-sum-exp, base 2 (log2 of its sum relative to m, plus m), column c % 64
+        col = lax.rem(c * per, jnp.int32(TILE))
+        for j, sum_j in enumerate(sums):
+          u = jnp.where(cols == col + j, lax.broadcast_in_dim(jnp.log2(sum_j) + m_safe, u.shape, [0]), u)
+        full = (col + per == TILE)
         for part in range(parts):  # a full tile goes to shared memory (the last, partial one after the loop)
-          pl.when((col == BLOCK - 1) & (lax.div(c, jnp.int32(BLOCK)) == part))(
-              functools.partial(store_part, u, part))
+          pl.when(full & (lax.div(c * per, jnp.int32(TILE)) == part))(functools.partial(store_part, u, part))
       else:
-        u = (u * lax.broadcast_in_dim(corr, u.shape, [0])
-             + jnp.where(slot_ids == c, lax.broadcast_in_dim(row_sum, u.shape, [0]), 0.0))
+        u = u * lax.broadcast_in_dim(corr, u.shape, [0])
+        for j, sum_j in enumerate(sums):
+          u = u + jnp.where(slot_ids == c * per + j, lax.broadcast_in_dim(sum_j, u.shape, [0]), 0.0)
       plgpu.barrier_wait(v_bars.at[v_slot])
-
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[v_slot])
-
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))  # reading it back waits: the buffer is free again
-      pl.when(c + v_stages < count)(functools.partial(fetch_v, c + v_stages, v_slot))
+      acc = mosaic_common.pv_accumulate(acc, p.astype(dtype), v_smem.at[v_slot])  # the buffer is free again
+      pl.when(c + v_stages < steps)(functools.partial(fetch_v, c + v_stages, v_slot))
       return acc, m_new, l_i, u
 
-    init = (plgpu.layout_cast(jnp.zeros((BLOCK, hv), jnp.float32), wg),
-            plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), row),
-            plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), row),
-            plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK if big else slots), jnp.float32), wg))
-    acc, m_i, l_i, u = lax.fori_loop(0, count, step, init)
+    init = (plgpu.layout_cast(jnp.zeros((TILE, hv), jnp.float32), wg),
+            plgpu.layout_cast(jnp.full((TILE,), -jnp.inf, jnp.float32), row),
+            plgpu.layout_cast(jnp.zeros((TILE,), jnp.float32), row),
+            plgpu.layout_cast(jnp.zeros((TILE, TILE if big else slots), jnp.float32), wg))
+    acc, m_i, l_i, u = lax.fori_loop(0, steps, step, init)
     if big:
-      last = lax.div(count - 1, jnp.int32(BLOCK))
+      written = steps * per
+      last = lax.div(written - 1, jnp.int32(TILE))
       for part in range(parts):
-        pl.when((count > 0) & (lax.rem(count, jnp.int32(BLOCK)) != 0) & (last == part))(
+        pl.when((count > 0) & (lax.rem(written, jnp.int32(TILE)) != 0) & (last == part))(
             functools.partial(store_part, u, part))
 
     seen = l_i > 0.0
@@ -214,8 +245,9 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
     lse = jnp.where(seen, (jnp.log(jnp.where(seen, l_i, 1.0)) + m_safe * ln2), -jnp.inf)
     row_smem[...] = lse
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bb, pl.ds(i * BLOCK, BLOCK), hq])
-    plgpu.copy_smem_to_gmem(row_smem, lse_out_ref.at[bb, hq, pl.ds(i * BLOCK, BLOCK)])
+    own = (lambda ref: ref) if per == 1 else (lambda ref: ref.at[pl.ds(0, block)])  # the block's rows
+    plgpu.copy_smem_to_gmem(own(o_smem), o_ref.at[bb, pl.ds(i * block, block), hq])
+    plgpu.copy_smem_to_gmem(row_smem, lse_out_ref.at[bb, hq, i])
 
     # Block mass: u / l (the kept softmax) or, with a reference normaliser, u exp(m - lse_ref) (clamped
     # at 1, as the other backends do); NaN reference rows use the kept one.
@@ -226,14 +258,14 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
     if big:
       # mass[c] = sum_r exp2(a[r, c] - n_r): n_r = max(ref, m) with a reference (to_ref's clamp below), the
       # row's own lse without, +inf where the row's factor is 0.
-      own = jnp.where(seen, m_safe + jnp.log2(jnp.where(seen, l_i, 1.0)), jnp.inf)
+      own_lse = jnp.where(seen, m_safe + jnp.log2(jnp.where(seen, l_i, 1.0)), jnp.inf)
       norm = jnp.where(has_ref, jnp.where(ref_ok, jnp.maximum(jnp.where(ref_ok, ref, 0.0) * log2e, m_safe),
-                                          jnp.inf), own)
-      norm = lax.broadcast_in_dim(norm, (BLOCK, BLOCK), [0])
+                                          jnp.inf), own_lse)
+      norm = lax.broadcast_in_dim(norm, (TILE, TILE), [0])
       plgpu.commit_smem()  # the tiles were stored by every thread; read back in the same layout
       for part in range(parts):
         a = plgpu.load(lse_smem.at[part], (), layout=wg, optimized=False)
-        p = jnp.where(cols + part * BLOCK < count, jnp.exp2(a - norm), 0.0)
+        p = jnp.where(cols + part * TILE < count, jnp.exp2(a - norm), 0.0)
         mass_smem[part] = p.sum(axis=0)
     else:
       to_ref = jnp.where(ref_ok, jnp.exp(jnp.minimum(m_safe * ln2 - jnp.where(ref_ok, ref, 0.0), 0.0)), 0.0)
@@ -248,25 +280,27 @@ def _attention(q, k, v, indices, counts, lse_ref, *, scale, softcap, window, sta
     pl.run_scoped(
         lambda *scratch: kernel(q_ref, k_ref, v_ref, table_ref, ref_ref, o_ref, mass_ref, lse_out_ref,
                                 scratch),
-        tiled((BLOCK, h), dtype), tiled((k_stages, BLOCK, h), dtype), tiled((v_stages, BLOCK, hv), dtype),
-        None if hv == h else tiled((BLOCK, hv), dtype),
-        plgpu.SMEM((table_len,), jnp.int32), plgpu.SMEM((BLOCK,), jnp.float32),
-        plgpu.SMEM((BLOCK,), jnp.float32),
-        plgpu.SMEM((parts, BLOCK) if big else (slots,), jnp.float32),
-        plgpu.SMEM((parts, BLOCK, BLOCK), jnp.float32) if big else None,
-        plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=k_stages),
-        plgpu.Barrier(num_barriers=v_stages))
+        tiled((TILE, h), dtype), tiled((k_stages, TILE, h), dtype), tiled((v_stages, TILE, hv), dtype),
+        None if hv == h else tiled((TILE, hv), dtype),
+        plgpu.SMEM((table_len,), jnp.int32), plgpu.SMEM((TILE,), jnp.float32),
+        plgpu.SMEM((TILE,), jnp.float32),
+        plgpu.SMEM((parts, TILE) if big else (slots,), jnp.float32),
+        plgpu.SMEM((parts, TILE, TILE), jnp.float32) if big else None,
+        plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_arrivals=per, num_barriers=k_stages),
+        plgpu.Barrier(num_arrivals=per, num_barriers=v_stages))
 
   sizes = dict(batch=b, qblk=n_q, heads=n)
   out, mass, lse = plgpu.kernel(
       entry,
-      out_type=[jax.ShapeDtypeStruct((b, n_q * BLOCK, n, hv), dtype),
-                jax.ShapeDtypeStruct((b, n, n_q) + ((parts, BLOCK) if big else (slots,)), jnp.float32),
-                jax.ShapeDtypeStruct((b, n, n_q * BLOCK), jnp.float32)],
+      out_type=[jax.ShapeDtypeStruct((b, n_q * block, n, hv), dtype),
+                jax.ShapeDtypeStruct((b, n, n_q) + ((parts, TILE) if big else (slots,)), jnp.float32),
+                jax.ShapeDtypeStruct((b, n, n_q, TILE), jnp.float32)],
       grid=tuple(sizes[x] for x in GRID_ORDERS[order]), grid_names=GRID_ORDERS[order],
       compiler_params=plgpu.CompilerParams(approx_math=True),
       )(q, k, v, table, lse_ref)
-  out, mass, lse = out[:, :t], mass.reshape(b, n, n_q, slots)[..., :cap], lse[..., :t]
+  out = out[:, :t]
+  mass = mass.reshape(b, n, n_q, slots)[..., :cap]
+  lse = lse[..., :block].reshape(b, n, n_q * block)[..., :t]
   if not batched:
     out, mass, lse = out[0], mass[0], lse[0]
   return out, mass, lse

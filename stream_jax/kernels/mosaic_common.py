@@ -81,6 +81,19 @@ def qk_logits(q_smem, k_buf):
   return pl.run_scoped(qk, plgpu.ACC((q_smem.shape[0], k_buf.shape[0]), jnp.float32))
 
 
+def pv_accumulate(acc, p, v_buf):
+  """float32 [rows, dv]: acc + P V, P a register tile of probabilities (the inputs' dtype) and V a value tile in
+  shared memory, one wgmma into the accumulator. Reading it back waits for the product, so `v_buf` is free to
+  refill once this returns."""
+  import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only modules)
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
+
+  def pv(acc_ref):
+    plgpu.wgmma(acc_ref, p, v_buf)
+
+  return pl.run_state(pv)(plgpu.ACC.init(acc))
+
+
 def base2_logits(c, *, q_smem, k_smem, k_bars, stages: int, count, fetch, scale: float, softcap, log2e: float):
   """The block-mass kernels' step on key block c of a `stages`-deep TMA ring: wait for its buffer, take the
   logits, refill the buffer with block c + stages (`fetch(block, slot)`) once they are read, and return
@@ -172,3 +185,4 @@ class MassSegments:
     @pl.when((count > 0) & ((tail > 0) | (lax.rem(last_seg, jnp.int32(self.per_window)) != self.per_window - 1)))
     def _():
       self.copy(lax.div(last_seg, jnp.int32(self.per_window)))
+
