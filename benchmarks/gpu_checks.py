@@ -8,7 +8,8 @@
    fused accumulator and the XLA reference, with and without `lse_ref`.
 5. A random-weight Gemma 3 config: output="exact" logits equal attention="dense" (cuDNN and XLA).
 6. The Mosaic GPU attention kernel (kernels/blocksparse_mosaic.py) equals the XLA reference: out, block mass
-   and lse, float16 / bfloat16, GQA, ragged T, soft-cap, sliding window, lse_ref, 16 / 32 / 64-token blocks.
+   and lse, float16 / bfloat16, GQA, ragged T, soft-cap, sliding window, lse_ref, 16 / 32 / 64-token blocks,
+   masks past 192 kept blocks (chunks).
 7. The Mosaic GPU estimate kernel (kernels/estimate_mosaic.py): masks equal the Triton kernel's and the XLA
    reference's, row for row (ragged T, no search round, soft-cap, wide first level, batch, exact ties); its wide
    kernel (`check_mgpu_estimate_wide`: mass scores, coverage budgets and top_k up to 128, `StreamConfig.faithful()`)
@@ -111,6 +112,9 @@ MGPU_CASES = (
     (3000, 4, 2, 128, "float16", 30.0, 700, False, dict(block_q=16, block_k=16, top_k=13)),  # ragged, odd counts
     (16384, 8, 4, 256, "bfloat16", None, None, True, dict(block_q=16, block_k=16, top_k=128, coverage=0.95)),
     (9000, 4, 1, 128, "bfloat16", 50.0, None, False, dict(block_q=32, block_k=32, top_k=90)),  # shared memory
+    # past 192 kept blocks: chunks of 192 merged by log-sum-exp, masses rerun under the merged normaliser
+    (20000, 4, 2, 128, "bfloat16", None, None, True, dict(top_k=256)),
+    (12000, 4, 1, 256, "bfloat16", 30.0, None, False, dict(block_q=32, block_k=32, top_k=200)),
 )
 
 

@@ -143,7 +143,7 @@ def _table_kernel(q, k, *, config: StreamConfig, scale, softcap, rows_fn, tiles:
   t, s = q.shape[1], k.shape[1]
   bq, bk, stride = config.block_q, config.block_k, config.query_stride
   r = bq // stride
-  per_tile = 64 // r  # query blocks per tile of 64 sampled queries
+  per_tile = table_mosaic.BLOCK // r  # query blocks per tile of 64 sampled queries
   n_q = num_blocks(t, bq)
   qc = min(tiles, -(-n_q // per_tile)) * per_tile  # whole tiles per chunk
   n_qc = -(-n_q // qc)

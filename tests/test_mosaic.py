@@ -148,20 +148,25 @@ def test_mgpu_wide_estimate_interpreted_equals_the_reference(mosaic_interpreted,
 ATTENTION_INTERPRETED = [
     # 16-token blocks: 4 kept blocks per 64-key step, the last step part past the count; soft-cap, window,
     # a reference normaliser with NaN rows, S > T
-    pytest.param(300, 40, 16, 6, dict(softcap=30.0, window=100), True, 2),
-    pytest.param(400, 0, 32, 5, {}, False, (3, 2), marks=pytest.mark.slow),
+    pytest.param(300, 40, 16, 6, dict(softcap=30.0, window=100), True, 2, None),
+    # wider masks than a chunk (here 4 slots, 192 on the GPU): chunks merged by log-sum-exp, masses rerun
+    pytest.param(700, 0, 64, 7, dict(softcap=30.0), True, 2, 4),
+    pytest.param(300, 20, 32, 6, {}, False, 2, 4, marks=pytest.mark.slow),
+    pytest.param(400, 0, 32, 5, {}, False, (3, 2), None, marks=pytest.mark.slow),
     # past 64 slots: per-block row log-sum-exps through shared memory, 64 slots a tile
-    pytest.param(1300, 20, 16, 70, dict(softcap=20.0), False, 2, marks=pytest.mark.slow),
-    pytest.param(2600, 0, 32, 67, {}, True, 2, marks=pytest.mark.slow),
-    pytest.param(5000, 0, 64, 66, {}, False, (3, 2), marks=pytest.mark.slow),
+    pytest.param(1300, 20, 16, 70, dict(softcap=20.0), False, 2, None, marks=pytest.mark.slow),
+    pytest.param(2600, 0, 32, 67, {}, True, 2, None, marks=pytest.mark.slow),
+    pytest.param(5000, 0, 64, 66, {}, False, (3, 2), None, marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("t,extra,block,top_k,kw,with_ref,stages", ATTENTION_INTERPRETED)
-def test_mgpu_attention_interpreted_equals_the_reference(mosaic_interpreted, t, extra, block, top_k, kw,
-                                                         with_ref, stages):
+@pytest.mark.parametrize("t,extra,block,top_k,kw,with_ref,stages,chunk", ATTENTION_INTERPRETED)
+def test_mgpu_attention_interpreted_equals_the_reference(mosaic_interpreted, monkeypatch, t, extra, block, top_k,
+                                                         kw, with_ref, stages, chunk):
   """Output, block mass and log-sum-exp equal the XLA path's (10 s to 2 min interpreted; on the H200,
   gpu_checks.py mgpu_attention)."""
+  if chunk:
+    monkeypatch.setattr(blocksparse_mosaic, "MAX_SMEM_SLOTS", chunk)
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(t, 2, 64)), jnp.bfloat16)
   k, v = (jnp.asarray(rng.normal(size=(t + extra, 1, 64)), jnp.bfloat16) for _ in range(2))
@@ -169,7 +174,7 @@ def test_mgpu_attention_interpreted_equals_the_reference(mosaic_interpreted, t, 
   ref = None
   if with_ref:  # another normaliser than the kept softmax's, unknown (NaN) for a few rows
     ref = sj.sparse_attention(q, k, v, mask, backend="xla")[1].lse + 0.3
-    ref = ref.at[0, :5].set(jnp.nan)
+    ref = ref.at[0, -70:-60].set(jnp.nan)  # rows whose kept blocks span several chunks
   out, stats = blocksparse_mosaic.sparse_attention(q, k, v, mask, lse_ref=ref, stages=stages, **kw)
   want, want_stats = sj.sparse_attention(q, k, v, mask, lse_ref=ref, backend="xla", **kw)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), atol=2e-2)
@@ -192,8 +197,8 @@ def test_mgpu_attention_says_what_it_cannot_take_and_never_runs_off_hopper():
   assert "value head dim" in why(q, _sds((256, 2, 96)), mask)
   wide = sj.window_mask(4, 8192, 8192, block_q=64, block_k=64)  # every causal block: C = 128
   assert why(_sds((8192, 4, 128)), _sds((8192, 2, 128)), wide) is None  # masses through shared memory
-  wider = sj.window_mask(4, 16384, 16384, block_q=64, block_k=64)  # C = 256
-  assert "at most 192" in why(_sds((16384, 4, 128)), _sds((16384, 2, 128)), wider)
+  wider = sj.window_mask(4, 16384, 16384, block_q=64, block_k=64)  # C = 256: chunks of 192 slots
+  assert why(_sds((16384, 4, 128)), _sds((16384, 2, 128)), wider) is None
   assert "key_mask or gate" in blocksparse_mosaic.unsupported(Call.attention(q, v, mask, gate=True))
   call = Call.attention(q, v, mask)
   assert impls.choose("sparse_attention", "pallas", call) == "triton"  # a CPU: Triton (interpreted) runs

@@ -29,7 +29,8 @@ These pass jax's GPU interpreter and lower for CUDA, but until benchmarks/gpu_ch
 the XLA path on a GPU `unchecked` keeps "auto" and "pallas" on Triton for them.
 
 Limits (the wrapper refuses anything else, so the caller can fall back to Triton): float16 / bfloat16,
-16 x 16, 32 x 32 or 64 x 64 blocks, head dims multiples of 64 up to 256, C <= MAX_SMEM_SLOTS.
+16 x 16, 32 x 32 or 64 x 64 blocks, head dims multiples of 64 up to 256. Past MAX_SMEM_SLOTS kept blocks the
+kernel runs on chunks of them (`_in_slot_chunks`), at twice the work.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 TILE = 64  # rows of a wgmma tile per warpgroup: a query block's tile, and a step's keys
 MAX_SLOTS = 64  # kept blocks per query block whose [64, C] mass accumulator lives in registers
-MAX_SMEM_SLOTS = 192  # beyond: per-block row log-sum-exps in shared memory ([C, 64] floats, 48 KiB at 192)
+MAX_SMEM_SLOTS = 192  # per-block row log-sum-exps in shared memory ([C, 64] floats, 48 KiB at 192); beyond, chunks
 GPU_CHECKED_BLOCKS = (64,)  # block sizes whose numbers gpu_checks.py has compared with the XLA path on a GPU
 DEFAULT_STAGES = 2  # K/V ring depth (2 keeps two CTAs per SM at head dim 128)
 # Launch grid orders: which CTAs run together decides what the L2 cache shares. "qblk_last" (the query
@@ -69,20 +70,21 @@ def unsupported(call: Call) -> Optional[str]:
     return reason
   if call.head_dim_v % 64 or not 64 <= call.head_dim_v <= 256:
     return f"the Mosaic GPU attention kernel needs a value head dim in 64, 128, 192, 256, got {call.head_dim_v}"
-  if call.slots > MAX_SMEM_SLOTS:
-    return f"the Mosaic GPU attention kernel keeps at most {MAX_SMEM_SLOTS} blocks per row, got {call.slots}"
   if call.key_mask or call.gate:
     return "the Pallas attention kernels take no key_mask or gate (interventions run on the XLA path)"
   return None
 
 
 def unchecked(call: Call) -> Optional[str]:
-  """Why "auto" and "pallas" pass over this kernel for a call it takes, or None: 16 / 32-token blocks equal the
-  XLA path in jax's GPU interpreter and lower for CUDA (tests/test_mosaic.py) but have not yet run on a GPU
-  (benchmarks/gpu_checks.py mgpu_attention); backend="mosaic" runs them."""
+  """Why "auto" and "pallas" pass over this kernel for a call it takes, or None: 16 / 32-token blocks and masks
+  past MAX_SMEM_SLOTS equal the XLA path in jax's GPU interpreter and lower for CUDA (tests/test_mosaic.py) but
+  have not yet run on a GPU (benchmarks/gpu_checks.py mgpu_attention); backend="mosaic" runs them."""
   if call.block_q not in GPU_CHECKED_BLOCKS:
     return (f"the Mosaic GPU attention kernel at {call.block_q}-token blocks is not yet checked on a GPU "
             f"(benchmarks/gpu_checks.py mgpu_attention); backend='mosaic' runs it")
+  if call.slots > MAX_SMEM_SLOTS:
+    return (f"the Mosaic GPU attention kernel past {MAX_SMEM_SLOTS} kept blocks (in chunks) is not yet checked "
+            f"on a GPU (benchmarks/gpu_checks.py mgpu_attention); backend='mosaic' runs it")
   return None
 
 
@@ -98,11 +100,37 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, 
     lse_ref = jnp.full(q.shape[:-3] + (n, t), jnp.nan, jnp.float32)
   stages = DEFAULT_STAGES if stages is None else stages
   stages = (stages, stages) if isinstance(stages, int) else tuple(int(x) for x in stages)
-  out, mass, lse = _attention(
-      q, k, v, mask.indices, mask.counts, lse_ref, block=mask.block_q, scale=numerics.resolve_scale(scale, h),
+  run = functools.partial(
+      _attention, q, k, v, block=mask.block_q, scale=numerics.resolve_scale(scale, h),
       softcap=None if softcap is None else float(softcap), window=None if window is None else int(window),
       stages=stages, order=order)
+  if mask.indices.shape[-1] <= MAX_SMEM_SLOTS:
+    out, mass, lse = run(mask.indices, mask.counts, lse_ref)
+  else:
+    out, mass, lse = _in_slot_chunks(run, mask.indices, mask.counts, lse_ref)
   return out, AttentionStats(mass=mass, lse=lse)
+
+
+def _in_slot_chunks(run, indices, counts, lse_ref):
+  """Past MAX_SMEM_SLOTS kept blocks a row's per-block log-sum-exps would not fit in shared memory: the kernel
+  takes the kept blocks MAX_SMEM_SLOTS at a time, the outputs merge by their log-sum-exps, and each chunk runs
+  again under the merged normaliser (or lse_ref where it has one) for its masses. Twice the work, for masks
+  wider than any StreamConfig preset keeps (131)."""
+  width = MAX_SMEM_SLOTS
+  starts = range(0, indices.shape[-1], width)
+
+  def chunk(c0, ref):
+    idx = indices[..., c0:c0 + width]
+    return run(idx, jnp.clip(counts - c0, 0, idx.shape[-1]).astype(counts.dtype), ref)
+
+  nan = jnp.full_like(lse_ref, jnp.nan)
+  outs, _, lses = zip(*(chunk(c0, nan) for c0 in starts))
+  lse = functools.reduce(jnp.logaddexp, lses)  # [.., N, T]; -inf where no chunk sees a key
+  weight = [jnp.where(lse == -jnp.inf, 0.0, jnp.exp(x - lse)) for x in lses]
+  out = sum(o.astype(jnp.float32) * jnp.swapaxes(w, -1, -2)[..., None] for o, w in zip(outs, weight))
+  ref = jnp.where(jnp.isnan(lse_ref), lse, lse_ref)
+  mass = jnp.concatenate([chunk(c0, ref)[1] for c0 in starts], axis=-1)
+  return out.astype(outs[0].dtype), mass, lse
 
 
 @functools.partial(jax.jit, static_argnames=("block", "scale", "softcap", "window", "stages", "order"))
