@@ -1,4 +1,5 @@
-"""The order the files go to pytest-xdist workers in (`make test`: -n 2 --dist loadfile); no fixtures here.
+"""The order the files go to pytest-xdist workers in (`make test`: -n 2 --dist loadfile) and the run's shared
+JAX compilation cache; no fixtures here.
 
 xdist hands out whole files, by default the ones with the most tests first; a long file with few tests then
 starts last and one worker idles while it runs (test_readme.py, 2 tests and ~130 s on 2 cores, started 45th
@@ -6,7 +7,12 @@ of 47 files). Under xdist the longest files (measured in the default run on 2 co
 xdist's order (most tests first). A single-process run is left as it is.
 """
 
+import atexit
 import collections
+import os
+import shutil
+import sys
+import tempfile
 
 # Longest first (seconds per file in the default run on 2 cores, both workers busy).
 LONGEST_FIRST = (
@@ -27,6 +33,23 @@ LONGEST_FIRST = (
 def pytest_configure(config):
   if getattr(config.option, "dist", "no") == "loadfile" and hasattr(config.option, "loadscopereorder"):
     config.option.loadscopereorder = False  # the order below is the work queue's
+  _share_compilations()
+
+
+def _share_compilations():
+  """One JAX compilation cache for the run, shared by both workers and every subprocess the tests start (the
+  CLI, the README, the notebooks): they compile the same model programs. Fresh per run (a temporary folder, set
+  by the controller before the workers start, so they inherit it), unless JAX_COMPILATION_CACHE_DIR is set."""
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    folder = tempfile.mkdtemp(prefix="stream_jax_tests_jax_cache_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+  if "jax" in sys.modules:  # read at import: a plugin may have imported jax already
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")))
 
 
 def pytest_collection_modifyitems(config, items):
