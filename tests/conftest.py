@@ -39,12 +39,14 @@ def pytest_configure(config):
 def _share_compilations():
   """One JAX compilation cache for the run, shared by both workers and every subprocess the tests start (the
   CLI, the README, the notebooks): they compile the same model programs. Fresh per run (a temporary folder, set
-  by the controller before the workers start, so they inherit it), unless JAX_COMPILATION_CACHE_DIR is set."""
+  by the controller before the workers start, so they inherit it), unless JAX_COMPILATION_CACHE_DIR is set.
+  Every compilation is kept, however short: on 2 cores the suite's test time fell 2,693 -> 2,460 s caching those
+  over 0.2 s and -> 2,267 s caching all (22 min 57 s -> 21:00 -> 19:17 wall)."""
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     folder = tempfile.mkdtemp(prefix="stream_jax_tests_jax_cache_")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   if "jax" in sys.modules:  # read at import: a plugin may have imported jax already
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
