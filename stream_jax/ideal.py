@@ -182,7 +182,8 @@ def _ideal_kernel(q, k, lse, *, config: StreamConfig, scale, softcap, window, qu
   bq, bk = config.block_q, config.block_k
   n_q, n_k = num_blocks(t, bq), num_blocks(s, bk)
   # whole programs per chunk: the Triton kernel's query blocks, the Mosaic one's pair of 64-row tiles
-  per = ideal_triton.DEFAULT_BLOCKS_PER_PROGRAM if impl == "triton" else ideal_mosaic.PAIR * (ideal_mosaic.BLOCK // bq)
+  per = (ideal_triton.DEFAULT_BLOCKS_PER_PROGRAM if impl == "triton"
+         else ideal_mosaic.PAIR * (ideal_mosaic.BLOCK // bq))
   qc = -(-min(query_blocks, n_q) // per) * per  # whole programs per chunk
   n_qc = -(-n_q // qc)
   diag, rows_valid = _chunk_rows(t, s, bq, bk, qc, n_qc)

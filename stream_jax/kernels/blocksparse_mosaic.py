@@ -222,8 +222,9 @@ def _attention(q, k, v, indices, counts, lse_ref, *, block, scale, softcap, wind
         k_pos = ids[0] * block + cols
         visible = (k_pos <= q_pos) & row_ok
       else:  # each key's block id, and the slots past the count hidden
-        blk = functools.reduce(lambda acc_, j: jnp.where(part_of == j, ids[j], acc_), range(1, per),
-                               jnp.where(part_of == 0, ids[0], 0))
+        blk = ids[0]
+        for j in range(1, per):
+          blk = jnp.where(part_of == j, ids[j], blk)
         k_pos = blk * block + (cols - part_of * block)
         visible = (k_pos <= q_pos) & row_ok & (c * per + part_of < count)
       if window is not None:

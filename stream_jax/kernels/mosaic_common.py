@@ -185,4 +185,3 @@ class MassSegments:
     @pl.when((count > 0) & ((tail > 0) | (lax.rem(last_seg, jnp.int32(self.per_window)) != self.per_window - 1)))
     def _():
       self.copy(lax.div(last_seg, jnp.int32(self.per_window)))
-
