@@ -1,15 +1,17 @@
 """On-disk cache of converted parameters and tokenizers, keyed by the source file's identity.
 
 Dequantizing a GGUF and building its tokenizer take tens of seconds; the converted arrays are saved once
-as an uncompressed .npz (bf16 stored as its uint16 bits) under a cache folder (the loaders' `cache_dir`,
-default `~/.cache/stream_jax`; the `stream-jax` command reads `$STREAM_JAX_CACHE`), so a second load reads
-arrays straight from disk. The key is (real path, size, mtime) of the source plus the dtype and a format
-version: editing or replacing the file invalidates it.
+as a .safetensors file (bf16 stored as its uint16 bits, the config in its metadata) under a cache folder
+(the loaders' `cache_dir`, default `~/.cache/stream_jax`; the `stream-jax` command reads
+`$STREAM_JAX_CACHE`), so a second load reads arrays straight from disk: memory-mapped, 0.5 s for the 270M in
+f32 against 3-6 s through the .npz of format 1 (zip reads with CRC checks). The key is (real path, size,
+mtime) of the source plus the dtype and a format version: editing or replacing the file invalidates it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -23,7 +25,9 @@ import numpy as np
 
 from stream_jax.models.decoder_config import GemmaConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SUFFIX = ".safetensors"
+_META = "stream_jax"
 
 
 def cache_root(cache_dir: Optional[str] = None) -> str:
@@ -34,11 +38,11 @@ def cache_root(cache_dir: Optional[str] = None) -> str:
   return root
 
 
-def file_key(path: str, *extra) -> str:
-  """Stem + hash of the file's identity (and extra parts, e.g. the dtype)."""
+def file_key(path: str, *extra, version: int = FORMAT_VERSION) -> str:
+  """Stem + hash of the file's identity (and extra parts, e.g. the dtype) and of the entry's format version."""
   real = os.path.realpath(path)
   st = os.stat(real)
-  ident = json.dumps([real, st.st_size, st.st_mtime_ns, FORMAT_VERSION, *map(str, extra)])
+  ident = json.dumps([real, st.st_size, st.st_mtime_ns, version, *map(str, extra)])
   digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
   stem = os.path.splitext(os.path.basename(real))[0] or "model"
   return f"{stem}-{digest}"
@@ -65,41 +69,51 @@ def _unflatten(items):
 
 
 def save_params(path: str, config: GemmaConfig, params: dict) -> None:
-  """Atomically write params (any dtypes) and the config to `path` (.npz)."""
+  """Atomically write params (any dtypes) and the config to `path` (.safetensors)."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   arrays, bf16 = {}, []
   for name, x in _flatten(params):
-    x = np.asarray(jax.device_get(x))
+    x = np.ascontiguousarray(jax.device_get(x))
     if x.dtype == ml_dtypes.bfloat16:
       bf16.append(name)
       x = x.view(np.uint16)
     arrays[name] = x
   meta = dict(config=dataclasses.asdict(config), bf16=bf16, version=FORMAT_VERSION)
-  arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp.npz")
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp" + SUFFIX)
   os.close(fd)
   try:
-    np.savez(tmp, **arrays)
+    save_file(arrays, tmp, metadata={_META: json.dumps(meta)})
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+  _drop_format_1(path)
+
+
+def _drop_format_1(path: str) -> None:
+  """Format 1's .npz entries of the same source file (1 GB for the 270M in f32) are never read again."""
+  stem = os.path.basename(path).rsplit("-", 1)[0]
+  for old in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), glob.escape(stem) + "-*.npz")):
+    try:
+      os.remove(old)
+    except OSError:
+      pass
 
 
 def load_params(path: str) -> Optional[tuple[GemmaConfig, dict]]:
   """(config, params) from a cache file, or None when it is missing or unreadable."""
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     return None
   try:
-    with np.load(path, allow_pickle=False) as z:
-      meta = json.loads(bytes(z["__meta__"]).decode())
+    with safe_open(path, "np") as f:
+      meta = json.loads((f.metadata() or {})[_META])
       if meta.get("version") != FORMAT_VERSION:
         return None
       bf16 = set(meta["bf16"])
       items = []
-      for name in z.files:
-        if name == "__meta__":
-          continue
-        x = z[name]
+      for name in f.keys():
+        x = f.get_tensor(name)
         if name in bf16:
           x = x.view(ml_dtypes.bfloat16)
         items.append((name, jnp.asarray(x)))

@@ -103,7 +103,8 @@ def load_gguf(path: str, dtype=None, *, use_cache: bool = True, progress: bool =
   t0 = time.perf_counter()
   dtype = check_dtype(dtype or default_dtype())
   check_file(path)
-  entry = os.path.join(cache_lib.cache_root(cache_dir), cache_lib.file_key(path, jnp.dtype(dtype).name) + ".npz")
+  key = cache_lib.file_key(path, jnp.dtype(dtype).name)
+  entry = os.path.join(cache_lib.cache_root(cache_dir), key + cache_lib.SUFFIX)
   hit = cache_lib.load_params(entry) if use_cache else None
   if hit is not None:
     config, params = hit

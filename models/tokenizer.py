@@ -23,7 +23,7 @@ def _auto():
 
 def load_gguf_tokenizer(path: str, use_cache: bool = True, cache_dir: Optional[str] = None):
   """The tokenizer stored in a GGUF file (cached as tokenizer.json under `cache_dir`, see models/cache.py)."""
-  target = os.path.join(cache_root(cache_dir), file_key(path, "tokenizer") + "-tokenizer")
+  target = os.path.join(cache_root(cache_dir), file_key(path, "tokenizer", version=1) + "-tokenizer")
   if use_cache and os.path.exists(os.path.join(target, "tokenizer.json")):
     return _auto().from_pretrained(target, local_files_only=True)
   tok = _convert_gguf(path)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from stream_jax.models import cache as cache_lib
 from stream_jax.models import (GGUFError, MissingTensorError, SafetensorsError, ShapeMismatchError,
                                forward, load_model)
 
@@ -209,21 +210,25 @@ def test_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch, arch):
   path = tmp_path / f"tiny-{arch}.gguf"
   write_gguf(path, src, arch)
   ref = transformers_from_gguf(str(path))
+  (tmp_path / "cache").mkdir()
+  stale, other = tmp_path / "cache" / f"tiny-{arch}-0123456789abcdef.npz", tmp_path / "cache" / "other-0123.npz"
+  stale.write_bytes(b"format 1"), other.write_bytes(b"another file's")
   loaded = load_model(str(path), dtype=jnp.float32, tokenizer=False, progress=False, cache_dir=tmp_path / "cache")
   assert loaded.config.family == arch and loaded.config.head_dim == 256
+  assert not stale.exists() and other.exists()  # format 1's entry of this file is dropped, no other
   # norms: the file stores 1 + w; the port holds w
   np.testing.assert_allclose(np.asarray(loaded.params["params"]["layer_1"]["pre_ffw_norm"]["scale"]),
                              src.model.layers[1].pre_feedforward_layernorm.weight.detach().numpy(), atol=1e-6)
   assert_parity(loaded, ref, ids(seed=4))
   # the converted params are cached: the second load reads the cache and gives identical params
-  cached = list((tmp_path / "cache").glob("*.npz"))
+  cached = list((tmp_path / "cache").glob("*" + cache_lib.SUFFIX))
   assert len(cached) == 1
   again = load_model(str(path), dtype=jnp.float32, tokenizer=False, progress=False, cache_dir=tmp_path / "cache")
   np.testing.assert_array_equal(np.asarray(again.params["params"]["layer_0"]["attn"]["q_einsum"]["w"]),
                                 np.asarray(loaded.params["params"]["layer_0"]["attn"]["q_einsum"]["w"]))
   b16 = load_model(str(path), dtype=jnp.bfloat16, tokenizer=False, progress=False, cache_dir=tmp_path / "cache")
   assert b16.params["params"]["embedder"]["input_embedding"].dtype == jnp.bfloat16
-  assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # keyed by dtype too
+  assert len(list((tmp_path / "cache").glob("*" + cache_lib.SUFFIX))) == 2  # keyed by dtype too
   b16c = load_model(str(path), dtype=jnp.bfloat16, tokenizer=False, progress=False, cache_dir=tmp_path / "cache")  # from cache: bf16 bits
   np.testing.assert_array_equal(np.asarray(b16c.params["params"]["embedder"]["input_embedding"], np.float32),
                                 np.asarray(b16.params["params"]["embedder"]["input_embedding"], np.float32))
