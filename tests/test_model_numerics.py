@@ -262,6 +262,32 @@ def test_stream_path_allocates_nothing_quadratic():
   assert temp("dense", t) < tt / 8  # the dense path is flash style too (stream_jax.dense)
 
 
+def test_traced_layers_compute_their_own_rope_tables():
+  """A traced forward ties each layer's RoPE positions to its q (one optimization barrier per layer: XLA
+  cannot share the cos / sin tables across layers and keep them to the trace's peak); a dense forward does
+  not. The barrier is an identity: the traced logits equal those computed without it."""
+  cfg = tiny_config(layers=3)
+  params = init_params(cfg, seed=3, scale=0.2)
+  x = tokens(1, 32)
+  sc = StreamConfig(block_q=8, block_k=8, top_k=2, window_blocks=1, sink_blocks=0)
+
+  def barriers(att):
+    text = jax.jit(lambda p, t: forward(cfg, p, t, attention=att).logits).lower(params, x).as_text()
+    return text.count("optimization_barrier")
+
+  assert barriers(sc) == cfg.num_layers and barriers("dense") == 0
+  with_barrier = forward(cfg, params, x, attention=sc).logits
+  from stream_jax.models import transformer  # pylint: disable=import-outside-toplevel
+  qkv = transformer.SelfAttention.qkv
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(transformer.SelfAttention, "qkv", lambda self, a, pos, own_rope=False: qkv(self, a, pos))
+    jax.clear_caches()  # retrace with the patched method
+    assert barriers(sc) == 0
+    without = forward(cfg, params, x, attention=sc).logits
+  jax.clear_caches()
+  np.testing.assert_array_equal(np.asarray(with_barrier), np.asarray(without))
+
+
 def test_pure_apply_entry_equals_forward():
   """`Gemma(config).apply(params, tokens, attention=...)` (the design's data flow) == `forward`."""
   cfg = tiny_config()

@@ -25,8 +25,9 @@ the rows past the block are computed and dropped (q is padded by 64 - block), an
 kept blocks side by side in one 64-key tile (that many TMA copies into slices of one buffer, one barrier
 expecting them all; slots past the count copy block 0 and are masked). The products are the 64-token
 kernel's; the step count falls by 64 / block, so a kept block costs a quarter or half a step, not a step.
-These pass jax's GPU interpreter and lower for CUDA, but until benchmarks/gpu_checks.py has compared them with
-the XLA path on a GPU `unchecked` keeps "auto" and "pallas" on Triton for them.
+Still, the dropped rows cost 64 / block of each product: on an H200 this path took 1.15x (32-token) and
+1.5x (16-token) Triton's time on faithful() masks, where the 64-token one is 1.3x faster
+(benchmarks/RESULTS.md); "auto" runs it anyway on Hopper, where Pallas' Triton backend is deprecated.
 
 Limits (the wrapper refuses anything else, so the caller can fall back to Triton): float16 / bfloat16,
 16 x 16, 32 x 32 or 64 x 64 blocks, head dims multiples of 64 up to 256. Past MAX_SMEM_SLOTS kept blocks the
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 TILE = 64  # rows of a wgmma tile per warpgroup: a query block's tile, and a step's keys
 MAX_SLOTS = 64  # kept blocks per query block whose [64, C] mass accumulator lives in registers
 MAX_SMEM_SLOTS = 192  # per-block row log-sum-exps in shared memory ([C, 64] floats, 48 KiB at 192); beyond, chunks
-GPU_CHECKED_BLOCKS = (64,)  # block sizes whose numbers gpu_checks.py has compared with the XLA path on a GPU
 DEFAULT_STAGES = 2  # K/V ring depth (2 keeps two CTAs per SM at head dim 128)
 # Launch grid orders: which CTAs run together decides what the L2 cache shares. "qblk_last" (the query
 # blocks of one head side by side: they read the same kv head's sink, window and often top-k blocks) is
@@ -63,8 +63,8 @@ GRID_ORDERS = {"heads_last": ("batch", "qblk", "heads"), "qblk_last": ("heads", 
 
 def unsupported(call: Call) -> Optional[str]:
   """Why this kernel cannot take a call (kernels.implementations.Call), or None. Where it can, "pallas" and
-  "auto" prefer it to Triton on Hopper: 1.13-1.28x Triton's speed on every Stream-mask shape measured on an
-  H100 (benchmarks/RESULTS.md)."""
+  "auto" prefer it to Triton on Hopper: at 64-token blocks 1.13-1.35x Triton's speed on every Stream-mask
+  shape measured (H100, H200); at 16 / 32-token blocks slower (see above), but not deprecated."""
   reason = mosaic_common.limits(call, "attention")
   if reason:
     return reason
@@ -72,19 +72,6 @@ def unsupported(call: Call) -> Optional[str]:
     return f"the Mosaic GPU attention kernel needs a value head dim in 64, 128, 192, 256, got {call.head_dim_v}"
   if call.key_mask or call.gate:
     return "the Pallas attention kernels take no key_mask or gate (interventions run on the XLA path)"
-  return None
-
-
-def unchecked(call: Call) -> Optional[str]:
-  """Why "auto" and "pallas" pass over this kernel for a call it takes, or None: 16 / 32-token blocks and masks
-  past MAX_SMEM_SLOTS equal the XLA path in jax's GPU interpreter and lower for CUDA (tests/test_mosaic.py) but
-  have not yet run on a GPU (benchmarks/gpu_checks.py mgpu_attention); backend="mosaic" runs them."""
-  if call.block_q not in GPU_CHECKED_BLOCKS:
-    return (f"the Mosaic GPU attention kernel at {call.block_q}-token blocks is not yet checked on a GPU "
-            f"(benchmarks/gpu_checks.py mgpu_attention); backend='mosaic' runs it")
-  if call.slots > MAX_SMEM_SLOTS:
-    return (f"the Mosaic GPU attention kernel past {MAX_SMEM_SLOTS} kept blocks (in chunks) is not yet checked "
-            f"on a GPU (benchmarks/gpu_checks.py mgpu_attention); backend='mosaic' runs it")
   return None
 
 

@@ -87,11 +87,6 @@ TABLES: dict[str, tuple[tuple[str, Callable[[Call], Optional[str]]], ...]] = {
     "ideal_mask": (("mosaic", ideal_mosaic.unsupported), ("triton", ideal_triton.unsupported), ("xla", _xla)),
 }
 OPS = tuple(TABLES)
-# Calls a kernel takes whose numbers are not yet checked on a GPU (benchmarks/gpu_checks.py): the policies pass
-# over it there (their promise is a checked result), naming the implementation runs it.
-UNCHECKED: dict[tuple[str, str], Callable[[Call], Optional[str]]] = {
-    ("sparse_attention", "mosaic"): blocksparse_mosaic.unchecked,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +132,7 @@ def choose(op: str, backend: str, call: Call) -> str:
 
   "xla" / "triton" / "mosaic" name one implementation: it runs, or a ValueError says why it cannot.
   "pallas" runs the first kernel of the op's table that takes the call (the Mosaic port on Hopper, else
-  Triton) and whose numbers on such calls were checked on a GPU (`UNCHECKED`), and refuses what no kernel
-  takes. "auto" does the same on a GPU for 16-bit inputs and falls back to "xla" instead of refusing (its
+  Triton), and refuses what no kernel takes. "auto" does the same on a GPU for 16-bit inputs and falls back to "xla" instead of refusing (its
   promise is a result, not a kernel); float32 stays on XLA, where on an H100 the kernels' full-precision f32
   dots were 40-290x slower.
   """
@@ -156,7 +150,7 @@ def choose(op: str, backend: str, call: Call) -> str:
     return "xla"
   reason = None
   for name, _ in TABLES[op][:-1]:  # the kernels (the last row is the reference)
-    reason = why_not(op, name, call) or UNCHECKED.get((op, name), lambda _: None)(call)
+    reason = why_not(op, name, call)
     if reason is None:
       return name
   if backend == "pallas":
