@@ -271,20 +271,18 @@ def test_traced_layers_compute_their_own_rope_tables():
   x = tokens(1, 32)
   sc = StreamConfig(block_q=8, block_k=8, top_k=2, window_blocks=1, sink_blocks=0)
 
-  def barriers(att):
-    text = jax.jit(lambda p, t: forward(cfg, p, t, attention=att).logits).lower(params, x).as_text()
-    return text.count("optimization_barrier")
+  def run(att):  # a fresh jit each call: traced anew, so a patched method is seen
+    fn = jax.jit(lambda p, t: Gemma(cfg).apply(p, t, attention=att).logits)
+    return fn.lower(params, x).as_text().count("optimization_barrier"), fn(params, x)
 
-  assert barriers(sc) == cfg.num_layers and barriers("dense") == 0
-  with_barrier = forward(cfg, params, x, attention=sc).logits
+  (n_traced, with_barrier), (n_dense, _) = run(sc), run("dense")
+  assert n_traced == cfg.num_layers and n_dense == 0
   from stream_jax.models import transformer  # pylint: disable=import-outside-toplevel
   qkv = transformer.SelfAttention.qkv
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(transformer.SelfAttention, "qkv", lambda self, a, pos, own_rope=False: qkv(self, a, pos))
-    jax.clear_caches()  # retrace with the patched method
-    assert barriers(sc) == 0
-    without = forward(cfg, params, x, attention=sc).logits
-  jax.clear_caches()
+    n_without, without = run(sc)
+  assert n_without == 0
   np.testing.assert_array_equal(np.asarray(with_barrier), np.asarray(without))
 
 
