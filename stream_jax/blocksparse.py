@@ -53,8 +53,8 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
     backend: an implementation, "xla" (the reference), "triton" (block sizes >= 16; interpreted off the
       GPU) or "mosaic" (Hopper: 16-bit inputs, 16 x 16, 32 x 32 or 64 x 64 blocks), or a policy: "pallas"
       (the Mosaic port where it takes the call, else Triton) or "auto" (the same on a GPU for 16-bit
-      inputs, the reference otherwise and for what no kernel takes). See `kernels.implementations.choose`. A key_mask or gate runs on the reference
-      under either policy (the kernels take neither).
+      inputs, the reference otherwise and for what no kernel takes). See `kernels.implementations.choose`.
+      A key_mask or gate runs on the reference under either policy (the kernels take neither).
     lse_ref: optional float32[..., N, T] log softmax denominators of a reference attention over the
       same logits (dense attention's, for an exact trace): block mass becomes exp(logit - lse_ref)
       summed, the reference's probability, instead of the kept softmax's. The output is unchanged.

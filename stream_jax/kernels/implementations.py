@@ -132,9 +132,9 @@ def choose(op: str, backend: str, call: Call) -> str:
 
   "xla" / "triton" / "mosaic" name one implementation: it runs, or a ValueError says why it cannot.
   "pallas" runs the first kernel of the op's table that takes the call (the Mosaic port on Hopper, else
-  Triton), and refuses what no kernel takes. "auto" does the same on a GPU for 16-bit inputs and falls back to "xla" instead of refusing (its
-  promise is a result, not a kernel); float32 stays on XLA, where on an H100 the kernels' full-precision f32
-  dots were 40-290x slower.
+  Triton), and refuses what no kernel takes. "auto" does the same on a GPU for 16-bit inputs and falls back
+  to "xla" instead of refusing (its promise is a result, not a kernel); float32 stays on XLA, where on an
+  H100 the kernels' full-precision f32 dots were 40-290x slower.
   """
   if op not in TABLES:
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
