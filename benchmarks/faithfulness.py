@@ -30,6 +30,9 @@ Configs (`--configs`, comma list):
                 calibrate` fits), e.g. adaptive90L5x4L11x12L17x1.5
   adaptive<P>[k<N>]q<Q>...  the estimator scores with every Q-th query (StreamConfig.query_stride = Q: 1/Q of
                 its scoring work), e.g. adaptive95q4, adaptive90q4L5x4L11x12
+  adaptive<P>[k<N>]g<G>...  one search (and kept set) shared by G neighbouring query blocks: block_q = G x
+                --block over --block key blocks, scored by every G-th query (unless q<Q> says otherwise), so
+                the search's nodes per query block fall G-fold, e.g. adaptive95g4
   <name>-exact  any config above with output="exact": its trace's coverage is then the *true* coverage of
                 the estimator's kept set (the calibration column: asked vs true)
 
@@ -122,6 +125,7 @@ class Variant:
 
 
 _STRIDE = re.compile(r"(?<=\d)q(\d+)")  # q<Q> after a number: StreamConfig.query_stride = Q
+_GROUP = re.compile(r"(?<=\d)g(\d+)")  # g<G> after a number: G query blocks share one search
 
 
 def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Variant:
@@ -146,13 +150,14 @@ def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Va
                                       query_stride=int(m.group(2) or 4), dropped_scale=float(m.group(3) or 1),
                                       layer_scales=layers))
   m = re.fullmatch(r"(k|mass|oracle)(\d+)|adaptive(\d+)(?:k(\d+))?(?:s(\d+(?:\.\d+)?))?((?:L\d+x\d+(?:\.\d+)?)*)"
-                   r"|exact(\d+)?", _STRIDE.sub("", name, count=1))
-  stride = _STRIDE.search(name)
+                   r"|exact(\d+)?", _GROUP.sub("", _STRIDE.sub("", name, count=1), count=1))
+  stride, group = _STRIDE.search(name), _GROUP.search(name)
   if m is None:
     raise ValueError(f"--configs: unknown config {name!r} (k<N>, mass<N>, oracle<N>, adaptive<P>[k<N>][q<Q>][s<S>][L<l>x<S>...], "
                      "exact, ideal<P>, idealsparse<P>, <name>-exact)")
-  if stride and not name.startswith("adaptive"):
-    raise ValueError(f"--configs: {name!r}: q<Q> (a query stride) is for adaptive<P> budgets")
+  if (stride or group) and not name.startswith("adaptive"):
+    raise ValueError(f"--configs: {name!r}: q<Q> (a query stride) and g<G> (a shared search) are for "
+                     "adaptive<P> budgets")
   if m.group(1):
     kind, k = m.group(1), int(m.group(2))
     if kind == "k":
@@ -167,8 +172,10 @@ def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Va
     k = int(m.group(4)) if m.group(4) else adaptive_max_k
     scale = float(m.group(5)) if m.group(5) else 1.0
     layers = {int(l): float(x) for l, x in re.findall(r"L(\d+)x(\d+(?:\.\d+)?)", m.group(6))}
+    g = int(group.group(1)) if group else 1
     return Variant(name, base.replace(top_k=k, coverage=pct / 100, dropped_scale=scale, layer_scales=layers,
-                                      query_stride=int(stride.group(1)) if stride else 1))
+                                      block_q=base.block_q * g,
+                                      query_stride=int(stride.group(1)) if stride else g))
   return Variant(name, base.replace(top_k=int(m.group(7))) if m.group(7) else base, output="exact")
 
 

@@ -159,6 +159,12 @@ def test_faithfulness_config_names():
     faithfulness.make_variant("k16q4", base)
   with pytest.raises(ValueError, match="query_stride must be a power of two"):
     faithfulness.make_variant("adaptive95q3", base)
+  v = faithfulness.make_variant("adaptive95g4-exact", base, 128)  # 4 query blocks share one search
+  assert (v.config.block_q, v.config.block_k, v.config.query_stride, v.output) == (4 * base.block_q,
+                                                                                  base.block_k, 4, "exact")
+  assert faithfulness.make_variant("adaptive95g2q4", base).config.query_stride == 4
+  with pytest.raises(ValueError, match="shared search"):
+    faithfulness.make_variant("k16g4", base)
 
 
 # ---------------------------------------------------------------------------------------------------------
