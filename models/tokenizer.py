@@ -15,6 +15,10 @@ from typing import Optional
 
 from stream_jax.models.cache import cache_root, file_key
 
+# The cached tokenizer.json's own format version: it did not change when the parameters' cache moved to
+# format 2, so tokenizers converted before stay valid.
+TOKENIZER_CACHE_VERSION = 1
+
 
 def _auto():
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
@@ -23,7 +27,8 @@ def _auto():
 
 def load_gguf_tokenizer(path: str, use_cache: bool = True, cache_dir: Optional[str] = None):
   """The tokenizer stored in a GGUF file (cached as tokenizer.json under `cache_dir`, see models/cache.py)."""
-  target = os.path.join(cache_root(cache_dir), file_key(path, "tokenizer", version=1) + "-tokenizer")
+  key = file_key(path, "tokenizer", version=TOKENIZER_CACHE_VERSION)
+  target = os.path.join(cache_root(cache_dir), key + "-tokenizer")
   if use_cache and os.path.exists(os.path.join(target, "tokenizer.json")):
     return _auto().from_pretrained(target, local_files_only=True)
   tok = _convert_gguf(path)

@@ -212,7 +212,8 @@ def test_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch, arch):
   ref = transformers_from_gguf(str(path))
   (tmp_path / "cache").mkdir()
   stale, other = tmp_path / "cache" / f"tiny-{arch}-0123456789abcdef.npz", tmp_path / "cache" / "other-0123.npz"
-  stale.write_bytes(b"format 1"), other.write_bytes(b"another file's")
+  stale.write_bytes(b"format 1")
+  other.write_bytes(b"another file's")
   loaded = load_model(str(path), dtype=jnp.float32, tokenizer=False, progress=False, cache_dir=tmp_path / "cache")
   assert loaded.config.family == arch and loaded.config.head_dim == 256
   assert not stale.exists() and other.exists()  # format 1's entry of this file is dropped, no other
