@@ -33,6 +33,9 @@ Configs (`--configs`, comma list):
   adaptive<P>[k<N>]g<G>...  one search (and kept set) shared by G neighbouring query blocks: block_q = G x
                 --block over --block key blocks, scored by every G-th query (unless q<Q> says otherwise), so
                 the search's nodes per query block fall G-fold, e.g. adaptive95g4
+  adaptive<P>[k<N>]p<S>...  the search's upper rounds shared by S neighbouring query blocks, each scoring the
+                last round with its own queries and keeping its own set (StreamConfig.search_share = S),
+                e.g. adaptive95k32p4
   <name>-exact  any config above with output="exact": its trace's coverage is then the *true* coverage of
                 the estimator's kept set (the calibration column: asked vs true)
 
@@ -126,6 +129,7 @@ class Variant:
 
 _STRIDE = re.compile(r"(?<=\d)q(\d+)")  # q<Q> after a number: StreamConfig.query_stride = Q
 _GROUP = re.compile(r"(?<=\d)g(\d+)")  # g<G> after a number: G query blocks share one search
+_SHARE = re.compile(r"(?<=\d)p(\d+)")  # p<S> after a number: StreamConfig.search_share = S
 
 
 def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Variant:
@@ -150,14 +154,15 @@ def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Va
                                       query_stride=int(m.group(2) or 4), dropped_scale=float(m.group(3) or 1),
                                       layer_scales=layers))
   m = re.fullmatch(r"(k|mass|oracle)(\d+)|adaptive(\d+)(?:k(\d+))?(?:s(\d+(?:\.\d+)?))?((?:L\d+x\d+(?:\.\d+)?)*)"
-                   r"|exact(\d+)?", _GROUP.sub("", _STRIDE.sub("", name, count=1), count=1))
-  stride, group = _STRIDE.search(name), _GROUP.search(name)
+                   r"|exact(\d+)?", _SHARE.sub("", _GROUP.sub("", _STRIDE.sub("", name, count=1), count=1),
+                                               count=1))
+  stride, group, share = _STRIDE.search(name), _GROUP.search(name), _SHARE.search(name)
   if m is None:
     raise ValueError(f"--configs: unknown config {name!r} (k<N>, mass<N>, oracle<N>, adaptive<P>[k<N>][q<Q>][s<S>][L<l>x<S>...], "
                      "exact, ideal<P>, idealsparse<P>, <name>-exact)")
-  if (stride or group) and not name.startswith("adaptive"):
-    raise ValueError(f"--configs: {name!r}: q<Q> (a query stride) and g<G> (a shared search) are for "
-                     "adaptive<P> budgets")
+  if (stride or group or share) and not name.startswith("adaptive"):
+    raise ValueError(f"--configs: {name!r}: q<Q> (a query stride), g<G> (a shared search) and p<S> (shared "
+                     "upper rounds) are for adaptive<P> budgets")
   if m.group(1):
     kind, k = m.group(1), int(m.group(2))
     if kind == "k":
@@ -175,7 +180,8 @@ def make_variant(name: str, base: StreamConfig, adaptive_max_k: int = 128) -> Va
     g = int(group.group(1)) if group else 1
     return Variant(name, base.replace(top_k=k, coverage=pct / 100, dropped_scale=scale, layer_scales=layers,
                                       block_q=base.block_q * g,
-                                      query_stride=int(stride.group(1)) if stride else g))
+                                      query_stride=int(stride.group(1)) if stride else g,
+                                      search_share=int(share.group(1)) if share else 1))
   return Variant(name, base.replace(top_k=int(m.group(7))) if m.group(7) else base, output="exact")
 
 

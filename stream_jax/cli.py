@@ -48,6 +48,8 @@ STREAM_OPTIONS = (  # --flag, type, help; defaults: StreamConfig's
     ("representative", ("center", "first", "oracle"), "block that scores a search node (oracle: exact "
      "top-k, O(T^2), for checks)"),
     ("query-stride", int, "score with every n-th query of a block (power of two)"),
+    ("search-share", int, "neighbouring query blocks that run the search's upper rounds together, each "
+     "scoring the last round itself (power of two; fewer scored blocks at long context)"),
     ("coverage", float, "adaptive budget: keep the fewest blocks (at most --top-k) whose estimated share of "
      "each query block's attention reaches this target in (0, 1] (e.g. 0.95 with --top-k 128: "
      "StreamConfig.faithful()); default: a fixed --top-k"),
@@ -304,6 +306,7 @@ def cmd_calibrate(args, st, model):
                                    scales=args.scales or calibration.SCALES, progress=True)
   c = st.config
   select = "" if c.select == "search" else f"--select {c.select} --query-stride {c.query_stride} "
+  select += f"--search-share {c.search_share} " if c.search_share > 1 else ""
   flags = (f"{select}--coverage {c.coverage:g} --top-k {c.top_k} --block-q {c.block_q} --block-k {c.block_k} "
            f"--layer-scales {res.layer_scales_flag()}")
   _print(text := res.format() + f"\n\ntrace with: {flags}")

@@ -50,6 +50,14 @@ class StreamConfig:
       (tests/test_estimate.py); "first" is cheaper (the left child reuses its parent's score) and is
       better on keys without locality.
     query_stride = 1: score with every query of the block; 2 or 4 halve or quarter the estimator's FLOPs.
+    search_share = 1: every query block runs its own search. The search scores 2 x top_k nodes a round
+      and its rounds grow as log T (at 1M tokens and top_k 128, 1,920 representative blocks per query
+      block); search_share = P runs all but the last round once for P neighbouring query blocks, scored by
+      every P-th of their scoring queries, and each query block scores the last round's children (single
+      blocks) and the few blocks between the shared range and its own window with its own queries, and
+      keeps its own set: about (branches + 2 top_k (rounds - 1)) / P + 2 top_k blocks per query block
+      (675 at 1M for P = 4, 471 for P = 8). On the real 270M at 4k the budget's true coverage moves by at
+      most 0.01 (tests/test_estimate.py); see benchmarks/RESULTS.md for what it costs at 16k.
     score = None: "mass" with a coverage target, else "max". "max": a block's score is its max visible
       logit (the paper's); "mass" estimates the attention probability the block receives (per scoring
       query a log-sum-exp over the block's keys, normalised by an estimate of the query's softmax
@@ -86,6 +94,9 @@ class StreamConfig:
       top-k, O(T^2) time, for tests and small inputs).
     query_stride: score with every query_stride-th query of the block, counted back from its last
       valid query (power of two dividing block_q).
+    search_share: neighbouring query blocks that run the search's upper rounds together (power of two, at
+      most block_q / query_stride: the shared rounds score every search_share-th of each one's rows);
+      select="search" and center or first representatives only.
     score: "max" (max logit of the representative block) or "mass" (estimated attention mass).
     coverage: None (fixed k) or the adaptive target share of attention in (0, 1].
     select: "search" (estimate the kept set), "ideal" (rank blocks by their true mass) or "table" (rank
@@ -110,6 +121,7 @@ class StreamConfig:
   init_branches: int | None = None
   representative: Representative = "center"
   query_stride: int = 1
+  search_share: int = 1
   score: Optional[Score] = None
   coverage: Optional[float] = None
   select: Select = "search"
@@ -119,7 +131,7 @@ class StreamConfig:
   def __post_init__(self):
     # Integers of any kind (numpy's too) become plain ints; booleans, floats and absurd sizes are refused.
     for name in ("block_q", "block_k", "top_k", "sink_blocks", "window_blocks", "init_branches",
-                 "query_stride"):
+                 "query_stride", "search_share"):
       value = getattr(self, name)
       if value is None and name == "init_branches":
         continue
@@ -153,6 +165,11 @@ class StreamConfig:
       raise ValueError(
           "StreamConfig.query_stride must be a power of two in [1, block_q="
           f"{self.block_q}], got {self.query_stride!r}")
+    if (not isinstance(self.search_share, int) or not _is_pow2(self.search_share)
+        or self.search_share > self.block_q // self.query_stride):
+      raise ValueError(
+          "StreamConfig.search_share must be a power of two in [1, block_q / query_stride="
+          f"{self.block_q // self.query_stride}], got {self.search_share!r}")
     if self.coverage is not None:
       cov = self.coverage
       if isinstance(cov, bool) or not isinstance(cov, numbers.Real) or not 0.0 < float(cov) <= 1.0:
@@ -169,6 +186,11 @@ class StreamConfig:
     object.__setattr__(self, "layer_scales", _layer_scales(self.layer_scales))
     if self.select not in SELECTS:
       raise ValueError(f"StreamConfig.select must be one of {SELECTS}, got {self.select!r}")
+    if self.search_share > 1 and (self.select != "search" or self.representative == "oracle"):
+      raise ValueError(
+          f"StreamConfig.search_share={self.search_share} shares the search's rounds, so it needs "
+          f"select='search' and a center or first representative, got select={self.select!r}, "
+          f"representative={self.representative!r}")
     if self.coverage is not None and self.score != "mass":
       raise ValueError("StreamConfig.coverage (an adaptive budget) needs score='mass' (or None), got "
                        f"score={self.score!r}; pass coverage=None for a fixed top_k with max-logit scores")

@@ -6,6 +6,10 @@ is split into `branches` contiguous nodes; every round splits each kept node int
 top_k children by the score of a representative key block, until nodes are single blocks. That is
 ceil(log2(nK / branches)) rounds of 2 x top_k block scores: O(T log T) time, O(nQ x top_k) state.
 
+With StreamConfig.search_share = P, P neighbouring query blocks run the first level and all rounds but the
+last together (scored by every P-th of their queries, over the first one's range) and each scores the last
+round's children, single blocks, with its own queries: the rounds' cost is shared P ways (`_estimate_group`).
+
 Scores are the model's own logits (scaled, soft-capped), maxed over the causally visible (query, key) pairs
 of the (strided) query block and the representative block. Soft-capping is monotone, so it is applied to
 the max, not to every logit.
@@ -42,6 +46,9 @@ __all__ = ["estimate_mask", "num_rounds"]
 TABLE_Q_BLOCKS = 8
 TABLE_K_BLOCKS = 8
 TABLE_COST = 1.0
+# A shared search's estimate of the share of the range its rounds dropped, at most (a member's denominator
+# divides its exact children's mass by 1 - this).
+MAX_MISSED = 0.999
 
 
 def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
@@ -70,8 +77,10 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
       Mosaic port where it takes the call, else Triton) or "auto" (the same on a GPU for 16-bit inputs,
       the reference otherwise and for what no kernel takes). See `kernels.implementations.choose`.
 
-  With config.select="table" no search runs: every causal block is scored once by the true mass a sample
-  of the queries gives it (stream_jax/table.py); "mosaic" (Hopper, query_stride >= 2) or "xla" runs it.
+  With config.search_share = P > 1, P neighbouring query blocks run the search's upper rounds together
+  and each scores the last round with its own queries (the XLA path; the kernels run one search per query
+  block). With config.select="table" no search runs: every causal block is scored once by the true mass a
+  sample of the queries gives it (stream_jax/table.py); "mosaic" (Hopper, query_stride >= 2) or "xla" runs it.
 
   Returns:
     BlockMask with indices int32[..., N, nQ, C] and counts int32[..., N, nQ], C = config.capacity.
@@ -123,6 +132,11 @@ def _estimate(q, k, *, config, scale, softcap, q_chunk):
   q_blocks = to_blocks(q, bq).reshape(n_q, bq, kv, g, h)  # [nQ, bq, K, G, H]
   k_blocks = to_blocks(k, bk)  # [nK, bk, K, H]
 
+  rounds = num_rounds(num_blocks(s, bk), config.branches)
+  if config.search_share > 1 and rounds >= 1:
+    return _estimate_shared(q, k, config=config, scale=scale, softcap=softcap, q_chunk=q_chunk,
+                            rounds=rounds)
+
   # Short inputs: every causal block scored once, which is fewer block products than the search's
   # rescoring of 2 x top_k children a round; the search then looks the scores up (the same scores).
   table = None
@@ -151,40 +165,217 @@ def _estimate(q, k, *, config, scale, softcap, q_chunk):
   return cand, valid
 
 
+def _estimate_shared(q, k, *, config: StreamConfig, scale, softcap, q_chunk, rounds: int):
+  """`_estimate` with config.search_share = P > 1: groups of P query blocks share the upper rounds."""
+  t, n, h = q.shape
+  s, kv, _ = k.shape
+  g = n // kv
+  share_n, bq = config.search_share, config.block_q
+  n_q = num_blocks(t, bq)
+  n_g = -(-n_q // share_n)
+  q_groups = common.pad_axis(q, 0, n_g * share_n * bq).reshape(n_g, share_n, bq, kv, g, h)
+  k_blocks = to_blocks(k, config.block_k)  # [nK, bk, K, H]
+
+  group_fn = functools.partial(_estimate_group, config=config, scale=scale, softcap=softcap, q_len=t,
+                               k_len=s, rounds=rounds)
+  per_head = jax.vmap(group_fn, in_axes=(None, 2, None), out_axes=0)  # G: qg [P, bq, G, H]
+  per_head = jax.vmap(per_head, in_axes=(None, 2, 2), out_axes=0)  # K: qg [P, bq, K, G, H]
+
+  def chunk_fn(args):
+    p, qg = args
+    return per_head(p, qg, k_blocks)  # [K, G, P, C] x2
+
+  ps = jnp.arange(n_g, dtype=jnp.int32)
+  if q_chunk is None or q_chunk >= n_q:
+    cand, valid = jax.vmap(chunk_fn)((ps, q_groups))
+  else:
+    cand, valid = lax.map(chunk_fn, (ps, q_groups), batch_size=max(q_chunk // share_n, 1))
+
+  def blocks_first(x):  # [nG, K, G, P, C] -> [N, nQ, C]
+    x = x.transpose(0, 3, 1, 2, 4).reshape(n_g * share_n, n, -1)[:n_q]
+    return x.transpose(1, 0, 2)
+
+  return blocks_first(cand), blocks_first(valid)
+
+
+def _estimate_group(p, q_group, k_blocks, *, config: StreamConfig, scale, softcap, q_len, k_len, rounds: int):
+  """One (head, group p of P = search_share query blocks): q_group [P, bq, H] -> candidates [P, C], valid
+  [P, C].
+
+  The group's rows (every P-th of each member's scoring rows: a tile as large as one member's) run the
+  first level and all rounds but the last over the first member's search range, which every member's
+  range holds; the blocks after it up to the last member's diagonal count exactly in their denominators.
+  Each member then scores, with its own rows and exactly, the kept nodes' children (single blocks: the
+  last round) and the few blocks between the shared range and its own window, and keeps its top_k (or its
+  coverage budget) of those.
+  """
+  share_n, bq, bk, stride = config.search_share, config.block_q, config.block_k, config.query_stride
+  js = p * share_n + jnp.arange(share_n, dtype=jnp.int32)
+  rows_fn = functools.partial(_scoring_rows, block_q=bq, q_len=q_len, k_len=k_len)
+  own_rows, own_pos, last_pos = jax.vmap(functools.partial(rows_fn, stride=stride, count=bq // stride))(
+      js, q_group)  # [P, R, H], [P, R], [P]
+  g_rows, g_pos, _ = jax.vmap(functools.partial(rows_fn, stride=stride * share_n,
+                                                count=bq // (stride * share_n)))(js, q_group)
+  diag = last_pos // bk  # [P]
+  shared_hi = diag[0] - config.window_blocks + 1  # end of the first member's range
+  after = shared_hi + jnp.arange(_gap_blocks(config) + config.window_blocks, dtype=jnp.int32)
+  rule_ids = jnp.concatenate([jnp.arange(config.sink_blocks, dtype=jnp.int32),
+                              jnp.where((after >= config.sink_blocks) & (after <= diag[-1]), after, -1)])
+  nodes = _search_block(g_rows.reshape(-1, g_rows.shape[-1]), g_pos.reshape(-1), diag[0], k_blocks, None,
+                        config=config, scale=scale, softcap=softcap, rounds=rounds - 1, nodes_only=True,
+                        rule_ids=rule_ids)
+  own = functools.partial(_own_round, nodes=nodes, shared_hi=shared_hi, k_blocks=k_blocks, config=config,
+                          scale=scale, softcap=softcap)
+  return jax.vmap(own)(own_rows, own_pos, diag)
+
+
+def _gap_blocks(config: StreamConfig) -> int:
+  """The most key blocks between the first member's search range and a later member's window."""
+  return -(-(config.search_share - 1) * config.block_q // config.block_k)
+
+
+def _own_round(q_rows, q_pos, diag, *, nodes, shared_hi, k_blocks, config: StreamConfig, scale, softcap):
+  """A member's last round: the shared nodes' children and the blocks from shared_hi to its own window,
+  scored by its own rows q_rows [R, H] at q_pos [R] -> candidates [C], valid [C].
+
+  With mass scores each row's softmax denominator is its rule blocks (exact) plus its search range, which
+  the candidates cover exactly except for what the shared rounds dropped: that part is taken to be the
+  same fraction of the shared range as the shared rounds estimated for the group (dropped / (dropped +
+  kept nodes))."""
+  start, size, node_scores, dropped = nodes
+  top_k, bk = config.top_k, config.block_k
+  lo = config.sink_blocks
+  hi = diag - config.window_blocks + 1
+  n = jnp.maximum(hi - lo, 0)
+  left = (size + 1) // 2
+  c_start = jnp.stack([start, start + left], -1).reshape(-1)  # [2 top_k] single blocks before shared_hi
+  c_size = jnp.stack([left, size // 2], -1).reshape(-1)
+  gap = shared_hi + jnp.arange(_gap_blocks(config), dtype=jnp.int32)
+  cand = jnp.concatenate([c_start, gap])
+  in_pool = jnp.concatenate([c_size > 0, jnp.zeros(gap.shape, bool)])
+  ok = jnp.concatenate([c_size > 0, (gap >= lo) & (gap < hi)])
+  ids = jnp.where(ok, cand, -1)
+  dense_ids = lo + jnp.arange(top_k, dtype=jnp.int32)
+  is_dense = n <= top_k  # few candidates: keep the whole range (early query blocks are dense)
+  dense_ok = dense_ids < hi
+
+  if config.score == "max":
+    scores = jnp.where(ok, _block_max(q_rows, q_pos, k_blocks, ids, block_k=bk, scale=scale,
+                                      softcap=softcap), NEG_INF)
+    _, sel = lax.top_k(scores, top_k)  # ties -> lower index = earlier position
+    sel = jnp.sort(sel)
+    return _union(jnp.where(is_dense, dense_ids, cand[sel]), jnp.where(is_dense, dense_ok, ok[sel]),
+                  diag, config)
+
+  row_lse = functools.partial(_block_row_lse, q_rows, q_pos, k_blocks, block_k=bk, scale=scale,
+                              softcap=softcap)
+  row_ok = q_pos >= 0
+  log_rows = jnp.log(jnp.maximum(row_ok.sum(), 1).astype(jnp.float32))
+  cand_lse = row_lse(ids)  # [2 top_k + gap, R]
+  rule_lse = shares.logsumexp(row_lse(_rule_ids(diag, config)), axis=0)  # [R]
+  kept_est = jnp.sum(jnp.where(size > 0, jnp.exp(node_scores) * size.astype(jnp.float32), 0.0))
+  missed = jnp.clip(dropped / jnp.maximum(dropped + kept_est, 1e-30), 0.0, MAX_MISSED)
+  pool_lse = shares.logsumexp(jnp.where(in_pool[:, None], cand_lse, NEG_INF), axis=0)
+  gap_lse = shares.logsumexp(jnp.where(in_pool[:, None], NEG_INF, cand_lse), axis=0)
+  search_lse = shares.logaddexp(pool_lse - jnp.log1p(-missed), gap_lse)
+  if config.adaptive:
+    dense_lse = row_lse(jnp.where(dense_ok, dense_ids, -1))  # [top_k, R]
+    search_lse = jnp.where(is_dense, shares.logsumexp(dense_lse, axis=0), search_lse)
+  z = shares.log_denominator(rule_lse, search_lse, row_ok)
+  cand_share = jnp.where(ok, shares.log_share(cand_lse, z, row_ok, log_rows), NEG_INF)
+  _, sel = lax.top_k(cand_share, top_k)
+  sel = jnp.sort(sel)
+  searched = jnp.where(is_dense, dense_ids, cand[sel])
+  searched_ok = jnp.where(is_dense, dense_ok, ok[sel])
+  if config.adaptive:
+    scores = jnp.where(is_dense, shares.log_share(dense_lse, z, row_ok, log_rows), cand_share[sel])
+    keep = jnp.zeros(cand_share.shape, bool).at[sel].set(True)
+    pool = jnp.sum(jnp.where(in_pool, jnp.exp(cand_share), 0.0))
+    rest = shares.dropped_share(cand_share, ok.astype(jnp.int32), keep) + pool * missed / (1.0 - missed)
+    rest = jnp.where(is_dense, 0.0, rest)
+    rule_share = jnp.exp(shares.log_share(rule_lse[None], z, row_ok, log_rows)[0])
+    searched_ok &= shares.coverage_keep(scores, searched_ok, rule_share, rest * config.dropped_scale,
+                                        config.coverage)
+  return _union(searched, searched_ok, diag, config)
+
+
+def _rule_ids(diag, config: StreamConfig):
+  """The blocks kept by rule, sink then window, -1 where absent (a window block that is a sink counts
+  once)."""
+  sink = jnp.arange(config.sink_blocks, dtype=jnp.int32)
+  window = diag - jnp.arange(config.window_blocks, dtype=jnp.int32)
+  return jnp.concatenate([jnp.where(sink <= diag, sink, -1),
+                          jnp.where(window >= config.sink_blocks, window, -1)])
+
+
 def _estimate_block(j, q_block, k_blocks, table_row, *, config: StreamConfig, scale, softcap, q_len, k_len):
   """One (head, query block): q_block [bq, H], k_blocks [nK, bk, H], table_row [nK] (every block's score,
   or None: scored on demand) -> candidates [C], valid [C]."""
-  bq, bk, top_k = config.block_q, config.block_k, config.top_k
-  n_k = k_blocks.shape[0]
+  stride = config.query_stride
+  q_rows, q_pos, last_pos = _scoring_rows(j, q_block, stride=stride, count=config.block_q // stride,
+                                          block_q=config.block_q, q_len=q_len, k_len=k_len)
+  return _search_block(q_rows, q_pos, last_pos // config.block_k, k_blocks, table_row, config=config,
+                       scale=scale, softcap=softcap)
+
+
+def _scoring_rows(j, q_block, *, stride: int, count: int, block_q: int, q_len: int, k_len: int):
+  """The query rows of block j that score: every stride-th row counted back from its last valid one, so
+  that the last query, which sees every key of the search range, always takes part.
+
+  Returns the rows [count, H], their key positions [count] (-1: a padding row, which sees nothing) and the
+  block's last position."""
+  last_row = jnp.minimum((j + 1) * block_q, q_len) - 1 - j * block_q
+  rows = last_row - jnp.arange(count, dtype=jnp.int32) * stride
   offset = k_len - q_len
+  q_pos = jnp.where(rows >= 0, rows + j * block_q + offset, -1)
+  return q_block[jnp.maximum(rows, 0)], q_pos, j * block_q + last_row + offset
 
-  # The query rows that score: every stride-th row counted back from the last valid one, so that the
-  # last query, which sees every key of the search range, always takes part.
-  last_row = jnp.minimum((j + 1) * bq, q_len) - 1 - j * bq
-  rows = last_row - jnp.arange(bq // config.query_stride, dtype=jnp.int32) * config.query_stride
-  q_pos = jnp.where(rows >= 0, rows + j * bq + offset, -1)  # -1 sees nothing
-  q_rows = q_block[jnp.maximum(rows, 0)]
 
-  last_pos = j * bq + last_row + offset
-  diag = last_pos // bk
+def _block_max(q_rows, q_pos, k_blocks, ids, *, block_k: int, scale, softcap):
+  """Max visible logit of rows q_rows [R, H] (at q_pos [R]) against key blocks `ids` [m] -> [m]."""
+  n_k = k_blocks.shape[0]
+  kb = k_blocks[jnp.clip(ids, 0, n_k - 1)]  # [m, bk, H]
+  logits = jnp.einsum("rh,mkh->mrk", q_rows, kb, preferred_element_type=jnp.float32)
+  k_pos = ids[:, None] * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [m, bk]
+  visible = k_pos[:, None, :] <= q_pos[None, :, None]
+  best = jnp.where(visible, logits, NEG_INF).max((1, 2)) * scale  # scale > 0: max commutes
+  return numerics.softcap(best, softcap)
+
+
+def _block_row_lse(q_rows, q_pos, k_blocks, ids, *, block_k: int, scale, softcap):
+  """[m] block ids -> [m, R] each row's log-sum-exp over the block's visible keys (-inf if none or id <
+  0)."""
+  n_k = k_blocks.shape[0]
+  kb = k_blocks[jnp.clip(ids, 0, n_k - 1)]  # [m, bk, H]
+  logits = jnp.einsum("rh,mkh->mrk", q_rows, kb, preferred_element_type=jnp.float32)
+  logits = numerics.softcap(logits * scale, softcap)
+  k_pos = ids[:, None] * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [m, bk]
+  visible = (k_pos[:, None, :] <= q_pos[None, :, None]) & (ids >= 0)[:, None, None]
+  return shares.row_lse(logits, visible)
+
+
+def _search_block(q_rows, q_pos, diag, k_blocks, table_row, *, config: StreamConfig, scale, softcap,
+                  rounds: Optional[int] = None, nodes_only: bool = False, rule_ids=None):
+  """The search for one (head, query block, or group of them) scored by q_rows [R, H] at q_pos [R] over
+  the range before `diag`'s window -> candidates [C], valid [C]; with nodes_only, the kept nodes after
+  `rounds` rounds (start, size, score, estimated dropped share) instead. rule_ids: the blocks outside the
+  range that mass scores count exactly in each row's denominator (default: sink and `diag`'s window)."""
+  top_k = config.top_k
+  n_k = k_blocks.shape[0]
   lo = config.sink_blocks
   hi = diag - config.window_blocks + 1  # exclusive end of the search range
   n = jnp.maximum(hi - lo, 0)
 
   if config.score == "mass":
     return _select_by_mass(q_rows, q_pos, k_blocks, diag=diag, lo=lo, hi=hi, n=n, config=config,
-                           scale=scale, softcap=softcap)
+                           scale=scale, softcap=softcap, rounds=rounds, nodes_only=nodes_only,
+                           rule_ids=rule_ids)
 
   def score(ids):
     """Max visible logit of the scoring queries against key blocks `ids` [m] -> [m]."""
     if table_row is not None:
       return table_row[jnp.clip(ids, 0, n_k - 1)]
-    kb = k_blocks[jnp.clip(ids, 0, n_k - 1)]  # [m, bk, H]
-    logits = jnp.einsum("rh,mkh->mrk", q_rows, kb, preferred_element_type=jnp.float32)
-    k_pos = ids[:, None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [m, bk]
-    visible = k_pos[:, None, :] <= q_pos[None, :, None]
-    best = jnp.where(visible, logits, NEG_INF).max((1, 2)) * scale  # scale > 0: max commutes
-    return numerics.softcap(best, softcap)
+    return _block_max(q_rows, q_pos, k_blocks, ids, block_k=config.block_k, scale=scale, softcap=softcap)
 
   if config.representative == "oracle":
     all_scores = score(jnp.arange(n_k, dtype=jnp.int32))  # [nK]: O(T) per query block, tests only
@@ -198,8 +389,10 @@ def _estimate_block(j, q_block, k_blocks, table_row, *, config: StreamConfig, sc
       out = score(start) if parent is None else _inherit_left(parent, score(start[1::2]))
     return jnp.where(size > 0, out, NEG_INF)
 
-  start, size, _ = _search(node_scores, lo=lo, n=n, config=config, n_k=n_k, score_first_level=(
-      config.branches > top_k or config.representative == "first"))
+  start, size, scores = _search(node_scores, lo=lo, n=n, config=config, n_k=n_k, score_first_level=(
+      config.branches > top_k or config.representative == "first"), rounds=rounds)
+  if nodes_only:
+    return start, size, scores, jnp.float32(0.0)
 
   # Few candidates: keep the whole search range (early query blocks are dense).
   dense_ids = lo + jnp.arange(top_k, dtype=jnp.int32)
@@ -278,9 +471,10 @@ def _inherit_left(parent, right):
 
 
 def _search(node_scores, *, lo, n, config: StreamConfig, n_k: int, score_first_level: bool,
-            track_dropped: bool = False):
+            track_dropped: bool = False, rounds: Optional[int] = None):
   """The hierarchical refinement: first-level nodes, then halve and keep the top_k children per round.
 
+  Runs `rounds` rounds (None: until nodes are single blocks, num_rounds(n_k, branches)).
   Returns the kept nodes (start, size, score), each [top_k], in position order, and, with track_dropped
   (scores are log shares), the summed estimated share of every node dropped on the way (score x size):
   dropped nodes and kept leaves partition the search range, so the two add up to the range's estimate.
@@ -314,7 +508,8 @@ def _search(node_scores, *, lo, n, config: StreamConfig, n_k: int, score_first_l
     c_scores = node_scores(c_start, c_size, parent=scores)
     return keep_top(c_start, c_size, c_scores, dropped)
 
-  start, size, scores, dropped = lax.fori_loop(0, num_rounds(n_k, branches), round_fn,
+  rounds = num_rounds(n_k, branches) if rounds is None else rounds
+  start, size, scores, dropped = lax.fori_loop(0, rounds, round_fn,
                                                (start, size, scores, dropped))
   return (start, size, scores, dropped) if track_dropped else (start, size, scores)
 
@@ -328,7 +523,8 @@ def _union(searched, searched_ok, diag, config: StreamConfig):
   return cand, valid
 
 
-def _select_by_mass(q_rows, q_pos, k_blocks, *, diag, lo, hi, n, config: StreamConfig, scale, softcap):
+def _select_by_mass(q_rows, q_pos, k_blocks, *, diag, lo, hi, n, config: StreamConfig, scale, softcap,
+                    rounds: Optional[int] = None, nodes_only: bool = False, rule_ids=None):
   """Search by estimated attention mass, optionally keeping the fewest blocks that reach a coverage target.
 
   Per scoring query r and block b, l[b, r] = log-sum-exp of r's visible (scaled, soft-capped) logits over
@@ -344,21 +540,11 @@ def _select_by_mass(q_rows, q_pos, k_blocks, *, diag, lo, hi, n, config: StreamC
   row_ok = q_pos >= 0  # [R]
   log_rows = jnp.log(jnp.maximum(row_ok.sum(), 1).astype(jnp.float32))
 
-  def row_lse(ids):
-    """[m] block ids -> [m, R] per-row log-sum-exp over the block's visible keys (-inf if none)."""
-    kb = k_blocks[jnp.clip(ids, 0, n_k - 1)]  # [m, bk, H]
-    logits = jnp.einsum("rh,mkh->mrk", q_rows, kb, preferred_element_type=jnp.float32)
-    logits = numerics.softcap(logits * scale, softcap)
-    k_pos = ids[:, None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [m, bk]
-    visible = (k_pos[:, None, :] <= q_pos[None, :, None]) & (ids >= 0)[:, None, None]
-    return shares.row_lse(logits, visible)
+  row_lse = functools.partial(_block_row_lse, q_rows, q_pos, k_blocks, block_k=bk, scale=scale,
+                              softcap=softcap)
 
-  # Blocks kept by rule (a window block that is also a sink counts once).
-  sink = jnp.arange(config.sink_blocks, dtype=jnp.int32)
-  window = diag - jnp.arange(config.window_blocks, dtype=jnp.int32)
-  rule_ids = jnp.concatenate([jnp.where(sink <= diag, sink, -1),
-                              jnp.where(window >= config.sink_blocks, window, -1)])
-  rule_lse = shares.logsumexp(row_lse(rule_ids), axis=0)  # [R]
+  rule_ids = _rule_ids(diag, config) if rule_ids is None else rule_ids
+  rule_lse = shares.logsumexp(row_lse(rule_ids), axis=0)  # [R] blocks kept by rule
 
   if config.representative == "oracle":
     all_ids = jnp.arange(n_k, dtype=jnp.int32)
@@ -393,7 +579,9 @@ def _select_by_mass(q_rows, q_pos, k_blocks, *, diag, lo, hi, n, config: StreamC
     return jnp.where(size > 0, out, NEG_INF)
 
   start, size, scores, dropped = _search(node_scores, lo=lo, n=n, config=config, n_k=n_k,
-                                         score_first_level=True, track_dropped=True)
+                                         score_first_level=True, track_dropped=True, rounds=rounds)
+  if nodes_only:
+    return start, size, scores, dropped
   dense_ids = lo + jnp.arange(top_k, dtype=jnp.int32)
   is_dense = n <= top_k
   searched = jnp.where(is_dense, dense_ids, start)

@@ -146,3 +146,83 @@ def ideal_kept_sets(q, k, cfg, *, scale, softcap=None, window=None, key_mask=Non
           chosen.append(int(c))
       kept[hd, j] = set(rule) | set(int(c) for c in chosen)
   return m, kept, ambiguous
+
+
+def shared_search_mask(q, k, *, block_q, block_k, top_k, sink_blocks, window_blocks, scale, share,
+                       branches=None, query_stride=1):
+  """list[N][nQ] of sorted kept key-block ids of the search shared by `share` query blocks (max scores,
+  center representatives), written out in float64 from its definition (StreamConfig.search_share):
+
+  a group's rows (every share-th of each member's scoring rows) score the first level and all rounds but
+  the last over the first member's search range; each member scores the kept nodes' children (single
+  blocks) and the blocks between that range and its own window with its own rows, and keeps the top_k
+  (ties: the earlier candidate, children before the blocks after the range)."""
+  q = np.asarray(q, np.float64)
+  k = np.asarray(k, np.float64)
+  t, n, _ = q.shape
+  s, kv, _ = k.shape
+  g = n // kv
+  n_q, n_k = -(-t // block_q), -(-s // block_k)
+  branches = top_k if branches is None else branches
+  widest = -(-n_k // branches)
+  rounds = int(np.ceil(np.log2(widest))) if widest > 1 else 0
+
+  def member_rows(j, stride):
+    last = min((j + 1) * block_q, t) - 1
+    rows = last - np.arange(block_q // stride) * stride
+    return rows[rows >= j * block_q], last + (s - t)
+
+  def block_max(logits, rows, b):
+    if b < 0 or b >= n_k:
+      return -np.inf
+    keys = np.arange(b * block_k, min((b + 1) * block_k, s))
+    vis = keys[None, :] <= (rows + (s - t))[:, None]
+    return logits[np.ix_(rows, keys)][vis].max() if vis.any() else -np.inf
+
+  def top(scores, count):  # indices of the `count` largest, ties to the lower index, in index order
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(order[:count])
+
+  result = []
+  for h in range(n):
+    logits = q[:, h] @ k[:, h // g].T * scale
+    out = []
+    for p in range(-(-n_q // share)):
+      members = [j for j in range(p * share, (p + 1) * share)]
+      g_rows = np.concatenate([member_rows(j, query_stride * share)[0] for j in members if j < n_q]
+                              + [np.zeros(0, int)]).astype(int)
+      first_pos = member_rows(members[0], 1)[1]
+      lo, hi = sink_blocks, first_pos // block_k - window_blocks + 1
+      width = max(hi - lo, 0)
+      edges = [lo + (b * width) // branches for b in range(branches + 1)]
+      nodes = [(edges[b], edges[b + 1] - edges[b]) for b in range(branches)]
+
+      def score(node):
+        start, size = node
+        return block_max(logits, g_rows, start + (size - 1) // 2) if size > 0 else -np.inf
+
+      if branches > top_k:
+        nodes = [nodes[i] for i in top([score(x) for x in nodes], top_k)]
+      for _ in range(rounds - 1):
+        children = [c for start, size in nodes
+                    for c in ((start, (size + 1) // 2), (start + (size + 1) // 2, size // 2))]
+        nodes = [children[i] for i in top([score(c) for c in children], top_k)]
+      children = [c for start, size in nodes
+                  for c in ((start, (size + 1) // 2), (start + (size + 1) // 2, size // 2))]
+      for j in members:
+        if j >= n_q:
+          continue
+        rows, pos = member_rows(j, query_stride)
+        diag = pos // block_k
+        own_hi = diag - window_blocks + 1
+        keep = set(range(min(sink_blocks, diag + 1))) | set(range(max(0, diag - window_blocks + 1), diag + 1))
+        if own_hi - sink_blocks <= top_k:
+          keep |= set(range(sink_blocks, own_hi))
+        else:
+          cands = [start for start, _ in children] + list(range(max(hi, lo), own_hi))
+          ok = [size > 0 for _, size in children] + [True] * (len(cands) - len(children))
+          scores = [block_max(logits, rows, b) if o else -np.inf for b, o in zip(cands, ok)]
+          keep |= {cands[i] for i in top(scores, top_k) if ok[i]}
+        out.append(sorted(keep))
+    result.append(out)
+  return result

@@ -165,6 +165,10 @@ def test_faithfulness_config_names():
   assert faithfulness.make_variant("adaptive95g2q4", base).config.query_stride == 4
   with pytest.raises(ValueError, match="shared search"):
     faithfulness.make_variant("k16g4", base)
+  v = faithfulness.make_variant("adaptive95k32p4-exact", base)  # upper rounds shared by 4 query blocks
+  assert (v.config.search_share, v.config.top_k, v.config.block_q, v.config.query_stride) == (4, 32, 64, 1)
+  with pytest.raises(ValueError, match="shared upper rounds"):
+    faithfulness.make_variant("k16p4", base)
 
 
 # ---------------------------------------------------------------------------------------------------------

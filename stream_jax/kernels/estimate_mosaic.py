@@ -79,6 +79,9 @@ def unsupported(call: Call) -> Optional[str]:
   reason = mosaic_common.limits(call, "estimate")
   if reason:
     return reason
+  if config.search_share > 1:
+    return (f"the Mosaic GPU estimate kernel runs one search per query block; search_share="
+            f"{config.search_share} (a search shared by neighbouring query blocks) runs on the XLA path")
   if config.representative not in ("center", "first"):
     return (f"the Mosaic GPU estimate kernel scores nodes by center or first representatives, got "
             f"{config.representative!r} (the oracle scores every block: the XLA path)")

@@ -56,6 +56,9 @@ def unsupported(call: Call) -> Optional[str]:
   config = call.config
   if config.block_k < common.MIN_DOT:
     return f"the Pallas estimate kernel needs block_k >= {common.MIN_DOT}, got block_k={config.block_k}"
+  if config.search_share > 1:
+    return (f"the Pallas estimate kernel runs one search per query block; search_share="
+            f"{config.search_share} (a search shared by neighbouring query blocks) runs on the XLA path")
   if config.score == "mass" and config.representative == "oracle":
     return ("the Pallas estimate kernel does not take score='mass' with representative='oracle' "
             "(an exact sum over every block)")
