@@ -11,6 +11,7 @@ probabilities, read out in the band mask's slot order. O(T x W) work and memory;
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, TYPE_CHECKING
 
 import jax
@@ -77,6 +78,7 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
+@functools.partial(jax.jit, static_argnames=("window", "block_q", "block_k", "scale", "softcap", "q_chunk"))
 def _window(q, k, v, key_mask, band, *, window, block_q, block_k, scale, softcap, q_chunk):
   """Validated [B, ...] inputs, band int32[nQ, C] -> out [B, T, N, Hv], mass [B, N, nQ, C], lse [B, N, T]."""
   b, t, n, h = q.shape

@@ -97,9 +97,11 @@ def sparse_attention(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], v
                      lse_ref=lse_ref, key_mask=key_mask, gate=gate)
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "window", "q_chunk"))
 def _sparse_xla(q, k, v, mask: BlockMask, *, scale: float, softcap, window, q_chunk, lse_ref,
                 key_mask=None, gate=None):
-  """The XLA reference (and CPU path) on validated inputs."""
+  """The XLA reference (and CPU path) on validated inputs, compiled as one program (eager callers would
+  otherwise dispatch its loops op by op)."""
   fn = functools.partial(_sparse, block_q=mask.block_q, block_k=mask.block_k, scale=scale,
                          softcap=softcap, window=window, q_chunk=q_chunk)
   if q.ndim == 4:

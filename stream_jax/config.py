@@ -57,7 +57,7 @@ class StreamConfig:
       blocks) and the few blocks between the shared range and its own window with its own queries, and
       keeps its own set: about (branches + 2 top_k (rounds - 1)) / P + 2 top_k blocks per query block
       (675 at 1M for P = 4, 471 for P = 8). On the real 270M at 4k the budget's true coverage moves by at
-      most 0.01 (tests/test_estimate.py); see benchmarks/RESULTS.md for what it costs at 16k.
+      most 0.001 (tests/test_estimate.py); see benchmarks/RESULTS.md for what it costs at 16k.
     score = None: "mass" with a coverage target, else "max". "max": a block's score is its max visible
       logit (the paper's); "mass" estimates the attention probability the block receives (per scoring
       query a log-sum-exp over the block's keys, normalised by an estimate of the query's softmax

@@ -128,6 +128,7 @@ def ideal_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"], lse: Fl
   return IdealTrace(mask, mass, cov)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "scale", "softcap", "window", "query_blocks"))
 def _ideal_xla(q, k, lse, key_mask, *, config: StreamConfig, scale, softcap, window, query_blocks):
   """q [T, N, H], k [S, K, H], lse [N, T], key_mask [N | 1, S] -> indices int32 [N, nQ, C], mass,
   coverage."""

@@ -80,6 +80,7 @@ def sample_target(config: StreamConfig) -> StreamConfig:
   return config.replace(coverage=1.0 - (1.0 - config.coverage) / config.dropped_scale, score="mass")
 
 
+@functools.partial(jax.jit, static_argnames=("config", "scale", "softcap"))
 def _table_xla(q, k, *, config: StreamConfig, scale, softcap):
   """q [T, N, H], k [S, K, H] -> ids int32 [N, nQ, C], mass, coverage (of the sample)."""
   t, n, h = q.shape

@@ -184,7 +184,7 @@ def test_recall_against_oracle(structured, rep, floor):
 
 SHARED_SHAPES = [
     # t, s, n, kv, h, bq, bk, top_k, sink, window, branches, stride, share
-    (1024, 1024, 4, 2, 16, 32, 32, 4, 1, 2, None, 1, 4),  # 3 rounds, GQA
+    (512, 512, 4, 2, 16, 16, 16, 4, 1, 2, None, 1, 4),  # 3 rounds, GQA
     (1000, 1100, 2, 1, 16, 16, 16, 5, 1, 2, 8, 2, 2),  # ragged T, S > T, init_branches > top_k, stride
     (777, 777, 2, 2, 8, 32, 16, 3, 2, 1, None, 1, 8),  # 5 rounds, a ragged last group, bq != bk
 ]
@@ -212,7 +212,7 @@ def test_shared_search_with_one_round_is_the_per_block_search():
   """With one round the shared part keeps the whole first level (branches = top_k), so every member
   scores every block of its range itself: the per-block search's mask (max scores). Without rounds
   (nK <= branches) search_share has nothing to share."""
-  q, k = _qk(3, 500, 500, 4, 2, 16)
+  q, k = _qk(3, 500, 500, 2, 1, 16)
   for top_k, rounds, share in ((8, 1, 4), (16, 0, 32)):
     cfg = sj.StreamConfig(block_q=32, block_k=32, top_k=top_k)
     assert num_rounds(16, top_k) == rounds
@@ -220,43 +220,39 @@ def test_shared_search_with_one_round_is_the_per_block_search():
     assert sj.masks_equal(shared, sj.estimate_mask(q, k, cfg))
 
 
-def test_shared_search_batch_and_chunks():
-  q, k = _qk(4, 2 * 300, 2 * 300, 2, 1, 8)
-  qb, kb = q.reshape(2, 300, 2, 8), k.reshape(2, 300, 1, 8)
+def test_shared_search_chunks():
+  q, k = _qk(4, 300, 300, 2, 1, 8)
   cfg = sj.StreamConfig(block_q=16, block_k=16, top_k=3, coverage=0.9, search_share=4)
-  batched = jax.jit(sj.estimate_mask, static_argnums=2)(qb, kb, cfg)
-  one = jax.jit(lambda a, b: sj.estimate_mask(a, b, cfg, q_chunk=None))
-  chunked = jax.jit(lambda a, b: sj.estimate_mask(a, b, cfg, q_chunk=6))  # 19 blocks, 5 groups: 1 a chunk
-  for i in range(2):
-    np.testing.assert_array_equal(batched.indices[i], one(qb[i], kb[i]).indices)
-    assert sj.masks_equal(one(qb[i], kb[i]), chunked(qb[i], kb[i]))
+  one = sj.estimate_mask(q, k, cfg, q_chunk=None)
+  assert sj.masks_equal(one, sj.estimate_mask(q, k, cfg, q_chunk=6))  # 19 blocks, 5 groups: 1 a chunk
 
 
 # Measured (seeds 0-2, T=2048, blocks 32, top_k 8 = 3 rounds, mass scores, fixed k): the kept blocks' true
 # mass with 4 query blocks sharing the upper rounds is 0.953-0.977 (center) and 0.957-0.976 (first) of the
 # per-block search's.
-@pytest.mark.parametrize("rep", ["center", "first"])
-def test_shared_search_keeps_most_of_the_per_block_searchs_mass(rep):
+def test_shared_search_keeps_most_of_the_per_block_searchs_mass():
   from stream_jax.blocksparse import dense_block_mass  # pylint: disable=import-outside-toplevel
-  ratios = []
-  for seed in range(3):
+  ratios = {"center": [], "first": []}
+  for seed in range(2):
     q, k = _structured_qk(seed, 2048, 4, 2, 32)
-    bm = np.asarray(dense_block_mass(q, k, block_q=32, block_k=32))
-    cfg = sj.StreamConfig(block_q=32, block_k=32, top_k=8, score="mass", representative=rep)
-    held = []
-    for share in (1, 4):
-      idx = np.asarray(sj.estimate_mask(q, k, cfg.replace(search_share=share)).indices)[:, 16:]
-      held.append((np.take_along_axis(bm[:, 16:], np.maximum(idx, 0), -1) * (idx >= 0)).sum())
-    ratios.append(held[1] / held[0])
-  print(f"shared / per-block kept mass ({rep}): {np.round(ratios, 3)}")
-  assert min(ratios) >= 0.93
+    bm = np.asarray(dense_block_mass(q, k, block_q=32, block_k=32))[:, 16:]
+    for rep, got in ratios.items():
+      cfg = sj.StreamConfig(block_q=32, block_k=32, top_k=8, score="mass", representative=rep)
+      held = []
+      for share in (1, 4):
+        idx = np.asarray(sj.estimate_mask(q, k, cfg.replace(search_share=share)).indices)[:, 16:]
+        held.append((np.take_along_axis(bm, np.maximum(idx, 0), -1) * (idx >= 0)).sum())
+      got.append(held[1] / held[0])
+  print(f"shared / per-block kept mass: {ratios}")
+  assert min(min(r) for r in ratios.values()) >= 0.93
 
 
 @pytest.mark.slow  # two exact forwards of the 270M at 4k: ~50 s
 def test_shared_budget_on_real_text_is_the_per_block_budget():
   """The real 270M, 4,096 tokens of held-out prose, 16-token blocks, cap 64 (two rounds), asked 0.9:
   sharing the upper rounds between 4 query blocks changes each global layer's true coverage by at most
-  0.01 and keeps no more (measured: 0.856-0.870 against 0.858-0.876, kept 25.2% against 26.0%)."""
+  0.005 and keeps at most 1% more (measured: 0.859 / 0.871 / 0.876 against 0.858 / 0.870 / 0.876, kept
+  25.95% against 26.03%)."""
   from pydoc_data import topics  # pylint: disable=import-outside-toplevel
   from stream_jax.experiments import calibration  # pylint: disable=import-outside-toplevel
   from stream_jax.models import load_model  # pylint: disable=import-outside-toplevel
@@ -268,8 +264,8 @@ def test_shared_budget_on_real_text_is_the_per_block_budget():
   shared = calibration.budget_coverage(model, held, cfg.replace(search_share=4))
   print("per block", np.round(per_block.coverage, 3), per_block.kept_mean, "shared",
         np.round(shared.coverage, 3), shared.kept_mean)
-  assert np.all(np.abs(np.subtract(shared.coverage, per_block.coverage)) <= 0.01)
-  assert shared.kept_mean <= per_block.kept_mean
+  assert np.all(np.abs(np.subtract(shared.coverage, per_block.coverage)) <= 0.005)
+  assert shared.kept_mean <= 1.01 * per_block.kept_mean
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -359,6 +355,20 @@ def test_scores_use_only_visible_pairs():
 
 # ---- the block-score table: short inputs score every causal block once and the search looks them up ----
 
+@pytest.fixture
+def set_table_cost(monkeypatch):
+  """Sets estimate.TABLE_COST for the next traces: the jitted XLA path reads it when it traces, so its
+  compiled programs are dropped on every change and after the test."""
+  from stream_jax import estimate  # pylint: disable=import-outside-toplevel
+
+  def set_cost(cost):
+    monkeypatch.setattr(estimate, "TABLE_COST", cost)
+    estimate._estimate_xla.clear_cache()  # pylint: disable=protected-access
+
+  yield set_cost
+  estimate._estimate_xla.clear_cache()  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize("cfg,t,s,kv,batch,softcap", [
     (sj.StreamConfig(block_q=16, block_k=16, top_k=4), 300, 300, 2, None, None),
     (sj.StreamConfig(block_q=32, block_k=16, top_k=3, init_branches=7), 250, 330, 1, None, 20.0),  # S > T
@@ -367,17 +377,16 @@ def test_scores_use_only_visible_pairs():
     (sj.StreamConfig(block_q=16, block_k=16, top_k=4, representative="oracle", window_blocks=3), 203, 203, 2,
      None, None),
 ])
-def test_block_score_table_gives_the_search_the_same_masks(monkeypatch, cfg, t, s, kv, batch, softcap):
+def test_block_score_table_gives_the_search_the_same_masks(set_table_cost, cfg, t, s, kv, batch, softcap):
   """Integer inputs (exact logits, many exact ties): the table's scores are the search's, bit for bit, so
   the masks are equal whichever way the scores are made."""
-  from stream_jax import estimate
   rng = np.random.default_rng(7)
   lead = () if batch is None else (batch,)
   q = jnp.asarray(rng.integers(-3, 4, lead + (t, 4, 16)), jnp.float32)
   k = jnp.asarray(rng.integers(-3, 4, lead + (s, kv, 16)), jnp.float32)
   masks = {}
   for cost in (0.0, 1e9):  # always the table / never (the oracle representative always uses it)
-    monkeypatch.setattr(estimate, "TABLE_COST", cost)
+    set_table_cost(cost)
     masks[cost] = sj.estimate_mask(q, k, cfg, softcap=softcap, q_chunk=3)
   assert sj.masks_equal(masks[0.0], masks[1e9])
 
@@ -392,7 +401,7 @@ def test_block_score_table_only_where_it_costs_fewer_block_products():
   assert _table_is_cheaper(sj.StreamConfig(representative="oracle"), 16384)
 
 
-def test_block_score_table_memory_is_the_table_not_t_by_s(monkeypatch):
+def test_block_score_table_memory_is_the_table_not_t_by_s(set_table_cost):
   """At 8k (the table path) the compiled temporaries are the [N, nQ, nK] table and one chunk's logits:
   below a tenth of one T x S float32 buffer, and below the search's own gathered key blocks."""
   from stream_jax import estimate
@@ -401,7 +410,7 @@ def test_block_score_table_memory_is_the_table_not_t_by_s(monkeypatch):
   k = jax.ShapeDtypeStruct((t, 1, 64), jnp.float32)
   temp = {}
   for path, cost in (("table", estimate.TABLE_COST), ("search", 1e9)):
-    monkeypatch.setattr(estimate, "TABLE_COST", cost)
+    set_table_cost(cost)
     compiled = jax.jit(lambda q, k: sj.estimate_mask(q, k).indices).lower(q, k).compile()
     temp[path] = compiled.memory_analysis().temp_size_in_bytes
   print(f"temp bytes at T={t}: table {temp['table']:,}, search {temp['search']:,}")
