@@ -22,7 +22,8 @@ def run(*args, cwd=None):
 @pytest.mark.parametrize("args,message", [
     (["demo", "--top-k", "0"], "--top-k must be an integer >= 1"),
     (["demo", "--block-q", "48"], "--block-q must be a positive power of two"),
-    (["demo", "--search-share", "3"], "--search-share must be a power of two in [1, block-q / query-stride=64]"),
+    (["demo", "--search-share", "3"],
+     "--search-share must be a power of two in [1, block-q / query-stride=64]"),
     (["demo", "--length", "-3"], "--length must be >= 1"),
     (["trace", "--file", "/no/such/file.txt"], "does not exist"),
     (["trace", "--text", "hi", "--model", "/no/such/model.gguf"], "neither a known name"),
