@@ -14,6 +14,8 @@ process of its own (so the device peak is that mode's alone; an out-of-memory co
   oracle_exact    the ideal set the old way: faithful() with representative="oracle" (XLA, O(T^2) scoring)
   faithful_q<Q>   StreamConfig.faithful(query_stride=Q): the estimator scores with every Q-th query of a
                   block (2, 4, 8: 1/Q of its scoring work); faithful_q<Q>_exact with output="exact"
+  faithful_p<P>   StreamConfig.faithful(search_share=P): P neighbouring query blocks share the search's
+                  upper rounds (2, 4, 8); the XLA path until the Mosaic estimate kernel takes it
   table           StreamConfig.table(): every causal block scored once by the true mass every 4th query
                   gives it, no search, no dense pass, sparse output; table_q<Q> samples every Q-th query;
                   table_exact / table_q<Q>_exact with output="exact"
@@ -52,7 +54,8 @@ import stream_jax as sj  # noqa: E402  pylint: disable=wrong-import-position
 from stream_jax.models import forward, get_config  # noqa: E402  pylint: disable=wrong-import-position
 
 MODES = ("plain", "sparse", "exact", "faithful", "faithful_exact", "ideal_exact", "ideal_exact_xla",
-         "oracle_exact", "faithful_q2", "faithful_q4", "faithful_q8", "faithful_q4_exact", "table", "table_exact",
+         "oracle_exact", "faithful_q2", "faithful_q4", "faithful_q8", "faithful_q4_exact", "faithful_p2",
+         "faithful_p4", "faithful_p8", "table", "table_exact",
          "table_q4", "table_q8", "table_q16", "table_q32", "table_q8_exact", "table_q16_exact")
 
 
@@ -64,6 +67,8 @@ def mode_kwargs(mode: str) -> dict:
     return dict(kw, attention="dense", dense_impl="cudnn" if gpu else "xla")
   if mode.startswith("faithful_q"):
     stream = sj.StreamConfig.faithful(query_stride=int(mode.split("_")[1][1:]))
+  elif mode.startswith("faithful_p"):
+    stream = sj.StreamConfig.faithful(search_share=int(mode.split("_")[1][1:]))
   elif mode.startswith("table"):
     part = mode.split("_")
     stream = sj.StreamConfig.table(**({"query_stride": int(part[1][1:])} if part[1:2] and part[1] != "exact"

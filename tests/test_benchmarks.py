@@ -204,3 +204,14 @@ def test_mgpu_forward_check_says_it_needs_a_gpu():
   import mgpu_forward_check  # noqa: PLC0415
   with pytest.raises(SystemExit, match="needs a Hopper GPU"):
     mgpu_forward_check.main(["--layers", "2", "--length", "256"])
+
+
+def test_trace_modes_name_their_configs():
+  """Every mode of benchmarks/trace_modes.py makes its forward arguments; the q / p suffixes set
+  query_stride / search_share on faithful()."""
+  import trace_modes  # noqa: PLC0415  pylint: disable=import-outside-toplevel
+  for mode in trace_modes.MODES:
+    assert "last_only" in trace_modes.mode_kwargs(mode), mode
+  assert trace_modes.mode_kwargs("faithful_p4")["attention"].search_share == 4
+  assert trace_modes.mode_kwargs("faithful_q2")["attention"].query_stride == 2
+  assert trace_modes.mode_kwargs("table_q8_exact")["output"] == "exact"
