@@ -249,9 +249,7 @@ def _own_round(q_rows, q_pos, diag, *, nodes, shared_hi, k_blocks, config: Strea
   lo = config.sink_blocks
   hi = diag - config.window_blocks + 1
   n = jnp.maximum(hi - lo, 0)
-  left = (size + 1) // 2
-  c_start = jnp.stack([start, start + left], -1).reshape(-1)  # [2 top_k] single blocks before shared_hi
-  c_size = jnp.stack([left, size // 2], -1).reshape(-1)
+  c_start, c_size = _halves(start, size)  # [2 top_k] single blocks before shared_hi
   gap = shared_hi + jnp.arange(_gap_blocks(config), dtype=jnp.int32)
   cand = jnp.concatenate([c_start, gap])
   in_pool = jnp.concatenate([c_size > 0, jnp.zeros(gap.shape, bool)])
@@ -333,13 +331,18 @@ def _scoring_rows(j, q_block, *, stride: int, count: int, block_q: int, q_len: i
   return q_block[jnp.maximum(rows, 0)], q_pos, j * block_q + last_row + offset
 
 
-def _block_max(q_rows, q_pos, k_blocks, ids, *, block_k: int, scale, softcap):
-  """Max visible logit of rows q_rows [R, H] (at q_pos [R]) against key blocks `ids` [m] -> [m]."""
-  n_k = k_blocks.shape[0]
-  kb = k_blocks[jnp.clip(ids, 0, n_k - 1)]  # [m, bk, H]
+def _block_logits(q_rows, q_pos, k_blocks, ids, *, block_k: int):
+  """Raw logits float32 [m, R, bk] of rows q_rows [R, H] (at q_pos [R]) against key blocks `ids` [m], and
+  which (row, key) pairs are causally visible."""
+  kb = k_blocks[jnp.clip(ids, 0, k_blocks.shape[0] - 1)]  # [m, bk, H]
   logits = jnp.einsum("rh,mkh->mrk", q_rows, kb, preferred_element_type=jnp.float32)
   k_pos = ids[:, None] * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [m, bk]
-  visible = k_pos[:, None, :] <= q_pos[None, :, None]
+  return logits, k_pos[:, None, :] <= q_pos[None, :, None]
+
+
+def _block_max(q_rows, q_pos, k_blocks, ids, *, block_k: int, scale, softcap):
+  """Max visible logit of rows q_rows [R, H] (at q_pos [R]) against key blocks `ids` [m] -> [m]."""
+  logits, visible = _block_logits(q_rows, q_pos, k_blocks, ids, block_k=block_k)
   best = jnp.where(visible, logits, NEG_INF).max((1, 2)) * scale  # scale > 0: max commutes
   return numerics.softcap(best, softcap)
 
@@ -347,13 +350,8 @@ def _block_max(q_rows, q_pos, k_blocks, ids, *, block_k: int, scale, softcap):
 def _block_row_lse(q_rows, q_pos, k_blocks, ids, *, block_k: int, scale, softcap):
   """[m] block ids -> [m, R] each row's log-sum-exp over the block's visible keys (-inf if none or id <
   0)."""
-  n_k = k_blocks.shape[0]
-  kb = k_blocks[jnp.clip(ids, 0, n_k - 1)]  # [m, bk, H]
-  logits = jnp.einsum("rh,mkh->mrk", q_rows, kb, preferred_element_type=jnp.float32)
-  logits = numerics.softcap(logits * scale, softcap)
-  k_pos = ids[:, None] * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [m, bk]
-  visible = (k_pos[:, None, :] <= q_pos[None, :, None]) & (ids >= 0)[:, None, None]
-  return shares.row_lse(logits, visible)
+  logits, visible = _block_logits(q_rows, q_pos, k_blocks, ids, block_k=block_k)
+  return shares.row_lse(numerics.softcap(logits * scale, softcap), visible & (ids >= 0)[:, None, None])
 
 
 def _search_block(q_rows, q_pos, diag, k_blocks, table_row, *, config: StreamConfig, scale, softcap,
@@ -504,9 +502,7 @@ def _search(node_scores, *, lo, n, config: StreamConfig, n_k: int, score_first_l
 
   def round_fn(_, state):
     start, size, scores, dropped = state
-    left = (size + 1) // 2
-    c_start = jnp.stack([start, start + left], -1).reshape(-1)
-    c_size = jnp.stack([left, size // 2], -1).reshape(-1)
+    c_start, c_size = _halves(start, size)
     c_scores = node_scores(c_start, c_size, parent=scores)
     return keep_top(c_start, c_size, c_scores, dropped)
 
@@ -514,6 +510,14 @@ def _search(node_scores, *, lo, n, config: StreamConfig, n_k: int, score_first_l
   start, size, scores, dropped = lax.fori_loop(0, rounds, round_fn,
                                                (start, size, scores, dropped))
   return (start, size, scores, dropped) if track_dropped else (start, size, scores)
+
+
+def _halves(start, size):
+  """Each node's two children in position order (start and size, each [2 m]); the left takes the odd
+  block."""
+  left = (size + 1) // 2
+  return (jnp.stack([start, start + left], -1).reshape(-1),
+          jnp.stack([left, size // 2], -1).reshape(-1))
 
 
 def _union(searched, searched_ok, diag, config: StreamConfig):
