@@ -196,11 +196,34 @@ WIDE_ESTIMATE_CASES = (
     (None, 3000, 0, 4, 2, 64, "float16", None, dict(top_k=8, init_branches=24, representative="first",
                                                     coverage=0.8), False),
 )
+# search_share (a group pass on every P-th row of P blocks, then each block's last round): the Mosaic GPU kernel
+# against the XLA reference (no Triton kernel takes it)
+SHARED_ESTIMATE_CASES = (
+    (None, 4096, 0, 4, 2, 128, "bfloat16", None, dict(top_k=16, coverage=0.9, search_share=4), False),  # compile
+    (None, 32768, 0, 8, 4, 256, "bfloat16", None, dict(top_k=128, coverage=0.95, search_share=4), False),
+    (None, 32768, 0, 8, 4, 256, "bfloat16", None, dict(top_k=128, coverage=0.95, search_share=8), False),
+    (None, 9000, 100, 4, 2, 128, "float16", 30.0, dict(top_k=64, score="mass", search_share=2), False),
+    (2, 6000, 0, 4, 1, 64, "bfloat16", None, dict(top_k=40, init_branches=100, coverage=0.9, search_share=4),
+     False),  # batch, a first level wider than the children
+    (None, 5000, 100, 4, 2, 128, "bfloat16", 50.0, dict(top_k=48, coverage=0.8, window_blocks=1, search_share=4),
+     False),  # the per-child causal mask
+    (None, 16384, 0, 8, 4, 128, "bfloat16", None, dict(top_k=128, search_share=4), False),  # max scores
+    (None, 16384, 0, 8, 4, 256, "bfloat16", None, dict(top_k=128, coverage=0.95, block_q=16, block_k=16,
+                                                       search_share=4), False),
+    (None, 5000, 100, 4, 2, 128, "float16", 30.0, dict(top_k=48, coverage=0.9, query_stride=4, representative="first",
+                                                        block_q=32, block_k=32, search_share=8), False),
+    (None, 4096, 0, 4, 2, 128, "bfloat16", None, dict(top_k=16, representative="first", search_share=2), True),
+)
 SHARPEN = 4.0  # keys scaled for coverage budgets, so that they keep fewer blocks than they may (as check_mass)
 
 
 def check_mgpu_estimate_wide(cases=WIDE_ESTIMATE_CASES):
   """check_mgpu_estimate for the wide kernel (see WIDE_ESTIMATE_CASES)."""
+  return check_mgpu_estimate(cases)
+
+
+def check_mgpu_estimate_shared(cases=SHARED_ESTIMATE_CASES):
+  """check_mgpu_estimate for config.search_share > 1 (see SHARED_ESTIMATE_CASES): against XLA only."""
   return check_mgpu_estimate(cases)
 
 
@@ -229,8 +252,8 @@ def check_mgpu_estimate(cases=ESTIMATE_CASES):
       start = time.perf_counter()
       mm = jax.block_until_ready(estimate_mosaic.estimate_mask(q, k, config, softcap=cap))
       first = time.perf_counter() - start
-      mt = kestimate.estimate_mask(q, k, config, softcap=cap)
       mx = sj.estimate_mask(q, k, config, softcap=cap, backend="xla")
+      mt = mx if config.search_share > 1 else kestimate.estimate_mask(q, k, config, softcap=cap)  # no Triton
       rows = lambda a, b: float(jnp.mean(jnp.all(a.indices == b.indices, -1) & (a.counts == b.counts)))
       vs_t, vs_x, t_x = rows(mm, mt), rows(mm, mx), rows(mt, mx)
       ok = vs_x >= (1.0 if integer else 0.999) and vs_t >= 0.999
@@ -446,7 +469,8 @@ if __name__ == "__main__":
   import sys  # pylint: disable=import-outside-toplevel
   print(jax.devices()[0].device_kind, jax.__version__)
   names = sys.argv[1:] or ["cudnn_lse", "pallas_f32", "second_mass_pass", "exact_forward", "mgpu_attention",
-                           "mgpu_estimate", "mgpu_estimate_wide", "mass", "ideal", "mgpu_ideal", "mgpu_table"]
+                           "mgpu_estimate", "mgpu_estimate_wide", "mgpu_estimate_shared", "mass", "ideal", "mgpu_ideal",
+                           "mgpu_table"]
   known = sorted(k[len("check_"):] for k in globals() if k.startswith("check_"))
   unknown = [name for name in names if name not in known]
   if unknown:

@@ -23,6 +23,9 @@ kernel runs with scale 1):
                  the Mosaic GPU wide kernel's time, the Triton kernel's in its config column, and the share
                  of mask rows the two agree on. faithful_estimate_32 / _16: the same at 32 / 16-token blocks
                  (the wide kernel's 64-row tiles from each block's start, the rest masked).
+                 faithful_estimate_p4 / _p8: faithful(search_share=4 / 8) on the Mosaic GPU kernel (the
+                 group pass, then each block's last round), against faithful()'s time on the same kernel,
+                 with both masks' mean kept counts.
   triton_mha     JAX's Pallas Triton flash attention (`jax.experimental.pallas.ops.gpu.attention.mha`;
                  it has no GQA, so it runs at K = N only). Best of two tiles.
   mosaic_flash   JAX's Pallas Mosaic GPU flash attention (`...ops.gpu.attention_mgpu.attention`, Hopper
@@ -60,7 +63,8 @@ from stream_jax.kernels import estimate_triton as kestimate
 from stream_jax.kernels import estimate_mosaic
 
 KERNELS = ("sparse_full", "sparse_full_fused", "sparse_stream", "sparse_stream_mgpu", "faithful_estimate",
-           "faithful_estimate_32", "faithful_estimate_16", "faithful_attention", "faithful_attention_32",
+           "faithful_estimate_32", "faithful_estimate_16", "faithful_estimate_p4", "faithful_estimate_p8",
+           "faithful_attention", "faithful_attention_32",
            "faithful_attention_16",
            "triton_mha", "mosaic_flash", "cudnn")
 DENSE_WORK = ("sparse_full", "sparse_full_fused", "triton_mha", "mosaic_flash")  # rows checked vs cuDNN
@@ -72,6 +76,8 @@ LABELS = {
     "faithful_estimate": "ours: Mosaic GPU estimate, StreamConfig.faithful() (vs Triton)",
     "faithful_estimate_32": "ours: Mosaic GPU estimate, faithful() at 32-token blocks (vs Triton)",
     "faithful_estimate_16": "ours: Mosaic GPU estimate, faithful() at 16-token blocks (vs Triton)",
+    "faithful_estimate_p4": "ours: Mosaic GPU estimate, faithful(search_share=4) (vs faithful())",
+    "faithful_estimate_p8": "ours: Mosaic GPU estimate, faithful(search_share=8) (vs faithful())",
     "faithful_attention": "ours: Mosaic GPU block-sparse, faithful() mask (vs Triton)",
     "faithful_attention_32": "ours: Mosaic GPU block-sparse, faithful() mask at 32-token blocks (vs Triton)",
     "faithful_attention_16": "ours: Mosaic GPU block-sparse, faithful() mask at 16-token blocks (vs Triton)",
@@ -420,6 +426,21 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
       row(name, m_ms, f"Triton {t_ms:.3f} ms ({t_ms / m_ms:.2f}x); rows equal {same:.4f}",
           flops_=0.0, estimate_ms=t_ms, estimate_rows_equal=same)
       log(f"  {name}: Triton {t_ms:.3f} ms, Mosaic GPU {m_ms:.3f} ms, rows equal {same:.4f}")
+    except Exception as e:  # pylint: disable=broad-except
+      row(name, na=f"n/a: {type(e).__name__}: {str(e)[:200]}")
+      log(f"  {name} {rows[name]['na']}")
+  for name, share in (("faithful_estimate_p4", 4), ("faithful_estimate_p8", 8)):
+    if name not in kernels:
+      continue
+    try:
+      base, cfg = sj.StreamConfig.faithful(), sj.StreamConfig.faithful(search_share=share)
+      est_b, est_s = estimate_fn(estimate_mosaic, base), estimate_fn(estimate_mosaic, cfg)
+      (_, cnt_b), (_, cnt_s) = est_b(q3, k3), est_s(q3, k3)
+      b_ms, s_ms = (timeit(f, q3, k3, reps=reps, burst_ms=burst_ms) for f in (est_b, est_s))
+      kept_b, kept_s = float(np.asarray(cnt_b).mean()), float(np.asarray(cnt_s).mean())
+      row(name, s_ms, f"faithful() {b_ms:.3f} ms ({b_ms / s_ms:.2f}x); kept {kept_s:.1f} vs {kept_b:.1f} blocks",
+          flops_=0.0, estimate_ms=b_ms, kept=kept_s, kept_per_block_search=kept_b)
+      log(f"  {name}: faithful() {b_ms:.3f} ms, search_share={share} {s_ms:.3f} ms; kept {kept_s:.1f} vs {kept_b:.1f}")
     except Exception as e:  # pylint: disable=broad-except
       row(name, na=f"n/a: {type(e).__name__}: {str(e)[:200]}")
       log(f"  {name} {rows[name]['na']}")

@@ -15,7 +15,7 @@ process of its own (so the device peak is that mode's alone; an out-of-memory co
   faithful_q<Q>   StreamConfig.faithful(query_stride=Q): the estimator scores with every Q-th query of a
                   block (2, 4, 8: 1/Q of its scoring work); faithful_q<Q>_exact with output="exact"
   faithful_p<P>   StreamConfig.faithful(search_share=P): P neighbouring query blocks share the search's
-                  upper rounds (2, 4, 8); the XLA path until the Mosaic estimate kernel takes it
+                  upper rounds (2, 4, 8); on Hopper the Mosaic estimate kernel runs it
   table           StreamConfig.table(): every causal block scored once by the true mass every 4th query
                   gives it, no search, no dense pass, sparse output; table_q<Q> samples every Q-th query;
                   table_exact / table_q<Q>_exact with output="exact"

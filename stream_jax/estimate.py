@@ -46,9 +46,6 @@ __all__ = ["estimate_mask", "num_rounds"]
 TABLE_Q_BLOCKS = 8
 TABLE_K_BLOCKS = 8
 TABLE_COST = 1.0
-# A shared search's estimate of the share of the range its rounds dropped, at most (a member's denominator
-# divides its exact children's mass by 1 - this).
-MAX_MISSED = 0.999
 
 
 def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
@@ -78,8 +75,8 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
       the reference otherwise and for what no kernel takes). See `kernels.implementations.choose`.
 
   With config.search_share = P > 1, P neighbouring query blocks run the search's upper rounds together
-  and each scores the last round with its own queries (the XLA path; the kernels run one search per query
-  block). With config.select="table" no search runs: every causal block is scored once by the true mass a
+  and each scores the last round with its own queries ("mosaic" or "xla"; the Triton kernel runs one search
+  per query block). With config.select="table" no search runs: every causal block is scored once by the true mass a
   sample of the queries gives it (stream_jax/table.py); "mosaic" (Hopper, query_stride >= 2) or "xla" runs it.
 
   Returns:
@@ -220,7 +217,7 @@ def _estimate_group(p, q_group, k_blocks, *, config: StreamConfig, scale, softca
                                                 count=bq // (stride * share_n)))(js, q_group)
   diag = last_pos // bk  # [P]
   shared_hi = diag[0] - config.window_blocks + 1  # end of the first member's range
-  after = shared_hi + jnp.arange(_gap_blocks(config) + config.window_blocks, dtype=jnp.int32)
+  after = shared_hi + jnp.arange(shares.gap_blocks(config) + config.window_blocks, dtype=jnp.int32)
   rule_ids = jnp.concatenate([jnp.arange(config.sink_blocks, dtype=jnp.int32),
                               jnp.where((after >= config.sink_blocks) & (after <= diag[-1]), after, -1)])
   nodes = _search_block(g_rows.reshape(-1, g_rows.shape[-1]), g_pos.reshape(-1), diag[0], k_blocks, None,
@@ -229,11 +226,6 @@ def _estimate_group(p, q_group, k_blocks, *, config: StreamConfig, scale, softca
   own = functools.partial(_own_round, nodes=nodes, shared_hi=shared_hi, k_blocks=k_blocks, config=config,
                           scale=scale, softcap=softcap)
   return jax.vmap(own)(own_rows, own_pos, diag)
-
-
-def _gap_blocks(config: StreamConfig) -> int:
-  """The most key blocks between the first member's search range and a later member's window."""
-  return -(-(config.search_share - 1) * config.block_q // config.block_k)
 
 
 def _own_round(q_rows, q_pos, diag, *, nodes, shared_hi, k_blocks, config: StreamConfig, scale, softcap):
@@ -250,7 +242,7 @@ def _own_round(q_rows, q_pos, diag, *, nodes, shared_hi, k_blocks, config: Strea
   hi = diag - config.window_blocks + 1
   n = jnp.maximum(hi - lo, 0)
   c_start, c_size = _halves(start, size)  # [2 top_k] single blocks before shared_hi
-  gap = shared_hi + jnp.arange(_gap_blocks(config), dtype=jnp.int32)
+  gap = shared_hi + jnp.arange(shares.gap_blocks(config), dtype=jnp.int32)
   cand = jnp.concatenate([c_start, gap])
   in_pool = jnp.concatenate([c_size > 0, jnp.zeros(gap.shape, bool)])
   ok = jnp.concatenate([c_size > 0, (gap >= lo) & (gap < hi)])
@@ -274,7 +266,7 @@ def _own_round(q_rows, q_pos, diag, *, nodes, shared_hi, k_blocks, config: Strea
   cand_lse = row_lse(ids)  # [2 top_k + gap, R]
   rule_lse = shares.logsumexp(row_lse(_rule_ids(diag, config)), axis=0)  # [R]
   kept_est = jnp.sum(jnp.where(size > 0, jnp.exp(node_scores) * size.astype(jnp.float32), 0.0))
-  missed = jnp.clip(dropped / jnp.maximum(dropped + kept_est, 1e-30), 0.0, MAX_MISSED)
+  missed = shares.missed_share(dropped, kept_est)
   pool_lse = shares.logsumexp(jnp.where(in_pool[:, None], cand_lse, NEG_INF), axis=0)
   gap_lse = shares.logsumexp(jnp.where(in_pool[:, None], NEG_INF, cand_lse), axis=0)
   search_lse = shares.logaddexp(pool_lse - jnp.log1p(-missed), gap_lse)
@@ -291,7 +283,7 @@ def _own_round(q_rows, q_pos, diag, *, nodes, shared_hi, k_blocks, config: Strea
     scores = jnp.where(is_dense, shares.log_share(dense_lse, z, row_ok, log_rows), cand_share[sel])
     keep = jnp.zeros(cand_share.shape, bool).at[sel].set(True)
     pool = jnp.sum(jnp.where(in_pool, jnp.exp(cand_share), 0.0))
-    rest = shares.dropped_share(cand_share, ok.astype(jnp.int32), keep) + pool * missed / (1.0 - missed)
+    rest = shares.dropped_share(cand_share, ok.astype(jnp.int32), keep) + pool * (missed / (1.0 - missed))
     rest = jnp.where(is_dense, 0.0, rest)
     rule_share = jnp.exp(shares.log_share(rule_lse[None], z, row_ok, log_rows)[0])
     searched_ok &= shares.coverage_keep(scores, searched_ok, rule_share, rest * config.dropped_scale,

@@ -70,12 +70,19 @@ def test_mgpu_attention_lowers_for_cuda(semantics, dtype, h, softcap, window, st
     ((2,), 4096, 4096, 64, jnp.bfloat16, C(block_q=32, block_k=32, window_blocks=1), None),  # max, causal mask
     ((), 6000, 6000, 128, jnp.bfloat16, C.faithful(query_stride=2), None),  # 64-token blocks, strided rows
     ((), 5000, 5000, 128, jnp.bfloat16, C(representative="first"), None),  # max scores, "first"
+    # search_share: a group pass on gathered rows, then each block's last round from the group's nodes
+    ((), 16384, 16384, 256, jnp.bfloat16, C.faithful(search_share=4), None),  # 256 children + 3 gap blocks
+    ((2,), 3000, 3100, 128, jnp.float16, C(block_q=16, block_k=16, top_k=24, coverage=0.9, query_stride=2,
+                                           search_share=8, representative="first"), 30.0),  # ragged, S > T
+    ((), 4096, 4096, 64, jnp.bfloat16, C(block_q=32, block_k=32, top_k=16, search_share=2, window_blocks=1),
+     None),  # max scores, the per-child causal mask
 ])
 def test_mgpu_estimate_lowers_for_cuda(semantics, lead, t, s, h, dtype, cfg, softcap):
   def fn(q, k):
     mask = estimate_mosaic.estimate_mask(q, k, cfg, softcap=softcap)
     return mask.indices, mask.counts
-  with mosaic_semantics(semantics, estimate_mosaic._estimate, estimate_mosaic._estimate_wide):
+  with mosaic_semantics(semantics, estimate_mosaic._estimate, estimate_mosaic._estimate_wide,
+                        estimate_mosaic._estimate_shared):
     text = lower_for_cuda(fn, _sds(lead + (t, 8, h), dtype), _sds(lead + (s, 4, h), dtype))
   assert "mosaic_gpu" in text
 
@@ -113,7 +120,8 @@ def mosaic_interpreted(monkeypatch):
       q_smem[...], k_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32))
   monkeypatch.setattr(mosaic_common, "pv_accumulate", lambda acc, p, v_buf: acc + lax.dot_general(
       p, v_buf[...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32))
-  jitted = (estimate_mosaic._estimate, estimate_mosaic._estimate_wide, blocksparse_mosaic._attention)
+  jitted = (estimate_mosaic._estimate, estimate_mosaic._estimate_wide, estimate_mosaic._estimate_shared,
+            blocksparse_mosaic._attention)
   for f in jitted:
     f.clear_cache()
   with interpret.force_gpu_interpret_mode(interpret.InterpretGPUParams()):
@@ -143,6 +151,27 @@ def test_mgpu_wide_estimate_interpreted_equals_the_reference(mosaic_interpreted,
   np.testing.assert_array_equal(got[0], np.asarray(want.indices))
   np.testing.assert_array_equal(got[1], np.asarray(want.counts))
   assert (got[1] < cfg.capacity).any()  # the budget kept fewer than it may
+
+
+@pytest.mark.slow  # 30 s to 2 min interpreted; on the H200, gpu_checks.py mgpu_estimate_shared
+@pytest.mark.parametrize("t,extra,cfg,softcap", [
+    # mass scores and a budget, 16-token blocks: 3 gap blocks past the pool's tile, a wider first level
+    (1500, 20, C(block_q=16, block_k=16, top_k=6, init_branches=8, coverage=0.9, search_share=4), 30.0),
+    (1300, 0, C(block_q=32, block_k=32, top_k=5, score="mass", search_share=2, query_stride=2), None),  # fixed k
+    (1100, 30, C(block_q=16, block_k=16, top_k=4, search_share=8, window_blocks=1), None),  # max, causal mask
+    (2000, 0, C(block_q=16, block_k=16, top_k=5, coverage=0.9, search_share=4, representative="first"), None),
+])
+def test_mgpu_shared_estimate_interpreted_equals_the_reference(mosaic_interpreted, t, extra, cfg, softcap):
+  """search_share on the Mosaic kernel (a group pass on gathered rows, then each block's last round from the
+  group's nodes) equals the XLA path in every row: the same nodes, denominators, missed share and budget."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(t, 2, 64)), jnp.bfloat16)
+  k = jnp.asarray(rng.normal(size=(t + extra, 1, 64)) * 4.0, jnp.bfloat16)
+  got = estimate_mosaic.estimate_mask(q, k, cfg, softcap=softcap)
+  want = sj.estimate_mask(q, k, cfg, softcap=softcap, backend="xla")
+  np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
+  np.testing.assert_array_equal(np.asarray(got.counts), np.asarray(want.counts))
+  assert not sj.masks_equal(want, sj.estimate_mask(q, k, cfg.replace(search_share=1), softcap=softcap))
 
 
 ATTENTION_INTERPRETED = [

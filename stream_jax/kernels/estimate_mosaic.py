@@ -40,6 +40,16 @@ scored node costs one key-tile load and one 64-row product whatever the rows tha
 the node count: on an H200 at 128k `faithful()` takes 101 ms per layer at every query and 99 ms at every 4th;
 at 32 / 16-token blocks 236 / 528 ms against Triton's 359 / 711 (benchmarks/results/small_block_estimate_h200/).
 
+With `search_share = P` (`_estimate_shared`, the XLA path's `estimate._estimate_shared` step for step) the wide
+kernel runs twice. The group pass: one CTA per (head, group of P query blocks) searches with the group's
+rows, every P-th of each block's scoring rows gathered into one 64-row tile beforehand (their positions and
+the group's diagonal blocks come in beside them), over the first block's range, with the blocks after it up
+to the last block's diagonal as rule blocks; it runs the first level and all rounds but the last and writes
+the kept nodes and the share of the range its rounds dropped. The member pass: one CTA per query block
+loads its group's nodes, splits them (the children are single blocks), appends the blocks between the
+shared range and its own window, makes its denominators from those candidates exactly (the pool's divided
+by 1 - the missed share), scores them with its own tile and keeps its top_k or coverage budget.
+
 Limits (`unsupported`): float16 / bfloat16, 16 x 16, 32 x 32 or 64 x 64 blocks, representative "center" or
 "first", top_k <= 128, branches <= 256, head dim a multiple of 64 up to 256.
 """
@@ -79,9 +89,6 @@ def unsupported(call: Call) -> Optional[str]:
   reason = mosaic_common.limits(call, "estimate")
   if reason:
     return reason
-  if config.search_share > 1:
-    return (f"the Mosaic GPU estimate kernel runs one search per query block; search_share="
-            f"{config.search_share} (a search shared by neighbouring query blocks) runs on the XLA path")
   if config.representative not in ("center", "first"):
     return (f"the Mosaic GPU estimate kernel scores nodes by center or first representatives, got "
             f"{config.representative!r} (the oracle scores every block: the XLA path)")
@@ -128,7 +135,8 @@ def _narrow(config: StreamConfig) -> bool:
   """Whether the first kernel (max scores, <= 64 node slots, 64 x 64 blocks, every query row, center
   representatives) takes `config`; else the wide one."""
   return (config.score == "max" and 2 * config.top_k <= SLOTS and config.branches <= SLOTS
-          and config.block_q == BLOCK and config.query_stride == 1 and config.representative == "center")
+          and config.block_q == BLOCK and config.query_stride == 1 and config.representative == "center"
+          and config.search_share == 1)
 
 
 def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Optional[float] = None,
@@ -137,7 +145,11 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Op
   interpret mode: its tests lower it for CUDA on the CPU and run it on the device, gpu_checks.py). Checks
   nothing beyond `unsupported`, which the caller asks first."""
   t, s, h = q.shape[-3], k.shape[-3], q.shape[-1]
-  indices, counts = (_estimate if _narrow(config) else _estimate_wide)(
+  if config.search_share > 1 and num_rounds(num_blocks(s, config.block_k), config.branches) >= 1:
+    fn = _estimate_shared  # no round: nothing to share (as on the XLA path)
+  else:
+    fn = _estimate if _narrow(config) else _estimate_wide
+  indices, counts = fn(
       q, k, config=config, scale=numerics.resolve_scale(scale, h), softcap=None if softcap is None else float(softcap),
       stages=DEFAULT_STAGES if stages is None else int(stages))
   return BlockMask(indices, counts, config.block_q, config.block_k, t, s, config)
@@ -333,41 +345,117 @@ def _tile_logsumexp(x: jax.Array, axis: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "scale", "softcap", "stages"))
-def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
+def _estimate_shared(q, k, *, config: StreamConfig, scale, softcap, stages):
+  """config.search_share = P (the XLA path's `estimate._estimate_shared`, step for step): the wide kernel
+  runs each group's first level and all rounds but the last on the group's gathered rows ("group"), then
+  each query block's last round from the group's kept nodes ("member")."""
+  (q, k), batched = common.as_batched(q, k)
+  t, s = q.shape[1], k.shape[1]
+  rows, pos, meta = _group_rows(t, s, config)
+  q_rows = jnp.take(q, jnp.asarray(rows), axis=1)  # [B, nG x 64, N, H]: a quarter of q at P = 4
+  kw = dict(config=config, scale=scale, softcap=softcap, stages=stages)
+  nodes, missed = _estimate_wide(q_rows, k, jnp.asarray(pos), jnp.asarray(meta), stage="group", q_len=t, **kw)
+  m = missed[..., 0]  # what the member pass takes of it, made here (Mosaic GPU lowers no log1p)
+  missed = missed.at[..., 1].set(jnp.log1p(-m)).at[..., 2].set(m / (1.0 - m))
+  indices, counts = _estimate_wide(q, k, nodes, missed, stage="member", **kw)
+  if not batched:
+    indices, counts = indices[0], counts[0]
+  return indices, counts
+
+
+def _group_rows(t: int, s: int, config: StreamConfig):
+  """A shared search's rows, as estimate._estimate_group takes them: for group p, every P-th of each
+  member's scoring rows counted back from its last valid one (member by member), padded to a 64-row tile.
+
+  Returns the rows' indices into q int32 [nG x 64], their key positions int32 [nG x 64] (-1: no row), and
+  per group int32 [nG, 32]: its first member's diagonal key block (where the shared range ends, before its
+  window) and its last member's (where the rule blocks after that range end)."""
+  share_n, bq, stride = config.search_share, config.block_q, config.query_stride
+  n_q = num_blocks(t, bq)
+  n_g = -(-n_q // share_n)
+  count = bq // (stride * share_n)
+  j = np.arange(n_g)[:, None] * share_n + np.arange(share_n)[None, :]  # [nG, P] members
+  last_row = np.minimum((j + 1) * bq, t) - 1 - j * bq
+  r = last_row[..., None] - np.arange(count) * stride * share_n  # [nG, P, count]
+  ok = r >= 0
+  rows = np.zeros((n_g, BLOCK), np.int32)
+  pos = np.full((n_g, BLOCK), -1, np.int32)
+  rows[:, :share_n * count] = np.where(ok, j[..., None] * bq + r, 0).reshape(n_g, -1)
+  pos[:, :share_n * count] = np.where(ok, j[..., None] * bq + r + s - t, -1).reshape(n_g, -1)
+  diag = (np.minimum((j + 1) * bq, t) - 1 + s - t) // bq  # [nG, P]
+  meta = np.zeros((n_g, mosaic_common.TMA_INT32), np.int32)
+  meta[:, 0], meta[:, 1] = diag[:, 0], diag[:, -1]
+  return rows.reshape(-1), pos.reshape(-1), meta
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale", "softcap", "stages", "stage", "q_len"))
+def _estimate_wide(q, k, *shared, config: StreamConfig, scale, softcap, stages, stage: str = "full",
+                   q_len: Optional[int] = None):
+  """The wide kernel. stage "full": a search per query block -> (indices, counts). With search_share = P
+  (`_estimate_shared`): "group" runs a group's first level and all rounds but the last, q being the
+  groups' gathered rows (64 a group) and shared = (their key positions [nG x 64], the groups' diagonal
+  blocks [nG, 32]), q_len the queries' length -> the kept nodes int32 [B, N, nG, 2 (start, size), tiles,
+  64] and the share of the range their rounds dropped float32 [B, N, nG, 32] (slot 0); "member" runs each
+  query block's last round from those (shared = (nodes, missed), missed's slots 1 and 2 holding log(1 -
+  missed) and missed / (1 - missed)) -> (indices, counts)."""
   import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only module: imported where it runs)
   import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
 
+  group, member = stage == "group", stage == "member"
   (q, k), batched = common.as_batched(q, k)
   b, t, n, h = q.shape
+  if group:
+    n_tiles, t = t // BLOCK, q_len
   s, kv = k.shape[1], k.shape[2]
   g = n // kv
   blk_len, stride = config.block_q, config.query_stride  # square blocks (unsupported); 64-row tiles
   n_q, n_k = num_blocks(t, blk_len), num_blocks(s, blk_len)
   # Every block's tile is the 64 rows from its start (the next blocks' rows are masked): padded so the last
   # block's tile is inside the array.
-  q = common.pad_axis(q, 1, n_q * blk_len + BLOCK - blk_len)
+  if not group:
+    q = common.pad_axis(q, 1, n_q * blk_len + BLOCK - blk_len)
   k = common.pad_axis(k, 1, n_k * blk_len + BLOCK - blk_len)
   top_k, branches, sink, wb = config.top_k, config.branches, config.sink_blocks, config.window_blocks
   mass, adaptive = config.score == "mass", config.adaptive
+  share_n = config.search_share
   cap = config.capacity
   out_len = mosaic_common.tma_length(cap + 1)  # block ids, then the count last
-  rounds = num_rounds(n_k, branches)
+  rounds = num_rounds(n_k, branches) - (1 if group else 0)
   offset = s - t
   dtype = q.dtype
-  chunks = -(-max(2 * top_k, branches) // TILE)  # node-list tiles
+  gap = shares.gap_blocks(config) if member or group else 0  # blocks between the shared range and a window
+  pool = 2 * top_k  # a member's candidates: the group's kept nodes' children, then the gap blocks
+  chunks = -(-max(2 * top_k + (gap if member else 0), branches) // TILE)  # node-list tiles
   kept_chunks = -(-top_k // TILE)  # the tiles that hold the kept nodes
   causal_free = offset % blk_len == 0 or wb >= 2  # as in _estimate: searched blocks need no causal mask
   # log of a query block's scoring rows (every stride-th; the last block's valid ones), as the reference
   # takes it
   log_rows = tuple(float(np.log(np.float32(r))) for r in (
       blk_len // stride, min(blk_len // stride, (t - (n_q - 1) * blk_len - 1) // stride + 1)))
-  row_mask = blk_len < BLOCK or stride > 1 or t % blk_len  # some tile rows never score
+  row_mask = group or blk_len < BLOCK or stride > 1 or t % blk_len  # some tile rows never score
 
-  def kernel(q_ref, k_ref, o_ref, scratch):
-    q_smem, k_smem, start_s, size_s, score_s, keep_s, slot_s, out_s, q_bar, k_bars = scratch
+  def kernel(*refs):
+    if group:
+      q_ref, k_ref, pos_ref, meta_ref, nodes_ref, miss_ref, *scratch = refs
+    elif member:
+      q_ref, k_ref, nodes_ref, miss_ref, o_ref, *scratch = refs
+    else:
+      q_ref, k_ref, o_ref, *scratch = refs
+    q_smem, k_smem, start_s, size_s, score_s, keep_s, slot_s, out_s, q_bar, k_bars = scratch[:10]
     hq, bb, i = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("qblk")
     kvh = lax.div(hq, jnp.int32(g))
-    plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(i * blk_len, BLOCK), hq], q_smem, q_bar.at[0])
+    plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(i * (BLOCK if group else blk_len), BLOCK), hq], q_smem,
+                            q_bar.at[0])
+    if group or member:
+      pos_s, meta_s, miss_s, misc = scratch[10:]
+    if group:
+      plgpu.copy_gmem_to_smem(pos_ref.at[pl.ds(i * BLOCK, BLOCK)], pos_s, misc.at[0])
+      plgpu.copy_gmem_to_smem(meta_ref.at[i], meta_s, misc.at[1])
+    if member:
+      p = lax.div(i, jnp.int32(share_n))
+      plgpu.copy_gmem_to_smem(nodes_ref.at[bb, hq, p, 0], start_s.at[pl.ds(0, kept_chunks)], misc.at[0])
+      plgpu.copy_gmem_to_smem(nodes_ref.at[bb, hq, p, 1], size_s.at[pl.ds(0, kept_chunks)], misc.at[1])
+      plgpu.copy_gmem_to_smem(miss_ref.at[bb, hq, p], miss_s, misc.at[2])
 
     wg = plgpu.Layout.WGMMA
     row_l, col_l = wg.reduce(1), wg.reduce(0)
@@ -391,19 +479,38 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
     def node(ref, e):  # node e of a list
       return ref[lax.div(e, jnp.int32(TILE)), lax.rem(e, jnp.int32(TILE))]
 
-    last_row = jnp.minimum((i + 1) * blk_len, t) - 1 - i * blk_len  # the block's last valid query row
-    last_pos = i * blk_len + last_row + offset
-    diag = lax.div(last_pos, jnp.int32(blk_len))
+    if group:  # the gathered rows' positions, a group's diagonal blocks (first and last member)
+      plgpu.barrier_wait(misc.at[0])
+      plgpu.barrier_wait(misc.at[1])
+      diag, diag_last = meta_s[0], meta_s[1]
 
-    def scoring(rows):
-      """Which tile rows score: every stride-th valid one counted back from the last (the reference's)."""
-      ok = rows <= last_row
-      return ok & (lax.rem(last_row - rows, jnp.int32(stride)) == 0) if stride > 1 else ok
+      def row_pos(tile):  # [64] or [64, TILE]: each tile row's key position
+        pos = plgpu.load(pos_s, (), layout=row_l)
+        return lax.broadcast_in_dim(pos, (BLOCK, TILE), [0]) if tile else pos
+
+      def scoring(rows):
+        return row_pos(rows.ndim == 2) >= 0
+
+      group_log_rows = jnp.log(jnp.maximum(jnp.where(row_pos(False) >= 0, 1.0, 0.0).sum(), 1.0))
+    else:
+      last_row = jnp.minimum((i + 1) * blk_len, t) - 1 - i * blk_len  # the block's last valid query row
+      last_pos = i * blk_len + last_row + offset
+      diag = lax.div(last_pos, jnp.int32(blk_len))
+
+      def scoring(rows):
+        """Which tile rows score: every stride-th valid one counted back from the last (the reference's)."""
+        ok = rows <= last_row
+        return ok & (lax.rem(last_row - rows, jnp.int32(stride)) == 0) if stride > 1 else ok
 
     lo = jnp.int32(sink)
     hi = diag - wb + 1  # exclusive end of the search range
     span = jnp.maximum(hi - lo, 0)
     search = span > top_k  # else the whole range is kept (early query blocks are dense)
+    if group:  # a group searches whatever its range (the XLA path's nodes_only search)
+      search = jnp.bool_(True)
+    if member:  # where the group's shared range ends: its first member's window
+      first_pos = jnp.minimum((p * share_n + 1) * blk_len, t) - 1 + offset
+      shared_hi = lax.div(first_pos, jnp.int32(blk_len)) - wb + 1
 
     def representative(e):
       blk = node(start_s, e)
@@ -411,7 +518,10 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
         blk = blk + lax.div(jnp.maximum(node(size_s, e) - 1, 0), jnp.int32(2))
       return jnp.clip(blk, 0, n_k - 1)
 
-    def rule_block(e):  # the sink blocks, then the window's from the diagonal down
+    def rule_block(e):  # the sink blocks, then the window's from the diagonal down (a group: the blocks after
+      # its range up to its last member's diagonal)
+      if group:
+        return jnp.clip(jnp.where(e < sink, e, hi + (e - sink)), 0, n_k - 1)
       return jnp.clip(jnp.where(e < sink, e, diag - (e - sink)), 0, n_k - 1)
 
     def fetch(blk, buf):
@@ -423,7 +533,8 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
       if mass:
         x = numerics.softcap(x * scale, softcap)
       if masked:  # past the block's keys (the tile's next blocks) nothing is visible
-        x = jnp.where(blk * blk_len + tile_iota(1) <= i * blk_len + tile_iota(0) + offset, x, -jnp.inf)
+        q_pos = row_pos(True) if group else i * blk_len + tile_iota(0) + offset
+        x = jnp.where(blk * blk_len + tile_iota(1) <= q_pos, x, -jnp.inf)
       if blk_len < BLOCK:
         x = jnp.where(tile_iota(1) < blk_len, x, -jnp.inf)
       return _tile_logsumexp(x, 1) if mass else x.max(axis=1)
@@ -454,6 +565,8 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
     def log_shares(x, z):
       """[64 rows, 64 items] per-row log-sum-exps -> [64] each item's log share (shares.log_share)."""
       x = jnp.where(scoring(tile_iota(0)), x - lax.broadcast_in_dim(z, x.shape, [0]), -jnp.inf)
+      if group:
+        return _tile_logsumexp(x, 0) - group_log_rows
       return _tile_logsumexp(x, 0) - jnp.where(i == n_q - 1, log_rows[1], log_rows[0])
 
     def score_nodes(count, z):
@@ -476,7 +589,8 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
     def keep_top(count, dropped):
       """Keep the top_k of nodes e < count by score_s (ties -> earlier node), compacted in node order into
       nodes 0..top_k-1 (the tiles past top_k keep stale nodes, never read); `dropped` adds the estimated
-      share of the others (coverage budgets). An L x L rank comparison in 64 x 64 tiles."""
+      share of the others (coverage budgets, and a shared search's rounds). An L x L rank comparison in
+      64 x 64 tiles."""
       n_tiles = -(-count // TILE)
       rows, cols = tile_iota(0), tile_iota(1)
       keep = []
@@ -491,7 +605,7 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
         keep.append(jnp.where(rank < top_k, 1, 0))
         keep_s[a] = keep[a]
       plgpu.commit_smem()
-      if mass and adaptive:
+      if mass and (adaptive or group):
         for a in range(n_tiles):
           size = as_cols(size_s.at[a])
           est = jnp.where((size > 0) & (as_cols(keep_s.at[a]) == 0),
@@ -541,18 +655,49 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
       start_s[slot_ref] = jnp.where(search, start, lo + j)
       size_s[slot_ref] = jnp.where(search, jnp.where(j < branches, end - start, 0), jnp.where(j < span, 1, 0))
 
-    lax.fori_loop(0, chunks * TILE, first_level, None)
+    if member:  # the group's kept nodes' children, then the gap blocks; or (no search) the range's blocks
+      plgpu.barrier_wait(misc.at[0])
+      plgpu.barrier_wait(misc.at[1])
+      plgpu.barrier_wait(misc.at[2])
+
+      @pl.when(search)
+      def _():
+        split()
+
+        def gap_node(e, _):
+          blk = shared_hi + e
+          slot_ref = (lax.div(pool + e, jnp.int32(TILE)), lax.rem(pool + e, jnp.int32(TILE)))
+          start_s[slot_ref] = blk
+          size_s[slot_ref] = jnp.where((blk >= lo) & (blk < hi), 1, 0)
+
+        lax.fori_loop(0, gap, gap_node, None)
+
+      pl.when(jnp.logical_not(search))(lambda: lax.fori_loop(0, chunks * TILE, first_level, None))
+    else:
+      lax.fori_loop(0, chunks * TILE, first_level, None)
     plgpu.commit_smem()
     plgpu.barrier_wait(q_bar.at[0])
-    first = jnp.where(search, branches, span if adaptive else 0)  # first-level nodes z needs
-    scored = jnp.where(search, branches if branches > top_k else 0, span if mass and adaptive else 0)
+    if member:
+      first = jnp.where(search, pool + gap, span if adaptive else 0)  # the nodes z needs (all exact)
+      scored = jnp.where(search, pool + gap, span if mass and adaptive else 0)
+    else:
+      first = jnp.where(search, branches, span if adaptive else 0)  # first-level nodes z needs
+      scored = jnp.where(search, branches if branches > top_k else 0, span if mass and adaptive else 0)
+    if group and mass and not (branches > top_k or rounds == 0):  # the kept nodes' scores, where no
+      scored = jnp.where(span <= branches, branches, 0)  # round will rescore them (single-block nodes)
     z = rule_lse = None
     if mass:
       # The rows' softmax denominators z: the rule blocks (sink, window) exactly, the search range estimated
       # by its first-level nodes (each node's representative x its size), as the reference makes them.
+      n_rule = sink + wb + (gap if group else 0)
+
       def rule_finish(tile, a, acc):
         e = a * TILE + tile_iota(1)
-        ok = (e < sink + wb) & jnp.where(e < sink, e <= diag, diag - (e - sink) >= sink)
+        if group:
+          after = hi + (e - sink)
+          ok = (e < n_rule) & jnp.where(e < sink, e <= diag_last, (after >= sink) & (after <= diag_last))
+        else:
+          ok = (e < sink + wb) & jnp.where(e < sink, e <= diag, diag - (e - sink) >= sink)
         return shares.logaddexp(acc, _tile_logsumexp(jnp.where(ok, tile, -jnp.inf), 1))
 
       def search_finish(tile, a, acc):
@@ -561,33 +706,76 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
         log_size = lax.broadcast_in_dim(jnp.log(jnp.maximum(size, 1).astype(jnp.float32)), tile.shape, [1])
         return shares.logaddexp(acc, _tile_logsumexp(jnp.where(ok, tile + log_size, -jnp.inf), 1))
 
+      def candidate_finish(tile, a, acc):  # a member's candidates, exact: the pool's and the gap's apart
+        in_pool = lax.broadcast_in_dim(a * TILE + slot_iota() < pool, tile.shape, [1])
+        ok = lax.broadcast_in_dim((as_cols(size_s.at[a]) > 0) & (a * TILE + slot_iota() < first), tile.shape,
+                                  [1])
+        return (shares.logaddexp(acc[0], _tile_logsumexp(jnp.where(ok & in_pool, tile, -jnp.inf), 1)),
+                shares.logaddexp(acc[1], _tile_logsumexp(jnp.where(ok & ~in_pool, tile, -jnp.inf), 1)))
+
       empty = plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), row_l)
-      rule_lse = walk(jnp.where(search | adaptive, sink + wb, 0), rule_block, True, rule_finish, empty)
-      search_lse = walk(first, representative, not causal_free, search_finish, empty)
+      rule_lse = walk(n_rule if group else jnp.where(search | adaptive, sink + wb, 0), rule_block, True,
+                      rule_finish, empty)
+      if member:  # the pool holds all but what the shared rounds dropped: 1 - missed of the shared range
+        pool_lse, gap_lse = walk(first, representative, not causal_free, candidate_finish, (empty, empty))
+        search_lse = shares.logaddexp(pool_lse - jnp.where(search, miss_s[1], 0.0), gap_lse)
+      else:
+        search_lse = walk(first, representative, not causal_free, search_finish, empty)
       row_ok = scoring(plgpu.broadcasted_iota(jnp.int32, (BLOCK,), 0, layout=row_l))
       z = shares.log_denominator(rule_lse, search_lse, row_ok)
 
     dropped = jnp.float32(0.0)
-    if branches > top_k or (mass and adaptive):
+    if branches > top_k or (mass and adaptive) or member or group:
       pl.when(scored > 0)(lambda: score_nodes(scored, z))
 
-    if branches > top_k:
-      dropped = lax.cond(search, functools.partial(keep_top, branches), lambda d: d, dropped)
+    if member:
+      def last_round(dropped):
+        pool_share = jnp.float32(0.0)
+        if mass and adaptive:  # the pool's estimate, for the share its parents' rounds dropped
+          for a in range(-(-pool // TILE)):
+            pool_share = pool_share + jnp.where(a * TILE + slot_iota() < pool, jnp.exp(as_cols(score_s.at[a])),
+                                                0.0).sum()
+        dropped = keep_top(pool + gap, dropped)
+        if mass and adaptive:
+          dropped = dropped + pool_share * miss_s[2]  # x missed / (1 - missed)
+        return dropped
 
-    def round_body(_, dropped):
-      widest = 0
-      for a in range(kept_chunks):
-        widest = jnp.maximum(widest, jnp.where(a * TILE + slot_iota() < top_k, as_cols(size_s.at[a]), 0).max())
+      dropped = lax.cond(search, last_round, lambda d: d, dropped)
+    else:
+      if branches > top_k:
+        dropped = lax.cond(search, functools.partial(keep_top, branches), lambda d: d, dropped)
 
-      def one_round(dropped):
-        split()
-        score_nodes(2 * top_k, z)
-        return keep_top(2 * top_k, dropped)
+      def round_body(_, dropped):
+        widest = 0
+        for a in range(kept_chunks):
+          widest = jnp.maximum(widest, jnp.where(a * TILE + slot_iota() < top_k, as_cols(size_s.at[a]), 0).max())
 
-      # single-block nodes: later rounds change nothing
-      return lax.cond(search & (widest > 1), one_round, lambda d: d, dropped)
+        def one_round(dropped):
+          split()
+          score_nodes(2 * top_k, z)
+          return keep_top(2 * top_k, dropped)
 
-    dropped = lax.fori_loop(0, rounds, round_body, dropped)
+        # single-block nodes: later rounds change nothing
+        return lax.cond(search & (widest > 1), one_round, lambda d: d, dropped)
+
+      dropped = lax.fori_loop(0, rounds, round_body, dropped)
+
+    if group:  # the kept nodes and the share of the range the rounds dropped (shares.missed_share)
+      missed = jnp.float32(0.0)
+      if mass:
+        kept_est = jnp.float32(0.0)
+        for a in range(kept_chunks):
+          size = as_cols(size_s.at[a])
+          kept_est = kept_est + jnp.where((size > 0) & (a * TILE + slot_iota() < top_k),
+                                          jnp.exp(as_cols(score_s.at[a])) * size.astype(jnp.float32), 0.0).sum()
+        missed = shares.missed_share(dropped, kept_est)
+      miss_s[0] = missed
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(start_s.at[pl.ds(0, kept_chunks)], nodes_ref.at[bb, hq, i, 0])
+      plgpu.copy_smem_to_gmem(size_s.at[pl.ds(0, kept_chunks)], nodes_ref.at[bb, hq, i, 1])
+      plgpu.copy_smem_to_gmem(miss_s, miss_ref.at[bb, hq, i])
+      plgpu.wait_smem_to_gmem(0)
+      return
 
     if adaptive:  # the fewest kept nodes whose estimated share reaches the target (shares.coverage_keep)
       rule_share = jnp.exp(log_shares(lax.broadcast_in_dim(rule_lse, (BLOCK, TILE), [0]), z)).max()
@@ -625,18 +813,29 @@ def _estimate_wide(q, k, *, config: StreamConfig, scale, softcap, stages):
 
     _write_union(searched, out_s, o_ref.at[bb, hq, i], config=config, diag=diag, out_len=out_len)
 
-  def entry(q_ref, k_ref, o_ref):
+  def entry(*refs):
     lists = [plgpu.SMEM((chunks, TILE), x) for x in (jnp.int32, jnp.int32, jnp.float32, jnp.int32, jnp.int32)]
+    extra = []
+    if group or member:  # positions, a group's diagonals, the missed share; their barriers
+      extra = [plgpu.SMEM((BLOCK,), jnp.int32), plgpu.SMEM((mosaic_common.TMA_INT32,), jnp.int32),
+               plgpu.SMEM((mosaic_common.TMA_INT32,), jnp.float32), plgpu.Barrier(num_barriers=3)]
     pl.run_scoped(
-        lambda *scratch: kernel(q_ref, k_ref, o_ref, scratch),
+        lambda *scratch: kernel(*refs, *scratch),
         mosaic_common.tiled_smem((BLOCK, h), dtype), mosaic_common.tiled_smem((stages, BLOCK, h), dtype),
         *lists, plgpu.SMEM((out_len,), jnp.int32),
-        plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=stages))
+        plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=stages), *extra)
 
+  params = mosaic_common.compiler_params(approx_math=False, lane=True)
+  if group:
+    nodes, missed = plgpu.kernel(
+        entry, out_type=[jax.ShapeDtypeStruct((b, n, n_tiles, 2, kept_chunks, TILE), jnp.int32),
+                         jax.ShapeDtypeStruct((b, n, n_tiles, mosaic_common.TMA_INT32), jnp.float32)],
+        grid=(n, b, n_tiles), grid_names=("heads", "batch", "qblk"), compiler_params=params)(q, k, *shared)
+    return nodes, missed
   out = plgpu.kernel(
       entry, out_type=jax.ShapeDtypeStruct((b, n, n_q, out_len), jnp.int32),
       grid=(n, b, n_q), grid_names=("heads", "batch", "qblk"),
-      compiler_params=mosaic_common.compiler_params(approx_math=False, lane=True))(q, k)
+      compiler_params=params)(q, k, *shared)
   indices, counts = out[..., :cap], out[..., out_len - 1]
   if not batched:
     indices, counts = indices[0], counts[0]

@@ -74,3 +74,20 @@ def coverage_keep(scores: jax.Array, ok: jax.Array, rule_share, rest_share, targ
   before = rule_share + jnp.sum(jnp.where(ranked_before(mass), mass[None, :], 0.0), axis=1)
   total = rule_share + jnp.sum(mass) + rest_share
   return (before < target * total) & (mass > 0)
+
+
+# A shared search's estimate of the share of the range its rounds dropped, at most (a member's denominator
+# divides its exact children's mass by 1 - this).
+MAX_MISSED = 0.999
+
+
+def missed_share(dropped, kept_est):
+  """The share of a shared search's range that its rounds dropped, as the rounds estimated it: dropped /
+  (dropped + the kept nodes' estimate), in [0, MAX_MISSED] (StreamConfig.search_share)."""
+  return jnp.clip(dropped / jnp.maximum(dropped + kept_est, 1e-30), 0.0, MAX_MISSED)
+
+
+def gap_blocks(config) -> int:
+  """The most key blocks between a shared search's range (its first query block's) and a later member's
+  window: (search_share - 1) x block_q / block_k, rounded up."""
+  return -(-(config.search_share - 1) * config.block_q // config.block_k)
