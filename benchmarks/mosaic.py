@@ -435,12 +435,18 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
     try:
       base, cfg = sj.StreamConfig.faithful(), sj.StreamConfig.faithful(search_share=share)
       est_b, est_s = estimate_fn(estimate_mosaic, base), estimate_fn(estimate_mosaic, cfg)
-      (_, cnt_b), (_, cnt_s) = est_b(q3, k3), est_s(q3, k3)
-      b_ms, s_ms = (timeit(f, q3, k3, reps=reps, burst_ms=burst_ms) for f in (est_b, est_s))
+      est_k = estimate_fn(estimate_mosaic, cfg, keep_lse=not estimate_mosaic.KEEP_LSE)  # the other variant
+      (_, cnt_b), (idx_s, cnt_s), (idx_k, cnt_k) = est_b(q3, k3), est_s(q3, k3), est_k(q3, k3)
+      same = bool(np.array_equal(np.asarray(idx_s), np.asarray(idx_k)) and np.array_equal(np.asarray(cnt_s),
+                                                                                          np.asarray(cnt_k)))
+      b_ms, s_ms, k_ms = (timeit(f, q3, k3, reps=reps, burst_ms=burst_ms) for f in (est_b, est_s, est_k))
       kept_b, kept_s = float(np.asarray(cnt_b).mean()), float(np.asarray(cnt_s).mean())
-      row(name, s_ms, f"faithful() {b_ms:.3f} ms ({b_ms / s_ms:.2f}x); kept {kept_s:.1f} vs {kept_b:.1f} blocks",
-          flops_=0.0, estimate_ms=b_ms, kept=kept_s, kept_per_block_search=kept_b)
-      log(f"  {name}: faithful() {b_ms:.3f} ms, search_share={share} {s_ms:.3f} ms; kept {kept_s:.1f} vs {kept_b:.1f}")
+      other = "row lse kept in shared memory" if not estimate_mosaic.KEEP_LSE else "candidates walked twice"
+      row(name, s_ms, f"faithful() {b_ms:.3f} ms ({b_ms / s_ms:.2f}x); {other} {k_ms:.3f} ms (masks equal "
+          f"{same}); kept {kept_s:.1f} vs {kept_b:.1f} blocks",
+          flops_=0.0, estimate_ms=b_ms, other_variant_ms=k_ms, kept=kept_s, kept_per_block_search=kept_b)
+      log(f"  {name}: faithful() {b_ms:.3f} ms, search_share={share} {s_ms:.3f} ms ({other}: {k_ms:.3f} ms, "
+          f"masks equal {same}); kept {kept_s:.1f} vs {kept_b:.1f}")
     except Exception as e:  # pylint: disable=broad-except
       row(name, na=f"n/a: {type(e).__name__}: {str(e)[:200]}")
       log(f"  {name} {rows[name]['na']}")

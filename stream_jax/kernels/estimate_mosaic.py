@@ -78,6 +78,10 @@ SLOTS = 64  # node slots in shared memory: 2 x top_k children, or the first leve
 TILE = 64  # nodes per tile of the wide kernel's node lists (one column reduction, one 64 x 64 comparison)
 MAX_TOP_K = 128  # the wide kernel's limits: 2 x top_k children in up to 4 tiles
 MAX_BRANCHES = 256
+# search_share's member pass with mass scores: keep each candidate's per-row log-sum-exps in shared memory
+# between the denominators' walk and the scoring (True: 16 KiB per 64 candidates, one CTA per SM at head dim
+# 256), or walk the candidates twice (False: two CTAs per SM, twice the products).
+KEEP_LSE = False
 DEFAULT_STAGES = 2  # key-block ring depth: 3 was within 2% at head dim 128, 4 slower; both 1.2-1.4x slower
 # at 256 (one CTA per SM instead of two)
 
@@ -140,13 +144,15 @@ def _narrow(config: StreamConfig) -> bool:
 
 
 def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Optional[float] = None,
-                  softcap: Optional[float] = None, stages: Optional[int] = None) -> BlockMask:
+                  softcap: Optional[float] = None, stages: Optional[int] = None,
+                  keep_lse: Optional[bool] = None) -> BlockMask:
   """The Mosaic GPU peer of `kernels.estimate_triton.estimate_mask` (same arguments and outputs; GPU only, no
   interpret mode: its tests lower it for CUDA on the CPU and run it on the device, gpu_checks.py). Checks
   nothing beyond `unsupported`, which the caller asks first."""
   t, s, h = q.shape[-3], k.shape[-3], q.shape[-1]
   if config.search_share > 1 and num_rounds(num_blocks(s, config.block_k), config.branches) >= 1:
-    fn = _estimate_shared  # no round: nothing to share (as on the XLA path)
+    # no round: nothing to share (as on the XLA path)
+    fn = functools.partial(_estimate_shared, keep_lse=KEEP_LSE if keep_lse is None else bool(keep_lse))
   else:
     fn = _estimate if _narrow(config) else _estimate_wide
   indices, counts = fn(
@@ -344,8 +350,8 @@ def _tile_logsumexp(x: jax.Array, axis: int) -> jax.Array:
   return jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + m, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scale", "softcap", "stages"))
-def _estimate_shared(q, k, *, config: StreamConfig, scale, softcap, stages):
+@functools.partial(jax.jit, static_argnames=("config", "scale", "softcap", "stages", "keep_lse"))
+def _estimate_shared(q, k, *, config: StreamConfig, scale, softcap, stages, keep_lse: bool):
   """config.search_share = P (the XLA path's `estimate._estimate_shared`, step for step): the wide kernel
   runs each group's first level and all rounds but the last on the group's gathered rows ("group"), then
   each query block's last round from the group's kept nodes ("member")."""
@@ -357,7 +363,7 @@ def _estimate_shared(q, k, *, config: StreamConfig, scale, softcap, stages):
   nodes, missed = _estimate_wide(q_rows, k, jnp.asarray(pos), jnp.asarray(meta), stage="group", q_len=t, **kw)
   m = missed[..., 0]  # what the member pass takes of it, made here (Mosaic GPU lowers no log1p)
   missed = missed.at[..., 1].set(jnp.log1p(-m)).at[..., 2].set(m / (1.0 - m))
-  indices, counts = _estimate_wide(q, k, nodes, missed, stage="member", **kw)
+  indices, counts = _estimate_wide(q, k, nodes, missed, stage="member", keep_lse=keep_lse, **kw)
   if not batched:
     indices, counts = indices[0], counts[0]
   return indices, counts
@@ -388,16 +394,18 @@ def _group_rows(t: int, s: int, config: StreamConfig):
   return rows.reshape(-1), pos.reshape(-1), meta
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scale", "softcap", "stages", "stage", "q_len"))
+@functools.partial(jax.jit, static_argnames=("config", "scale", "softcap", "stages", "stage", "q_len",
+                                             "keep_lse"))
 def _estimate_wide(q, k, *shared, config: StreamConfig, scale, softcap, stages, stage: str = "full",
-                   q_len: Optional[int] = None):
+                   q_len: Optional[int] = None, keep_lse: bool = False):
   """The wide kernel. stage "full": a search per query block -> (indices, counts). With search_share = P
   (`_estimate_shared`): "group" runs a group's first level and all rounds but the last, q being the
   groups' gathered rows (64 a group) and shared = (their key positions [nG x 64], the groups' diagonal
   blocks [nG, 32]), q_len the queries' length -> the kept nodes int32 [B, N, nG, 2 (start, size), tiles,
   64] and the share of the range their rounds dropped float32 [B, N, nG, 32] (slot 0); "member" runs each
   query block's last round from those (shared = (nodes, missed), missed's slots 1 and 2 holding log(1 -
-  missed) and missed / (1 - missed)) -> (indices, counts)."""
+  missed) and missed / (1 - missed)) -> (indices, counts); with mass scores and keep_lse its candidates'
+  row log-sum-exps stay in shared memory between its two uses (see KEEP_LSE)."""
   import jax.experimental.pallas as pl  # noqa: PLC0415  (GPU-only module: imported where it runs)
   import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
 
@@ -425,6 +433,8 @@ def _estimate_wide(q, k, *shared, config: StreamConfig, scale, softcap, stages, 
   dtype = q.dtype
   gap = shares.gap_blocks(config) if member or group else 0  # blocks between the shared range and a window
   pool = 2 * top_k  # a member's candidates: the group's kept nodes' children, then the gap blocks
+  keep_lse = member and mass and keep_lse
+  cand_tiles = -(-(pool + gap) // TILE)
   chunks = -(-max(2 * top_k + (gap if member else 0), branches) // TILE)  # node-list tiles
   kept_chunks = -(-top_k // TILE)  # the tiles that hold the kept nodes
   causal_free = offset % blk_len == 0 or wb >= 2  # as in _estimate: searched blocks need no causal mask
@@ -442,12 +452,14 @@ def _estimate_wide(q, k, *shared, config: StreamConfig, scale, softcap, stages, 
     else:
       q_ref, k_ref, o_ref, *scratch = refs
     q_smem, k_smem, start_s, size_s, score_s, keep_s, slot_s, out_s, q_bar, k_bars = scratch[:10]
+    if keep_lse:
+      lse_s = scratch[-1]
     hq, bb, i = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("qblk")
     kvh = lax.div(hq, jnp.int32(g))
     plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(i * (BLOCK if group else blk_len), BLOCK), hq], q_smem,
                             q_bar.at[0])
     if group or member:
-      pos_s, meta_s, miss_s, misc = scratch[10:]
+      pos_s, meta_s, miss_s, misc = scratch[10:14]
     if group:
       plgpu.copy_gmem_to_smem(pos_ref.at[pl.ds(i * BLOCK, BLOCK)], pos_s, misc.at[0])
       plgpu.copy_gmem_to_smem(meta_ref.at[i], meta_s, misc.at[1])
@@ -707,6 +719,8 @@ def _estimate_wide(q, k, *shared, config: StreamConfig, scale, softcap, stages, 
         return shares.logaddexp(acc, _tile_logsumexp(jnp.where(ok, tile + log_size, -jnp.inf), 1))
 
       def candidate_finish(tile, a, acc):  # a member's candidates, exact: the pool's and the gap's apart
+        if keep_lse:
+          lse_s[a] = tile
         in_pool = lax.broadcast_in_dim(a * TILE + slot_iota() < pool, tile.shape, [1])
         ok = lax.broadcast_in_dim((as_cols(size_s.at[a]) > 0) & (a * TILE + slot_iota() < first), tile.shape,
                                   [1])
@@ -724,8 +738,18 @@ def _estimate_wide(q, k, *shared, config: StreamConfig, scale, softcap, stages, 
       row_ok = scoring(plgpu.broadcasted_iota(jnp.int32, (BLOCK,), 0, layout=row_l))
       z = shares.log_denominator(rule_lse, search_lse, row_ok)
 
+    def score_kept(count):
+      """score_nodes from the row log-sum-exps the denominators' walk kept (a member, mass scores)."""
+      for a in range(cand_tiles):
+        tile = plgpu.load(lse_s.at[a], (), layout=wg, optimized=False)
+        ok = (as_cols(size_s.at[a]) > 0) & (a * TILE + slot_iota() < count)
+        score_s[a] = jnp.where(ok, log_shares(tile, z), -jnp.inf)
+      plgpu.commit_smem()
+
     dropped = jnp.float32(0.0)
-    if branches > top_k or (mass and adaptive) or member or group:
+    if keep_lse:
+      pl.when(scored > 0)(lambda: score_kept(scored))
+    elif branches > top_k or (mass and adaptive) or member or group:
       pl.when(scored > 0)(lambda: score_nodes(scored, z))
 
     if member:
@@ -819,6 +843,8 @@ def _estimate_wide(q, k, *shared, config: StreamConfig, scale, softcap, stages, 
     if group or member:  # positions, a group's diagonals, the missed share; their barriers
       extra = [plgpu.SMEM((BLOCK,), jnp.int32), plgpu.SMEM((mosaic_common.TMA_INT32,), jnp.int32),
                plgpu.SMEM((mosaic_common.TMA_INT32,), jnp.float32), plgpu.Barrier(num_barriers=3)]
+    if keep_lse:
+      extra.append(plgpu.SMEM((cand_tiles, BLOCK, TILE), jnp.float32))
     pl.run_scoped(
         lambda *scratch: kernel(*refs, *scratch),
         mosaic_common.tiled_smem((BLOCK, h), dtype), mosaic_common.tiled_smem((stages, BLOCK, h), dtype),
