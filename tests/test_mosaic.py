@@ -87,6 +87,17 @@ def test_mgpu_estimate_lowers_for_cuda(semantics, lead, t, s, h, dtype, cfg, sof
   assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("cfg", [C.faithful(search_share=4), C(block_q=16, block_k=16, top_k=24, coverage=0.9,
+                                                                 query_stride=2, search_share=8)])
+def test_mgpu_shared_estimate_keeping_row_lse_lowers_for_cuda(cfg):
+  """search_share's member pass with the candidates' row log-sum-exps kept in shared memory (the variant
+  estimate_mosaic.KEEP_LSE does not pick) lowers too."""
+  def fn(q, k):
+    return estimate_mosaic.estimate_mask(q, k, cfg, keep_lse=not estimate_mosaic.KEEP_LSE).indices
+  estimate_mosaic._estimate_shared.clear_cache()
+  assert "mosaic_gpu" in lower_for_cuda(fn, _sds((8192, 8, 256)), _sds((8192, 4, 256)))
+
+
 def test_the_wide_estimate_kernel_asks_for_lane_semantics(monkeypatch):
   """jax 0.11's default lowering (Warpgroup) searched the wide kernel's layouts for 2 minutes on the H200 and found
   none (benchmarks/results/wide_estimate_h200/); with Lane it compiles in 2-7 s. This jax (0.10) cannot show
@@ -167,10 +178,11 @@ def test_mgpu_shared_estimate_interpreted_equals_the_reference(mosaic_interprete
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(t, 2, 64)), jnp.bfloat16)
   k = jnp.asarray(rng.normal(size=(t + extra, 1, 64)) * 4.0, jnp.bfloat16)
-  got = estimate_mosaic.estimate_mask(q, k, cfg, softcap=softcap)
   want = sj.estimate_mask(q, k, cfg, softcap=softcap, backend="xla")
-  np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
-  np.testing.assert_array_equal(np.asarray(got.counts), np.asarray(want.counts))
+  for keep_lse in (False, True):  # the candidates walked twice, or their row log-sum-exps kept
+    got = estimate_mosaic.estimate_mask(q, k, cfg, softcap=softcap, keep_lse=keep_lse)
+    np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
+    np.testing.assert_array_equal(np.asarray(got.counts), np.asarray(want.counts))
   assert not sj.masks_equal(want, sj.estimate_mask(q, k, cfg.replace(search_share=1), softcap=softcap))
 
 
