@@ -148,7 +148,8 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Op
                   keep_lse: Optional[bool] = None) -> BlockMask:
   """The Mosaic GPU peer of `kernels.estimate_triton.estimate_mask` (same arguments and outputs; GPU only, no
   interpret mode: its tests lower it for CUDA on the CPU and run it on the device, gpu_checks.py). Checks
-  nothing beyond `unsupported`, which the caller asks first."""
+  nothing beyond `unsupported`, which the caller asks first. `stages` (the key ring's depth) and `keep_lse`
+  (search_share's member pass: see KEEP_LSE; None = KEEP_LSE) are launch settings: same masks."""
   t, s, h = q.shape[-3], k.shape[-3], q.shape[-1]
   if config.search_share > 1 and num_rounds(num_blocks(s, config.block_k), config.branches) >= 1:
     # no round: nothing to share (as on the XLA path)
