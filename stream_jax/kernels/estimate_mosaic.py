@@ -389,7 +389,7 @@ def _group_rows(t: int, s: int, config: StreamConfig):
   pos = np.full((n_g, BLOCK), -1, np.int32)
   rows[:, :share_n * count] = np.where(ok, j[..., None] * bq + r, 0).reshape(n_g, -1)
   pos[:, :share_n * count] = np.where(ok, j[..., None] * bq + r + s - t, -1).reshape(n_g, -1)
-  diag = (np.minimum((j + 1) * bq, t) - 1 + s - t) // bq  # [nG, P]
+  diag = (j * bq + last_row + s - t) // bq  # [nG, P]
   meta = np.zeros((n_g, mosaic_common.TMA_INT32), np.int32)
   meta[:, 0], meta[:, 1] = diag[:, 0], diag[:, -1]
   return rows.reshape(-1), pos.reshape(-1), meta
@@ -582,6 +582,16 @@ def _estimate_wide(q, k, *shared, config: StreamConfig, scale, softcap, stages, 
         return _tile_logsumexp(x, 0) - group_log_rows
       return _tile_logsumexp(x, 0) - jnp.where(i == n_q - 1, log_rows[1], log_rows[0])
 
+    def store_scores(best, a, count):
+      """score_s tile a = best [64], -inf for empty nodes and nodes e >= count."""
+      ok = (as_cols(size_s.at[a]) > 0) & (a * TILE + slot_iota() < count)
+      score_s[a] = jnp.where(ok, best, -jnp.inf)
+
+    def estimated(a, which):
+      """The estimated share of tile a's nodes where `which` [64] holds: each node's share x its size."""
+      size = as_cols(size_s.at[a])
+      return jnp.where((size > 0) & which, jnp.exp(as_cols(score_s.at[a])) * size.astype(jnp.float32), 0.0).sum()
+
     def score_nodes(count, z):
       """score_s = each node's score (-inf for empty nodes and e >= count), nodes e < count."""
       def finish(tile, a, _):
@@ -593,8 +603,7 @@ def _estimate_wide(q, k, *shared, config: StreamConfig, scale, softcap, stages, 
           best = tile.max(axis=0) * scale  # scale > 0: the max commutes with it, and with the soft-cap
           if softcap is not None:
             best = jnp.tanh(best * (1.0 / softcap)) * softcap
-        ok = (as_cols(size_s.at[a]) > 0) & (a * TILE + slot_iota() < count)
-        score_s[a] = jnp.where(ok, best, -jnp.inf)
+        store_scores(best, a, count)
 
       walk(count, representative, not causal_free, finish, None)
       plgpu.commit_smem()
@@ -620,10 +629,7 @@ def _estimate_wide(q, k, *shared, config: StreamConfig, scale, softcap, stages, 
       plgpu.commit_smem()
       if mass and (adaptive or group):
         for a in range(n_tiles):
-          size = as_cols(size_s.at[a])
-          est = jnp.where((size > 0) & (as_cols(keep_s.at[a]) == 0),
-                          jnp.exp(as_cols(score_s.at[a])) * size.astype(jnp.float32), 0.0)
-          dropped = dropped + est.sum()
+          dropped = dropped + estimated(a, as_cols(keep_s.at[a]) == 0)
       for a in range(n_tiles):
         before = 0
         for c in range(a + 1):
@@ -742,9 +748,7 @@ def _estimate_wide(q, k, *shared, config: StreamConfig, scale, softcap, stages, 
     def score_kept(count):
       """score_nodes from the row log-sum-exps the denominators' walk kept (a member, mass scores)."""
       for a in range(cand_tiles):
-        tile = plgpu.load(lse_s.at[a], (), layout=wg, optimized=False)
-        ok = (as_cols(size_s.at[a]) > 0) & (a * TILE + slot_iota() < count)
-        score_s[a] = jnp.where(ok, log_shares(tile, z), -jnp.inf)
+        store_scores(log_shares(plgpu.load(lse_s.at[a], (), layout=wg, optimized=False), z), a, count)
       plgpu.commit_smem()
 
     dropped = jnp.float32(0.0)
@@ -790,9 +794,7 @@ def _estimate_wide(q, k, *shared, config: StreamConfig, scale, softcap, stages, 
       if mass:
         kept_est = jnp.float32(0.0)
         for a in range(kept_chunks):
-          size = as_cols(size_s.at[a])
-          kept_est = kept_est + jnp.where((size > 0) & (a * TILE + slot_iota() < top_k),
-                                          jnp.exp(as_cols(score_s.at[a])) * size.astype(jnp.float32), 0.0).sum()
+          kept_est = kept_est + estimated(a, a * TILE + slot_iota() < top_k)
         missed = shares.missed_share(dropped, kept_est)
       miss_s[0] = missed
       plgpu.commit_smem()
