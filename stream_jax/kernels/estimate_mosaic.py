@@ -80,8 +80,9 @@ MAX_TOP_K = 128  # the wide kernel's limits: 2 x top_k children in up to 4 tiles
 MAX_BRANCHES = 256
 # search_share's member pass with mass scores: keep each candidate's per-row log-sum-exps in shared memory
 # between the denominators' walk and the scoring (True: 16 KiB per 64 candidates, one CTA per SM at head dim
-# 256), or walk the candidates twice (False: two CTAs per SM, twice the products).
-KEEP_LSE = False
+# 256), or walk the candidates twice (False: two CTAs per SM, twice the products). Kept: faithful()'s estimate
+# at 1M on an H100, 839 against 906 ms at search_share 4, 630 against 688 ms at 8 (benchmarks/RESULTS.md).
+KEEP_LSE = True
 DEFAULT_STAGES = 2  # key-block ring depth: 3 was within 2% at head dim 128, 4 slower; both 1.2-1.4x slower
 # at 256 (one CTA per SM instead of two)
 
