@@ -222,7 +222,8 @@ class StreamConfig:
     layer 55 ms against the search's 181 ms and cuDNN attention's 127 ms); on the real 270M at 32k it holds
     0.922-0.926 of the true attention at 29-30% kept (faithful(): 0.918), next-token KL 0.0053-0.0074. The
     table is O(T^2 / query_stride): at 1M tokens it takes 2.3x the default sparse trace (faithful(): 1.6x,
-    faithful(search_share=8): 1.15x; query_stride 32: 1.3x). On Hopper a Mosaic GPU kernel runs it; elsewhere the XLA path."""
+    faithful(search_share=8): 1.15x; query_stride 32: 1.3x). On Hopper a Mosaic GPU kernel runs it; elsewhere
+    the XLA path."""
     return cls(**{"top_k": 128, "coverage": 0.95, "select": "table", "query_stride": 4, **changes})
 
   @property
