@@ -202,6 +202,7 @@ SHARED_ESTIMATE_CASES = (
     (None, 4096, 0, 4, 2, 128, "bfloat16", None, dict(top_k=16, coverage=0.9, search_share=4), False),  # compile
     (None, 32768, 0, 8, 4, 256, "bfloat16", None, dict(top_k=128, coverage=0.95, search_share=4), False),
     (None, 32768, 0, 8, 4, 256, "bfloat16", None, dict(top_k=128, coverage=0.95, search_share=8), False),
+    (None, 32768, 0, 8, 4, 256, "bfloat16", None, dict(top_k=128, coverage=0.95, search_share=16), False),
     (None, 9000, 100, 4, 2, 128, "float16", 30.0, dict(top_k=64, score="mass", search_share=2), False),
     (2, 6000, 0, 4, 1, 64, "bfloat16", None, dict(top_k=40, init_branches=100, coverage=0.9, search_share=4),
      False),  # batch, a first level wider than the children

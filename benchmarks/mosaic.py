@@ -23,8 +23,9 @@ kernel runs with scale 1):
                  the Mosaic GPU wide kernel's time, the Triton kernel's in its config column, and the share
                  of mask rows the two agree on. faithful_estimate_32 / _16: the same at 32 / 16-token blocks
                  (the wide kernel's 64-row tiles from each block's start, the rest masked).
-                 faithful_estimate_p4 / _p8: faithful(search_share=4 / 8) on the Mosaic GPU kernel (the
-                 group pass, then each block's last round), against faithful()'s time on the same kernel,
+                 faithful_estimate_p4 / _p8 / _p16: faithful(search_share=4 / 8 / 16) on the Mosaic GPU kernel (the
+                 group pass, then each block's last round), against faithful(search_share=1)'s time (one
+                 search per query block) on the same kernel,
                  with both masks' mean kept counts.
   triton_mha     JAX's Pallas Triton flash attention (`jax.experimental.pallas.ops.gpu.attention.mha`;
                  it has no GQA, so it runs at K = N only). Best of two tiles.
@@ -64,6 +65,7 @@ from stream_jax.kernels import estimate_mosaic
 
 KERNELS = ("sparse_full", "sparse_full_fused", "sparse_stream", "sparse_stream_mgpu", "faithful_estimate",
            "faithful_estimate_32", "faithful_estimate_16", "faithful_estimate_p4", "faithful_estimate_p8",
+           "faithful_estimate_p16",
            "faithful_attention", "faithful_attention_32",
            "faithful_attention_16",
            "triton_mha", "mosaic_flash", "cudnn")
@@ -78,6 +80,7 @@ LABELS = {
     "faithful_estimate_16": "ours: Mosaic GPU estimate, faithful() at 16-token blocks (vs Triton)",
     "faithful_estimate_p4": "ours: Mosaic GPU estimate, faithful(search_share=4) (vs faithful())",
     "faithful_estimate_p8": "ours: Mosaic GPU estimate, faithful(search_share=8) (vs faithful())",
+    "faithful_estimate_p16": "ours: Mosaic GPU estimate, faithful(search_share=16) (vs faithful())",
     "faithful_attention": "ours: Mosaic GPU block-sparse, faithful() mask (vs Triton)",
     "faithful_attention_32": "ours: Mosaic GPU block-sparse, faithful() mask at 32-token blocks (vs Triton)",
     "faithful_attention_16": "ours: Mosaic GPU block-sparse, faithful() mask at 16-token blocks (vs Triton)",
@@ -417,7 +420,7 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
     if name not in kernels:
       continue
     try:
-      cfg = sj.StreamConfig.faithful(block_q=blk, block_k=blk)
+      cfg = sj.StreamConfig.faithful(block_q=blk, block_k=blk, search_share=1)  # Triton searches per block
       est_t, est_m = estimate_fn(kestimate, cfg), estimate_fn(estimate_mosaic, cfg)
       (idx_t, cnt_t), (idx_m, cnt_m) = est_t(q3, k3), est_m(q3, k3)
       same = float(np.mean(np.all(np.asarray(idx_m) == np.asarray(idx_t), -1)
@@ -429,11 +432,11 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
     except Exception as e:  # pylint: disable=broad-except
       row(name, na=f"n/a: {type(e).__name__}: {str(e)[:200]}")
       log(f"  {name} {rows[name]['na']}")
-  for name, share in (("faithful_estimate_p4", 4), ("faithful_estimate_p8", 8)):
+  for name, share in (("faithful_estimate_p4", 4), ("faithful_estimate_p8", 8), ("faithful_estimate_p16", 16)):
     if name not in kernels:
       continue
     try:
-      base, cfg = sj.StreamConfig.faithful(), sj.StreamConfig.faithful(search_share=share)
+      base, cfg = sj.StreamConfig.faithful(search_share=1), sj.StreamConfig.faithful(search_share=share)
       est_b, est_s = estimate_fn(estimate_mosaic, base), estimate_fn(estimate_mosaic, cfg)
       est_k = estimate_fn(estimate_mosaic, cfg, keep_lse=not estimate_mosaic.KEEP_LSE)  # the other variant
       (_, cnt_b), (idx_s, cnt_s), (idx_k, cnt_k) = est_b(q3, k3), est_s(q3, k3), est_k(q3, k3)
@@ -454,7 +457,7 @@ def bench_shape(shape, kernels, reps, burst_ms, dtype="bfloat16"):
     if name not in kernels:
       continue
     try:
-      cfg = sj.StreamConfig.faithful(block_q=blk, block_k=blk)
+      cfg = sj.StreamConfig.faithful(block_q=blk, block_k=blk, search_share=1)
       idx, cnt = estimate_fn(kestimate, cfg)(q3, k3)
       mask = sj.BlockMask(idx, cnt, blk, blk, t, t, cfg)
       density = float(np.asarray(sj.block_density(mask)).mean())

@@ -6,7 +6,8 @@ process of its own (so the device peak is that mode's alone; an out-of-memory co
   plain           plain forward, cuDNN attention (the speed floor: no trace)
   sparse          StreamConfig(): the paper's top_k 16, the output computed from the kept blocks
   exact           StreamConfig(), output="exact": dense output, the k16 trace observes it (with coverage)
-  faithful        StreamConfig.faithful(): estimated adaptive budget (coverage 0.95, cap 128), sparse output
+  faithful        StreamConfig.faithful(): estimated adaptive budget (coverage 0.95, cap 128), sparse output;
+                  its search's upper rounds shared by 8 query blocks from 64k tokens (search_share="auto")
   faithful_exact  StreamConfig.faithful(), output="exact"
   ideal_exact     StreamConfig.ideal(), output="exact": dense output, the ideal kept set from the dense
                   pass's lse (true mass, exact coverage 0.95); its block-mass pass on the Pallas kernel
@@ -15,7 +16,8 @@ process of its own (so the device peak is that mode's alone; an out-of-memory co
   faithful_q<Q>   StreamConfig.faithful(query_stride=Q): the estimator scores with every Q-th query of a
                   block (2, 4, 8: 1/Q of its scoring work); faithful_q<Q>_exact with output="exact"
   faithful_p<P>   StreamConfig.faithful(search_share=P): P neighbouring query blocks share the search's
-                  upper rounds (2, 4, 8); on Hopper the Mosaic estimate kernel runs it
+                  upper rounds (2, 4, 8) at every length; faithful_p1: one search per query block; on
+                  Hopper the Mosaic estimate kernel runs them
   table           StreamConfig.table(): every causal block scored once by the true mass every 4th query
                   gives it, no search, no dense pass, sparse output; table_q<Q> samples every Q-th query;
                   table_exact / table_q<Q>_exact with output="exact"
@@ -54,8 +56,8 @@ import stream_jax as sj  # noqa: E402  pylint: disable=wrong-import-position
 from stream_jax.models import forward, get_config  # noqa: E402  pylint: disable=wrong-import-position
 
 MODES = ("plain", "sparse", "exact", "faithful", "faithful_exact", "ideal_exact", "ideal_exact_xla",
-         "oracle_exact", "faithful_q2", "faithful_q4", "faithful_q8", "faithful_q4_exact", "faithful_p2",
-         "faithful_p4", "faithful_p8", "table", "table_exact",
+         "oracle_exact", "faithful_q2", "faithful_q4", "faithful_q8", "faithful_q4_exact", "faithful_p1",
+         "faithful_p2", "faithful_p4", "faithful_p8", "faithful_p16", "table", "table_exact",
          "table_q4", "table_q8", "table_q16", "table_q32", "table_q8_exact", "table_q16_exact")
 
 

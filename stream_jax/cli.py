@@ -40,6 +40,16 @@ def _layer_scales_arg(text: str) -> tuple[tuple[int, float], ...]:
                                      f"5:5,11:6.5), got {text!r}") from None
 
 
+def _share_arg(text: str):
+  """--search-share: 'auto' or an integer (StreamConfig checks the value)."""
+  if text.strip().lower() == "auto":
+    return "auto"
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--search-share must be 'auto' or a power of two, got {text!r}") from None
+
+
 STREAM_OPTIONS = (  # --flag, type, help; defaults: StreamConfig's
     ("block-q", int, "queries per block (power of two)"), ("block-k", int, "keys per block (power of two)"),
     ("top-k", int, "key blocks kept by the search per query block"), ("sink-blocks", int, "leading key "
@@ -48,11 +58,12 @@ STREAM_OPTIONS = (  # --flag, type, help; defaults: StreamConfig's
     ("representative", ("center", "first", "oracle"), "block that scores a search node (oracle: exact "
      "top-k, O(T^2), for checks)"),
     ("query-stride", int, "score with every n-th query of a block (power of two)"),
-    ("search-share", int, "neighbouring query blocks that run the search's upper rounds together, each "
-     "scoring the last round itself (power of two; fewer scored blocks at long context)"),
+    ("search-share", _share_arg, "neighbouring query blocks that run the search's upper rounds together, "
+     "each scoring the last round itself (power of two; fewer scored blocks at long context), or auto: 8 "
+     "once the search has 3 rounds (from 64k tokens with --top-k 128 at 64-token blocks), else 1"),
     ("coverage", float, "adaptive budget: keep the fewest blocks (at most --top-k) whose estimated share of "
-     "each query block's attention reaches this target in (0, 1] (e.g. 0.95 with --top-k 128: "
-     "StreamConfig.faithful()); default: a fixed --top-k"),
+     "each query block's attention reaches this target in (0, 1] (e.g. 0.95 with --top-k 128 and "
+     "--search-share auto: StreamConfig.faithful()); default: a fixed --top-k"),
     ("score", ("max", "mass"), "block score: max logit (the paper's; default without --coverage) or "
      "estimated attention mass (default with --coverage)"),
     ("select", ("search", "ideal", "table"), "how the kept set is chosen: search (the paper's hierarchical "
@@ -306,7 +317,7 @@ def cmd_calibrate(args, st, model):
                                    scales=args.scales or calibration.SCALES, progress=True)
   c = st.config
   select = "" if c.select == "search" else f"--select {c.select} --query-stride {c.query_stride} "
-  select += f"--search-share {c.search_share} " if c.search_share > 1 else ""
+  select += f"--search-share {c.search_share} " if c.search_share != 1 else ""
   flags = (f"{select}--coverage {c.coverage:g} --top-k {c.top_k} --block-q {c.block_q} --block-k {c.block_k} "
            f"--layer-scales {res.layer_scales_flag()}")
   _print(text := res.format() + f"\n\ntrace with: {flags}")

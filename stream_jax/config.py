@@ -11,6 +11,8 @@ import math
 import numbers
 from typing import Literal, Mapping, Optional
 
+from stream_jax.numerics import num_rounds
+
 Representative = Literal["center", "first", "oracle"]
 REPRESENTATIVES = ("center", "first", "oracle")
 MAX_SIZE = 1 << 20  # larger block sizes or counts are typos; they would fail later as out-of-memory
@@ -18,6 +20,14 @@ Score = Literal["max", "mass"]
 SCORES = ("max", "mass")
 Select = Literal["search", "ideal", "table"]
 SELECTS = ("search", "ideal", "table")
+# search_share="auto" (StreamConfig.faithful()'s): (rounds, P) steps: the search's upper rounds shared by P
+# query blocks where it runs at least that many rounds, else per query block. Measured on faithful()'s
+# estimate per global layer (H100, 8 q / 4 kv heads, head dim 256, Mosaic GPU): sharing by 8 takes 1.17x
+# less time at 32k (2 rounds), 1.43x at 64k (3), 1.68x at 128k (4), 2.18x at 256k, 2.55x at 512k and
+# 2.93x at 1M (7), by 16 3.45x at 1M; on the real 270M at 32k both keep the per-block search's kept
+# fraction and true coverage (benchmarks/RESULTS.md).
+AUTO = "auto"
+AUTO_SHARES = ((3, 8), (7, 16))
 
 
 def _is_pow2(x: int) -> bool:
@@ -50,14 +60,17 @@ class StreamConfig:
       (tests/test_estimate.py); "first" is cheaper (the left child reuses its parent's score) and is
       better on keys without locality.
     query_stride = 1: score with every query of the block; 2 or 4 halve or quarter the estimator's FLOPs.
-    search_share = 1: every query block runs its own search. The search scores 2 x top_k nodes a round
-      and its rounds grow as log T (at 1M tokens and top_k 128, 1,920 representative blocks per query
-      block); search_share = P runs all but the last round once for P neighbouring query blocks, scored by
-      every P-th of their scoring queries, and each query block scores the last round's children (single
-      blocks) and the few blocks between the shared range and its own window with its own queries, and
-      keeps its own set: about (branches + 2 top_k (rounds - 1)) / P + 2 top_k blocks per query block
-      (675 at 1M for P = 4, 471 for P = 8). On the real 270M at 4k the budget's true coverage moves by at
-      most 0.001 (tests/test_estimate.py); see benchmarks/RESULTS.md for what it costs at 16k.
+    search_share = 1 (faithful(): "auto"): every query block runs its own search. The search scores
+      2 x top_k nodes a round and its rounds grow as log T (at 1M tokens and top_k 128, 1,920 representative
+      blocks per query block); search_share = P runs all but the last round once for P neighbouring query
+      blocks, scored by every P-th of their scoring queries, and each query block scores the last round's
+      children (single blocks) and the few blocks between the shared range and its own window with its own
+      queries, and keeps its own set: about (branches + 2 top_k (rounds - 1)) / P + 2 top_k blocks per
+      query block (675 at 1M for P = 4, 471 for P = 8). On the real 270M at 4k the budget's true coverage
+      moves by at most 0.001 (tests/test_estimate.py); at 32k sharing by 8 or 16 keeps the kept fraction and
+      true coverage within 0.002 (benchmarks/RESULTS.md). "auto" decides per call from its length
+      (AUTO_SHARES): P = 8 once the search has 3 rounds (from 64k tokens at faithful()'s 64-token blocks
+      and cap 128: its estimate 1.43x faster at 64k, 2.9x at 1M), 16 from 7 rounds (1M: 3.45x), else 1.
     score = None: "mass" with a coverage target, else "max". "max": a block's score is its max visible
       logit (the paper's); "mass" estimates the attention probability the block receives (per scoring
       query a log-sum-exp over the block's keys, normalised by an estimate of the query's softmax
@@ -96,7 +109,9 @@ class StreamConfig:
       valid query (power of two dividing block_q).
     search_share: neighbouring query blocks that run the search's upper rounds together (power of two, at
       most block_q / query_stride: the shared rounds score every search_share-th of each one's rows);
-      select="search" and center or first representatives only.
+      select="search" and center or first representatives only. Or "auto": chosen per call from the
+      length (`for_length`; 1 where sharing does not apply, and on the Triton kernel, which runs one
+      search per query block).
     score: "max" (max logit of the representative block) or "mass" (estimated attention mass).
     coverage: None (fixed k) or the adaptive target share of attention in (0, 1].
     select: "search" (estimate the kept set), "ideal" (rank blocks by their true mass) or "table" (rank
@@ -121,7 +136,7 @@ class StreamConfig:
   init_branches: int | None = None
   representative: Representative = "center"
   query_stride: int = 1
-  search_share: int = 1
+  search_share: int | Literal["auto"] = 1
   score: Optional[Score] = None
   coverage: Optional[float] = None
   select: Select = "search"
@@ -133,10 +148,11 @@ class StreamConfig:
     for name in ("block_q", "block_k", "top_k", "sink_blocks", "window_blocks", "init_branches",
                  "query_stride", "search_share"):
       value = getattr(self, name)
-      if value is None and name == "init_branches":
+      if (value is None and name == "init_branches") or (value == AUTO and name == "search_share"):
         continue
       if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"StreamConfig.{name} must be an integer, got {value!r} ({type(value).__name__})")
+        kind = "an integer or 'auto'" if name == "search_share" else "an integer"
+        raise ValueError(f"StreamConfig.{name} must be {kind}, got {value!r} ({type(value).__name__})")
       if int(value) > MAX_SIZE:
         raise ValueError(f"StreamConfig.{name} must be <= {MAX_SIZE} (2**20), got {value!r}")
       object.__setattr__(self, name, int(value))
@@ -165,10 +181,10 @@ class StreamConfig:
       raise ValueError(
           "StreamConfig.query_stride must be a power of two in [1, block_q="
           f"{self.block_q}], got {self.query_stride!r}")
-    if (not isinstance(self.search_share, int) or not _is_pow2(self.search_share)
-        or self.search_share > self.block_q // self.query_stride):
+    if self.search_share != AUTO and (not _is_pow2(self.search_share)
+                                      or self.search_share > self.block_q // self.query_stride):
       raise ValueError(
-          "StreamConfig.search_share must be a power of two in [1, block_q / query_stride="
+          "StreamConfig.search_share must be 'auto' or a power of two in [1, block_q / query_stride="
           f"{self.block_q // self.query_stride}], got {self.search_share!r}")
     if self.coverage is not None:
       cov = self.coverage
@@ -186,7 +202,7 @@ class StreamConfig:
     object.__setattr__(self, "layer_scales", _layer_scales(self.layer_scales))
     if self.select not in SELECTS:
       raise ValueError(f"StreamConfig.select must be one of {SELECTS}, got {self.select!r}")
-    if self.search_share > 1 and (self.select != "search" or self.representative == "oracle"):
+    if self.search_share not in (1, AUTO) and (self.select != "search" or self.representative == "oracle"):
       raise ValueError(
           f"StreamConfig.search_share={self.search_share} shares the search's rounds, so it needs "
           f"select='search' and a center or first representative, got select={self.select!r}, "
@@ -198,13 +214,14 @@ class StreamConfig:
   @classmethod
   def faithful(cls, **changes) -> "StreamConfig":
     """The measured best frontier point for analysis: an adaptive budget (coverage 0.95 of each query
-    block's estimated attention, at most 128 searched blocks) with mass scores. The Pallas estimate kernels
-    run it on a GPU: at 128k (8 heads, head dim 256) 0.10 s per layer on an H200's Mosaic kernel, 0.18 s on
-    the Triton one, against 1.08 s for the XLA path. At long context pass search_share=8: the search's upper
-    rounds shared by 8 query blocks cut its 1M cost from 1.54x to 1.15x the default sparse trace (H100), with
-    the same kept fraction and true coverage at 32k on real prose. See the class docstring for the
-    faithfulness numbers."""
-    return cls(**{"top_k": 128, "coverage": 0.95, **changes})
+    block's estimated attention, at most 128 searched blocks) with mass scores, and the search's upper
+    rounds shared by 8 query blocks from 64k tokens, 16 at 1M (search_share="auto"). The Pallas estimate
+    kernels run it on a GPU: at 128k (8 heads, head dim 256) 59 ms per layer on an H100's Mosaic kernel
+    (99 ms searching per query block; 0.18 s on the Triton kernel, which always does), against 1.08 s for
+    the XLA path. The 4B forward then costs 0.93x a plain one at 128k, and 1.16x the default sparse trace
+    at 1M (H100; 1.54x searching per query block). Pass search_share=1 for one search per query block at
+    every length. See the class docstring for the faithfulness numbers."""
+    return cls(**{"top_k": 128, "coverage": 0.95, "search_share": AUTO, **changes})
 
   @classmethod
   def ideal(cls, **changes) -> "StreamConfig":
@@ -221,9 +238,8 @@ class StreamConfig:
     forward takes 0.90x a plain cuDNN forward at 128k where faithful() takes 1.19x (the estimate per global
     layer 55 ms against the search's 181 ms and cuDNN attention's 127 ms); on the real 270M at 32k it holds
     0.922-0.926 of the true attention at 29-30% kept (faithful(): 0.918), next-token KL 0.0053-0.0074. The
-    table is O(T^2 / query_stride): at 1M tokens it takes 2.3x the default sparse trace (faithful(): 1.6x,
-    faithful(search_share=8): 1.15x; query_stride 32: 1.3x). On Hopper a Mosaic GPU kernel runs it; elsewhere
-    the XLA path."""
+    table is O(T^2 / query_stride): at 1M tokens it takes 2.3x the default sparse trace (faithful(): 1.16x;
+    query_stride 32: 1.3x). On Hopper a Mosaic GPU kernel runs it; elsewhere the XLA path."""
     return cls(**{"top_k": 128, "coverage": 0.95, "select": "table", "query_stride": 4, **changes})
 
   @property
@@ -248,6 +264,19 @@ class StreamConfig:
       return self
     return dataclasses.replace(self, dropped_scale=dict(self.layer_scales).get(int(layer), self.dropped_scale),
                                layer_scales=())
+
+  def for_length(self, key_len: int, *, shares: bool = True) -> "StreamConfig":
+    """The config a call over `key_len` keys runs: search_share="auto" resolved to a number (AUTO_SHARES: 8
+    from 3 rounds, 16 from 7, else 1; at most block_q / query_stride; 1 wherever sharing does not apply, and
+    where `shares` is False: an implementation that searches per query block). Each op entry resolves it,
+    so masks record the number that ran."""
+    if self.search_share != AUTO:
+      return self
+    rounds = num_rounds(-(-int(key_len) // self.block_k), self.branches)
+    share = max([p for r, p in AUTO_SHARES if rounds >= r], default=1)
+    if self.select != "search" or self.representative == "oracle" or not shares:
+      share = 1
+    return dataclasses.replace(self, search_share=min(share, self.block_q // self.query_stride))
 
   def replace(self, **changes) -> "StreamConfig":
     """A copy with `changes`; changing `coverage` without naming `score` re-derives the score (so

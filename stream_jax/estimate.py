@@ -76,8 +76,10 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
 
   With config.search_share = P > 1, P neighbouring query blocks run the search's upper rounds together
   and each scores the last round with its own queries ("mosaic" or "xla"; the Triton kernel runs one search
-  per query block). With config.select="table" no search runs: every causal block is scored once by the true mass a
-  sample of the queries gives it (stream_jax/table.py); "mosaic" (Hopper, query_stride >= 2) or "xla" runs it.
+  per query block). "auto" (`StreamConfig.faithful()`) picks P from the length (`StreamConfig.for_length`)
+  after the implementation is chosen; the mask's config records the number that ran. With
+  config.select="table" no search runs: every causal block is scored once by the true mass a sample of the
+  queries gives it (stream_jax/table.py); "mosaic" (Hopper, query_stride >= 2) or "xla" runs it.
 
   Returns:
     BlockMask with indices int32[..., N, nQ, C] and counts int32[..., N, nQ], C = config.capacity.
@@ -99,6 +101,7 @@ def estimate_mask(q: Float[Array, "*B T N H"], k: Float[Array, "*B S K H"],
   checks.check_chunk(q_chunk)
   scale = numerics.resolve_scale(scale, h)
   impl = implementations.choose("estimate_mask", backend, implementations.Call.estimate(q, config))
+  config = config.for_length(k.shape[-3], shares=impl != "triton")  # search_share="auto" -> a number
   if config.select == "table":
     return table.table_mask(q, k, config, scale=scale, softcap=softcap, impl=impl)[0]
   if impl == "mosaic":

@@ -213,5 +213,7 @@ def test_trace_modes_name_their_configs():
   for mode in trace_modes.MODES:
     assert "last_only" in trace_modes.mode_kwargs(mode), mode
   assert trace_modes.mode_kwargs("faithful_p4")["attention"].search_share == 4
+  assert trace_modes.mode_kwargs("faithful_p1")["attention"].search_share == 1
+  assert trace_modes.mode_kwargs("faithful")["attention"].search_share == "auto"
   assert trace_modes.mode_kwargs("faithful_q2")["attention"].query_stride == 2
   assert trace_modes.mode_kwargs("table_q8_exact")["output"] == "exact"

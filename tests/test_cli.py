@@ -23,7 +23,8 @@ def run(*args, cwd=None):
     (["demo", "--top-k", "0"], "--top-k must be an integer >= 1"),
     (["demo", "--block-q", "48"], "--block-q must be a positive power of two"),
     (["demo", "--search-share", "3"],
-     "--search-share must be a power of two in [1, block-q / query-stride=64]"),
+     "--search-share must be 'auto' or a power of two in [1, block-q / query-stride=64]"),
+    (["demo", "--search-share", "two"], "--search-share must be 'auto' or a power of two, got 'two'"),
     (["demo", "--length", "-3"], "--length must be >= 1"),
     (["trace", "--file", "/no/such/file.txt"], "does not exist"),
     (["trace", "--text", "hi", "--model", "/no/such/model.gguf"], "neither a known name"),
@@ -43,6 +44,17 @@ def test_bad_inputs_exit_2_with_a_message(args, message, capsys, monkeypatch, tm
   err = capsys.readouterr().err
   assert rc == 2, err
   assert message in err
+
+
+def test_search_share_auto_reaches_the_config():
+  """--search-share auto is StreamConfig.faithful()'s setting: the shared search from 64k tokens."""
+  args = cli.build_parser().parse_args(["trace", "--text", "x", "--top-k", "128", "--coverage", "0.95",
+                                        "--search-share", "AUTO"])
+  cfg = cli.settings(args).config
+  assert cfg.search_share == "auto" and cfg.for_length(65536).search_share == 8
+  assert "search_share=auto" in cli.settings(args).describe()
+  args = cli.build_parser().parse_args(["trace", "--text", "x", "--search-share", "4"])
+  assert cli.settings(args).config.search_share == 4
 
 
 def test_bad_input_exits_2_through_the_entry_point():

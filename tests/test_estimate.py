@@ -269,9 +269,10 @@ def test_shared_budget_on_real_text_is_the_per_block_budget():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(search_share=3), "search_share must be a power of two"),
-    (dict(search_share=0), "search_share must be a power of two"),
-    (dict(search_share=128), r"search_share must be a power of two in \[1, block_q / query_stride=64\]"),
+    (dict(search_share=3), "search_share must be 'auto' or a power of two"),
+    (dict(search_share=0), "search_share must be 'auto' or a power of two"),
+    (dict(search_share=128),
+     r"search_share must be 'auto' or a power of two in \[1, block_q / query_stride=64\]"),
     (dict(search_share=32, query_stride=4), r"block_q / query_stride=16"),
     (dict(search_share=2, select="table"), "select='search'"),
     (dict(search_share=2, representative="oracle"), "representative='oracle'"),
@@ -294,6 +295,60 @@ def test_shared_search_runs_on_mosaic_or_xla_and_triton_says_why():
   assert sj.masks_equal(sj.estimate_mask(q, k, cfg, backend="auto"), sj.estimate_mask(q, k, cfg))
   with pytest.raises(ValueError, match="search_share=2"):
     sj.estimate_mask(q, k, cfg, backend="pallas")
+
+
+def _halvings(num_k_blocks: int, branches: int) -> int:
+  """The search's rounds, counted: halve the widest first-level node until it is one block."""
+  widest, rounds = -(-num_k_blocks // branches), 0
+  while widest > 1:
+    widest, rounds = -(-widest // 2), rounds + 1
+  return rounds
+
+
+def test_auto_share_steps_with_the_search_rounds():
+  """search_share="auto" (faithful()'s): 8 query blocks share the upper rounds once the search has 3 rounds
+  (64k tokens at 64-token blocks and cap 128: the H100 measurement makes the estimate 1.43x faster there),
+  16 from 7 rounds (1M), else 1; 1 wherever sharing does not apply or the implementation searches per
+  block (Triton)."""
+  f = sj.StreamConfig.faithful()
+  assert f.search_share == "auto"
+  for t in (1, 4096, 32768, 32769, 40000, 65536, 131072, 524288, 524289, 1 << 20):
+    rounds = _halvings(-(-t // 64), 128)
+    assert f.for_length(t).search_share == (16 if rounds >= 7 else 8 if rounds >= 3 else 1), t
+  assert [f.for_length(t).search_share for t in (32768, 65536, 524288, 1 << 20)] == [1, 8, 8, 16]
+  small = f.replace(block_q=16, block_k=16)  # 3 rounds from 16k tokens; at most block_q / query_stride = 16
+  assert [small.for_length(t).search_share for t in (8192, 16384, 1 << 20)] == [1, 8, 16]
+  assert f.replace(query_stride=16).for_length(1 << 20).search_share == 4
+  for other in (f.replace(select="ideal"), f.replace(select="table", query_stride=4),
+                f.replace(representative="oracle")):
+    assert other.for_length(1 << 20).search_share == 1
+  assert f.for_length(1 << 20, shares=False).search_share == 1
+  fixed = sj.StreamConfig.faithful(search_share=4)
+  assert fixed.for_length(1024) is fixed and fixed.for_length(1 << 20) is fixed
+  assert sj.StreamConfig(search_share="auto") == sj.StreamConfig(search_share="auto")  # hashable, static
+  with pytest.raises(ValueError, match="search_share must be an integer or 'auto', got 'Auto'"):
+    sj.StreamConfig(search_share="Auto")
+
+
+def test_auto_share_on_the_op_entry():
+  """The op entry resolves "auto" by the call's length: the shared search's float64 definition with P = 8
+  at 3 rounds, the per-block search at 2; the mask's config records what ran. The Triton kernel (interpreted
+  here) searches per block at every length."""
+  cfg = sj.StreamConfig(block_q=16, block_k=16, top_k=4, search_share="auto")
+  q, k = _qk(11, 512, 512, 2, 1, 16)  # 32 key blocks, branches 4: 3 rounds
+  mask = sj.estimate_mask(q, k, cfg)
+  assert mask.config.search_share == 8
+  assert mask_lists(mask) == shared_search_mask(q, k, block_q=16, block_k=16, top_k=4, sink_blocks=1,
+                                                window_blocks=2, scale=16 ** -0.5, share=8)
+  short_q, short_k = q[:256], k[:256]  # 16 key blocks: 2 rounds
+  short = sj.estimate_mask(short_q, short_k, cfg)
+  assert short.config.search_share == 1
+  assert sj.masks_equal(short, sj.estimate_mask(short_q, short_k, cfg.replace(search_share=1)))
+  from stream_jax.kernels import estimate_triton, implementations  # pylint: disable=import-outside-toplevel
+  assert estimate_triton.unsupported(implementations.Call.estimate(q.astype(jnp.bfloat16), cfg)) is None
+  triton = sj.estimate_mask(q, k, cfg, backend="triton")
+  assert triton.config.search_share == 1
+  assert sj.masks_equal(triton, sj.estimate_mask(q, k, cfg.replace(search_share=1)))
 
 
 def test_batch_rank4_equals_vmap_and_per_example():

@@ -251,6 +251,24 @@ def test_score_and_coverage_must_agree_and_faithful_preset():
   assert C.faithful(top_k=64).top_k == 64
 
 
+def test_faithful_shares_the_search_where_the_model_runs_three_rounds():
+  """Through the model: faithful()'s search_share="auto" runs search_share=8 on a call of 256 tokens at
+  8-token blocks and cap 4 (32 key blocks: 3 rounds) and 1 on 120 tokens (2 rounds); each pruned layer's
+  mask records the number that ran, and the masks equal those of the explicit setting."""
+  cfg = tiny_config()
+  params = init_params(cfg, seed=2, scale=0.3)
+  auto = C.faithful(block_q=8, block_k=8, top_k=4)
+  for t, share in ((256, 8), (120, 1)):
+    ids = _tokens(1, t, seed=t)
+    got = forward(cfg, params, ids, attention=auto).trace
+    want = forward(cfg, params, ids, attention=auto.replace(search_share=share)).trace
+    pruned = [l for l in got.layers if l.mask is not None and l.mask.config is not None]  # global layers
+    assert pruned and all(l.mask.config.search_share == share for l in pruned)
+    for a, b in zip(got.layers, want.layers):
+      if a.mask is not None:
+        assert sj.masks_equal(a.mask, b.mask)
+
+
 def test_pruned_start_against_a_brute_force_count():
   from stream_jax.analysis.faithfulness import pruned_start
   for cfg in (C(), C(block_q=32, block_k=64, top_k=4, window_blocks=1, sink_blocks=0)):
@@ -297,7 +315,7 @@ def test_exact_trace_round_trips_and_plots_coverage(tmp_path):
   save_trace(tmp_path / "t", tr)
   back = load_trace(tmp_path / "t")
   assert [l.mode for l in back.layers] == [l.mode for l in tr.layers]
-  assert back.layers[5].mask.config == sc
+  assert back.layers[5].mask.config == sc.for_length(120)  # search_share "auto" resolved: what ran
   for a, b in zip(jax.tree_util.tree_leaves(tr), jax.tree_util.tree_leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert back.layers[5].coverage is not None

@@ -52,7 +52,7 @@ class Settings:
          f"window_blocks={c.window_blocks}, representative={c.representative}")
     if c.select != "search":
       s += f", select={c.select}" + (f" (every {c.query_stride} queries)" if c.select == "table" else "")
-    if c.search_share > 1:
+    if c.search_share != 1:
       s += f", search_share={c.search_share}"
     if c.coverage is not None:
       s += f", coverage={c.coverage:g}" + (f" ({c.score} scores)" if c.select == "search" else "")

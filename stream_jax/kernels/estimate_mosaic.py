@@ -152,6 +152,7 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Op
   nothing beyond `unsupported`, which the caller asks first. `stages` (the key ring's depth) and `keep_lse`
   (search_share's member pass: see KEEP_LSE; None = KEEP_LSE) are launch settings: same masks."""
   t, s, h = q.shape[-3], k.shape[-3], q.shape[-1]
+  config = config.for_length(s)  # search_share="auto" -> a number (the op entry has done it already)
   if config.search_share > 1 and num_rounds(num_blocks(s, config.block_k), config.branches) >= 1:
     # no round: nothing to share (as on the XLA path)
     fn = functools.partial(_estimate_shared, keep_lse=KEEP_LSE if keep_lse is None else bool(keep_lse))

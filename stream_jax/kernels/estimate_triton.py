@@ -56,7 +56,7 @@ def unsupported(call: Call) -> Optional[str]:
   config = call.config
   if config.block_k < common.MIN_DOT:
     return f"the Pallas estimate kernel needs block_k >= {common.MIN_DOT}, got block_k={config.block_k}"
-  if config.search_share > 1:
+  if config.search_share not in (1, "auto"):  # "auto" resolves to 1 on this kernel (estimate.estimate_mask)
     return (f"the Pallas estimate kernel runs one search per query block; search_share="
             f"{config.search_share} (a search shared by neighbouring query blocks) runs on the XLA path")
   if config.score == "mass" and config.representative == "oracle":
@@ -88,6 +88,7 @@ def estimate_mask(q: jax.Array, k: jax.Array, config: StreamConfig, *, scale: Op
     BlockMask with indices int32[..., N, nQ, C] (ascending, -1 padded) and counts int32[..., N, nQ].
   """
   t, s, h = q.shape[-3], k.shape[-3], q.shape[-1]
+  config = config.for_length(s, shares=False)  # search_share="auto": one search per query block here
   num_warps = DEFAULT_NUM_WARPS if num_warps is None else num_warps
   if num_stages is None:
     num_stages = F32_NUM_STAGES if jnp.dtype(q.dtype).itemsize >= 4 else DEFAULT_NUM_STAGES
