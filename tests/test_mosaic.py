@@ -278,7 +278,7 @@ def test_mgpu_estimate_says_what_it_cannot_take_and_never_runs_off_hopper():
 def test_pallas_and_auto_run_each_port_on_hopper_for_what_it_takes(monkeypatch):
   """On a (simulated) Hopper GPU the ports run for every input they take (Pallas deprecates its Triton backend;
   the attention at 16 / 32-token blocks is slower than Triton there, everything else faster); what they cannot
-  take runs on Triton, and "triton" keeps Triton."""
+  take runs on Triton under "pallas" and on XLA under "auto", and "triton" keeps Triton."""
   monkeypatch.setattr(mosaic_common, "no_hopper", lambda: None)
   monkeypatch.setattr(impls, "on_gpu", lambda: True)
   mask = sj.window_mask(4, 256, 256, block_q=64, block_k=64)
@@ -300,9 +300,15 @@ def test_pallas_and_auto_run_each_port_on_hopper_for_what_it_takes(monkeypatch):
       for policy in ("pallas", "auto", "mosaic"):
         assert impls.choose("sparse_attention", policy, call) == "mosaic", (b, t, policy)
       assert impls.choose("sparse_attention", "triton", call) == "triton"
-  # the oracle representative (exact top-k, O(T^2): tests and small inputs) stays on Triton
-  assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, 256)), C(representative="oracle"))) \
+  # what no port takes: "pallas" runs Triton; "auto" never does on Hopper (deprecated there), it runs XLA
+  for cfg, h in ((C(representative="oracle"), 256), (C(block_q=32, block_k=64), 128), (C(), 96)):
+    assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, h)), cfg)) == "triton", cfg
+    assert impls.choose("estimate_mask", "auto", Call.estimate(_sds((4096, 8, h)), cfg)) == "xla", cfg
+  wide = sj.window_mask(4, 256, 256, block_q=128, block_k=128)  # 128-token blocks: no Mosaic attention
+  assert impls.choose("sparse_attention", "pallas", Call.attention(_sds((256, 4, 128)), _sds((256, 2, 128)), wide)) \
       == "triton"
+  assert impls.choose("sparse_attention", "auto", Call.attention(_sds((256, 4, 128)), _sds((256, 2, 128)), wide)) \
+      == "xla"
   assert impls.choose("estimate_mask", "auto", Call.estimate(_sds((4096, 8, 256), jnp.float32), C())) == "xla"
   assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, 256), jnp.float32), C())) == "triton"
   assert impls.choose("estimate_mask", "pallas", Call.estimate(_sds((4096, 8, 128)), C(block_q=32, block_k=64))) \

@@ -133,8 +133,11 @@ def choose(op: str, backend: str, call: Call) -> str:
   "xla" / "triton" / "mosaic" name one implementation: it runs, or a ValueError says why it cannot.
   "pallas" runs the first kernel of the op's table that takes the call (the Mosaic port on Hopper, else
   Triton), and refuses what no kernel takes. "auto" does the same on a GPU for 16-bit inputs and falls back
-  to "xla" instead of refusing (its promise is a result, not a kernel); float32 stays on XLA, where on an
-  H100 the kernels' full-precision f32 dots were 40-290x slower.
+  to "xla" instead of refusing (its promise is a result, not a kernel), and on Hopper it never runs a
+  Triton kernel (Pallas deprecates that backend from jax 0.11): what no Mosaic port takes there (the
+  oracle representative, unequal or other block sizes, head dims not a multiple of 64) runs on "xla";
+  "pallas" or "triton" still run it on Triton. float32 stays on XLA, where on an H100 the kernels'
+  full-precision f32 dots were 40-290x slower.
   """
   if op not in TABLES:
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
@@ -149,7 +152,10 @@ def choose(op: str, backend: str, call: Call) -> str:
   if backend == "auto" and (not on_gpu() or call.dtype.itemsize > 2):
     return "xla"
   reason = None
+  hopper = backend == "auto" and mosaic_common.no_hopper() is None
   for name, _ in TABLES[op][:-1]:  # the kernels (the last row is the reference)
+    if hopper and name == "triton":
+      continue
     reason = why_not(op, name, call)
     if reason is None:
       return name
