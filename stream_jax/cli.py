@@ -60,7 +60,8 @@ STREAM_OPTIONS = (  # --flag, type, help; defaults: StreamConfig's
     ("query-stride", int, "score with every n-th query of a block (power of two)"),
     ("search-share", _share_arg, "neighbouring query blocks that run the search's upper rounds together, "
      "each scoring the last round itself (power of two; fewer scored blocks at long context), or auto: 8 "
-     "once the search has 3 rounds (from 64k tokens with --top-k 128 at 64-token blocks), else 1"),
+     "once the search has 3 rounds (from 64k tokens with --top-k 128 at 64-token blocks), 16 from 7 (1M), "
+     "else 1"),
     ("coverage", float, "adaptive budget: keep the fewest blocks (at most --top-k) whose estimated share of "
      "each query block's attention reaches this target in (0, 1] (e.g. 0.95 with --top-k 128 and "
      "--search-share auto: StreamConfig.faithful()); default: a fixed --top-k"),
