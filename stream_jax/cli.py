@@ -21,7 +21,7 @@ import stream_jax
 from stream_jax import outdir
 from stream_jax.analysis import niah
 from stream_jax.analysis.faithfulness import format_report
-from stream_jax.config import StreamConfig
+from stream_jax.config import AUTO, StreamConfig
 from stream_jax import experiments as ex
 from stream_jax.experiments import reports
 from stream_jax.experiments.settings import InputError as CliError
@@ -42,8 +42,8 @@ def _layer_scales_arg(text: str) -> tuple[tuple[int, float], ...]:
 
 def _share_arg(text: str):
   """--search-share: 'auto' or an integer (StreamConfig checks the value)."""
-  if text.strip().lower() == "auto":
-    return "auto"
+  if text.strip().lower() == AUTO:
+    return AUTO
   try:
     return int(text)
   except ValueError:

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from stream_jax import numerics
-from stream_jax.config import StreamConfig
+from stream_jax.config import AUTO, StreamConfig
 from stream_jax.kernels import common, shares
 from stream_jax.kernels.common import SQ, count_true, gather, iota, take
 from stream_jax.mask import BlockMask, num_blocks
@@ -56,7 +56,7 @@ def unsupported(call: Call) -> Optional[str]:
   config = call.config
   if config.block_k < common.MIN_DOT:
     return f"the Pallas estimate kernel needs block_k >= {common.MIN_DOT}, got block_k={config.block_k}"
-  if config.search_share not in (1, "auto"):  # "auto" resolves to 1 on this kernel (estimate.estimate_mask)
+  if config.search_share not in (1, AUTO):  # AUTO resolves to 1 on this kernel (estimate.estimate_mask)
     return (f"the Pallas estimate kernel runs one search per query block; search_share="
             f"{config.search_share} (a search shared by neighbouring query blocks) runs on the XLA path")
   if config.score == "mass" and config.representative == "oracle":
